@@ -1,0 +1,543 @@
+//! ccnoded's configuration: TOML, validated at load.
+//!
+//! Every key has a default, so an empty file is a valid configuration for a
+//! production host. Unknown keys are errors: a typo must not silently turn a
+//! setting off. Errors name the key (`admin.mode`) and say what was wrong.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where ccnoded looks for its configuration when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/ccnode/ccnoded.toml";
+
+/// Largest configuration file ccnoded reads.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// Largest admin request line, in bytes (the newline excluded).
+pub const ADMIN_MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Errors from loading or validating a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is {size} bytes, more than the {max} allowed")]
+    TooLarge { path: PathBuf, size: u64, max: u64 },
+    #[error("config file {path} is not valid UTF-8")]
+    NotUtf8 { path: PathBuf },
+    #[error("{path}: key `{key}`: {message}")]
+    Parse {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    #[error("key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: &'static str, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key,
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub node: NodeConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+/// `[node]`: identity, state and lifecycle.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// The node's name in evidence, metrics and logs; the host name if unset.
+    pub id: Option<String>,
+    /// Where state that must survive a restart lives.
+    pub state_dir: PathBuf,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Threads of the async runtime.
+    pub worker_threads: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            id: None,
+            state_dir: PathBuf::from("/var/lib/ccnode"),
+            shutdown_grace: Duration::from_secs(10),
+            worker_threads: 2,
+        }
+    }
+}
+
+/// How log records are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// journald when stderr is connected to the journal, text on a
+    /// terminal, JSON otherwise.
+    Auto,
+    Text,
+    Json,
+    Journald,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter directive (`info`, `ccnode_agent=debug`); the
+    /// `RUST_LOG` environment variable overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Auto,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// A group, by name or by numeric id.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum GroupSpec {
+    Gid(u32),
+    Name(String),
+}
+
+impl fmt::Display for GroupSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GroupSpec::Gid(gid) => write!(f, "gid {gid}"),
+            GroupSpec::Name(name) => write!(f, "group {name:?}"),
+        }
+    }
+}
+
+impl GroupSpec {
+    /// Looks the group up in the system's group database.
+    pub fn resolve(&self, key: &'static str) -> Result<u32, ConfigError> {
+        match self {
+            GroupSpec::Gid(gid) => Ok(*gid),
+            GroupSpec::Name(name) => match nix::unistd::Group::from_name(name) {
+                Ok(Some(group)) => Ok(group.gid.as_raw()),
+                Ok(None) => Err(ConfigError::invalid(
+                    key,
+                    format!("group {name:?} does not exist on this host"),
+                )),
+                Err(errno) => Err(ConfigError::invalid(
+                    key,
+                    format!("cannot look up group {name:?}: {errno}"),
+                )),
+            },
+        }
+    }
+}
+
+/// `[admin]`: the local admin socket.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub socket: PathBuf,
+    /// Octal permission bits of the socket file, as a string ("0660").
+    pub mode: String,
+    /// Members of this group (and root) may run every admin command.
+    pub group: GroupSpec,
+    /// Members of this group may run read-only commands (`status`).
+    pub read_only_group: Option<GroupSpec>,
+    /// Connections served at once; more are refused with an error.
+    pub max_connections: usize,
+    /// Time a client has to send one complete request line.
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+    /// Time a client has to take one response.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Recent audit records kept in memory for the `audit` command.
+    pub audit_recent: usize,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            socket: PathBuf::from("/run/ccnode/admin.sock"),
+            mode: "0660".to_owned(),
+            group: GroupSpec::Name("ccnode-admin".to_owned()),
+            read_only_group: None,
+            max_connections: 32,
+            read_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(5),
+            audit_recent: 1000,
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The socket's permission bits, parsed from [`AdminConfig::mode`].
+    pub fn mode_bits(&self) -> Result<u32, ConfigError> {
+        let s = self.mode.trim();
+        let digits = s.strip_prefix("0o").unwrap_or(s);
+        if digits.is_empty() || digits.len() > 4 {
+            return Err(ConfigError::invalid(
+                "admin.mode",
+                format!("expected octal permission bits such as \"0660\", found {s:?}"),
+            ));
+        }
+        let bits = u32::from_str_radix(digits, 8).map_err(|_| {
+            ConfigError::invalid(
+                "admin.mode",
+                format!("expected octal permission bits such as \"0660\", found {s:?}"),
+            )
+        })?;
+        if bits & !0o777 != 0 {
+            return Err(ConfigError::invalid(
+                "admin.mode",
+                format!("setuid, setgid and sticky bits are not allowed, found {s:?}"),
+            ));
+        }
+        if bits & 0o600 != 0o600 {
+            return Err(ConfigError::invalid(
+                "admin.mode",
+                format!("the owner needs read and write access, found {s:?}"),
+            ));
+        }
+        Ok(bits)
+    }
+}
+
+/// `[http]`: the metrics and health endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// Connections served at once; more are closed on accept.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Largest request body accepted; the endpoints here take none.
+    pub max_body_bytes: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9860)),
+            max_connections: 64,
+            header_read_timeout: Duration::from_secs(5),
+            max_body_bytes: 4096,
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        use std::io::Read;
+        let read_err = |source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(read_err)?;
+        let size = file.metadata().map_err(read_err)?.len();
+        if size > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge {
+                path: path.to_owned(),
+                size,
+                max: MAX_CONFIG_BYTES,
+            });
+        }
+        let mut bytes = Vec::with_capacity(size as usize);
+        file.take(MAX_CONFIG_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read_err)?;
+        if bytes.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge {
+                path: path.to_owned(),
+                size: bytes.len() as u64,
+                max: MAX_CONFIG_BYTES,
+            });
+        }
+        let text = String::from_utf8(bytes).map_err(|_| ConfigError::NotUtf8 {
+            path: path.to_owned(),
+        })?;
+        Config::parse(&text).map_err(|err| match err {
+            ConfigError::Parse { key, message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                key,
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates a configuration from TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|err| {
+            let key = err.path().to_string();
+            let inner = err.into_inner();
+            ConfigError::Parse {
+                path: PathBuf::new(),
+                key: if key == "." {
+                    "(top level)".to_owned()
+                } else {
+                    key
+                },
+                message: inner.message().trim().to_owned(),
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values that the types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(id) = &self.node.id {
+            validate_node_id(id)?;
+        }
+        if !self.node.state_dir.is_absolute() && self.node.state_dir.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("node.state_dir", "must not be empty"));
+        }
+        if self.node.shutdown_grace > Duration::from_secs(600) {
+            return Err(ConfigError::invalid(
+                "node.shutdown_grace",
+                "must be at most 10m (systemd's stop timeout must cover it)",
+            ));
+        }
+        if !(1..=64).contains(&self.node.worker_threads) {
+            return Err(ConfigError::invalid(
+                "node.worker_threads",
+                format!(
+                    "must be between 1 and 64, found {}",
+                    self.node.worker_threads
+                ),
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(ConfigError::invalid(
+                "log.level",
+                format!("not a valid filter directive: {:?}", self.log.level),
+            ));
+        }
+        if self.admin.socket.as_os_str().is_empty() || self.admin.socket.file_name().is_none() {
+            return Err(ConfigError::invalid("admin.socket", "must name a file"));
+        }
+        // sun_path holds 108 bytes including the terminating NUL.
+        if self.admin.socket.as_os_str().len() > 107 {
+            return Err(ConfigError::invalid(
+                "admin.socket",
+                "path is longer than a Unix socket address allows (107 bytes)",
+            ));
+        }
+        self.admin.mode_bits()?;
+        if let GroupSpec::Name(name) = &self.admin.group {
+            if name.is_empty() {
+                return Err(ConfigError::invalid("admin.group", "must not be empty"));
+            }
+        }
+        if let Some(GroupSpec::Name(name)) = &self.admin.read_only_group {
+            if name.is_empty() {
+                return Err(ConfigError::invalid(
+                    "admin.read_only_group",
+                    "must not be empty (leave it out to allow nobody)",
+                ));
+            }
+        }
+        check_range("admin.max_connections", self.admin.max_connections, 1, 4096)?;
+        check_timeout("admin.read_timeout", self.admin.read_timeout)?;
+        check_timeout("admin.write_timeout", self.admin.write_timeout)?;
+        check_range("admin.audit_recent", self.admin.audit_recent, 1, 100_000)?;
+        check_range("http.max_connections", self.http.max_connections, 1, 65_536)?;
+        check_timeout("http.header_read_timeout", self.http.header_read_timeout)?;
+        if self.http.max_body_bytes > 16 * 1024 * 1024 {
+            return Err(ConfigError::invalid(
+                "http.max_body_bytes",
+                "must be at most 16 MiB",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The node id: configured, or the host name.
+    pub fn node_id(&self) -> String {
+        if let Some(id) = &self.node.id {
+            return id.clone();
+        }
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .filter(|h| validate_node_id(h).is_ok())
+            .unwrap_or_else(|| "unnamed".to_owned())
+    }
+}
+
+fn validate_node_id(id: &str) -> Result<(), ConfigError> {
+    let ok = !id.is_empty()
+        && id.len() <= 253
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            "node.id",
+            format!("must be 1 to 253 characters of A-Z a-z 0-9 . - _, found {id:?}"),
+        ))
+    }
+}
+
+fn check_range(key: &'static str, value: usize, min: usize, max: usize) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            key,
+            format!("must be between {min} and {max}, found {value}"),
+        ))
+    }
+}
+
+fn check_timeout(key: &'static str, value: Duration) -> Result<(), ConfigError> {
+    if value < Duration::from_millis(10) || value > Duration::from_secs(3600) {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "must be between 10ms and 1h, found {}",
+                humantime::format_duration(value)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_of(err: ConfigError) -> String {
+        match err {
+            ConfigError::Parse { key, .. } => key,
+            ConfigError::Invalid { key, .. } => key.to_owned(),
+            other => panic!("unexpected error {other:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_file_gives_production_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.node.state_dir, PathBuf::from("/var/lib/ccnode"));
+        assert_eq!(c.admin.socket, PathBuf::from("/run/ccnode/admin.sock"));
+        assert_eq!(c.admin.mode_bits().unwrap(), 0o660);
+        assert_eq!(c.admin.group, GroupSpec::Name("ccnode-admin".into()));
+        assert_eq!(c.http.listen.to_string(), "127.0.0.1:9860");
+    }
+
+    #[test]
+    fn parses_durations_and_groups() {
+        let c = Config::parse(
+            "[node]\nshutdown_grace = \"250ms\"\n[admin]\ngroup = 0\nread_only_group = \"adm\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.node.shutdown_grace, Duration::from_millis(250));
+        assert_eq!(c.admin.group, GroupSpec::Gid(0));
+        assert_eq!(c.admin.read_only_group, Some(GroupSpec::Name("adm".into())));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("[admin]\nsokcet = \"/tmp/x\"\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("sokcet"), "{msg}");
+        assert_eq!(key_of(err), "admin.sokcet");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let err = Config::parse("[http]\nmax_connections = \"many\"\n").unwrap_err();
+        assert_eq!(key_of(err), "http.max_connections");
+        let err = Config::parse("[http]\nlisten = \"not an address\"\n").unwrap_err();
+        assert_eq!(key_of(err), "http.listen");
+        let err = Config::parse("[node]\nshutdown_grace = \"soon\"\n").unwrap_err();
+        assert_eq!(key_of(err), "node.shutdown_grace");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_their_key() {
+        for (text, key) in [
+            ("[admin]\nmode = \"0999\"\n", "admin.mode"),
+            ("[admin]\nmode = \"4660\"\n", "admin.mode"),
+            ("[admin]\nmode = \"0060\"\n", "admin.mode"),
+            ("[admin]\nmode = \"\"\n", "admin.mode"),
+            ("[admin]\nmax_connections = 0\n", "admin.max_connections"),
+            ("[admin]\nread_timeout = \"0s\"\n", "admin.read_timeout"),
+            ("[admin]\ngroup = \"\"\n", "admin.group"),
+            ("[node]\nid = \"has space\"\n", "node.id"),
+            ("[node]\nworker_threads = 0\n", "node.worker_threads"),
+            ("[node]\nshutdown_grace = \"2h\"\n", "node.shutdown_grace"),
+            ("[log]\nlevel = \"[[[\"\n", "log.level"),
+            ("[log]\nformat = \"xml\"\n", "log.format"),
+            (
+                "[http]\nmax_body_bytes = 1000000000\n",
+                "http.max_body_bytes",
+            ),
+        ] {
+            let err = Config::parse(text).unwrap_err();
+            assert_eq!(key_of(err), key, "for {text:?}");
+        }
+        let long = format!("[admin]\nsocket = \"/{}\"\n", "a".repeat(120));
+        assert_eq!(key_of(Config::parse(&long).unwrap_err()), "admin.socket");
+    }
+
+    #[test]
+    fn missing_group_is_named() {
+        let err = GroupSpec::Name("no-such-group-ccnode".into())
+            .resolve("admin.group")
+            .unwrap_err();
+        assert_eq!(key_of(err), "admin.group");
+        assert_eq!(
+            GroupSpec::Name("root".into())
+                .resolve("admin.group")
+                .unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    fn oversize_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.toml");
+        std::fs::write(&path, vec![b'#'; (MAX_CONFIG_BYTES + 1) as usize]).unwrap();
+        assert!(matches!(
+            Config::load(&path).unwrap_err(),
+            ConfigError::TooLarge { .. }
+        ));
+    }
+}

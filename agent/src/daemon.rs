@@ -1,0 +1,250 @@
+//! Wiring: load state, bind listeners, tell systemd, serve, shut down.
+
+use std::sync::Arc;
+
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::peer::Policy;
+use crate::admin::server::{self, AdminContext, AdminListener, BindError};
+use crate::config::{Config, ConfigError};
+use crate::http::{self, HttpListener};
+use crate::metrics::Metrics;
+use crate::node::{Node, OpenError};
+use crate::notify::{self, Notifier};
+use crate::persist::Loaded;
+
+/// Why the daemon stopped with an error. Each maps to an exit code that
+/// systemd units and scripts can act on (see [`DaemonError::exit_code`]).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("invalid configuration")]
+    Config(#[from] ConfigError),
+    #[error("cannot set up logging")]
+    Logging(#[from] crate::logging::LogError),
+    #[error("cannot load node state")]
+    State(#[from] OpenError),
+    #[error("cannot create the admin socket")]
+    AdminSocket(#[from] BindError),
+    #[error("cannot listen on {addr}")]
+    Http {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("NOTIFY_SOCKET is set but unusable")]
+    Notify(#[source] std::io::Error),
+}
+
+/// Exit codes, after sysexits.h.
+pub mod exit {
+    /// Clean shutdown.
+    pub const OK: u8 = 0;
+    /// An error not listed below.
+    pub const SOFTWARE: u8 = 70;
+    /// The runtime or a listener could not be created.
+    pub const OSERR: u8 = 71;
+    /// Persistent state could not be read or written.
+    pub const IOERR: u8 = 74;
+    /// The configuration is invalid. systemd does not restart on it.
+    pub const CONFIG: u8 = 78;
+}
+
+impl DaemonError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            DaemonError::Config(_) => exit::CONFIG,
+            DaemonError::Logging(_) | DaemonError::Notify(_) => exit::SOFTWARE,
+            DaemonError::State(_) => exit::IOERR,
+            DaemonError::AdminSocket(_) | DaemonError::Http { .. } | DaemonError::Runtime(_) => {
+                exit::OSERR
+            }
+        }
+    }
+}
+
+/// Runs ccnoded until SIGTERM or SIGINT. Logging must be initialised.
+pub fn run(config: Config) -> Result<(), DaemonError> {
+    let admin_gid = config.admin.group.resolve("admin.group")?;
+    let read_only_gid = config
+        .admin
+        .read_only_group
+        .as_ref()
+        .map(|g| g.resolve("admin.read_only_group"))
+        .transpose()?;
+    let mode = config.admin.mode_bits()?;
+    let notifier = Notifier::from_env().map_err(DaemonError::Notify)?;
+    let node_id = config.node_id();
+    let metrics = Metrics::new(&node_id);
+    let (node, loaded) = Node::open(
+        node_id.clone(),
+        &config.node.state_dir,
+        config.admin.audit_recent,
+        metrics,
+    )?;
+    match &loaded {
+        Loaded::Restored(r) => {
+            tracing::info!(state = %r.state, reason = %r.reason, since = %crate::timefmt::format(r.since), "node state restored")
+        }
+        Loaded::FirstStart(_) => tracing::info!("first start: node is active"),
+        Loaded::Recovered { problem, .. } => {
+            tracing::error!(problem = %problem, "node state could not be trusted: starting quarantined")
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.node.worker_threads)
+        .max_blocking_threads(16)
+        .thread_name("ccnoded")
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    runtime.block_on(serve(
+        config,
+        node,
+        admin_gid,
+        read_only_gid,
+        mode,
+        notifier,
+    ))
+}
+
+async fn serve(
+    config: Config,
+    node: Arc<Node>,
+    admin_gid: u32,
+    read_only_gid: Option<u32>,
+    mode: u32,
+    notifier: Notifier,
+) -> Result<(), DaemonError> {
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    let admin = AdminListener::bind(&config.admin.socket, mode, admin_gid)?;
+    let http_listener = HttpListener::bind(config.http.listen)
+        .await
+        .map_err(|source| DaemonError::Http {
+            addr: config.http.listen,
+            source,
+        })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| DaemonError::Http {
+            addr: config.http.listen,
+            source,
+        })?;
+    let signals = Signals::install().map_err(DaemonError::Runtime)?;
+
+    let policy = Policy {
+        admin_gid,
+        read_only_gid,
+        self_uid: nix::unistd::geteuid().as_raw(),
+    };
+    let metrics_url = format!("http://{http_addr}/metrics");
+    let socket_path = admin.path().display().to_string();
+    let ctx = Arc::new(AdminContext::new(
+        node.clone(),
+        policy,
+        &config.admin,
+        json!({ "admin_socket": socket_path, "metrics_url": metrics_url }),
+    ));
+
+    let notifier = Arc::new(notifier);
+    let grace = config.node.shutdown_grace;
+    let admin_task = tokio::spawn(server::serve(admin, ctx, stop.clone(), tracker.clone()));
+    let http_task = tokio::spawn(http::serve(
+        http_listener,
+        node.clone(),
+        config.http.clone(),
+        stop.clone(),
+        grace,
+    ));
+    let drain_task = tokio::spawn(node.clone().run_drain_watcher(stop.clone()));
+    if let Some(interval) = notify::watchdog_interval() {
+        // Pinged from the runtime itself: a wedged runtime stops pinging and
+        // systemd restarts the daemon.
+        let stop = stop.clone();
+        let notifier = notifier.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => notifier.watchdog(),
+                }
+            }
+        });
+    }
+
+    let state = node.snapshot();
+    tracing::info!(
+        node = %node.id(),
+        state = %state.state,
+        admin_socket = %socket_path,
+        metrics = %metrics_url,
+        "ccnoded ready"
+    );
+    notifier.ready(&format!(
+        "node {} {}; admin socket {socket_path}; metrics {metrics_url}",
+        node.id(),
+        state.state
+    ));
+    let status_task = {
+        let mut rx = node.subscribe();
+        let node_id = node.id().to_owned();
+        let stop = stop.clone();
+        let notifier = notifier.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    changed = rx.changed() => if changed.is_err() { return },
+                }
+                let r = rx.borrow_and_update().clone();
+                notifier.status(&format!("node {node_id} {}: {}", r.state, r.reason));
+            }
+        })
+    };
+
+    let signal = signals.wait().await;
+    tracing::info!(signal, grace = %humantime::format_duration(grace), "shutting down");
+    notifier.stopping(&format!("stopping on {signal}"));
+    stop.cancel();
+    tracker.close();
+    let _ = admin_task.await;
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!("admin requests still running after the grace period");
+    }
+    let _ = http_task.await;
+    let _ = drain_task.await;
+    let _ = status_task.await;
+    // Every transition was persisted before it was acknowledged and every
+    // audit record synced before that; nothing is left to flush.
+    let r = node.snapshot();
+    tracing::info!(state = %r.state, "stopped");
+    Ok(())
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn wait(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
