@@ -96,6 +96,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn watchdog_only_for_this_process() {
+        // Environment changes are process-wide; this is the only test that
+        // touches these variables.
+        std::env::remove_var("WATCHDOG_USEC");
+        std::env::remove_var("WATCHDOG_PID");
+        assert_eq!(watchdog_interval(), None);
+        std::env::set_var("WATCHDOG_USEC", "30000000");
+        assert_eq!(watchdog_interval(), Some(Duration::from_secs(15)));
+        std::env::set_var("WATCHDOG_PID", std::process::id().to_string());
+        assert_eq!(watchdog_interval(), Some(Duration::from_secs(15)));
+        std::env::set_var("WATCHDOG_PID", "1");
+        assert_eq!(watchdog_interval(), None, "another process's watchdog");
+        std::env::set_var("WATCHDOG_PID", std::process::id().to_string());
+        std::env::set_var("WATCHDOG_USEC", "soon");
+        assert_eq!(watchdog_interval(), None);
+        std::env::set_var("WATCHDOG_USEC", "0");
+        assert_eq!(watchdog_interval(), None);
+        std::env::remove_var("WATCHDOG_USEC");
+        std::env::remove_var("WATCHDOG_PID");
+    }
+
+    #[test]
+    fn notifications_arrive_as_datagrams() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let sink = UnixDatagram::bind(&path).unwrap();
+        let n = Notifier {
+            target: Some((
+                UnixDatagram::unbound().unwrap(),
+                SocketAddr::from_pathname(&path).unwrap(),
+            )),
+        };
+        n.ready("line one\nline two");
+        let mut buf = [0u8; 256];
+        let len = sink.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..len], b"READY=1\nSTATUS=line one line two");
+    }
+
+    #[test]
     fn status_stays_on_one_line() {
         assert_eq!(one_line("a\nb\rc"), "a b c");
     }

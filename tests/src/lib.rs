@@ -29,6 +29,7 @@ pub struct TestNode {
     bin: PathBuf,
     dir: tempfile::TempDir,
     admin_toml: String,
+    http_toml: String,
     extra_toml: String,
     env: Vec<(String, String)>,
     child: Option<Child>,
@@ -91,6 +92,7 @@ impl TestNode {
             bin: bin.into(),
             dir,
             admin_toml: String::new(),
+            http_toml: String::new(),
             extra_toml: String::new(),
             env: Vec::new(),
             child: None,
@@ -106,6 +108,15 @@ impl TestNode {
         self
     }
 
+    /// Adds keys to the `[http]` table (`max_connections = 2`). A
+    /// `header_read_timeout` here replaces the base config's (2s); `listen`
+    /// stays the harness's free loopback port.
+    pub fn with_http(mut self, toml: &str) -> TestNode {
+        self.http_toml.push_str(toml);
+        self.http_toml.push('\n');
+        self
+    }
+
     /// Adds whole tables the base config does not have.
     pub fn with_toml(mut self, toml: &str) -> TestNode {
         self.extra_toml.push_str(toml);
@@ -117,6 +128,15 @@ impl TestNode {
     pub fn with_env(mut self, key: &str, value: &str) -> TestNode {
         self.env.push((key.to_owned(), value.to_owned()));
         self
+    }
+
+    /// Drops the environment variables set with [`TestNode::with_env`] and
+    /// starts the (stopped) node again on the same directory.
+    pub fn restart_clean(mut node: TestNode) -> TestNode {
+        node.env.clear();
+        node.spawn()
+            .unwrap_or_else(|log| panic!("ccnoded did not restart:\n{log}"));
+        node
     }
 
     pub fn dir(&self) -> &Path {
@@ -145,6 +165,23 @@ impl TestNode {
     }
 
     fn write_config(&self) {
+        let socket = format!("\"{}\"", self.socket().display());
+        let admin = merge_keys(
+            &[
+                ("socket", socket.as_str()),
+                ("group", "0"),
+                ("read_timeout", "\"2s\""),
+                ("write_timeout", "\"2s\""),
+            ],
+            &self.admin_toml,
+        );
+        let http = merge_keys(
+            &[
+                ("listen", "\"127.0.0.1:0\""),
+                ("header_read_timeout", "\"2s\""),
+            ],
+            &self.http_toml,
+        );
         let text = format!(
             r#"[node]
 id = "test-node"
@@ -157,21 +194,12 @@ format = "json"
 level = "info"
 
 [admin]
-socket = "{socket}"
-group = 0
-read_timeout = "2s"
-write_timeout = "2s"
 {admin}
-
 [http]
-listen = "127.0.0.1:0"
-header_read_timeout = "2s"
-
+{http}
 {other}
 "#,
             state = self.state_dir().display(),
-            socket = self.socket().display(),
-            admin = self.admin_toml,
             other = self.extra_toml,
         );
         std::fs::write(self.config_path(), text).expect("write config");
@@ -327,6 +355,24 @@ impl Drop for TestNode {
             let _ = child.wait();
         }
     }
+}
+
+/// The lines of one TOML table: `base` keys, each replaced by a line of
+/// `overrides` that sets the same key, then the other override lines.
+fn merge_keys(base: &[(&str, &str)], overrides: &str) -> String {
+    let key_of = |line: &str| line.split('=').next().unwrap_or("").trim().to_owned();
+    let overridden: Vec<String> = overrides.lines().map(key_of).collect();
+    let mut out = String::new();
+    for (key, value) in base {
+        if !overridden.iter().any(|k| k == key) {
+            out.push_str(&format!("{key} = {value}\n"));
+        }
+    }
+    for line in overrides.lines() {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// Writes `line` (a newline is added) and reads one JSON response line.

@@ -65,7 +65,15 @@ impl AdminClient {
 
     /// Sends raw bytes (a line, or anything else) and reads one response.
     pub fn call_raw(&mut self, bytes: &[u8]) -> Result<Response, ClientError> {
-        self.writer.write_all(bytes).map_err(ClientError::Io)?;
+        if let Err(err) = self.writer.write_all(bytes) {
+            // The daemon may have answered and closed before reading the
+            // request (a refusal sent on accept): that answer is still
+            // waiting in our receive buffer and says more than EPIPE does.
+            return match self.read_response() {
+                Ok(resp) => Ok(resp),
+                Err(_) => Err(ClientError::Io(err)),
+            };
+        }
         self.read_response()
     }
 
