@@ -13,7 +13,7 @@ use crate::http::{self, HttpListener};
 use crate::metrics::Metrics;
 use crate::node::{Node, OpenError};
 use crate::notify::{self, Notifier};
-use crate::persist::Loaded;
+use crate::persist::{Loaded, PersistError};
 
 /// Why the daemon stopped with an error. Each maps to an exit code that
 /// systemd units and scripts can act on (see [`DaemonError::exit_code`]).
@@ -45,7 +45,8 @@ pub mod exit {
     pub const OK: u8 = 0;
     /// An error not listed below.
     pub const SOFTWARE: u8 = 70;
-    /// The runtime or a listener could not be created.
+    /// The runtime or a listener could not be created, or the state
+    /// directory or admin socket is in use by another ccnoded.
     pub const OSERR: u8 = 71;
     /// Persistent state could not be read or written.
     pub const IOERR: u8 = 74;
@@ -58,6 +59,7 @@ impl DaemonError {
         match self {
             DaemonError::Config(_) => exit::CONFIG,
             DaemonError::Logging(_) | DaemonError::Notify(_) => exit::SOFTWARE,
+            DaemonError::State(OpenError::Persist(PersistError::Locked { .. })) => exit::OSERR,
             DaemonError::State(_) => exit::IOERR,
             DaemonError::AdminSocket(_) | DaemonError::Http { .. } | DaemonError::Runtime(_) => {
                 exit::OSERR

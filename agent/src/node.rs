@@ -53,6 +53,7 @@ pub struct Node {
     metrics: Metrics,
     in_flight: AtomicU64,
     work_done: Notify,
+    _lock: persist::DirLock,
 }
 
 /// Proof that a piece of work is in flight; dropping it ends the work.
@@ -88,6 +89,7 @@ impl Node {
         audit_recent: usize,
         metrics: Metrics,
     ) -> Result<(Arc<Node>, Loaded), OpenError> {
+        let lock = persist::lock_dir(state_dir)?;
         let now = SystemTime::now();
         let loaded = persist::load_state(state_dir, now)?;
         let audit = Arc::new(AuditLog::open(state_dir, audit_recent)?);
@@ -119,6 +121,7 @@ impl Node {
             metrics,
             in_flight: AtomicU64::new(0),
             work_done: Notify::new(),
+            _lock: lock,
         });
         Ok((node, loaded))
     }

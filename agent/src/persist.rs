@@ -50,6 +50,8 @@ pub enum PersistError {
     },
     #[error("cannot encode state")]
     Encode(#[source] serde_json::Error),
+    #[error("state directory {path} is in use by another ccnoded")]
+    Locked { path: PathBuf },
 }
 
 /// Writes `bytes` to `dir/name` atomically and durably, with mode 0600.
@@ -91,6 +93,45 @@ pub fn crash_point(point: &str) {
     }
     #[cfg(not(debug_assertions))]
     let _ = point;
+}
+
+/// File name of the lock held on the state directory while a daemon runs.
+pub const LOCK_FILE: &str = "lock";
+
+/// Exclusive ownership of a state directory, released when dropped (or when
+/// the process dies: it is an `flock`).
+#[derive(Debug)]
+pub struct DirLock {
+    _lock: nix::fcntl::Flock<File>,
+}
+
+/// Takes the state directory for this process, creating it if needed. A
+/// second daemon on the same directory is refused before it reads or
+/// touches anything there.
+pub fn lock_dir(dir: &Path) -> Result<DirLock, PersistError> {
+    ensure_dir(dir)?;
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|source| PersistError::Write {
+            path: path.clone(),
+            source,
+        })?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(DirLock { _lock: lock }),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(PersistError::Locked {
+            path: dir.to_owned(),
+        }),
+        Err((_, errno)) => Err(PersistError::Write {
+            path,
+            source: errno.into(),
+        }),
+    }
 }
 
 /// Creates the state directory (mode 0700) if it does not exist.
@@ -236,7 +277,12 @@ fn read_capped(path: &Path) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-fn decode_state(bytes: &[u8]) -> Result<NodeRecord, String> {
+/// Decodes a state file's bytes, as [`encode_state`] writes them, into the
+/// node record; the error says why the bytes are not a valid state file
+/// (empty, not JSON, unknown fields, another format or version). Pure: the
+/// caller applies [`MAX_STATE_BYTES`]. Public for the `state_file` fuzz
+/// target (fuzz/).
+pub fn decode_state(bytes: &[u8]) -> Result<NodeRecord, String> {
     if bytes.is_empty() {
         return Err("empty".to_owned());
     }
@@ -285,6 +331,18 @@ mod tests {
 
     fn now() -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_100)
+    }
+
+    #[test]
+    fn a_state_directory_has_one_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = lock_dir(dir.path()).unwrap();
+        assert!(matches!(
+            lock_dir(dir.path()),
+            Err(PersistError::Locked { .. })
+        ));
+        drop(lock);
+        lock_dir(dir.path()).unwrap();
     }
 
     #[test]

@@ -92,12 +92,43 @@ fn check_config_validates_without_starting() {
 }
 
 #[test]
-fn a_second_daemon_on_the_same_socket_is_refused() {
+fn a_second_daemon_on_the_same_state_directory_is_refused_before_touching_it() {
     let first = TestNode::new(CCNODED).start();
-    // Same directory, same socket: start a second process by hand.
+    // An unfinished write of the first daemon's, as it would look mid-write.
+    let tmp = first.state_dir().join("state.json.tmp");
+    std::fs::write(&tmp, b"{").unwrap();
     let out = Command::new(CCNODED)
         .arg("--config")
         .arg(first.config_path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(71), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use by another ccnoded"),
+        "{out:?}"
+    );
+    assert!(tmp.exists(), "the second daemon touched nothing");
+    assert_eq!(first.request(r#"{"v":1,"cmd":"status"}"#)["ok"], true);
+}
+
+#[test]
+fn a_second_daemon_on_the_same_socket_is_refused() {
+    let first = TestNode::new(CCNODED).start();
+    // Its own state directory, the first one's socket.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nstate_dir = \"{}/state\"\n[log]\nformat = \"json\"\n[admin]\nsocket = \"{}\"\ngroup = 0\n[http]\nlisten = \"127.0.0.1:0\"\n",
+            dir.path().display(),
+            first.socket().display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(CCNODED)
+        .arg("--config")
+        .arg(&cfg)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(71), "{out:?}");
