@@ -241,7 +241,8 @@ pub struct HttpConfig {
     /// Time a client has to send a request's headers.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
-    /// Largest request body accepted; the endpoints here take none.
+    /// Largest declared request body (Content-Length) accepted; larger ones
+    /// and chunked bodies get 413. The endpoints here take no body.
     pub max_body_bytes: u64,
 }
 

@@ -151,7 +151,10 @@ fn route_inner(ctx: &Ctx, req: &Request<Incoming>) -> (&'static str, Resp) {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
-    if declared > ctx.max_body_bytes {
+    // A chunked body has no declared size: these endpoints take no body,
+    // so it is refused like an oversize one rather than left unread.
+    let chunked = req.headers().contains_key(hyper::header::TRANSFER_ENCODING);
+    if declared > ctx.max_body_bytes || chunked {
         return (
             handler,
             json_error(
