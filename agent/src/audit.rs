@@ -2,8 +2,10 @@
 //!
 //! One JSON object per line in `audit.jsonl` under the state directory,
 //! opened with `O_APPEND`; each record is written with a single `write` and
-//! synced before the action is acknowledged. The most recent records are also
-//! kept in memory for the admin `audit` command.
+//! synced before the action is acknowledged. A record that cannot be written
+//! does not undo the action (the state file is the source of truth): it is
+//! counted in `ccnode_audit_write_failures_total` and logged. The most recent
+//! records are also kept in memory for the admin `audit` command.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -56,18 +58,15 @@ pub enum AuditError {
     },
 }
 
-#[derive(Debug)]
-struct Inner {
-    file: File,
-    recent: VecDeque<AuditRecord>,
-}
-
 /// The audit log. Appends block on disk I/O: call them off the runtime.
 #[derive(Debug)]
 pub struct AuditLog {
     path: PathBuf,
     capacity: usize,
-    inner: Mutex<Inner>,
+    /// Held while appending (write and sync); serialises appends.
+    file: Mutex<File>,
+    /// Held only briefly: readers never wait for a sync.
+    recent: Mutex<VecDeque<AuditRecord>>,
 }
 
 impl AuditLog {
@@ -96,7 +95,8 @@ impl AuditLog {
         Ok(AuditLog {
             path,
             capacity,
-            inner: Mutex::new(Inner { file, recent }),
+            file: Mutex::new(file),
+            recent: Mutex::new(recent),
         })
     }
 
@@ -108,25 +108,26 @@ impl AuditLog {
     pub fn append(&self, record: AuditRecord) -> Result<(), AuditError> {
         let mut line = serde_json::to_vec(&record).expect("audit records always serialise");
         line.push(b'\n');
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
         let append_err = |source| AuditError::Append {
             path: self.path.clone(),
             source,
         };
-        inner.file.write_all(&line).map_err(append_err)?;
-        inner.file.sync_data().map_err(append_err)?;
-        if inner.recent.len() == self.capacity {
-            inner.recent.pop_front();
+        file.write_all(&line).map_err(append_err)?;
+        file.sync_data().map_err(append_err)?;
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() == self.capacity {
+            recent.pop_front();
         }
-        inner.recent.push_back(record);
+        recent.push_back(record);
         Ok(())
     }
 
     /// The most recent `limit` records, oldest first.
     pub fn recent(&self, limit: usize) -> Vec<AuditRecord> {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let skip = inner.recent.len().saturating_sub(limit);
-        inner.recent.iter().skip(skip).cloned().collect()
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let skip = recent.len().saturating_sub(limit);
+        recent.iter().skip(skip).cloned().collect()
     }
 }
 

@@ -167,7 +167,8 @@ pub struct AdminConfig {
     pub socket: PathBuf,
     /// Octal permission bits of the socket file, as a string ("0660").
     pub mode: String,
-    /// Members of this group (and root) may run every admin command.
+    /// Members of this group (and root, and the daemon's own uid) may run
+    /// every admin command.
     pub group: GroupSpec,
     /// Members of this group may run read-only commands (`status`).
     pub read_only_group: Option<GroupSpec>,

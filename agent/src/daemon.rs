@@ -23,9 +23,9 @@ pub enum DaemonError {
     Config(#[from] ConfigError),
     #[error("cannot set up logging")]
     Logging(#[from] crate::logging::LogError),
-    #[error("cannot load node state")]
+    #[error(transparent)]
     State(#[from] OpenError),
-    #[error("cannot create the admin socket")]
+    #[error(transparent)]
     AdminSocket(#[from] BindError),
     #[error("cannot listen on {addr}")]
     Http {

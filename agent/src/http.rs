@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::HttpConfig;
 use crate::node::Node;
 
-/// Largest request head accepted (hyper's minimum buffer).
+/// Largest request head accepted, in bytes.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 
 /// The bound HTTP listener.

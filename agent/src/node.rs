@@ -260,15 +260,15 @@ impl Node {
         }
     }
 
-    /// Moves a draining node to drained when its last work ends. Runs until
-    /// the node is dropped or `stop` fires.
+    /// Moves a draining node to drained when its last work ends, also
+    /// for a node that starts up draining. A completion that cannot be
+    /// saved is retried. Runs until `stop` fires.
     pub async fn run_drain_watcher(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let mut retry = false;
         loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = self.work_done.notified() => {}
-            }
             if self.snapshot().state == NodeState::Draining && self.in_flight() == 0 {
+                // Decided again under the transition lock: work may start
+                // (after an undrain and a new drain) between here and there.
                 let res = self
                     .transition(
                         Event::DrainComplete,
@@ -276,10 +276,16 @@ impl Node {
                         "all in-flight work finished".into(),
                     )
                     .await;
+                retry = matches!(res, Err(TransitionError::Persist { .. }));
                 if let Err(err) = res {
-                    // Raced with an admin (undrain, quarantine): nothing to do.
-                    tracing::debug!(error = %err, "drain completion skipped");
+                    tracing::debug!(error = %err, "drain completion not applied");
                 }
+            }
+            let backoff = tokio::time::sleep(std::time::Duration::from_secs(1));
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.work_done.notified() => {}
+                _ = backoff, if retry => {}
             }
         }
     }

@@ -112,7 +112,7 @@ pub fn next(from: NodeState, event: Event, in_flight: u64) -> Result<NodeState, 
     let to = match (from, event) {
         (Active, Drain) if in_flight == 0 => Drained,
         (Active, Drain) => Draining,
-        (Draining, DrainComplete) => Drained,
+        (Draining, DrainComplete) if in_flight == 0 => Drained,
         (Draining | Drained, Undrain) => Active,
         (Active | Draining | Drained, Quarantine) => Quarantined,
         (Quarantined, Release) => Active,
@@ -158,7 +158,8 @@ pub struct NodeRecord {
     pub by: Actor,
     #[serde(with = "crate::timefmt")]
     pub since: SystemTime,
-    /// Increases by one with every transition; survives restarts.
+    /// Increases by one with every transition and survives restarts; a
+    /// first start or a recovery from an untrustworthy state starts at 0.
     pub seq: u64,
 }
 
@@ -202,6 +203,10 @@ mod tests {
         assert_eq!(next(Active, Drain, 0), Ok(Drained));
         assert_eq!(next(Active, Drain, 3), Ok(Draining));
         assert_eq!(next(Draining, DrainComplete, 0), Ok(Drained));
+        assert!(
+            next(Draining, DrainComplete, 1).is_err(),
+            "work still in flight"
+        );
         assert_eq!(next(Draining, Undrain, 2), Ok(Active));
         assert_eq!(next(Drained, Undrain, 0), Ok(Active));
         for from in [Active, Draining, Drained] {

@@ -80,8 +80,15 @@ impl AdminListener {
             std::os::unix::net::UnixListener::bind(&staged).map_err(io_err("binding"))?;
         std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
             .map_err(io_err("setting its mode"))?;
-        nix::unistd::chown(&staged, None, Some(nix::unistd::Gid::from_raw(gid)))
-            .map_err(|e| io_err("setting its group")(e.into()))?;
+        // Under systemd with Group= the socket already has its group: skip
+        // the chown, so the unit's syscall filter need not allow it.
+        let current_gid = std::os::unix::fs::MetadataExt::gid(
+            &std::fs::metadata(&staged).map_err(io_err("reading its owner"))?,
+        );
+        if current_gid != gid {
+            nix::unistd::chown(&staged, None, Some(nix::unistd::Gid::from_raw(gid)))
+                .map_err(|e| io_err("setting its group")(e.into()))?;
+        }
         std::fs::rename(&staged, path).map_err(io_err("moving it into place"))?;
         drop(staging);
         std_listener
@@ -109,7 +116,13 @@ pub struct AdminContext {
     pub write_timeout: Duration,
     /// Extra facts for `status` (listener addresses, build).
     pub status_extra: Value,
-    refused_log: RateLimitedLog,
+    unauthorized_log: RateLimitedLog,
+    overload_log: RateLimitedLog,
+    credentials_log: RateLimitedLog,
+    /// Refused commands from read-only peers are audited at this rate at
+    /// most; beyond it they are only counted, so a peer cannot grow the
+    /// audit log without bound.
+    refusal_audits: TokenBucket,
 }
 
 impl AdminContext {
@@ -121,7 +134,10 @@ impl AdminContext {
             read_timeout: cfg.read_timeout,
             write_timeout: cfg.write_timeout,
             status_extra,
-            refused_log: RateLimitedLog::new(Duration::from_secs(10)),
+            unauthorized_log: RateLimitedLog::new(Duration::from_secs(10)),
+            overload_log: RateLimitedLog::new(Duration::from_secs(10)),
+            credentials_log: RateLimitedLog::new(Duration::from_secs(10)),
+            refusal_audits: TokenBucket::new(20.0, 1.0),
         }
     }
 }
@@ -166,7 +182,7 @@ pub async fn serve(
                     .admin_refused
                     .with_label_values(&["connection_limit"])
                     .inc();
-                ctx.refused_log
+                ctx.overload_log
                     .warn("admin connection refused: too many connections");
                 tracker.spawn(async move {
                     let resp = Response::err(
@@ -178,11 +194,9 @@ pub async fn serve(
                         ),
                     );
                     let mut stream = stream;
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(1),
-                        stream.write_all(&resp.to_line()),
-                    )
-                    .await;
+                    let _ =
+                        tokio::time::timeout(ctx.write_timeout, stream.write_all(&resp.to_line()))
+                            .await;
                 });
             }
         }
@@ -242,7 +256,8 @@ async fn serve_connection(stream: UnixStream, ctx: &AdminContext, stop: &Cancell
                 .admin_refused
                 .with_label_values(&["peer_credentials"])
                 .inc();
-            tracing::warn!(error = %err, "cannot read admin peer credentials");
+            ctx.credentials_log
+                .warn(&format!("cannot read admin peer credentials: {err}"));
             return;
         }
     };
@@ -253,7 +268,7 @@ async fn serve_connection(stream: UnixStream, ctx: &AdminContext, stop: &Cancell
             .admin_refused
             .with_label_values(&["unauthorized"])
             .inc();
-        ctx.refused_log.warn(&format!(
+        ctx.unauthorized_log.warn(&format!(
             "admin connection refused: uid {} gid {} pid {} is not authorised",
             peer.uid, peer.gid, peer.pid
         ));
@@ -409,14 +424,14 @@ async fn run(ctx: &AdminContext, peer: &Peer, access: Access, req: Request) -> R
 }
 
 async fn audit_refusal(ctx: &AdminContext, actor: &Actor, req: &Request, code: ErrorCode) {
+    if !ctx.refusal_audits.take() {
+        return;
+    }
     let record = crate::audit::AuditRecord {
         ts: std::time::SystemTime::now(),
         actor: actor.clone(),
         command: req.command.as_str().to_owned(),
-        reason: req
-            .reason
-            .as_ref()
-            .map(|r| r.chars().take(state::MAX_REASON_BYTES).collect()),
+        reason: req.reason.as_deref().map(refused_reason),
         result: code.as_str().to_owned(),
         from: Some(ctx.node.snapshot().state),
         to: None,
@@ -429,6 +444,20 @@ async fn audit_refusal(ctx: &AdminContext, actor: &Actor, req: &Request, code: E
         ctx.node.metrics().audit_write_failures.inc();
         tracing::error!(error = %err, "audit record lost");
     }
+}
+
+/// A refused request's reason as it may be recorded: control characters
+/// replaced (they would reach admins' terminals), at most 256 bytes.
+fn refused_reason(reason: &str) -> String {
+    let mut out = String::with_capacity(reason.len().min(256));
+    for c in reason.chars() {
+        let c = if c.is_control() { '\u{FFFD}' } else { c };
+        if out.len() + c.len_utf8() > 256 {
+            break;
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn record_json(r: &NodeRecord) -> Value {
@@ -497,9 +526,56 @@ impl RateLimitedLog {
     }
 }
 
+/// A token bucket: `capacity` tokens, refilled at `per_sec`.
+#[derive(Debug)]
+struct TokenBucket {
+    capacity: f64,
+    per_sec: f64,
+    state: std::sync::Mutex<(f64, Instant)>,
+}
+
+impl TokenBucket {
+    fn new(capacity: f64, per_sec: f64) -> Self {
+        TokenBucket {
+            capacity,
+            per_sec,
+            state: std::sync::Mutex::new((capacity, Instant::now())),
+        }
+    }
+
+    fn take(&self) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let refill = now.duration_since(state.1).as_secs_f64() * self.per_sec;
+        state.0 = (state.0 + refill).min(self.capacity);
+        state.1 = now;
+        if state.0 >= 1.0 {
+            state.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_reasons_are_made_safe_to_print() {
+        assert_eq!(refused_reason("a\u{1b}[2Jb"), "a\u{FFFD}[2Jb");
+        let long = "é".repeat(1000);
+        let r = refused_reason(&long);
+        assert!(r.len() <= 256 && r.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn token_bucket_allows_a_burst_then_throttles() {
+        let b = TokenBucket::new(3.0, 0.0);
+        assert!(b.take() && b.take() && b.take());
+        assert!(!b.take());
+    }
 
     #[tokio::test]
     async fn read_line_bounds_and_splits() {

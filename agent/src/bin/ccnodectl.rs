@@ -158,8 +158,20 @@ fn client_failure(err: &ClientError) -> ExitCode {
     })
 }
 
-fn s<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key).and_then(Value::as_str).unwrap_or("-")
+/// A string field, with control characters escaped: what the daemon sends
+/// may carry text from other users (reasons), and must not drive the
+/// terminal.
+fn s(v: &Value, key: &str) -> String {
+    let raw = v.get(key).and_then(Value::as_str).unwrap_or("-");
+    raw.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn actor(v: Option<&Value>) -> String {
