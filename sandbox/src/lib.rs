@@ -1,5 +1,16 @@
 //! ccnode's worker jail: namespaces, Landlock, seccomp, capabilities,
-//! rlimits, cgroups, fd hand-over, spawning and supervision.
+//! rlimits, cgroups and fd hand-over for inference workers, which are
+//! treated as hostile.
 //!
-//! Empty so far: the foundation issue only lays out the workspace. No worker
-//! runs sandboxed (no worker runs at all) until the sandbox issue lands.
+//! [`spawn`] starts the [`jail`] process with a [`profile::Profile`]; the
+//! jail builds the worker's confinement layer by layer and `execve`s it.
+//! docs/sandbox.md describes every layer and what it stops.
+
+pub mod cgroup;
+pub mod jail;
+pub mod profile;
+pub mod seccomp;
+pub mod spawn;
+
+pub use profile::Profile;
+pub use spawn::{spawn, Jailed, SpawnError};

@@ -1,0 +1,952 @@
+//! The jail: a small single-threaded process between ccnoded and a worker.
+//!
+//! ccnoded is multi-threaded, and after `fork` in a multi-threaded process
+//! only async-signal-safe calls are allowed; building a Landlock ruleset or
+//! a seccomp program allocates. So ccnoded starts this process (its own
+//! executable with `__jail`, or the `ccnode-jail` binary), which can take
+//! its time:
+//!
+//! 1. reads the [`Profile`] from fd 3, `unshare`s mount, PID, network, IPC
+//!    and UTS namespaces, compiles the seccomp filters, opens every path it
+//!    will bind (before anything is mounted over them);
+//! 2. forks: the child is PID 1 of the new PID namespace, so when it exits
+//!    every process it started dies with it;
+//! 3. the child builds a fresh root (tmpfs; read-only binds of the program
+//!    and its libraries; a minimal `/dev` with the assigned device nodes; a
+//!    new `/proc`; a private size-limited `/tmp`), pivots into it, sets the
+//!    hostname, brings loopback up, sets rlimits, joins its cgroup (placed
+//!    by the parent), drops to the worker uid/gid with no groups and no
+//!    capabilities (bounding, ambient and inheritable sets cleared), sets
+//!    `no_new_privs` and the parent-death signal, moves the passed fds to
+//!    3, 4, ... and marks every other fd close-on-exec, applies Landlock,
+//!    then seccomp, then `execve`s the worker with the profile's
+//!    environment only;
+//! 4. the confined child is the namespace's init (PID 1 ignores signals it
+//!    has no handler for, so the worker must not be PID 1): it forks the
+//!    worker as PID 2, makes itself non-dumpable, forwards signals, reaps
+//!    orphans and reports how the worker ended; its exit kills everything
+//!    left in the namespace;
+//! 5. the jail forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT to that init, waits,
+//!    and exits the way the worker did (same code, or killed by the same
+//!    signal), so ccnoded sees a SIGSYS as a SIGSYS.
+//!
+//! Progress and failures are reported as JSON lines on fd 4.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{BufRead, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use landlock::{
+    Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset,
+    RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
+use serde_json::{json, Value};
+
+use crate::profile::{Profile, MAX_PROFILE_BYTES};
+
+/// The jail reads its profile from this fd.
+pub const PROFILE_FD: RawFd = 3;
+/// The jail writes JSON-line reports to this fd.
+pub const REPORT_FD: RawFd = 4;
+/// Fds for the worker arrive here, and reach the worker at 3, 4, ...
+pub const FIRST_PASSED_FD: RawFd = 5;
+
+/// Exit code of the jail when the worker could not be started.
+pub const EXIT_SETUP_FAILED: i32 = 125;
+
+/// Device nodes every worker gets (read and write, no ioctl).
+const BASIC_DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+];
+
+/// Where the new root is assembled, inside the jail's own mount namespace.
+const NEW_ROOT: &str = "/tmp";
+
+/// A failed step of the setup.
+#[derive(Debug)]
+struct SetupError {
+    stage: &'static str,
+    message: String,
+}
+
+fn fail<E: std::fmt::Display>(stage: &'static str) -> impl Fn(E) -> SetupError {
+    move |e| SetupError {
+        stage,
+        message: e.to_string(),
+    }
+}
+
+/// Writes report lines to fd 4, or to stderr if fd 4 is not open.
+struct Reporter {
+    out: Option<File>,
+}
+
+impl Reporter {
+    fn new() -> Reporter {
+        // SAFETY: F_GETFD only queries the descriptor table.
+        let open = unsafe { libc::fcntl(REPORT_FD, libc::F_GETFD) } != -1;
+        let out = open.then(|| {
+            // SAFETY: REPORT_FD is open (checked above) and handed to us by
+            // our parent for this purpose; nothing else in this process owns it.
+            let fd = unsafe { OwnedFd::from_raw_fd(REPORT_FD) };
+            let _ = nix::fcntl::fcntl(
+                fd.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            );
+            File::from(fd)
+        });
+        Reporter { out }
+    }
+
+    fn send(&mut self, v: &Value) {
+        let mut line = v.to_string();
+        line.push('\n');
+        match &mut self.out {
+            Some(f) => {
+                let _ = f.write_all(line.as_bytes());
+            }
+            None => eprint!("ccnode-jail: {line}"),
+        }
+    }
+}
+
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward_signal(sig: libc::c_int) {
+    let pid = CHILD.load(Ordering::Relaxed);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe; `pid` is our child.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// The jail's entry point. Never returns.
+pub fn main() -> ! {
+    let mut report = Reporter::new();
+    let code = match run(&mut report) {
+        Ok(code) => code,
+        Err(e) => {
+            report.send(&json!({"event": "error", "stage": e.stage, "message": e.message}));
+            EXIT_SETUP_FAILED
+        }
+    };
+    std::process::exit(code)
+}
+
+fn read_profile() -> Result<Profile, SetupError> {
+    // SAFETY: F_GETFD only queries the descriptor table.
+    if unsafe { libc::fcntl(PROFILE_FD, libc::F_GETFD) } == -1 {
+        return Err(SetupError {
+            stage: "profile",
+            message: "no profile on fd 3: ccnode-jail is started by ccnoded, not by hand \
+                      (use `ccnoded sandbox-exec`)"
+                .into(),
+        });
+    }
+    // SAFETY: fd 3 is open (checked) and is ours to consume: the parent
+    // passed it for exactly this.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(PROFILE_FD) });
+    let mut bytes = Vec::new();
+    file.take(MAX_PROFILE_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(fail("profile"))?;
+    if bytes.len() > MAX_PROFILE_BYTES {
+        return Err(SetupError {
+            stage: "profile",
+            message: format!("profile larger than {MAX_PROFILE_BYTES} bytes"),
+        });
+    }
+    let profile: Profile = serde_json::from_slice(&bytes).map_err(fail("profile"))?;
+    profile.validate().map_err(fail("profile"))?;
+    Ok(profile)
+}
+
+/// The kernel's Landlock ABI version (0 when Landlock is unavailable).
+pub fn kernel_landlock_abi() -> i32 {
+    // SAFETY: landlock_create_ruleset with a NULL attribute, size 0 and the
+    // VERSION flag only returns the ABI version; it touches no memory.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            1u32, // LANDLOCK_CREATE_RULESET_VERSION
+        )
+    };
+    if v < 0 {
+        0
+    } else {
+        v as i32
+    }
+}
+
+/// What the child needs, prepared before the fork.
+struct Prepared {
+    program: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    /// (path inside the worker, O_PATH fd of the source, is_dir)
+    binds: Vec<(PathBuf, OwnedFd, bool)>,
+    devices: Vec<(PathBuf, OwnedFd)>,
+    filters: Vec<seccompiler::BpfProgram>,
+    landlock_abi: ABI,
+    landlock_kernel: i32,
+}
+
+fn cstring(s: &[u8], what: &'static str) -> Result<CString, SetupError> {
+    CString::new(s).map_err(fail(what))
+}
+
+fn open_path(p: &Path) -> std::io::Result<OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+        .open(p)?;
+    Ok(f.into())
+}
+
+fn prepare(profile: &Profile, report: &mut Reporter) -> Result<Prepared, SetupError> {
+    let kernel = kernel_landlock_abi();
+    let required = i32::from(profile.landlock_min_abi);
+    if kernel < required {
+        if !profile.landlock_allow_degraded {
+            return Err(SetupError {
+                stage: "landlock",
+                message: format!(
+                    "the kernel offers Landlock ABI {kernel}, the policy requires {required}"
+                ),
+            });
+        }
+        report.send(
+            &json!({"event": "landlock_degraded", "kernel_abi": kernel, "required_abi": required}),
+        );
+    }
+    let landlock_abi = match required.max(1) {
+        1 => ABI::V1,
+        2 => ABI::V2,
+        3 => ABI::V3,
+        4 => ABI::V4,
+        5 => ABI::V5,
+        6 => ABI::V6,
+        _ => ABI::V7,
+    };
+    let mut binds = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    let program_dir_bound = profile
+        .read_only
+        .iter()
+        .any(|d| profile.program.starts_with(d));
+    let mut ro: Vec<(PathBuf, bool)> = profile
+        .read_only
+        .iter()
+        .map(|p| (p.clone(), true))
+        .collect();
+    if !program_dir_bound {
+        ro.push((profile.program.clone(), true));
+    }
+    for p in &profile.optional_read_only {
+        ro.push((p.clone(), false));
+    }
+    for (path, required) in ro {
+        if !seen.insert(path.clone()) {
+            continue;
+        }
+        match open_path(&path) {
+            Ok(fd) => {
+                let is_dir = std::fs::metadata(&path)
+                    .map(|m| m.is_dir())
+                    .unwrap_or(false);
+                binds.push((path, fd, is_dir));
+            }
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(SetupError {
+                    stage: "paths",
+                    message: format!("{}: {e}", path.display()),
+                })
+            }
+        }
+    }
+    let mut devices = Vec::new();
+    for d in BASIC_DEVICES
+        .iter()
+        .map(PathBuf::from)
+        .chain(profile.devices.iter().cloned())
+    {
+        let fd = open_path(&d).map_err(|e| SetupError {
+            stage: "devices",
+            message: format!("{}: {e}", d.display()),
+        })?;
+        devices.push((d, fd));
+    }
+    Ok(Prepared {
+        program: cstring(profile.program.as_os_str().as_bytes(), "program")?,
+        argv: profile
+            .args
+            .iter()
+            .map(|a| cstring(a.as_bytes(), "args"))
+            .collect::<Result<_, _>>()?,
+        envp: profile
+            .env
+            .iter()
+            .map(|(k, v)| cstring(format!("{k}={v}").as_bytes(), "env"))
+            .collect::<Result<_, _>>()?,
+        binds,
+        devices,
+        filters: crate::seccomp::worker_filters().map_err(fail("seccomp"))?,
+        landlock_abi,
+        landlock_kernel: kernel,
+    })
+}
+
+fn run(report: &mut Reporter) -> Result<i32, SetupError> {
+    let profile = read_profile()?;
+    unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWNET
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWUTS,
+    )
+    .map_err(fail("namespaces"))?;
+    // Paths are opened in the new mount namespace: a bind mount's source
+    // must belong to the namespace it is mounted in.
+    let prepared = prepare(&profile, report)?;
+    // go: parent -> child once the cgroup is set; status: child -> parent,
+    // closed by the worker's execve.
+    let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(fail("pipes"))?;
+    let (st_r, st_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(fail("pipes"))?;
+    // Keep them clear of the fds the worker will get at 3, 4, ...
+    let go_r = high_fd(go_r)?;
+    let st_w = high_fd(st_w)?;
+    // SAFETY: this process is single-threaded (the jail never starts a
+    // thread), so the child may do anything the parent could.
+    match unsafe { fork() }.map_err(fail("fork"))? {
+        ForkResult::Child => {
+            drop(go_w);
+            drop(st_r);
+            let mut status = File::from(st_w);
+            let mut go = File::from(go_r);
+            let mut byte = [0u8; 1];
+            if go.read_exact(&mut byte).is_err() {
+                // The parent gave up (cgroup failure) or died.
+                // SAFETY: _exit is always safe to call.
+                unsafe { libc::_exit(EXIT_SETUP_FAILED) };
+            }
+            drop(go);
+            let err = match child(&profile, prepared, &mut status) {
+                Ok(never) => match never {},
+                Err(e) => e,
+            };
+            let line = json!({"event": "error", "stage": err.stage, "message": err.message});
+            let _ = writeln!(status, "{line}");
+            // SAFETY: _exit is always safe to call; no destructors must run
+            // in this half-set-up child.
+            unsafe { libc::_exit(EXIT_SETUP_FAILED) }
+        }
+        ForkResult::Parent { child } => {
+            drop(go_r);
+            drop(st_w);
+            parent(&profile, child, go_w, st_r, report)
+        }
+    }
+}
+
+fn high_fd(fd: OwnedFd) -> Result<OwnedFd, SetupError> {
+    let raw = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(200))
+        .map_err(fail("pipes"))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+fn parent(
+    profile: &Profile,
+    child: Pid,
+    go_w: OwnedFd,
+    st_r: OwnedFd,
+    report: &mut Reporter,
+) -> Result<i32, SetupError> {
+    CHILD.store(child.as_raw(), Ordering::Relaxed);
+    for sig in FORWARDED {
+        // SAFETY: the handler only calls kill(2), which is async-signal-safe.
+        unsafe { libc::signal(sig, forward_signal as *const () as libc::sighandler_t) };
+    }
+    let kill_child = || {
+        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+        let _ = waitpid(child, None);
+    };
+    match &profile.cgroup {
+        Some(cg) => {
+            if let Err(e) = crate::cgroup::place(cg, child.as_raw()) {
+                kill_child();
+                return Err(SetupError {
+                    stage: "cgroup",
+                    message: e.to_string(),
+                });
+            }
+            report.send(&json!({"event": "cgroup", "path": cg.parent.join(&cg.name)}));
+        }
+        None => report.send(&json!({"event": "cgroup", "path": null})),
+    }
+    let mut go = File::from(go_w);
+    if go.write_all(&[1]).is_err() {
+        kill_child();
+        return Err(SetupError {
+            stage: "start",
+            message: "the worker died during setup".into(),
+        });
+    }
+    drop(go);
+    // The namespace init reports setup progress, `running` once the worker
+    // has been exec'd, and finally how the worker ended.
+    let mut lines = std::io::BufReader::new(File::from(st_r).take(1024 * 1024)).lines();
+    let mut ended: Option<Value> = None;
+    let mut started = false;
+    for line in lines.by_ref() {
+        let Ok(line) = line else { break };
+        let v: Value = serde_json::from_str(&line)
+            .unwrap_or(json!({"event": "error", "stage": "report", "message": line}));
+        match v["event"].as_str() {
+            Some("running") => {
+                started = true;
+                report.send(&json!({"event": "started", "pid": child.as_raw()}));
+                continue;
+            }
+            Some("exited") => {
+                ended = Some(v.clone());
+            }
+            Some("error") if !started => {
+                report.send(&v);
+                kill_child();
+                return Ok(EXIT_SETUP_FAILED);
+            }
+            _ => {}
+        }
+        report.send(&v);
+    }
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => break,
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(fail("wait")(e)),
+        }
+    }
+    let Some(ended) = ended else {
+        // The init died without a word: killed from outside, or setup
+        // failed before it could say so.
+        if !started {
+            return Ok(EXIT_SETUP_FAILED);
+        }
+        report.send(&json!({"event": "exited", "signal": 9, "signal_name": "SIGKILL"}));
+        die_like(libc::SIGKILL);
+    };
+    if let Some(sig) = ended["signal"].as_i64() {
+        die_like(sig as i32);
+    }
+    Ok(ended["code"]
+        .as_i64()
+        .unwrap_or(i64::from(EXIT_SETUP_FAILED)) as i32)
+}
+
+/// Ends this process with signal `sig`, as the worker ended.
+fn die_like(sig: i32) -> ! {
+    let no_core = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on this process: no core file, default action
+    // for `sig`, unblock it, send it to ourselves.
+    unsafe {
+        libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+        libc::signal(sig, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::raise(sig);
+    }
+    std::process::exit(128 + sig)
+}
+
+/// Everything after the fork, in the worker-to-be. Returns only on error.
+fn child(
+    profile: &Profile,
+    p: Prepared,
+    status: &mut File,
+) -> Result<std::convert::Infallible, SetupError> {
+    set_pdeathsig()?;
+    build_root(profile, &p)?;
+    nix::unistd::sethostname(&profile.hostname).map_err(fail("hostname"))?;
+    loopback_up().map_err(fail("network"))?;
+    set_rlimits(profile, status)?;
+    drop_identity(profile)?;
+    // Cleared by the credential change: set it again.
+    set_pdeathsig()?;
+    move_fds(profile, status.as_raw_fd())?;
+    let enforced = landlock(profile, &p)?;
+    let _ = writeln!(
+        status,
+        "{}",
+        json!({"event": "landlock", "kernel_abi": p.landlock_kernel, "required_abi": profile.landlock_min_abi, "status": enforced})
+    );
+    crate::seccomp::install(&p.filters).map_err(fail("seccomp"))?;
+    // From here on this process is fully confined: it becomes the
+    // namespace's init, the worker its child.
+    init(profile, &p, status)
+}
+
+/// PID 1 of the worker's namespace, already confined. PID 1 ignores every
+/// signal it has no handler for, so the worker runs as PID 2 and this init
+/// forwards signals to it, reaps orphans, and reports how it ended.
+fn init(
+    profile: &Profile,
+    p: &Prepared,
+    status: &mut File,
+) -> Result<std::convert::Infallible, SetupError> {
+    let (exec_r, exec_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(fail("pipes"))?;
+    let argv: Vec<*const libc::c_char> = p
+        .argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp: Vec<*const libc::c_char> = p
+        .envp
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    // SAFETY: this process is single-threaded.
+    let worker = match unsafe { fork() }.map_err(fail("fork"))? {
+        ForkResult::Child => {
+            drop(exec_r);
+            // SAFETY: program, argv and envp are NUL-terminated C strings
+            // kept alive by `p`, and both arrays end with a null pointer.
+            unsafe { libc::execve(p.program.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+            let msg = format!(
+                "{}: {}",
+                profile.program.display(),
+                std::io::Error::last_os_error()
+            );
+            let _ = File::from(exec_w).write_all(msg.as_bytes());
+            // SAFETY: _exit is always safe to call.
+            unsafe { libc::_exit(127) }
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop(exec_w);
+    let mut exec_error = String::new();
+    let _ = File::from(exec_r)
+        .take(4096)
+        .read_to_string(&mut exec_error);
+    if !exec_error.is_empty() {
+        let _ = waitpid(worker, None);
+        return Err(SetupError {
+            stage: "exec",
+            message: exec_error,
+        });
+    }
+    // The worker runs as the same uid: keep it from reading this process's
+    // memory or /proc entries.
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    CHILD.store(worker.as_raw(), Ordering::Relaxed);
+    for sig in FORWARDED {
+        // SAFETY: the handler only calls kill(2), which is async-signal-safe.
+        unsafe { libc::signal(sig, forward_signal as *const () as libc::sighandler_t) };
+    }
+    let _ = writeln!(status, "{}", json!({"event": "running"}));
+    let end = loop {
+        match waitpid(None, None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == worker => {
+                break json!({"event": "exited", "code": code})
+            }
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == worker => {
+                break json!({"event": "exited", "signal": sig as i32, "signal_name": sig.as_str()})
+            }
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => break json!({"event": "error", "stage": "wait", "message": e.to_string()}),
+        }
+    };
+    let _ = writeln!(status, "{end}");
+    // Leaving kills whatever the worker left behind in the namespace.
+    // SAFETY: _exit is always safe to call.
+    unsafe { libc::_exit(0) }
+}
+
+/// Signals the jail and the namespace init pass on to the worker.
+const FORWARDED: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
+
+fn set_pdeathsig() -> Result<(), SetupError> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+        return Err(fail("pdeathsig")(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn proc_fd(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+fn inside(root: &Path, path: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+fn mountpoint(target: &Path, is_dir: bool) -> std::io::Result<()> {
+    if is_dir {
+        std::fs::create_dir_all(target)
+    } else {
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(target)
+            .map(drop)
+    }
+}
+
+fn bind(src: &OwnedFd, target: &Path, is_dir: bool, flags: MsFlags) -> Result<(), SetupError> {
+    mountpoint(target, is_dir).map_err(|e| SetupError {
+        stage: "mounts",
+        message: format!("mountpoint {}: {e}", target.display()),
+    })?;
+    let err = |what: &'static str| {
+        move |e: nix::errno::Errno| SetupError {
+            stage: "mounts",
+            message: format!("{what} {}: {e}", target.display()),
+        }
+    };
+    mount(
+        Some(&proc_fd(src)),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(err("binding"))?;
+    mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags,
+        None::<&str>,
+    )
+    .map_err(err("remounting"))
+}
+
+fn build_root(profile: &Profile, p: &Prepared) -> Result<(), SetupError> {
+    let root = Path::new(NEW_ROOT);
+    let m = fail("mounts");
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(&m)?;
+    mount(
+        Some("tmpfs"),
+        root,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755,size=1m"),
+    )
+    .map_err(&m)?;
+    // Private /tmp first, so nothing bound later can be hidden by it.
+    let tmp = root.join("tmp");
+    std::fs::create_dir(&tmp).map_err(fail("mounts"))?;
+    mount(
+        Some("tmpfs"),
+        &tmp,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some(
+            format!(
+                "mode=0700,uid={},gid={},size={}",
+                profile.uid, profile.gid, profile.tmp_size
+            )
+            .as_str(),
+        ),
+    )
+    .map_err(&m)?;
+    for (path, fd, is_dir) in &p.binds {
+        bind(
+            fd,
+            &inside(root, path),
+            *is_dir,
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        )?;
+    }
+    let dev = root.join("dev");
+    std::fs::create_dir(&dev).map_err(fail("mounts"))?;
+    mount(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=64k"),
+    )
+    .map_err(&m)?;
+    for (path, fd) in &p.devices {
+        bind(
+            fd,
+            &inside(root, path),
+            false,
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        )?;
+    }
+    mount(
+        None::<&str>,
+        &dev,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(&m)?;
+    let proc_dir = root.join("proc");
+    std::fs::create_dir(&proc_dir).map_err(fail("mounts"))?;
+    // A new procfs: it shows this PID namespace only.
+    mount(
+        Some("proc"),
+        &proc_dir,
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(&m)?;
+    nix::unistd::chdir(root).map_err(&m)?;
+    nix::unistd::pivot_root(".", ".").map_err(fail("pivot_root"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(fail("pivot_root"))?;
+    nix::unistd::chdir("/").map_err(&m)?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(&m)?;
+    Ok(())
+}
+
+fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned here.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write `ifr`, a live ifreq.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Sets each limit to the profile's value, or to the limit the jail itself
+/// has where that is lower: a worker never gets more than its jail, and the
+/// jail needs no CAP_SYS_RESOURCE. Lowered values are reported.
+fn set_rlimits(profile: &Profile, status: &mut File) -> Result<(), SetupError> {
+    let r = &profile.rlimits;
+    for (name, resource, value) in [
+        ("core", libc::RLIMIT_CORE, 0),
+        ("open_files", libc::RLIMIT_NOFILE, r.open_files),
+        ("processes", libc::RLIMIT_NPROC, r.processes),
+        ("file_size", libc::RLIMIT_FSIZE, r.file_size),
+        ("locked_memory", libc::RLIMIT_MEMLOCK, r.locked_memory),
+    ] {
+        let mut current = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into a live rlimit struct.
+        if unsafe { libc::getrlimit(resource, &mut current) } != 0 {
+            return Err(fail("rlimits")(std::io::Error::last_os_error()));
+        }
+        let value = if value > current.rlim_max {
+            let _ = writeln!(
+                status,
+                "{}",
+                json!({"event": "rlimit_lowered", "limit": name, "wanted": value, "set": current.rlim_max})
+            );
+            current.rlim_max
+        } else {
+            value
+        };
+        let lim = libc::rlimit {
+            rlim_cur: value,
+            rlim_max: value,
+        };
+        // SAFETY: setrlimit reads a live rlimit struct.
+        if unsafe { libc::setrlimit(resource, &lim) } != 0 {
+            return Err(SetupError {
+                stage: "rlimits",
+                message: format!("{name}: {}", std::io::Error::last_os_error()),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn drop_identity(profile: &Profile) -> Result<(), SetupError> {
+    use caps::CapSet;
+    let c = fail("capabilities");
+    for cap in caps::runtime::thread_all_supported() {
+        caps::drop(None, CapSet::Bounding, cap).map_err(&c)?;
+    }
+    let id = fail("identity");
+    nix::unistd::setgroups(&[]).map_err(&id)?;
+    let gid = Gid::from_raw(profile.gid);
+    let uid = Uid::from_raw(profile.uid);
+    nix::unistd::setresgid(gid, gid, gid).map_err(&id)?;
+    nix::unistd::setresuid(uid, uid, uid).map_err(&id)?;
+    caps::clear(None, CapSet::Ambient).map_err(&c)?;
+    caps::clear(None, CapSet::Inheritable).map_err(&c)?;
+    for set in [CapSet::Effective, CapSet::Permitted, CapSet::Bounding] {
+        let held = caps::read(None, set).map_err(&c)?;
+        if !held.is_empty() {
+            return Err(SetupError {
+                stage: "capabilities",
+                message: format!("{set:?} still holds {held:?}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn move_fds(profile: &Profile, keep_open_until_exec: RawFd) -> Result<(), SetupError> {
+    let e = fail("fds");
+    for i in 0..profile.passed_fds as RawFd {
+        let src = FIRST_PASSED_FD + i;
+        let dst = 3 + i;
+        // dup2 clears close-on-exec on `dst`. Sources are above their
+        // targets, so no source is overwritten before it is moved.
+        // SAFETY: dup2 on descriptor numbers; `src` was handed to the jail.
+        if unsafe { libc::dup2(src, dst) } < 0 {
+            return Err(e(std::io::Error::last_os_error()));
+        }
+    }
+    let first_other = 3 + profile.passed_fds;
+    // Everything else closes at exec, including the status pipe, which
+    // must stay open until then.
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first_other,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc != 0 {
+        return Err(e(std::io::Error::last_os_error()));
+    }
+    debug_assert!(keep_open_until_exec >= 200);
+    Ok(())
+}
+
+fn landlock(profile: &Profile, p: &Prepared) -> Result<&'static str, SetupError> {
+    let l = fail("landlock");
+    let abi = p.landlock_abi;
+    let level = if profile.landlock_allow_degraded {
+        CompatLevel::BestEffort
+    } else {
+        CompatLevel::HardRequirement
+    };
+    let read_exec = AccessFs::from_read(abi);
+    let device = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev;
+    let basic = AccessFs::ReadFile | AccessFs::WriteFile;
+    let tmp = AccessFs::from_all(abi) & !AccessFs::Execute;
+    let mut ruleset = Ruleset::default()
+        .set_compatibility(level)
+        .handle_access(AccessFs::from_all(abi))
+        .map_err(&l)?;
+    if abi >= ABI::V4 {
+        ruleset = ruleset
+            .handle_access(AccessNet::from_all(abi))
+            .map_err(&l)?;
+    }
+    if abi >= ABI::V6 {
+        ruleset = ruleset.scope(Scope::from_all(abi)).map_err(&l)?;
+    }
+    // Directory-only rights (listing, creating) cannot be granted on files.
+    let file_rights = AccessFs::ReadFile
+        | AccessFs::WriteFile
+        | AccessFs::Execute
+        | AccessFs::Truncate
+        | AccessFs::IoctlDev;
+    let mut rules: Vec<(&Path, landlock::BitFlags<AccessFs>)> = Vec::new();
+    for (path, _, is_dir) in &p.binds {
+        rules.push((
+            path,
+            if *is_dir {
+                read_exec
+            } else {
+                read_exec & file_rights
+            },
+        ));
+    }
+    for (path, _) in &p.devices {
+        let is_basic = BASIC_DEVICES.iter().any(|b| Path::new(b) == path);
+        rules.push((path, if is_basic { basic } else { device }));
+    }
+    rules.push((Path::new("/proc"), AccessFs::ReadFile | AccessFs::ReadDir));
+    rules.push((Path::new("/tmp"), tmp));
+    let mut created = ruleset.create().map_err(&l)?;
+    for (path, access) in rules {
+        let fd = PathFd::new(path).map_err(|e| SetupError {
+            stage: "landlock",
+            message: format!("{}: {e}", path.display()),
+        })?;
+        created = created.add_rule(PathBeneath::new(fd, access)).map_err(&l)?;
+    }
+    let status = created.restrict_self().map_err(&l)?;
+    if !status.no_new_privs {
+        return Err(SetupError {
+            stage: "landlock",
+            message: "no_new_privs is not set".into(),
+        });
+    }
+    Ok(match status.ruleset {
+        RulesetStatus::FullyEnforced => "fully_enforced",
+        RulesetStatus::PartiallyEnforced if profile.landlock_allow_degraded => "partially_enforced",
+        RulesetStatus::NotEnforced if profile.landlock_allow_degraded => "not_enforced",
+        other => {
+            return Err(SetupError {
+                stage: "landlock",
+                message: format!("ruleset {other:?} and the policy allows no degraded mode"),
+            })
+        }
+    })
+}
