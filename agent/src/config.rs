@@ -64,6 +64,8 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub http: HttpConfig,
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
 }
 
 /// `[node]`: identity, state and lifecycle.
@@ -232,6 +234,85 @@ impl AdminConfig {
     }
 }
 
+/// A user, by name or by numeric id.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum UserSpec {
+    Uid(u32),
+    Name(String),
+}
+
+impl UserSpec {
+    /// Looks the user up: (uid, primary gid).
+    pub fn resolve(&self, key: &'static str) -> Result<(u32, Option<u32>), ConfigError> {
+        match self {
+            UserSpec::Uid(uid) => Ok((*uid, None)),
+            UserSpec::Name(name) => match nix::unistd::User::from_name(name) {
+                Ok(Some(u)) => Ok((u.uid.as_raw(), Some(u.gid.as_raw()))),
+                Ok(None) => Err(ConfigError::invalid(
+                    key,
+                    format!("user {name:?} does not exist on this host"),
+                )),
+                Err(errno) => Err(ConfigError::invalid(
+                    key,
+                    format!("cannot look up user {name:?}: {errno}"),
+                )),
+            },
+        }
+    }
+}
+
+/// `[sandbox]`: how workers are confined. docs/sandbox.md explains each
+/// layer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// The unprivileged user workers run as (never root).
+    pub worker_user: UserSpec,
+    /// Their group; the user's primary group if unset.
+    pub worker_group: Option<GroupSpec>,
+    /// The Landlock ABI the policy requires (6: file system, TCP, ioctl on
+    /// devices, abstract-socket and signal scoping).
+    pub landlock_min_abi: u8,
+    /// Start workers best-effort on a kernel below `landlock_min_abi`;
+    /// shown in metrics and logs.
+    pub landlock_allow_degraded: bool,
+    /// Size of each worker's private /tmp, bytes.
+    pub tmp_size_bytes: u64,
+    pub max_open_files: u64,
+    pub max_processes: u64,
+    pub max_file_size_bytes: u64,
+    pub max_locked_memory_bytes: u64,
+    /// A delegated cgroup v2 directory for worker cgroups; none: no cgroup
+    /// limits (said in metrics and logs).
+    pub cgroup_parent: Option<PathBuf>,
+    pub memory_max_bytes: u64,
+    pub pids_max: u64,
+    /// Environment variables passed from ccnoded's environment to workers;
+    /// everything else is cleared.
+    pub env_allow: Vec<String>,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            worker_user: UserSpec::Name("ccnode-worker".to_owned()),
+            worker_group: None,
+            landlock_min_abi: 6,
+            landlock_allow_degraded: false,
+            tmp_size_bytes: 64 * 1024 * 1024,
+            max_open_files: 1024,
+            max_processes: 512,
+            max_file_size_bytes: 1024 * 1024 * 1024,
+            max_locked_memory_bytes: 64 * 1024 * 1024,
+            cgroup_parent: None,
+            memory_max_bytes: 64 * 1024 * 1024 * 1024,
+            pids_max: 512,
+            env_allow: vec!["LANG".to_owned(), "RUST_LOG".to_owned()],
+        }
+    }
+}
+
 /// `[http]`: the metrics and health endpoint.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -383,6 +464,60 @@ impl Config {
                 "http.max_body_bytes",
                 "must be at most 16 MiB",
             ));
+        }
+        let sb = &self.sandbox;
+        if let UserSpec::Uid(0) = sb.worker_user {
+            return Err(ConfigError::invalid(
+                "sandbox.worker_user",
+                "workers never run as root",
+            ));
+        }
+        if let Some(GroupSpec::Gid(0)) = sb.worker_group {
+            return Err(ConfigError::invalid(
+                "sandbox.worker_group",
+                "workers never run as group root",
+            ));
+        }
+        if !(1..=64).contains(&sb.landlock_min_abi) {
+            return Err(ConfigError::invalid(
+                "sandbox.landlock_min_abi",
+                format!("must be between 1 and 64, found {}", sb.landlock_min_abi),
+            ));
+        }
+        check_range(
+            "sandbox.max_open_files",
+            sb.max_open_files as usize,
+            16,
+            1 << 20,
+        )?;
+        check_range(
+            "sandbox.max_processes",
+            sb.max_processes as usize,
+            1,
+            1 << 22,
+        )?;
+        check_range("sandbox.pids_max", sb.pids_max as usize, 1, 1 << 22)?;
+        if sb.tmp_size_bytes < 1024 * 1024 {
+            return Err(ConfigError::invalid(
+                "sandbox.tmp_size_bytes",
+                "must be at least 1 MiB",
+            ));
+        }
+        if let Some(p) = &sb.cgroup_parent {
+            if !p.is_absolute() {
+                return Err(ConfigError::invalid(
+                    "sandbox.cgroup_parent",
+                    "must be an absolute path",
+                ));
+            }
+        }
+        for name in &sb.env_allow {
+            if name.is_empty() || name.contains('=') || name.contains('\0') {
+                return Err(ConfigError::invalid(
+                    "sandbox.env_allow",
+                    format!("{name:?} is not a variable name"),
+                ));
+            }
         }
         Ok(())
     }

@@ -96,6 +96,36 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
             tracing::error!(problem = %problem, "node state could not be trusted: starting quarantined")
         }
     }
+    let support = crate::workers::HostSupport::probe(&config.sandbox);
+    let m = node.metrics();
+    m.sandbox
+        .with_label_values(&["landlock_abi"])
+        .set(i64::from(support.landlock_abi));
+    m.sandbox
+        .with_label_values(&["landlock_required_abi"])
+        .set(i64::from(config.sandbox.landlock_min_abi));
+    m.sandbox
+        .with_label_values(&["landlock_ok"])
+        .set(i64::from(support.landlock_ok(&config.sandbox)));
+    m.sandbox
+        .with_label_values(&["cgroup_limits"])
+        .set(i64::from(support.cgroup_unavailable.is_none()));
+    if let Some(why) = &support.cgroup_unavailable {
+        tracing::warn!(reason = %why, "workers will run without cgroup memory and pids limits");
+    }
+    if !support.landlock_ok(&config.sandbox) {
+        tracing::error!(
+            kernel_abi = support.landlock_abi,
+            required_abi = config.sandbox.landlock_min_abi,
+            "the kernel's Landlock is below the sandbox policy: workers will not start"
+        );
+    } else if support.landlock_abi < i32::from(config.sandbox.landlock_min_abi) {
+        tracing::warn!(
+            kernel_abi = support.landlock_abi,
+            required_abi = config.sandbox.landlock_min_abi,
+            "workers will start with DEGRADED Landlock confinement (sandbox.landlock_allow_degraded)"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.node.worker_threads)
         .max_blocking_threads(16)

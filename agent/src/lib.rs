@@ -18,6 +18,7 @@ pub mod notify;
 pub mod persist;
 pub mod state;
 pub mod timefmt;
+pub mod workers;
 
 /// The agent's version, as built.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

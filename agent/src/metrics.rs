@@ -23,6 +23,7 @@ pub struct Metrics {
     pub http_refused: IntCounter,
     pub state_write_failures: IntCounter,
     pub audit_write_failures: IntCounter,
+    pub sandbox: IntGaugeVec,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -139,6 +140,19 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let sandbox = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "ccnode_sandbox_support",
+                    "What the host offers worker sandboxes: landlock_abi (the kernel's Landlock ABI), \
+                     landlock_required_abi, landlock_ok (1 if workers can start under the policy), \
+                     cgroup_limits (1 if workers get cgroup v2 memory and pids limits).",
+                ),
+                &["feature"],
+            )
+            .expect("valid metric"),
+        );
         registry
             .register(Box::new(
                 prometheus::process_collector::ProcessCollector::for_self(),
@@ -155,6 +169,7 @@ impl Metrics {
             http_refused,
             state_write_failures,
             audit_write_failures,
+            sandbox,
         }
     }
 

@@ -149,6 +149,8 @@ const ALLOWED: &[Allowed] = allow![
     SYS_epoll_pwait: "event loops",
     SYS_epoll_pwait2: "event loops",
     // Sockets: the inherited control socketpair only (socket() is AF_UNIX only).
+    SYS_connect: "AF_UNIX only (socket() allows nothing else): glibc NSS, driver daemons; \
+                  abstract sockets are Landlock-scoped and in another network namespace",
     SYS_sendmsg: "control socket; receiving fds",
     SYS_recvmsg: "control socket; receiving fds",
     SYS_sendto: "control socket",

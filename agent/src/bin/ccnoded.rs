@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use ccnode_agent::config::{Config, DEFAULT_CONFIG_PATH};
 use ccnode_agent::daemon::{self, exit};
+use ccnode_agent::workers;
 use clap::{Parser, Subcommand};
 
 /// The ccnode on-host agent: node state, admin socket, metrics.
@@ -26,9 +27,28 @@ enum Cmd {
         #[arg(long)]
         syntax_only: bool,
     },
+    /// Run a command under exactly the worker sandbox profile, to see what
+    /// a worker can and cannot do. Exits with the command's code, or 128 +
+    /// the signal that killed it (159 for SIGSYS: a seccomp violation).
+    SandboxExec {
+        /// Give the command whole GPU N's device nodes (repeatable).
+        #[arg(long = "gpu", value_name = "N")]
+        gpus: Vec<u32>,
+        /// The command and its arguments.
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
+    // ccnoded re-executes itself as the worker jail (single-threaded, before
+    // anything else runs): see ccnode_sandbox::jail.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == workers::JAIL_ARG)
+    {
+        ccnode_sandbox::jail::main();
+    }
     let cli = Cli::parse();
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
@@ -37,8 +57,30 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
-    if let Some(Cmd::CheckConfig { syntax_only }) = cli.command {
-        return check_config(&config, &cli.config, syntax_only);
+    match cli.command {
+        Some(Cmd::CheckConfig { syntax_only }) => {
+            return check_config(&config, &cli.config, syntax_only)
+        }
+        Some(Cmd::SandboxExec { gpus, command }) => {
+            let jail = match std::env::current_exe() {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("ccnoded: cannot find my own executable: {e}");
+                    return ExitCode::from(exit::SOFTWARE);
+                }
+            };
+            return match workers::sandbox_exec(&config.sandbox, &jail, &gpus, &command) {
+                Ok(code) => ExitCode::from(code),
+                Err(err) => {
+                    eprintln!("ccnoded: {}", chain(&err));
+                    ExitCode::from(match err {
+                        workers::WorkerError::Config(_) => exit::CONFIG,
+                        _ => exit::SOFTWARE,
+                    })
+                }
+            };
+        }
+        None => {}
     }
     if let Err(err) = ccnode_agent::logging::init(&config.log) {
         eprintln!("ccnoded: {}", chain(&err));

@@ -1,0 +1,246 @@
+//! Workers as ccnoded starts them: a jail profile from the `[sandbox]`
+//! config, the jail being ccnoded itself re-executed with `__jail`.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use ccnode_sandbox::Profile;
+
+use crate::config::{ConfigError, SandboxConfig};
+
+/// The argument that turns ccnoded into the jail (see `ccnode_sandbox::jail`).
+pub const JAIL_ARG: &str = "__jail";
+
+/// What the host offers the sandbox, found at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostSupport {
+    /// The kernel's Landlock ABI (0: none).
+    pub landlock_abi: i32,
+    /// Why workers get no cgroup limits, if they do not.
+    pub cgroup_unavailable: Option<String>,
+}
+
+impl HostSupport {
+    pub fn probe(cfg: &SandboxConfig) -> HostSupport {
+        HostSupport {
+            landlock_abi: ccnode_sandbox::jail::kernel_landlock_abi(),
+            cgroup_unavailable: match &cfg.cgroup_parent {
+                None => Some("sandbox.cgroup_parent is not set".to_owned()),
+                Some(p) => ccnode_sandbox::cgroup::unavailable_reason(p),
+            },
+        }
+    }
+
+    /// Whether workers can start under the configured Landlock policy.
+    pub fn landlock_ok(&self, cfg: &SandboxConfig) -> bool {
+        self.landlock_abi >= i32::from(cfg.landlock_min_abi) || cfg.landlock_allow_degraded
+    }
+}
+
+/// Errors preparing a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("GPU {index}: {path} does not exist")]
+    NoGpu { index: u32, path: String },
+    #[error("command {0:?} not found (give an absolute path, or one on PATH)")]
+    NoCommand(String),
+    #[error("cannot wait for the jail")]
+    Wait(#[source] std::io::Error),
+}
+
+/// The device nodes of whole GPU `index`: its own node and the driver's
+/// control nodes that exist on this host. (MIG slices come with the MIG
+/// issue.)
+pub fn gpu_devices(index: u32) -> Result<Vec<PathBuf>, WorkerError> {
+    let own = PathBuf::from(format!("/dev/nvidia{index}"));
+    if !own.exists() {
+        return Err(WorkerError::NoGpu {
+            index,
+            path: own.display().to_string(),
+        });
+    }
+    let mut devices = vec![own];
+    for shared in ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"] {
+        let p = PathBuf::from(shared);
+        if p.exists() {
+            devices.push(p);
+        }
+    }
+    Ok(devices)
+}
+
+/// An absolute path for `cmd`, looked up on PATH if it has no slash.
+pub fn resolve_program(cmd: &str) -> Result<PathBuf, WorkerError> {
+    if cmd.contains('/') {
+        let p = std::fs::canonicalize(cmd).map_err(|_| WorkerError::NoCommand(cmd.to_owned()))?;
+        return Ok(p);
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(cmd))
+        .find(|p| p.is_file())
+        .and_then(|p| std::fs::canonicalize(p).ok())
+        .ok_or_else(|| WorkerError::NoCommand(cmd.to_owned()))
+}
+
+/// The jail profile for `program` under `cfg`.
+pub fn profile(
+    cfg: &SandboxConfig,
+    support: &HostSupport,
+    name: &str,
+    program: PathBuf,
+    args: Vec<String>,
+    devices: Vec<PathBuf>,
+) -> Result<Profile, WorkerError> {
+    let (uid, primary_gid) = cfg.worker_user.resolve("sandbox.worker_user")?;
+    let gid = match &cfg.worker_group {
+        Some(g) => g.resolve("sandbox.worker_group")?,
+        None => primary_gid.ok_or_else(|| ConfigError::Invalid {
+            key: "sandbox.worker_group",
+            message: "must be set when sandbox.worker_user is a numeric uid".into(),
+        })?,
+    };
+    if uid == 0 || gid == 0 {
+        return Err(ConfigError::Invalid {
+            key: "sandbox.worker_user",
+            message: "resolves to root; workers never run as root".into(),
+        }
+        .into());
+    }
+    let mut p = Profile::new(program.clone(), uid, gid);
+    p.args = std::iter::once(program.display().to_string())
+        .chain(args)
+        .collect();
+    p.env = cfg
+        .env_allow
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
+        .collect();
+    p.devices = devices;
+    p.optional_read_only = vec![PathBuf::from("/proc/driver/nvidia")];
+    p.tmp_size = cfg.tmp_size_bytes;
+    p.rlimits = ccnode_sandbox::profile::Rlimits {
+        open_files: cfg.max_open_files,
+        processes: cfg.max_processes,
+        file_size: cfg.max_file_size_bytes,
+        locked_memory: cfg.max_locked_memory_bytes,
+    };
+    p.landlock_min_abi = cfg.landlock_min_abi;
+    p.landlock_allow_degraded = cfg.landlock_allow_degraded;
+    p.cgroup = match (&cfg.cgroup_parent, &support.cgroup_unavailable) {
+        (Some(parent), None) => Some(ccnode_sandbox::profile::CgroupLimits {
+            parent: parent.clone(),
+            name: name.to_owned(),
+            memory_max: cfg.memory_max_bytes,
+            pids_max: cfg.pids_max,
+        }),
+        _ => None,
+    };
+    Ok(p)
+}
+
+/// `ccnoded sandbox-exec`: runs `command` under exactly the worker profile,
+/// with this terminal's stdout and stderr, and returns the exit code to
+/// use (the command's, or 128 + the signal that killed it).
+pub fn sandbox_exec(
+    cfg: &SandboxConfig,
+    jail: &Path,
+    gpus: &[u32],
+    command: &[String],
+) -> Result<u8, WorkerError> {
+    let (cmd, args) = command
+        .split_first()
+        .ok_or_else(|| WorkerError::NoCommand(String::new()))?;
+    let program = resolve_program(cmd)?;
+    let mut devices = Vec::new();
+    for &g in gpus {
+        for d in gpu_devices(g)? {
+            if !devices.contains(&d) {
+                devices.push(d);
+            }
+        }
+    }
+    let support = HostSupport::probe(cfg);
+    if let Some(why) = &support.cgroup_unavailable {
+        eprintln!("sandbox: no cgroup limits: {why}");
+    }
+    let profile = profile(
+        cfg,
+        &support,
+        &format!("sandbox-exec-{}", std::process::id()),
+        program,
+        args.to_vec(),
+        devices,
+    )?;
+    let mut jailed = match ccnode_sandbox::spawn(
+        jail,
+        &[JAIL_ARG],
+        &profile,
+        &[],
+        Stdio::inherit(),
+        Stdio::inherit(),
+    ) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("sandbox: {e}");
+            return Ok(ccnode_sandbox::jail::EXIT_SETUP_FAILED as u8);
+        }
+    };
+    // Say what the jail reports, as it reports it.
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match jailed.reports.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        match v["event"].as_str().unwrap_or("") {
+            "landlock" => eprintln!(
+                "sandbox: landlock {} (kernel ABI {}, policy requires {})",
+                v["status"].as_str().unwrap_or("?"),
+                v["kernel_abi"],
+                v["required_abi"]
+            ),
+            "landlock_degraded" => eprintln!(
+                "sandbox: DEGRADED: kernel Landlock ABI {} is below the required {}",
+                v["kernel_abi"], v["required_abi"]
+            ),
+            "rlimit_lowered" => eprintln!(
+                "sandbox: {} limited to {} (ccnoded's own limit), not {}",
+                v["limit"].as_str().unwrap_or("?"),
+                v["set"],
+                v["wanted"]
+            ),
+            "error" => eprintln!(
+                "sandbox: setup failed at {}: {}",
+                v["stage"].as_str().unwrap_or("?"),
+                v["message"].as_str().unwrap_or("?")
+            ),
+            "exited" => {
+                if let Some(name) = v["signal_name"].as_str() {
+                    let why = if name == "SIGSYS" {
+                        " (a forbidden system call: seccomp)"
+                    } else {
+                        ""
+                    };
+                    eprintln!("sandbox: the command was killed by {name}{why}");
+                }
+            }
+            _ => {}
+        }
+    }
+    let status = jailed.child.wait().map_err(WorkerError::Wait)?;
+    use std::os::unix::process::ExitStatusExt;
+    Ok(match (status.code(), status.signal()) {
+        (Some(code), _) => code as u8,
+        (None, Some(sig)) => (128 + sig) as u8,
+        _ => 1,
+    })
+}
