@@ -7,10 +7,12 @@
 //! docs/sandbox.md describes every layer and what it stops.
 
 pub mod cgroup;
+pub mod control;
 pub mod jail;
 pub mod profile;
 pub mod seccomp;
 pub mod spawn;
+pub mod supervise;
 
 pub use profile::Profile;
 pub use spawn::{spawn, Jailed, SpawnError};

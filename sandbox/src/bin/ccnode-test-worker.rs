@@ -1,0 +1,78 @@
+//! ccnode-test-worker: a minimal worker speaking the control protocol on
+//! fd 3, with ways to misbehave, for supervision tests and the spawn
+//! benchmark. `ccnode-test-worker [MODE]`, MODE one of:
+//! `well` (default: ready, answer health, exit 0 on shutdown),
+//! `exit N`, `sigsys`, `silent`, `flood`, `oversize`, `malformed`,
+//! `ignore-shutdown`, `fork-bomb`.
+
+use std::io::Write;
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
+
+use ccnode_sandbox::control::{message, read_frame, write_frame, DEFAULT_MAX_FRAME};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mode = args.first().map(String::as_str).unwrap_or("well");
+    // SAFETY: fd 3 is the control socket the supervisor hands every worker.
+    let mut sock = unsafe { UnixStream::from_raw_fd(3) };
+    match mode {
+        "silent" => loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        },
+        "oversize" => {
+            let _ = sock.write_all(&(64u32 << 20).to_be_bytes());
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+        "malformed" => {
+            let _ = sock.write_all(&[0, 0, 0, 5, b'h', b'e', b'l', b'l', b'o']);
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+        _ => {}
+    }
+    write_frame(&mut sock, &message("ready")).expect("send ready");
+    match mode {
+        "exit" => std::process::exit(args.get(1).and_then(|c| c.parse().ok()).unwrap_or(1)),
+        "sigsys" => {
+            // SAFETY: unshare with an integer flag; the sandbox forbids it.
+            unsafe { libc::unshare(libc::CLONE_NEWNS) };
+            std::process::exit(0);
+        }
+        "flood" => loop {
+            if write_frame(&mut sock, &message("noise")).is_err() {
+                std::process::exit(1);
+            }
+        },
+        "fork-bomb" => {
+            let mut children = 0u32;
+            // SAFETY: fork in a single-threaded process; children only sleep.
+            while unsafe { libc::fork() } >= 0 {
+                children += 1;
+                if children > 100_000 {
+                    break;
+                }
+            }
+            // Parent continues here (children too, but they block in the
+            // loop's next fork failing and then answer nothing: they sleep).
+            if std::process::id() != 2 {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(3600));
+                }
+            }
+        }
+        _ => {}
+    }
+    loop {
+        let frame = match read_frame(&mut sock, DEFAULT_MAX_FRAME) {
+            Ok(f) => f,
+            Err(_) => std::process::exit(0),
+        };
+        match frame["type"].as_str() {
+            Some("health") => {
+                let _ = write_frame(&mut sock, &message("healthy"));
+            }
+            Some("shutdown") if mode != "ignore-shutdown" => std::process::exit(0),
+            _ => {}
+        }
+    }
+}

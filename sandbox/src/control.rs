@@ -1,0 +1,123 @@
+//! Frames on the control socket between ccnoded and a worker: a 4-byte
+//! big-endian length, then that many bytes of JSON (an object with `v`, the
+//! protocol version, and `type`). Both sides refuse frames over their limit.
+//! The inference issue adds message types; this module fixes the framing
+//! and the lifecycle messages: `ready` and `health`/`healthy` (worker to
+//! ccnoded), `health` and `shutdown` (ccnoded to worker).
+
+use std::io::{self, Read, Write};
+
+use serde_json::{json, Value};
+
+/// The control protocol version.
+pub const CONTROL_VERSION: u64 = 1;
+
+/// Largest frame accepted by default, in bytes.
+pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("the peer closed the control socket")]
+    Closed,
+    #[error("control frame of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
+    #[error("control frame is not a JSON object with v = {CONTROL_VERSION} and a type")]
+    Malformed,
+    #[error("control socket")]
+    Io(#[source] io::Error),
+}
+
+impl FrameError {
+    /// A read timeout, as opposed to a broken peer.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, FrameError::Io(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
+    }
+}
+
+/// Writes one frame.
+pub fn write_frame(w: &mut impl Write, v: &Value) -> io::Result<()> {
+    let body = serde_json::to_vec(v).map_err(io::Error::other)?;
+    let len = u32::try_from(body.len()).map_err(io::Error::other)?;
+    let mut buf = Vec::with_capacity(4 + body.len());
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(&body);
+    w.write_all(&buf)
+}
+
+/// A message of `kind` with the protocol version.
+pub fn message(kind: &str) -> Value {
+    json!({"v": CONTROL_VERSION, "type": kind})
+}
+
+/// Reads one frame of at most `max` bytes and checks its envelope.
+pub fn read_frame(r: &mut impl Read, max: usize) -> Result<Value, FrameError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(FrameError::Io(e)),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            FrameError::Closed
+        } else {
+            FrameError::Io(e)
+        }
+    })?;
+    let v: Value = serde_json::from_slice(&body).map_err(|_| FrameError::Malformed)?;
+    if v["v"] != CONTROL_VERSION || !v["type"].is_string() {
+        return Err(FrameError::Malformed);
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &message("ready")).unwrap();
+        write_frame(&mut buf, &message("healthy")).unwrap();
+        let mut r = &buf[..];
+        assert_eq!(read_frame(&mut r, 1024).unwrap()["type"], "ready");
+        assert_eq!(read_frame(&mut r, 1024).unwrap()["type"], "healthy");
+        assert!(matches!(read_frame(&mut r, 1024), Err(FrameError::Closed)));
+    }
+
+    #[test]
+    fn bad_frames_are_refused() {
+        let mut big = (2_000_000u32).to_be_bytes().to_vec();
+        big.extend_from_slice(&[b'x'; 16]);
+        assert!(matches!(
+            read_frame(&mut &big[..], 1024),
+            Err(FrameError::TooLarge { len: 2_000_000, .. })
+        ));
+        for body in [
+            &b"nope"[..],
+            b"[1]",
+            br#"{"type":"ready"}"#,
+            br#"{"v":1,"type":3}"#,
+            br#"{"v":2,"type":"x"}"#,
+        ] {
+            let mut f = (body.len() as u32).to_be_bytes().to_vec();
+            f.extend_from_slice(body);
+            assert!(
+                matches!(read_frame(&mut &f[..], 1024), Err(FrameError::Malformed)),
+                "{body:?}"
+            );
+        }
+        let truncated = [0u8, 0, 0, 10, b'{'];
+        assert!(matches!(
+            read_frame(&mut &truncated[..], 1024),
+            Err(FrameError::Closed)
+        ));
+    }
+}

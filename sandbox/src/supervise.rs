@@ -1,0 +1,443 @@
+//! Supervision of one jailed worker: its lifecycle, its control socket
+//! (bounded: frame size, frame rate, deadlines), why it ended, and restarts
+//! with exponential backoff.
+//!
+//! ```text
+//! starting ──(jail reports started)──▶ loading ──(worker sends ready)──▶ ready
+//!    │                                   │                                │
+//!    └──────────────(exit, kill, violation, deadline)────────────────────┴──▶ exited
+//!                                         stop: ready ──▶ stopping ──▶ exited
+//! ```
+//!
+//! One thread per worker: every call here blocks (fork, pipes, the control
+//! socket), and a node runs a handful of workers, one per GPU or MIG slice.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::control::{self, FrameError};
+use crate::profile::Profile;
+
+/// Where a worker is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    Starting,
+    Loading,
+    Ready,
+    Stopping,
+    Exited,
+}
+
+/// Why a worker ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// It exited by itself with this code.
+    Code(i32),
+    /// It was killed by a signal other than SIGSYS.
+    Signal(i32),
+    /// It made a forbidden system call (SIGSYS from seccomp).
+    Seccomp,
+    /// The jail could not start it.
+    SetupFailed { stage: String, message: String },
+    /// It did not say `ready` in time.
+    ReadyTimeout,
+    /// It did not answer a health check in time.
+    Unresponsive,
+    /// It sent a frame that is too large or malformed.
+    ProtocolViolation(String),
+    /// It sent frames faster than allowed.
+    ControlFlood,
+    /// It was stopped on request (drain).
+    Stopped,
+    /// It was killed on request (quarantine).
+    Killed,
+}
+
+impl ExitReason {
+    /// A stable label for metrics and audit records.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ExitReason::Code(0) => "exited_ok",
+            ExitReason::Code(_) => "exited_error",
+            ExitReason::Signal(_) => "signal",
+            ExitReason::Seccomp => "seccomp_violation",
+            ExitReason::SetupFailed { .. } => "setup_failed",
+            ExitReason::ReadyTimeout => "ready_timeout",
+            ExitReason::Unresponsive => "unresponsive",
+            ExitReason::ProtocolViolation(_) => "protocol_violation",
+            ExitReason::ControlFlood => "control_flood",
+            ExitReason::Stopped => "stopped",
+            ExitReason::Killed => "killed",
+        }
+    }
+}
+
+/// What the supervisor tells its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    State(WorkerState),
+    /// The worker ended; it restarts after `restart_in`, or never.
+    Exited {
+        reason: ExitReason,
+        restart_in: Option<Duration>,
+    },
+}
+
+/// Limits and restart policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub ready_timeout: Duration,
+    pub health_interval: Duration,
+    pub health_timeout: Duration,
+    pub max_frame: usize,
+    pub max_frames_per_sec: u32,
+    /// Restarts after unexpected ends before giving up.
+    pub max_restarts: u32,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// How long a stopped worker has to exit before SIGTERM, then SIGKILL.
+    pub stop_grace: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            ready_timeout: Duration::from_secs(120),
+            health_interval: Duration::from_secs(5),
+            health_timeout: Duration::from_secs(5),
+            max_frame: control::DEFAULT_MAX_FRAME,
+            max_frames_per_sec: 1000,
+            max_restarts: 5,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            stop_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What to run. The control socket is passed first (the worker's fd 3),
+/// then `extra_fds` (4, 5, ...); `profile.passed_fds` is set accordingly.
+#[derive(Debug)]
+pub struct Spec {
+    pub jail: PathBuf,
+    pub jail_args: Vec<String>,
+    pub profile: Profile,
+    pub extra_fds: Vec<OwnedFd>,
+}
+
+enum Command {
+    Stop,
+    Kill,
+}
+
+/// A supervised worker.
+#[derive(Debug)]
+pub struct Supervisor {
+    commands: Sender<Command>,
+    state: Arc<Mutex<WorkerState>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Supervisor {
+    /// Starts supervising; events go to `events`.
+    pub fn start(spec: Spec, policy: Policy, events: Sender<Event>) -> Supervisor {
+        let (tx, rx) = mpsc::channel();
+        let state = Arc::new(Mutex::new(WorkerState::Starting));
+        let shared = state.clone();
+        let thread = std::thread::Builder::new()
+            .name("ccnode-supervise".into())
+            .spawn(move || run(spec, policy, rx, events, shared))
+            .expect("spawn a supervision thread");
+        Supervisor {
+            commands: tx,
+            state,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn state(&self) -> WorkerState {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drain: ask the worker to finish and exit; SIGTERM, then SIGKILL,
+    /// after the grace period. No restart. Blocks until it has ended.
+    pub fn stop(mut self) {
+        let _ = self.commands.send(Command::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Quarantine: SIGKILL now. No restart. Blocks until it has ended.
+    pub fn kill(mut self) {
+        let _ = self.commands.send(Command::Kill);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Kill);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn set(state: &Mutex<WorkerState>, events: &Sender<Event>, s: WorkerState) {
+    *state.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    let _ = events.send(Event::State(s));
+}
+
+fn run(
+    spec: Spec,
+    policy: Policy,
+    commands: Receiver<Command>,
+    events: Sender<Event>,
+    state: Arc<Mutex<WorkerState>>,
+) {
+    let mut failures = 0u32;
+    loop {
+        set(&state, &events, WorkerState::Starting);
+        let (reason, requested) = run_once(&spec, &policy, &commands, &events, &state);
+        set(&state, &events, WorkerState::Exited);
+        let restart = !requested
+            && !matches!(reason, ExitReason::SetupFailed { .. })
+            && failures < policy.max_restarts;
+        let delay = restart.then(|| {
+            let exp = policy
+                .backoff_initial
+                .saturating_mul(1u32 << failures.min(16));
+            exp.min(policy.backoff_max)
+        });
+        let _ = events.send(Event::Exited {
+            reason,
+            restart_in: delay,
+        });
+        let Some(delay) = delay else { return };
+        failures += 1;
+        match commands.recv_timeout(delay) {
+            Ok(_) | Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+    }
+}
+
+/// One life of the worker. Returns why it ended, and whether that was
+/// asked for (stop or kill).
+fn run_once(
+    spec: &Spec,
+    policy: &Policy,
+    commands: &Receiver<Command>,
+    events: &Sender<Event>,
+    state: &Mutex<WorkerState>,
+) -> (ExitReason, bool) {
+    let (ours, theirs) = match UnixStream::pair() {
+        Ok(p) => p,
+        Err(e) => return (setup_failed("control socket", e), false),
+    };
+    let mut profile = spec.profile.clone();
+    profile.passed_fds = 1 + spec.extra_fds.len() as u32;
+    let mut passed = vec![theirs.as_fd()];
+    passed.extend(spec.extra_fds.iter().map(|f| f.as_fd()));
+    let args: Vec<&str> = spec.jail_args.iter().map(String::as_str).collect();
+    let mut jailed = match crate::spawn(
+        &spec.jail,
+        &args,
+        &profile,
+        &passed,
+        Stdio::null(),
+        Stdio::inherit(),
+    ) {
+        Ok(j) => j,
+        Err(e) => return (setup_failed("spawn", e), false),
+    };
+    drop(theirs);
+    let started = jailed.wait_started();
+    let reports = std::mem::replace(
+        &mut jailed.reports,
+        std::io::BufReader::new(tempfile_reader()),
+    );
+    // Drain the rest of the reports in the background (the jail blocks if
+    // nobody reads its pipe).
+    let reports_thread = std::thread::spawn(move || {
+        let mut rest = Vec::new();
+        for line in std::io::BufRead::lines(reports).map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                rest.push(v);
+            }
+        }
+        rest
+    });
+    if let Err(events_so_far) = started {
+        let _ = jailed.child.wait();
+        let _ = reports_thread.join();
+        let err = events_so_far.iter().rev().find(|e| e["event"] == "error");
+        return (
+            ExitReason::SetupFailed {
+                stage: err
+                    .and_then(|e| e["stage"].as_str())
+                    .unwrap_or("start")
+                    .to_owned(),
+                message: err
+                    .and_then(|e| e["message"].as_str())
+                    .unwrap_or("the jail ended")
+                    .to_owned(),
+            },
+            false,
+        );
+    }
+    set(state, events, WorkerState::Loading);
+    let jail_pid = nix::unistd::Pid::from_raw(jailed.child.id() as i32);
+    let signal = |s| {
+        let _ = nix::sys::signal::kill(jail_pid, s);
+    };
+    let (verdict, requested) = converse(ours, policy, commands, events, state, &signal);
+    match &verdict {
+        // Ending by request or by violation: the jail goes now.
+        Some(reason) if !matches!(reason, ExitReason::Stopped) => {
+            signal(nix::sys::signal::Signal::SIGKILL)
+        }
+        // A stopped worker has had its grace and a SIGTERM: a few more
+        // seconds to exit, then SIGKILL.
+        Some(_) => {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(jailed.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            signal(nix::sys::signal::Signal::SIGKILL);
+        }
+        None => {}
+    }
+    let status = jailed.child.wait();
+    let _ = reports_thread.join();
+    let reason = match verdict {
+        Some(r) => r,
+        None => match status {
+            Ok(s) if s.signal() == Some(libc::SIGSYS) => ExitReason::Seccomp,
+            Ok(s) if s.signal().is_some() => ExitReason::Signal(s.signal().unwrap_or(0)),
+            Ok(s) => ExitReason::Code(s.code().unwrap_or(-1)),
+            Err(e) => ExitReason::ProtocolViolation(format!("cannot wait for the jail: {e}")),
+        },
+    };
+    (reason, requested)
+}
+
+fn tempfile_reader() -> std::fs::File {
+    std::fs::File::open("/dev/null").expect("/dev/null opens")
+}
+
+fn setup_failed(stage: &str, e: impl std::fmt::Display) -> ExitReason {
+    ExitReason::SetupFailed {
+        stage: stage.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// Talks to the worker until it ends or must be ended. `Some(reason)` when
+/// ccnoded ends it (the jail is then killed, or, for a stop, let go).
+fn converse(
+    sock: UnixStream,
+    policy: &Policy,
+    commands: &Receiver<Command>,
+    events: &Sender<Event>,
+    state: &Mutex<WorkerState>,
+    signal: &dyn Fn(nix::sys::signal::Signal),
+) -> (Option<ExitReason>, bool) {
+    use nix::sys::signal::Signal;
+    let tick = Duration::from_millis(50);
+    let _ = sock.set_read_timeout(Some(tick));
+    let _ = sock.set_write_timeout(Some(policy.health_timeout));
+    let mut reader = std::io::BufReader::new(match sock.try_clone() {
+        Ok(s) => s,
+        Err(e) => return (Some(setup_failed("control socket", e)), false),
+    });
+    let mut writer = sock;
+    let started = Instant::now();
+    let mut ready = false;
+    let mut next_health = Instant::now() + policy.health_interval;
+    let mut health_due: Option<Instant> = None;
+    let mut window = (Instant::now(), 0u32);
+    let mut stopping: Option<Instant> = None;
+    let mut termed = false;
+    loop {
+        match commands.try_recv() {
+            Ok(Command::Kill) | Err(mpsc::TryRecvError::Disconnected) => {
+                return (Some(ExitReason::Killed), true)
+            }
+            Ok(Command::Stop) if stopping.is_none() => {
+                set(state, events, WorkerState::Stopping);
+                let _ = control::write_frame(&mut writer, &control::message("shutdown"));
+                stopping = Some(Instant::now());
+            }
+            _ => {}
+        }
+        let now = Instant::now();
+        if let Some(since) = stopping {
+            if now > since + policy.stop_grace + Duration::from_secs(1) {
+                return (Some(ExitReason::Stopped), true);
+            }
+            if now > since + policy.stop_grace && !termed {
+                signal(Signal::SIGTERM);
+                termed = true;
+            }
+        } else if !ready && now > started + policy.ready_timeout {
+            return (Some(ExitReason::ReadyTimeout), false);
+        } else if ready {
+            if health_due.is_some_and(|due| now > due) {
+                return (Some(ExitReason::Unresponsive), false);
+            }
+            if health_due.is_none() && now > next_health {
+                if control::write_frame(&mut writer, &control::message("health")).is_err() {
+                    return (Some(ExitReason::Unresponsive), false);
+                }
+                health_due = Some(now + policy.health_timeout);
+            }
+        }
+        match control::read_frame(&mut reader, policy.max_frame) {
+            Ok(frame) => {
+                if now.duration_since(window.0) >= Duration::from_secs(1) {
+                    window = (now, 0);
+                }
+                window.1 += 1;
+                if window.1 > policy.max_frames_per_sec {
+                    return (Some(ExitReason::ControlFlood), false);
+                }
+                match frame["type"].as_str() {
+                    Some("ready") if !ready && stopping.is_none() => {
+                        ready = true;
+                        set(state, events, WorkerState::Ready);
+                        next_health = Instant::now() + policy.health_interval;
+                    }
+                    Some("healthy") => {
+                        health_due = None;
+                        next_health = Instant::now() + policy.health_interval;
+                    }
+                    // Other messages belong to the inference protocol.
+                    _ => {}
+                }
+            }
+            Err(e) if e.is_timeout() => {}
+            Err(FrameError::Closed) => {
+                // The worker closed its end: it is exiting. Let the exit
+                // status say why.
+                return (stopping.map(|_| ExitReason::Stopped), stopping.is_some());
+            }
+            Err(e @ (FrameError::TooLarge { .. } | FrameError::Malformed)) => {
+                return (Some(ExitReason::ProtocolViolation(e.to_string())), false)
+            }
+            Err(FrameError::Io(_)) => return (None, false),
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! Supervision of real jailed workers: the lifecycle, why each ended,
+//! restarts with backoff, and workers that misbehave on their control
+//! socket or never answer.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver};
+use std::time::Duration;
+
+use ccnode_sandbox::supervise::{Event, ExitReason, Policy, Spec, Supervisor, WorkerState};
+use ccnode_sandbox::Profile;
+
+const JAIL: &str = env!("CARGO_BIN_EXE_ccnode-jail");
+const WORKER: &str = env!("CARGO_BIN_EXE_ccnode-test-worker");
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn spec(mode: &[&str], uid: u32) -> Spec {
+    let mut p = Profile::new(PathBuf::from(WORKER), uid, uid);
+    p.args = std::iter::once(WORKER)
+        .chain(mode.iter().copied())
+        .map(str::to_owned)
+        .collect();
+    Spec {
+        jail: PathBuf::from(JAIL),
+        jail_args: Vec::new(),
+        profile: p,
+        extra_fds: Vec::new(),
+    }
+}
+
+fn quick() -> Policy {
+    Policy {
+        ready_timeout: Duration::from_secs(2),
+        health_interval: Duration::from_millis(200),
+        health_timeout: Duration::from_secs(2),
+        max_frames_per_sec: 200,
+        max_restarts: 0,
+        backoff_initial: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(200),
+        stop_grace: Duration::from_secs(2),
+        ..Policy::default()
+    }
+}
+
+fn next_exit(rx: &Receiver<Event>) -> (ExitReason, Option<Duration>) {
+    loop {
+        match rx.recv_timeout(PATIENCE).expect("an event") {
+            Event::Exited { reason, restart_in } => return (reason, restart_in),
+            Event::State(_) => {}
+        }
+    }
+}
+
+fn wait_state(rx: &Receiver<Event>, want: WorkerState) {
+    loop {
+        match rx.recv_timeout(PATIENCE).expect("an event") {
+            Event::State(s) if s == want => return,
+            Event::Exited { reason, .. } => panic!("ended before {want:?}: {reason:?}"),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn a_worker_goes_through_its_lifecycle_and_stops_on_request() {
+    let (tx, rx) = mpsc::channel();
+    let sup = Supervisor::start(spec(&["well"], 65534), quick(), tx);
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(PATIENCE).unwrap() {
+            Event::State(s) => {
+                seen.push(s);
+                if s == WorkerState::Ready {
+                    break;
+                }
+            }
+            Event::Exited { reason, .. } => panic!("{reason:?}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            WorkerState::Starting,
+            WorkerState::Loading,
+            WorkerState::Ready
+        ]
+    );
+    // It answers health checks: still ready several intervals later.
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(sup.state(), WorkerState::Ready);
+    sup.stop();
+    let (reason, restart) = next_exit(&rx);
+    assert_eq!(reason, ExitReason::Stopped);
+    assert_eq!(restart, None, "a requested stop does not restart");
+}
+
+#[test]
+fn kill_ends_a_worker_now() {
+    let (tx, rx) = mpsc::channel();
+    let sup = Supervisor::start(spec(&["ignore-shutdown"], 65534), quick(), tx);
+    wait_state(&rx, WorkerState::Ready);
+    sup.kill();
+    assert_eq!(next_exit(&rx), (ExitReason::Killed, None));
+}
+
+#[test]
+fn a_worker_that_ignores_shutdown_is_ended_after_its_grace() {
+    let (tx, rx) = mpsc::channel();
+    let sup = Supervisor::start(spec(&["ignore-shutdown"], 65534), quick(), tx);
+    wait_state(&rx, WorkerState::Ready);
+    sup.stop();
+    assert_eq!(next_exit(&rx).0, ExitReason::Stopped);
+}
+
+#[test]
+fn crashes_restart_with_growing_backoff_then_give_up() {
+    let (tx, rx) = mpsc::channel();
+    let policy = Policy {
+        max_restarts: 2,
+        ..quick()
+    };
+    let _sup = Supervisor::start(spec(&["exit", "3"], 65534), policy, tx);
+    let delays: Vec<Option<Duration>> = (0..3)
+        .map(|_| {
+            let (reason, delay) = next_exit(&rx);
+            assert_eq!(reason, ExitReason::Code(3));
+            delay
+        })
+        .collect();
+    assert_eq!(
+        delays,
+        [
+            Some(Duration::from_millis(50)),
+            Some(Duration::from_millis(100)),
+            None
+        ]
+    );
+}
+
+#[test]
+fn each_kind_of_misbehaviour_is_named() {
+    for (mode, expected) in [
+        (&["sigsys"][..], "seccomp_violation"),
+        (&["silent"][..], "ready_timeout"),
+        (&["flood"][..], "control_flood"),
+        (&["oversize"][..], "protocol_violation"),
+        (&["malformed"][..], "protocol_violation"),
+        (&["exit", "0"][..], "exited_ok"),
+    ] {
+        let (tx, rx) = mpsc::channel();
+        let _sup = Supervisor::start(spec(mode, 65534), quick(), tx);
+        let (reason, _) = next_exit(&rx);
+        assert_eq!(reason.label(), expected, "{mode:?}: {reason:?}");
+    }
+}
+
+#[test]
+fn setup_failures_do_not_restart() {
+    let (tx, rx) = mpsc::channel();
+    let mut s = spec(&["well"], 65534);
+    s.profile.landlock_min_abi = 60;
+    let _sup = Supervisor::start(
+        s,
+        Policy {
+            max_restarts: 5,
+            ..quick()
+        },
+        tx,
+    );
+    let (reason, restart) = next_exit(&rx);
+    assert!(
+        matches!(&reason, ExitReason::SetupFailed { stage, .. } if stage == "landlock"),
+        "{reason:?}"
+    );
+    assert_eq!(restart, None);
+}
+
+#[test]
+fn a_fork_bomb_is_contained_by_its_process_limit() {
+    // A uid of its own: RLIMIT_NPROC counts every process of the uid.
+    let uid = 61_000 + (std::process::id() % 1000);
+    let mut s = spec(&["fork-bomb"], uid);
+    s.profile.rlimits.processes = 32;
+    let (tx, rx) = mpsc::channel();
+    let sup = Supervisor::start(s, quick(), tx);
+    wait_state(&rx, WorkerState::Ready);
+    // Still answering health checks after the bomb went off...
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(sup.state(), WorkerState::Ready);
+    // ...with no more processes than its limit.
+    let count = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("status"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| {
+                    l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(&uid.to_string())
+                })
+        })
+        .count();
+    assert!((1..=32).contains(&count), "{count} processes");
+    sup.kill();
+    assert_eq!(next_exit(&rx).0, ExitReason::Killed);
+}
