@@ -77,6 +77,62 @@ pub fn read_frame(r: &mut impl Read, max: usize) -> Result<Value, FrameError> {
     Ok(v)
 }
 
+/// Reads frames from a socket with a read timeout without losing a frame
+/// that arrives in pieces: bytes are kept until the frame is whole.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl<R: Read> FrameReader<R> {
+    pub fn new(inner: R, max: usize) -> Self {
+        FrameReader {
+            inner,
+            buf: Vec::new(),
+            max,
+        }
+    }
+
+    /// The next frame; `FrameError::Io` with a timeout kind when none is
+    /// complete yet (call again later).
+    pub fn next_frame(&mut self) -> Result<Value, FrameError> {
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+                    as usize;
+                if len > self.max {
+                    return Err(FrameError::TooLarge { len, max: self.max });
+                }
+                if self.buf.len() >= 4 + len {
+                    let frame: Vec<u8> = self.buf.drain(..4 + len).collect();
+                    let v: Value =
+                        serde_json::from_slice(&frame[4..]).map_err(|_| FrameError::Malformed)?;
+                    if v["v"] != CONTROL_VERSION || !v["type"].is_string() {
+                        return Err(FrameError::Malformed);
+                    }
+                    return Ok(v);
+                }
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            let want = if self.buf.len() >= 4 {
+                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+                    as usize;
+                (4 + len - self.buf.len()).min(chunk.len())
+            } else {
+                4 - self.buf.len()
+            };
+            match self.inner.read(&mut chunk[..want]) {
+                Ok(0) => return Err(FrameError::Closed),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(FrameError::Io(e)),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,6 +146,51 @@ mod tests {
         assert_eq!(read_frame(&mut r, 1024).unwrap()["type"], "ready");
         assert_eq!(read_frame(&mut r, 1024).unwrap()["type"], "healthy");
         assert!(matches!(read_frame(&mut r, 1024), Err(FrameError::Closed)));
+    }
+
+    /// Gives out its bytes a few at a time, with a timeout between pieces.
+    struct Trickle {
+        data: Vec<u8>,
+        pos: usize,
+        tick: bool,
+    }
+
+    impl Read for Trickle {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            self.tick = !self.tick;
+            if self.tick {
+                return Err(io::Error::new(io::ErrorKind::WouldBlock, "not yet"));
+            }
+            let n = out.len().min(3).min(self.data.len() - self.pos);
+            out[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_frame_in_pieces_with_timeouts_between_is_not_lost() {
+        let mut data = Vec::new();
+        write_frame(&mut data, &message("ready")).unwrap();
+        write_frame(&mut data, &message("healthy")).unwrap();
+        let mut r = FrameReader::new(
+            Trickle {
+                data,
+                pos: 0,
+                tick: false,
+            },
+            1024,
+        );
+        let mut got = Vec::new();
+        loop {
+            match r.next_frame() {
+                Ok(f) => got.push(f["type"].as_str().unwrap().to_owned()),
+                Err(e) if e.is_timeout() => continue,
+                Err(FrameError::Closed) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, ["ready", "healthy"]);
     }
 
     #[test]

@@ -359,10 +359,13 @@ fn converse(
     let tick = Duration::from_millis(50);
     let _ = sock.set_read_timeout(Some(tick));
     let _ = sock.set_write_timeout(Some(policy.health_timeout));
-    let mut reader = std::io::BufReader::new(match sock.try_clone() {
-        Ok(s) => s,
-        Err(e) => return (Some(setup_failed("control socket", e)), false),
-    });
+    let mut reader = control::FrameReader::new(
+        match sock.try_clone() {
+            Ok(s) => s,
+            Err(e) => return (Some(setup_failed("control socket", e)), false),
+        },
+        policy.max_frame,
+    );
     let mut writer = sock;
     let started = Instant::now();
     let mut ready = false;
@@ -405,7 +408,7 @@ fn converse(
                 health_due = Some(now + policy.health_timeout);
             }
         }
-        match control::read_frame(&mut reader, policy.max_frame) {
+        match reader.next_frame() {
             Ok(frame) => {
                 if now.duration_since(window.0) >= Duration::from_secs(1) {
                     window = (now, 0);
