@@ -124,6 +124,14 @@ impl Reporter {
 
 static CHILD: AtomicI32 = AtomicI32::new(0);
 
+/// Writes one report line with a single write(2): lines stay whole, and a
+/// line costs one system call, not one per token.
+fn send_line(out: &mut File, v: &Value) -> std::io::Result<()> {
+    let mut line = v.to_string();
+    line.push('\n');
+    out.write_all(line.as_bytes())
+}
+
 extern "C" fn forward_signal(sig: libc::c_int) {
     let pid = CHILD.load(Ordering::Relaxed);
     if pid > 0 {
@@ -234,7 +242,15 @@ fn prepare(profile: &Profile, report: &mut Reporter) -> Result<Prepared, SetupEr
             &json!({"event": "landlock_degraded", "kernel_abi": kernel, "required_abi": required}),
         );
     }
-    let landlock_abi = match required.max(1) {
+    // Enforce everything the kernel offers (up to what this build knows),
+    // not just the policy's minimum; below the minimum, degraded mode asks
+    // for the minimum and takes what the kernel gives.
+    let target = if kernel >= required {
+        kernel.min(7)
+    } else {
+        required
+    };
+    let landlock_abi = match target.max(1) {
         1 => ABI::V1,
         2 => ABI::V2,
         3 => ABI::V3,
@@ -266,8 +282,8 @@ fn prepare(profile: &Profile, report: &mut Reporter) -> Result<Prepared, SetupEr
         }
         match open_path(&path) {
             Ok(fd) => {
-                let is_dir = std::fs::metadata(&path)
-                    .map(|m| m.is_dir())
+                let is_dir = nix::sys::stat::fstat(fd.as_raw_fd())
+                    .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
                     .unwrap_or(false);
                 binds.push((path, fd, is_dir));
             }
@@ -352,7 +368,7 @@ fn run(report: &mut Reporter) -> Result<i32, SetupError> {
                 Err(e) => e,
             };
             let line = json!({"event": "error", "stage": err.stage, "message": err.message});
-            let _ = writeln!(status, "{line}");
+            let _ = send_line(&mut status, &line);
             // SAFETY: _exit is always safe to call; no destructors must run
             // in this half-set-up child.
             unsafe { libc::_exit(EXIT_SETUP_FAILED) }
@@ -488,19 +504,31 @@ fn child(
     status: &mut File,
 ) -> Result<std::convert::Infallible, SetupError> {
     set_pdeathsig()?;
+    // A session of its own: no controlling terminal, so inherited stdio
+    // cannot be used for terminal ioctls (TIOCSTI) against the admin.
+    nix::unistd::setsid().map_err(fail("session"))?;
     build_root(profile, &p)?;
     nix::unistd::sethostname(&profile.hostname).map_err(fail("hostname"))?;
     loopback_up().map_err(fail("network"))?;
     set_rlimits(profile, status)?;
     drop_identity(profile)?;
-    // Cleared by the credential change: set it again.
+    // Cleared by the credential change: set it again, then make sure the
+    // jail did not die in between (the signal would never come): a write to
+    // the status pipe fails once the jail, its only reader, is gone.
     set_pdeathsig()?;
+    send_line(
+        status,
+        &json!({"event": "identity", "uid": profile.uid, "gid": profile.gid}),
+    )
+    .map_err(|e| SetupError {
+        stage: "pdeathsig",
+        message: format!("the jail is gone: {e}"),
+    })?;
     move_fds(profile, status.as_raw_fd())?;
     let enforced = landlock(profile, &p)?;
-    let _ = writeln!(
+    let _ = send_line(
         status,
-        "{}",
-        json!({"event": "landlock", "kernel_abi": p.landlock_kernel, "required_abi": profile.landlock_min_abi, "status": enforced})
+        &json!({"event": "landlock", "kernel_abi": p.landlock_kernel, "required_abi": profile.landlock_min_abi, "status": enforced}),
     );
     crate::seccomp::install(&p.filters).map_err(fail("seccomp"))?;
     // From here on this process is fully confined: it becomes the
@@ -530,6 +558,11 @@ fn init(
         .map(|a| a.as_ptr())
         .chain(std::iter::once(std::ptr::null()))
         .collect();
+    // The worker runs as the same uid: keep it from reading this process's
+    // memory or /proc entries. (execve makes the worker itself dumpable
+    // again, as any process.)
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     // SAFETY: this process is single-threaded.
     let worker = match unsafe { fork() }.map_err(fail("fork"))? {
         ForkResult::Child => {
@@ -560,16 +593,12 @@ fn init(
             message: exec_error,
         });
     }
-    // The worker runs as the same uid: keep it from reading this process's
-    // memory or /proc entries.
-    // SAFETY: prctl with integer arguments only.
-    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     CHILD.store(worker.as_raw(), Ordering::Relaxed);
     for sig in FORWARDED {
         // SAFETY: the handler only calls kill(2), which is async-signal-safe.
         unsafe { libc::signal(sig, forward_signal as *const () as libc::sighandler_t) };
     }
-    let _ = writeln!(status, "{}", json!({"event": "running"}));
+    let _ = send_line(status, &json!({"event": "running"}));
     let end = loop {
         match waitpid(None, None) {
             Ok(WaitStatus::Exited(pid, code)) if pid == worker => {
@@ -582,7 +611,7 @@ fn init(
             Err(e) => break json!({"event": "error", "stage": "wait", "message": e.to_string()}),
         }
     };
-    let _ = writeln!(status, "{end}");
+    let _ = send_line(status, &end);
     // Leaving kills whatever the worker left behind in the namespace.
     // SAFETY: _exit is always safe to call.
     unsafe { libc::_exit(0) }
@@ -795,10 +824,9 @@ fn set_rlimits(profile: &Profile, status: &mut File) -> Result<(), SetupError> {
             return Err(fail("rlimits")(std::io::Error::last_os_error()));
         }
         let value = if value > current.rlim_max {
-            let _ = writeln!(
+            let _ = send_line(
                 status,
-                "{}",
-                json!({"event": "rlimit_lowered", "limit": name, "wanted": value, "set": current.rlim_max})
+                &json!({"event": "rlimit_lowered", "limit": name, "wanted": value, "set": current.rlim_max}),
             );
             current.rlim_max
         } else {

@@ -225,7 +225,8 @@ pub fn worker_filters() -> Result<Vec<BpfProgram>, SeccompError> {
     }
     // clone: only without namespace flags.
     rules.insert(libc::SYS_clone, vec![flags_rule(0, CLONE_NAMESPACES)?]);
-    // clone3 is passed by filter 1 and answered ENOSYS by filter 2.
+    // clone3 is passed by this allow-list (filter 2) and answered ENOSYS
+    // by filter 1.
     rules.insert(libc::SYS_clone3, Vec::new());
     // socket and socketpair: AF_UNIX only (argument 0, the domain).
     let unix_only = SeccompRule::new(vec![SeccompCondition::new(

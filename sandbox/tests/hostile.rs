@@ -285,6 +285,14 @@ fn every_escape_is_blocked_and_every_control_works() {
             probes[name]
         );
     }
+    // Reaching execve and being refused there, not killed on the way.
+    assert!(
+        probes["exec_from_tmp"][0]
+            .1
+            .contains("execve /tmp/ccnode-copy"),
+        "{:?}",
+        probes["exec_from_tmp"]
+    );
     // The limits are the profile's.
     assert!(
         probes["exceed_file_size"][0].1.contains("after 8 MiB"),

@@ -252,13 +252,19 @@ fn main() {
     });
     probe("exec_bin_sh", || exec("/bin/sh"));
     probe("exec_from_tmp", || {
+        // The copy is created executable (no chmod: seccomp forbids it), so
+        // this reaches execve and tests the noexec /tmp and Landlock.
+        use std::os::unix::fs::OpenOptionsExt;
         let me = std::fs::read("/proc/self/exe").map_err(|e| format!("read self: {e}"))?;
-        std::fs::write("/tmp/ccnode-copy", me).map_err(|e| format!("copy: {e}"))?;
-        std::fs::set_permissions(
-            "/tmp/ccnode-copy",
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .map_err(|e| format!("chmod: {e}"))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o755)
+            .open("/tmp/ccnode-copy")
+            .map_err(|e| format!("create: {e}"))?;
+        f.write_all(&me).map_err(|e| format!("copy: {e}"))?;
+        drop(f);
         exec("/tmp/ccnode-copy")
     });
 
