@@ -423,7 +423,7 @@ impl Config {
                 ),
             ));
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+        if crate::logging::parse_filter(&self.log.level).is_none() {
             return Err(ConfigError::invalid(
                 "log.level",
                 format!("not a valid filter directive: {:?}", self.log.level),
@@ -640,6 +640,7 @@ mod tests {
             ("[node]\nworker_threads = 0\n", "node.worker_threads"),
             ("[node]\nshutdown_grace = \"2h\"\n", "node.shutdown_grace"),
             ("[log]\nlevel = \"[[[\"\n", "log.level"),
+            ("[log]\nlevel = \" a[\u{e4}{\"\n", "log.level"),
             ("[log]\nformat = \"xml\"\n", "log.format"),
             (
                 "[http]\nmax_body_bytes = 1000000000\n",

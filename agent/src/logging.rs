@@ -45,11 +45,24 @@ fn stderr_is_journal() -> bool {
     dev.parse::<u64>().ok() == Some(stat.st_dev) && ino.parse::<u64>().ok() == Some(stat.st_ino)
 }
 
+/// Parses a filter directive, or `None` if it is not one. Only ASCII
+/// without surrounding whitespace is handed to the parser:
+/// tracing-subscriber 0.3 panics on a leading space followed by a
+/// multi-byte character (found by fuzzing the config).
+pub fn parse_filter(directive: &str) -> Option<EnvFilter> {
+    if !directive.is_ascii() || directive.trim() != directive || directive.is_empty() {
+        return None;
+    }
+    EnvFilter::try_new(directive).ok()
+}
+
 /// Installs the global logger. `RUST_LOG` overrides `cfg.level`.
 pub fn init(cfg: &LogConfig) -> Result<LogFormat, LogError> {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&cfg.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| parse_filter(&v))
+        .or_else(|| parse_filter(&cfg.level))
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let format = resolve(cfg.format);
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {

@@ -230,6 +230,16 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ParseError> {
     };
     let id = match obj.remove("id") {
         None | Some(Value::Null) => None,
+        // Integers only among numbers: a float id may not read back as
+        // sent (found by fuzzing), and clients match responses by id.
+        Some(id @ Value::Number(_)) if !(id.is_i64() || id.is_u64()) => {
+            return Err(fail(
+                None,
+                None,
+                ErrorCode::InvalidRequest,
+                "id must be a string or an integer".into(),
+            ))
+        }
         Some(id @ (Value::String(_) | Value::Number(_))) => {
             if id.to_string().len() > MAX_ID_BYTES {
                 return Err(fail(
@@ -246,7 +256,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ParseError> {
                 None,
                 None,
                 ErrorCode::InvalidRequest,
-                "id must be a string or a number".into(),
+                "id must be a string or an integer".into(),
             ))
         }
     };
@@ -443,6 +453,10 @@ mod tests {
         );
         assert_eq!(
             code(r#"{"v":1,"cmd":"status","id":[1]}"#),
+            ErrorCode::InvalidRequest
+        );
+        assert_eq!(
+            code(r#"{"v":1,"cmd":"status","id":0.5e83}"#),
             ErrorCode::InvalidRequest
         );
     }
