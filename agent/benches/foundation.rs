@@ -23,7 +23,9 @@
 //! | `CCNODE_BENCH_IDLE_SECS`      | 5       | idle time before each RSS reading        |
 //!
 //! (Counts are not scaled below 10; `CCNODE_BENCH_CLIENTS` and
-//! `CCNODE_BENCH_IDLE_SECS` are not scaled.)
+//! `CCNODE_BENCH_IDLE_SECS` are not scaled.) Without `--bench`, as under
+//! `cargo test --all-targets`, it is a smoke run: scale 0.01 and 0.5 s idle
+//! waits unless the variables say otherwise, labelled as no measurement.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -385,6 +387,9 @@ fn main() {
 
     println!();
     println!("ccnode foundation benchmark (ccnoded pid {pid}, 2 runtime worker threads)");
+    if !benching {
+        println!("smoke run (no --bench: `cargo test` mode, minimal counts): not a measurement");
+    }
     println!(
         "load average before: {load_before}; after: {load_after}; idle wait {:.1}s",
         idle.as_secs_f64()
@@ -427,6 +432,7 @@ fn main() {
 
     let report = json!({
         "bench": "foundation",
+        "measurement": benching,
         "scale": scale,
         "load_before": load_before,
         "load_after": load_after,
