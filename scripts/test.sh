@@ -18,3 +18,9 @@ say "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 say "tests"
 cargo nextest run --workspace --locked --no-fail-fast --profile "${NEXTEST_PROFILE:-default}"
+
+# Fuzz targets (fuzz/): build only, unoptimised, to prove they still compile
+# and link; scripts/fuzz.sh --run SECONDS fuzzes. Installs cargo-fuzz if
+# missing (under a minute); a cold build takes a minute or two on 2 cores.
+say "fuzz targets (build)"
+scripts/fuzz.sh --dev
