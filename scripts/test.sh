@@ -12,6 +12,19 @@ need_rust
 ensure_debs prometheus systemd util-linux ca-certificates curl
 ensure_nextest
 
+# OMS interop tests (attest/tests/oms_interop.rs) drive the reference
+# model_signing tool from a Python virtual environment, every package pinned
+# in attest/tests/interop/requirements.txt; CCNODE_VENV tells the tests where
+# it is. Rebuilt only when the pinned list changes.
+ensure_debs python3 python3-venv openssl
+export CCNODE_VENV="${CCNODE_VENV:-$PWD/.venv}"
+if ! cmp -s attest/tests/interop/requirements.txt "$CCNODE_VENV/.ccnode-requirements"; then
+    say "creating the model_signing virtual environment in $CCNODE_VENV"
+    python3 -m venv "$CCNODE_VENV"
+    "$CCNODE_VENV/bin/pip" install -q --disable-pip-version-check -r attest/tests/interop/requirements.txt
+    cp attest/tests/interop/requirements.txt "$CCNODE_VENV/.ccnode-requirements"
+fi
+
 say "cargo fmt --check"
 cargo fmt --all -- --check
 say "cargo clippy"

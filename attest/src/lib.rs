@@ -2,6 +2,8 @@
 //! confidential computing), the evidence format, the verifier library and
 //! OpenSSF model-signature verification.
 //!
-//! Empty so far: the foundation issue only lays out the workspace. Nothing in
-//! ccnode attests or verifies anything until the attestation issues land, and
+//! So far only model-signature verification ([`oms`]) is implemented; the
+//! evidence producers and verifier arrive with the attestation issues, and
 //! nothing may claim otherwise.
+
+pub mod oms;

@@ -1,0 +1,212 @@
+//! Certificate signing: the bundle carries the signing certificate followed
+//! by intermediates; it must chain to a configured CA root, every
+//! certificate must be valid now, issuers must be CAs, and the signing
+//! certificate must allow digitalSignature (key usage) or codeSigning
+//! (extended key usage). Issuer signatures: ECDSA with SHA-256/384/512 on
+//! P-256, P-384 or P-521 (RSA issuers are not supported).
+
+use std::time::SystemTime;
+
+use const_oid::db::rfc5280::{
+    ID_CE_BASIC_CONSTRAINTS, ID_CE_EXT_KEY_USAGE, ID_CE_KEY_USAGE, ID_CE_SUBJECT_ALT_NAME,
+    ID_KP_CODE_SIGNING,
+};
+use der::{Decode, Encode};
+use x509_cert::ext::pkix::name::GeneralName;
+use x509_cert::ext::pkix::{BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAltName};
+use x509_cert::Certificate;
+
+use super::bundle::MAX_CHAIN;
+use super::keys::PublicKey;
+use super::OmsError;
+
+/// A signing certificate that chained to a root.
+#[derive(Debug, Clone)]
+pub struct SigningCert {
+    pub key: PublicKey,
+    /// Subject distinguished name.
+    pub subject: String,
+    /// Subject alternative names (email, URI, DNS) and the subject's CN.
+    pub identities: Vec<String>,
+}
+
+fn refuse(reason: impl Into<String>) -> OmsError {
+    OmsError::Certificate(reason.into())
+}
+
+/// Parses one DER certificate.
+pub fn parse(der: &[u8]) -> Result<Certificate, String> {
+    Certificate::from_der(der).map_err(|e| format!("not an X.509 certificate: {e}"))
+}
+
+/// Parses every certificate in a PEM file.
+pub fn parse_pem_bundle(text: &str) -> Result<Vec<Certificate>, String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
+        let end_marker = "-----END CERTIFICATE-----";
+        let end = rest[start..]
+            .find(end_marker)
+            .ok_or("unterminated PEM certificate")?
+            + start
+            + end_marker.len();
+        let (label, der) = der::pem::decode_vec(&rest.as_bytes()[start..end])
+            .map_err(|e| format!("bad PEM: {e}"))?;
+        if label != "CERTIFICATE" {
+            return Err(format!("PEM label {label:?}"));
+        }
+        out.push(parse(&der)?);
+        if out.len() > 64 {
+            return Err("too many certificates".into());
+        }
+        rest = &rest[end..];
+    }
+    if out.is_empty() {
+        return Err("no PEM certificate found".into());
+    }
+    Ok(out)
+}
+
+fn extension<'a, T: Decode<'a>>(
+    cert: &'a Certificate,
+    oid: der::asn1::ObjectIdentifier,
+) -> Result<Option<T>, OmsError> {
+    let Some(exts) = &cert.tbs_certificate.extensions else {
+        return Ok(None);
+    };
+    let mut found = exts.iter().filter(|e| e.extn_id == oid);
+    let Some(ext) = found.next() else {
+        return Ok(None);
+    };
+    if found.next().is_some() {
+        return Err(refuse(format!("duplicate extension {oid}")));
+    }
+    T::from_der(ext.extn_value.as_bytes())
+        .map(Some)
+        .map_err(|e| refuse(format!("malformed extension {oid}: {e}")))
+}
+
+fn check_validity(cert: &Certificate, now: SystemTime) -> Result<(), OmsError> {
+    let v = &cert.tbs_certificate.validity;
+    if now < v.not_before.to_system_time() {
+        return Err(refuse(format!(
+            "{} is not valid yet",
+            cert.tbs_certificate.subject
+        )));
+    }
+    if now > v.not_after.to_system_time() {
+        return Err(refuse(format!(
+            "{} has expired",
+            cert.tbs_certificate.subject
+        )));
+    }
+    Ok(())
+}
+
+fn key_of(cert: &Certificate) -> Result<PublicKey, OmsError> {
+    let der = cert
+        .tbs_certificate
+        .subject_public_key_info
+        .to_der()
+        .map_err(|e| refuse(e.to_string()))?;
+    PublicKey::from_spki_der(&der)
+        .map_err(|e| refuse(format!("{}: {e}", cert.tbs_certificate.subject)))
+}
+
+fn signed_by(child: &Certificate, issuer: &Certificate) -> bool {
+    if child.tbs_certificate.issuer != issuer.tbs_certificate.subject {
+        return false;
+    }
+    let (Ok(key), Ok(tbs)) = (key_of(issuer), child.tbs_certificate.to_der()) else {
+        return false;
+    };
+    let Some(sig) = child.signature.as_bytes() else {
+        return false;
+    };
+    key.verify_x509(child.signature_algorithm.oid, &tbs, sig)
+}
+
+fn is_ca(cert: &Certificate) -> Result<bool, OmsError> {
+    Ok(extension::<BasicConstraints>(cert, ID_CE_BASIC_CONSTRAINTS)?.is_some_and(|b| b.ca))
+}
+
+/// Verifies the bundle's chain (signing certificate first) against `roots`.
+pub fn verify_chain(
+    chain: &[Vec<u8>],
+    roots: &[Certificate],
+    now: SystemTime,
+) -> Result<SigningCert, OmsError> {
+    if chain.is_empty() || chain.len() > MAX_CHAIN {
+        return Err(refuse("certificate chain length out of range"));
+    }
+    let chain = chain
+        .iter()
+        .map(|d| parse(d).map_err(refuse))
+        .collect::<Result<Vec<_>, _>>()?;
+    let leaf = &chain[0];
+    check_validity(leaf, now)?;
+    let ku = extension::<KeyUsage>(leaf, ID_CE_KEY_USAGE)?;
+    let eku = extension::<ExtendedKeyUsage>(leaf, ID_CE_EXT_KEY_USAGE)?;
+    // As the reference tool: key usage digitalSignature, or else extended
+    // key usage codeSigning.
+    let can_sign = ku.is_some_and(|k| k.digital_signature())
+        || eku.is_some_and(|e| e.0.contains(&ID_KP_CODE_SIGNING));
+    if !can_sign {
+        return Err(refuse(
+            "signing certificate allows neither digitalSignature nor codeSigning",
+        ));
+    }
+    let mut current = leaf;
+    let mut anchored = false;
+    for _ in 0..=MAX_CHAIN {
+        if let Some(root) = roots.iter().find(|r| signed_by(current, r)) {
+            check_validity(root, now)?;
+            anchored = true;
+            break;
+        }
+        let Some(next) = chain[1..]
+            .iter()
+            .find(|c| !std::ptr::eq(*c, current) && signed_by(current, c))
+        else {
+            break;
+        };
+        check_validity(next, now)?;
+        if !is_ca(next)? {
+            return Err(refuse(format!(
+                "issuer {} is not a CA",
+                next.tbs_certificate.subject
+            )));
+        }
+        current = next;
+    }
+    if !anchored {
+        return Err(refuse("chain does not lead to a configured root"));
+    }
+    let mut identities = Vec::new();
+    if let Some(san) = extension::<SubjectAltName>(leaf, ID_CE_SUBJECT_ALT_NAME)? {
+        for name in san.0 {
+            match name {
+                GeneralName::Rfc822Name(s) => identities.push(s.to_string()),
+                GeneralName::UniformResourceIdentifier(s) => identities.push(s.to_string()),
+                GeneralName::DnsName(s) => identities.push(s.to_string()),
+                _ => {}
+            }
+        }
+    }
+    for rdn in leaf.tbs_certificate.subject.0.iter() {
+        for atv in rdn.0.iter() {
+            if atv.oid == const_oid::db::rfc4519::CN {
+                if let Ok(s) = atv.value.decode_as::<der::asn1::Utf8StringRef<'_>>() {
+                    identities.push(s.to_string());
+                } else if let Ok(s) = atv.value.decode_as::<der::asn1::PrintableStringRef<'_>>() {
+                    identities.push(s.to_string());
+                }
+            }
+        }
+    }
+    Ok(SigningCert {
+        key: key_of(leaf)?,
+        subject: leaf.tbs_certificate.subject.to_string(),
+        identities,
+    })
+}

@@ -1,0 +1,361 @@
+//! One read pass per file: each chunk is read from the opened file, hashed,
+//! and written into a memfd; the memfd is sealed once complete. The bytes in
+//! the memfd are therefore exactly the bytes that were hashed, whatever
+//! happens on disk afterwards.
+//!
+//! Work is split into items (a whole file, or a shard) run in parallel on
+//! rayon's pool, largest first; BLAKE3 additionally hashes each chunk across
+//! cores, so one large file uses every core.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::ErrorKind;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+use rayon::prelude::*;
+use sha2::Digest;
+
+use super::manifest::{HashType, Manifest, Method, Serialization, MAX_RESOURCES};
+use super::walk::ModelFile;
+use super::{safetensors, OmsError};
+
+/// Read size for SHA-256 and BLAKE2b: fits in L2, so the hash reads it
+/// from cache right after the kernel wrote it.
+const CHUNK: usize = 1 << 20;
+/// Read size for BLAKE3, large enough for its multi-threaded update.
+const CHUNK_BLAKE3: usize = 16 << 20;
+
+/// One verified file, as a sealed, read-only memfd.
+#[derive(Debug)]
+pub struct VerifiedFile {
+    /// Path relative to the model root.
+    pub name: String,
+    pub size: u64,
+    file: File,
+}
+
+impl VerifiedFile {
+    /// The sealed fd (read-only; writes, growth and shrinking are sealed).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// Takes the fd, to hand it to a worker.
+    pub fn into_fd(self) -> OwnedFd {
+        self.file.into()
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset` (short at the end).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        read_full_at(&self.file, buf, offset)
+    }
+}
+
+/// Whether verification copies the bytes into sealed memfds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandOver {
+    /// Copy every file into a sealed memfd as it is hashed (what a worker
+    /// load needs: no window between check and use).
+    SealedCopy,
+    /// Verdict only: hash, compare, check formats, hand nothing over (what
+    /// `ccnode-verify` does by default; `VerifiedModel::files` is empty).
+    VerdictOnly,
+}
+
+/// A model whose signature verified, with exactly the verified bytes.
+#[derive(Debug)]
+pub struct VerifiedModel {
+    /// The model name in the signed statement.
+    pub model_name: String,
+    /// SHA-256 over the resource digests (hex), for attestation claims.
+    pub manifest_digest: String,
+    /// Who signed it (key hint or certificate subject), as the policy saw it.
+    pub signer: String,
+    pub serialization: Serialization,
+    /// The files, sorted by name (empty with [`HandOver::VerdictOnly`]).
+    pub files: Vec<VerifiedFile>,
+    /// How many files were verified.
+    pub file_count: usize,
+    /// Bytes read and hashed.
+    pub bytes_hashed: u64,
+}
+
+enum Hasher {
+    Sha256(sha2::Sha256),
+    Blake2b(Box<blake2::Blake2b512>),
+    Blake3(Box<blake3::Hasher>),
+}
+
+impl Hasher {
+    fn new(t: HashType) -> Hasher {
+        match t {
+            HashType::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
+            HashType::Blake2b => Hasher::Blake2b(Box::default()),
+            HashType::Blake3 => Hasher::Blake3(Box::default()),
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) {
+        match self {
+            Hasher::Sha256(h) => h.update(data),
+            Hasher::Blake2b(h) => h.update(data),
+            Hasher::Blake3(h) => {
+                if data.len() >= 1 << 20 {
+                    h.update_rayon(data);
+                } else {
+                    h.update(data);
+                }
+            }
+        }
+    }
+
+    fn finish(self) -> Vec<u8> {
+        match self {
+            Hasher::Sha256(h) => h.finalize().to_vec(),
+            Hasher::Blake2b(h) => h.finalize().to_vec(),
+            Hasher::Blake3(h) => h.finalize().as_bytes().to_vec(),
+        }
+    }
+}
+
+struct Item {
+    file: usize,
+    start: u64,
+    end: u64,
+    key: String,
+}
+
+/// Shard bounds as the reference tool cuts them; none for an empty file.
+fn shards(size: u64, shard_size: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < size {
+        let end = start.saturating_add(shard_size).min(size);
+        out.push((start, end));
+        start = end;
+    }
+    out
+}
+
+fn new_memfd(size: u64) -> Result<File, OmsError> {
+    let fd = memfd_create(
+        c"ccnode-model",
+        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )
+    .map_err(|e| OmsError::Memfd(e.into()))?;
+    let file = File::from(fd);
+    file.set_len(size).map_err(OmsError::Memfd)?;
+    Ok(file)
+}
+
+pub(crate) fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+fn hash_item(
+    item: &Item,
+    src: &ModelFile,
+    dst: Option<&File>,
+    hash_type: HashType,
+) -> Result<Vec<u8>, OmsError> {
+    let io = |source| OmsError::Io {
+        path: src.name.clone().into(),
+        source,
+    };
+    let chunk = if hash_type == HashType::Blake3 {
+        CHUNK_BLAKE3
+    } else {
+        CHUNK
+    };
+    let len = usize::try_from(item.end - item.start).unwrap_or(usize::MAX);
+    let mut buf = vec![0u8; chunk.min(len.max(1))];
+    let mut hasher = Hasher::new(hash_type);
+    let mut off = item.start;
+    while off < item.end {
+        let want = usize::try_from(item.end - off)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let n = read_full_at(&src.file, &mut buf[..want], off).map_err(io)?;
+        if n < want {
+            return Err(OmsError::Changed(src.name.clone()));
+        }
+        hasher.update(&buf[..n]);
+        if let Some(dst) = dst {
+            dst.write_all_at(&buf[..n], off).map_err(OmsError::Memfd)?;
+        }
+        off += n as u64;
+    }
+    if item.end == src.size {
+        // The file must not have grown: what was hashed is the whole file.
+        let mut probe = [0u8; 1];
+        if read_full_at(&src.file, &mut probe, src.size).map_err(io)? != 0 {
+            return Err(OmsError::Changed(src.name.clone()));
+        }
+    }
+    Ok(hasher.finish())
+}
+
+fn seal(file: File) -> Result<File, OmsError> {
+    let seals = SealFlag::F_SEAL_WRITE
+        | SealFlag::F_SEAL_SHRINK
+        | SealFlag::F_SEAL_GROW
+        | SealFlag::F_SEAL_SEAL;
+    fcntl(file.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals)).map_err(|e| OmsError::Memfd(e.into()))?;
+    // A read-only open file description of the same memfd; where /proc is
+    // not mounted the sealed fd itself is handed over (writes fail on it
+    // anyway, they are sealed).
+    match File::open(format!("/proc/self/fd/{}", file.as_raw_fd())) {
+        Ok(ro) => Ok(ro),
+        Err(_) => Ok(file),
+    }
+}
+
+/// Hashes every file once (into sealed memfds with
+/// [`HandOver::SealedCopy`]), compares with the manifest, and checks file
+/// formats (on the sealed bytes when there are any).
+pub fn hash_and_seal(
+    files: Vec<ModelFile>,
+    manifest: Manifest,
+    signer: String,
+    hand_over: HandOver,
+) -> Result<VerifiedModel, OmsError> {
+    for f in &files {
+        if safetensors::is_pickle_name(&f.name) {
+            return Err(OmsError::Pickle(f.name.clone()));
+        }
+    }
+    let ser = &manifest.serialization;
+    let mut items = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        match ser.method {
+            Method::Files => items.push(Item {
+                file: i,
+                start: 0,
+                end: f.size,
+                key: f.name.clone(),
+            }),
+            Method::Shards { shard_size } => {
+                // A tiny signed shard_size must not make the item list
+                // unbounded: more shards than a manifest may list can never
+                // match anyway.
+                let count = f.size.div_ceil(shard_size) as usize;
+                if items.len().saturating_add(count) > MAX_RESOURCES {
+                    return Err(OmsError::TooLarge {
+                        what: "shard count",
+                        found: (items.len() as u64).saturating_add(count as u64),
+                        limit: MAX_RESOURCES as u64,
+                    });
+                }
+                for (start, end) in shards(f.size, shard_size) {
+                    items.push(Item {
+                        file: i,
+                        start,
+                        end,
+                        key: format!("{}:{start}:{end}", f.name),
+                    });
+                }
+            }
+        }
+    }
+    let memfds = match hand_over {
+        HandOver::SealedCopy => files
+            .iter()
+            .map(|f| new_memfd(f.size).map(Some))
+            .collect::<Result<Vec<_>, _>>()?,
+        HandOver::VerdictOnly => files.iter().map(|_| None).collect(),
+    };
+    items.sort_by_key(|i| std::cmp::Reverse(i.end - i.start));
+    let hash_type = ser.hash_type;
+    let digests: Vec<(String, Vec<u8>)> = items
+        .par_iter()
+        .with_max_len(1)
+        .map(|item| {
+            hash_item(
+                item,
+                &files[item.file],
+                memfds[item.file].as_ref(),
+                hash_type,
+            )
+            .map(|d| (item.key.clone(), d))
+        })
+        .collect::<Result<_, _>>()?;
+    let bytes_hashed = items.iter().map(|i| i.end - i.start).sum();
+    let actual: BTreeMap<String, Vec<u8>> = digests.into_iter().collect();
+
+    let extra: Vec<String> = actual
+        .keys()
+        .filter(|k| !manifest.resources.contains_key(*k))
+        .cloned()
+        .collect();
+    let missing: Vec<String> = manifest
+        .resources
+        .keys()
+        .filter(|k| !actual.contains_key(*k))
+        .cloned()
+        .collect();
+    let mismatched: Vec<String> = actual
+        .iter()
+        .filter(|(k, d)| manifest.resources.get(*k).is_some_and(|e| e != *d))
+        .map(|(k, _)| k.clone())
+        .collect();
+    if !(extra.is_empty() && missing.is_empty() && mismatched.is_empty()) {
+        return Err(OmsError::Mismatch {
+            extra,
+            missing,
+            mismatched,
+        });
+    }
+
+    let file_count = files.len();
+    let mut out = Vec::with_capacity(files.len());
+    for (f, memfd) in files.into_iter().zip(memfds) {
+        match memfd {
+            Some(memfd) => {
+                let file = seal(memfd)?;
+                safetensors::check_file(&f.name, f.size, &file)?;
+                out.push(VerifiedFile {
+                    name: f.name,
+                    size: f.size,
+                    file,
+                });
+            }
+            // Verdict only: the checks read the opened files themselves.
+            None => safetensors::check_file(&f.name, f.size, &f.file)?,
+        }
+    }
+    Ok(VerifiedModel {
+        model_name: manifest.model_name,
+        manifest_digest: manifest.digest,
+        signer,
+        serialization: manifest.serialization,
+        files: out,
+        file_count,
+        bytes_hashed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_match_reference_cuts() {
+        assert_eq!(shards(0, 10), vec![]);
+        assert_eq!(shards(5, 10), vec![(0, 5)]);
+        assert_eq!(shards(10, 10), vec![(0, 10)]);
+        assert_eq!(shards(25, 10), vec![(0, 10), (10, 20), (20, 25)]);
+        assert_eq!(shards(u64::MAX, u64::MAX - 1).len(), 2);
+    }
+}

@@ -1,0 +1,244 @@
+//! OpenSSF model signing (OMS): offline verification of the signatures the
+//! `model_signing` tool writes, and hand-over of exactly the verified bytes.
+//!
+//! The flow, in [`verify_model`]:
+//!
+//! 1. the signature file (at most [`bundle::MAX_SIGNATURE_FILE`] bytes) is
+//!    parsed as a Sigstore bundle v0.3 holding a DSSE envelope;
+//! 2. the DSSE signature is checked over the pre-authentication encoding of
+//!    the payload bytes exactly as they were signed (never re-serialised),
+//!    with a key or certificate chain the [`policy::TrustPolicy`] allows for
+//!    this model;
+//! 3. the payload is parsed as an in-toto Statement v1 with the model-signing
+//!    v1.0 predicate, and the subject digest is checked against the listed
+//!    resources ([`manifest`]);
+//! 4. the model directory is walked relative to a directory fd, each entry
+//!    opened with `O_NOFOLLOW`, regular files only; symlinks only when the
+//!    signature allows them, resolved beneath the model ([`walk`]);
+//! 5. each file is read once, in parallel (files or shards across cores,
+//!    BLAKE3 chunks across cores too): every chunk is hashed and written to
+//!    a memfd, which is sealed when complete ([`hash`]; with
+//!    [`HandOver::VerdictOnly`] nothing is copied); the resulting manifest
+//!    is compared with the signed one as a map keyed by resource name;
+//! 6. pickle files are refused and safetensors headers checked
+//!    ([`safetensors`]) on the sealed bytes.
+//!
+//! The result, [`VerifiedModel`], holds one sealed read-only memfd per file:
+//! what a worker reads from it is what was hashed, whatever happens to the
+//! files on disk afterwards.
+
+pub mod bundle;
+pub mod cert;
+pub mod hash;
+pub mod keys;
+pub mod manifest;
+pub mod policy;
+pub mod safetensors;
+pub mod walk;
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+pub use hash::{HandOver, VerifiedFile, VerifiedModel};
+pub use keys::PublicKey;
+pub use policy::TrustPolicy;
+
+/// Why a model failed verification. Variants are stable: callers (exit
+/// codes, metrics labels) match on them, never on the message text.
+#[derive(Debug, thiserror::Error)]
+pub enum OmsError {
+    /// Reading the signature, a key, a certificate or a model file failed.
+    #[error("cannot read {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An input exceeds one of the bounds this module enforces.
+    #[error("{what} too large: {found} exceeds the limit of {limit}")]
+    TooLarge {
+        what: &'static str,
+        found: u64,
+        limit: u64,
+    },
+    /// The signature file is not a well-formed Sigstore bundle with a DSSE
+    /// envelope.
+    #[error("malformed signature bundle: {0}")]
+    Bundle(String),
+    /// The DSSE payload is not a model-signing v1.0 in-toto statement.
+    #[error("malformed signed statement: {0}")]
+    Statement(String),
+    /// The statement's subject digest does not match its resources.
+    #[error("statement subject digest does not match its resources")]
+    SubjectDigest,
+    /// A key or certificate in the trust configuration is unusable.
+    #[error("unusable trust material {what}: {reason}")]
+    TrustMaterial { what: String, reason: String },
+    /// The bundle names a public key other than the configured one.
+    #[error("public key hint {found} does not match the configured key {expected}")]
+    KeyHint { expected: String, found: String },
+    /// The DSSE signature does not verify under any allowed key.
+    #[error("signature does not verify under any trusted key")]
+    BadSignature,
+    /// The signing certificate is not acceptable.
+    #[error("signing certificate refused: {0}")]
+    Certificate(String),
+    /// No trust policy entry covers this model and signer.
+    #[error("no trust policy entry allows signer {signer} for model {model}")]
+    Untrusted { model: String, signer: String },
+    /// The signature was made with a method ccnode does not verify offline.
+    #[error("unsupported signing method: {0}")]
+    UnsupportedMethod(String),
+    /// The model directory holds a symbolic link the signature does not allow.
+    #[error("symbolic link refused: {0}")]
+    Symlink(String),
+    /// The model directory holds something that is neither a regular file nor
+    /// a directory, or a name that is not UTF-8.
+    #[error("unsupported entry in model directory: {path}: {reason}")]
+    Entry { path: String, reason: &'static str },
+    /// A file changed size while it was being read.
+    #[error("file changed while being read: {0}")]
+    Changed(String),
+    /// The files on disk do not match the signed manifest.
+    #[error("model does not match its signature: {}", describe_mismatch(.extra, .missing, .mismatched))]
+    Mismatch {
+        extra: Vec<String>,
+        missing: Vec<String>,
+        mismatched: Vec<String>,
+    },
+    /// A file is in a pickle-based format.
+    #[error("pickle-based file refused: {0}")]
+    Pickle(String),
+    /// A safetensors file has an invalid header.
+    #[error("invalid safetensors file {path}: {reason}")]
+    Safetensors { path: String, reason: String },
+    /// Creating or sealing the in-memory copy failed.
+    #[error("cannot create sealed copy")]
+    Memfd(#[source] std::io::Error),
+}
+
+fn describe_mismatch(extra: &[String], missing: &[String], mismatched: &[String]) -> String {
+    let mut parts = Vec::new();
+    for (label, list) in [
+        ("extra", extra),
+        ("missing", missing),
+        ("mismatched", mismatched),
+    ] {
+        if !list.is_empty() {
+            parts.push(format!("{label} {}", list.join(", ")));
+        }
+    }
+    parts.join("; ")
+}
+
+impl OmsError {
+    /// A short, stable label for metrics and JSON output.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            OmsError::Io { .. } => "io",
+            OmsError::TooLarge { .. } => "too_large",
+            OmsError::Bundle(_) => "bundle",
+            OmsError::Statement(_) => "statement",
+            OmsError::SubjectDigest => "subject_digest",
+            OmsError::TrustMaterial { .. } => "trust_material",
+            OmsError::KeyHint { .. } => "key_hint",
+            OmsError::BadSignature => "bad_signature",
+            OmsError::Certificate(_) => "certificate",
+            OmsError::Untrusted { .. } => "untrusted",
+            OmsError::UnsupportedMethod(_) => "unsupported_method",
+            OmsError::Symlink(_) => "symlink",
+            OmsError::Entry { .. } => "entry",
+            OmsError::Changed(_) => "changed",
+            OmsError::Mismatch { .. } => "mismatch",
+            OmsError::Pickle(_) => "pickle",
+            OmsError::Safetensors { .. } => "safetensors",
+            OmsError::Memfd(_) => "memfd",
+        }
+    }
+}
+
+/// Reads a small trusted or untrusted file with a size bound.
+pub(crate) fn read_bounded(
+    path: &Path,
+    what: &'static str,
+    limit: u64,
+) -> Result<Vec<u8>, OmsError> {
+    let io = |source| OmsError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    let size = file.metadata().map_err(io)?.len();
+    if size > limit {
+        return Err(OmsError::TooLarge {
+            what,
+            found: size,
+            limit,
+        });
+    }
+    let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    file.take(limit + 1).read_to_end(&mut buf).map_err(io)?;
+    if buf.len() as u64 > limit {
+        return Err(OmsError::TooLarge {
+            what,
+            found: buf.len() as u64,
+            limit,
+        });
+    }
+    Ok(buf)
+}
+
+/// Options for one verification.
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    /// The model's identity in the trust policy (per-model entries match it).
+    pub model_id: String,
+    /// The time certificates must be valid at.
+    pub now: SystemTime,
+}
+
+impl VerifyOptions {
+    pub fn new(model_id: impl Into<String>) -> Self {
+        VerifyOptions {
+            model_id: model_id.into(),
+            now: SystemTime::now(),
+        }
+    }
+}
+
+/// Verifies the model in `dir` against the signature file at `signature`
+/// under `policy`, and returns the verified bytes as sealed memfds.
+pub fn verify_model(
+    dir: &Path,
+    signature: &Path,
+    policy: &TrustPolicy,
+    options: &VerifyOptions,
+) -> Result<VerifiedModel, OmsError> {
+    verify_model_with(dir, signature, policy, options, HandOver::SealedCopy)
+}
+
+/// [`verify_model`], choosing whether the bytes are copied into sealed
+/// memfds ([`HandOver::SealedCopy`]) or only a verdict is wanted
+/// ([`HandOver::VerdictOnly`]: nothing to hand over, no copy made).
+pub fn verify_model_with(
+    dir: &Path,
+    signature: &Path,
+    policy: &TrustPolicy,
+    options: &VerifyOptions,
+    hand_over: HandOver,
+) -> Result<VerifiedModel, OmsError> {
+    let bytes = read_bounded(signature, "signature file", bundle::MAX_SIGNATURE_FILE)?;
+    // The signature file itself is skipped when it lies inside the model
+    // directory (the reference CLI does the same), recognised by identity.
+    let sig_id = std::fs::metadata(signature)
+        .ok()
+        .map(|m| (m.dev(), m.ino()));
+    let parsed = bundle::Bundle::parse(&bytes)?;
+    let signer = policy.verify_bundle(&parsed, options)?;
+    let manifest = manifest::Manifest::from_payload(&parsed.payload)?;
+    let files = walk::walk(dir, &manifest.serialization, sig_id)?;
+    hash::hash_and_seal(files, manifest, signer, hand_over)
+}
