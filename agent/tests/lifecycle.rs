@@ -8,6 +8,26 @@ use ccnode_testkit::TestNode;
 
 const CCNODED: &str = env!("CARGO_BIN_EXE_ccnoded");
 
+/// Runs ccnoded to its exit on a config of its own in `dir`, with the given
+/// admin socket and metrics address.
+fn run_once(dir: &std::path::Path, socket: &std::path::Path, listen: &str) -> std::process::Output {
+    let cfg = dir.join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nstate_dir = \"{}/state\"\n[log]\nformat = \"json\"\n[admin]\nsocket = \"{}\"\ngroup = 0\n[http]\nlisten = \"{listen}\"\n",
+            dir.display(),
+            socket.display()
+        ),
+    )
+    .unwrap();
+    Command::new(CCNODED)
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn ready_status_and_stopping_are_sent_to_systemd() {
     let mut node = TestNode::new(CCNODED).start();
@@ -116,21 +136,7 @@ fn a_second_daemon_on_the_same_socket_is_refused() {
     let first = TestNode::new(CCNODED).start();
     // Its own state directory, the first one's socket.
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("c.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[node]\nstate_dir = \"{}/state\"\n[log]\nformat = \"json\"\n[admin]\nsocket = \"{}\"\ngroup = 0\n[http]\nlisten = \"127.0.0.1:0\"\n",
-            dir.path().display(),
-            first.socket().display()
-        ),
-    )
-    .unwrap();
-    let out = Command::new(CCNODED)
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = run_once(dir.path(), &first.socket(), "127.0.0.1:0");
     assert_eq!(out.status.code(), Some(71), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("already serving"));
     // The first is unharmed.
@@ -152,20 +158,11 @@ fn a_busy_metrics_port_exits_71() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("c.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[node]\nstate_dir = \"{0}/state\"\n[log]\nformat = \"json\"\n[admin]\nsocket = \"{0}/admin.sock\"\ngroup = 0\n[http]\nlisten = \"127.0.0.1:{port}\"\n",
-            dir.path().display()
-        ),
-    )
-    .unwrap();
-    let out = Command::new(CCNODED)
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = run_once(
+        dir.path(),
+        &dir.path().join("admin.sock"),
+        &format!("127.0.0.1:{port}"),
+    );
     assert_eq!(out.status.code(), Some(71), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains(&port.to_string()));
 }

@@ -410,7 +410,7 @@ async fn run(ctx: &AdminContext, peer: &Peer, access: Access, req: Request) -> R
             Response::err(id, ErrorCode::InvalidTransition, e.to_string())
         }
         Err(TransitionError::Persist { applied, source }) => {
-            let chain = error_chain(&source);
+            let chain = crate::error_chain(&source);
             let message = if applied {
                 format!(
                     "the node is quarantined in memory, but the state could not be saved: {chain}"
@@ -482,17 +482,6 @@ fn status_json(ctx: &AdminContext) -> Value {
         }
     }
     v
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        cur = e.source();
-    }
-    s
 }
 
 /// Logs at most one warning per interval and says how many were dropped:

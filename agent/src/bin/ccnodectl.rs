@@ -142,14 +142,7 @@ fn main() -> ExitCode {
 }
 
 fn client_failure(err: &ClientError) -> ExitCode {
-    let mut msg = err.to_string();
-    let mut cur = std::error::Error::source(err);
-    while let Some(e) = cur {
-        msg.push_str(": ");
-        msg.push_str(&e.to_string());
-        cur = e.source();
-    }
-    eprintln!("ccnodectl: {msg}");
+    eprintln!("ccnodectl: {}", ccnode_agent::error_chain(err));
     let denied = matches!(err, ClientError::Connect { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied);
     ExitCode::from(match err {
         _ if denied => exit::DENIED,

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use ccnode_agent::config::{Config, DEFAULT_CONFIG_PATH};
 use ccnode_agent::daemon::{self, exit};
-use ccnode_agent::workers;
+use ccnode_agent::{error_chain as chain, workers};
 use clap::{Parser, Subcommand};
 
 /// The ccnode on-host agent: node state, admin socket, metrics.
@@ -115,16 +115,4 @@ fn check_config(config: &Config, path: &std::path::Path, syntax_only: bool) -> E
     }
     println!("{}: ok", path.display());
     ExitCode::from(exit::OK)
-}
-
-/// The error and its sources, once each, joined with ": ".
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        cur = e.source();
-    }
-    s
 }
