@@ -50,6 +50,18 @@ impl Ref {
         Command::new(self.venv.join("bin/model_signing"))
     }
 
+    /// `model_signing sign key DIR --private_key KEY --signature SIG`.
+    fn sign_key(&self, dir: &Path, key: &Path, sig: &Path) {
+        run(self
+            .cli()
+            .args(["sign", "key"])
+            .arg(dir)
+            .arg("--private_key")
+            .arg(key)
+            .arg("--signature")
+            .arg(sig));
+    }
+
     /// The reference verdict: Ok(()) verified, Err(output) refused.
     fn verdict(mut cmd: Command) -> Result<(), String> {
         let out = cmd.output().expect("run reference tool");
@@ -194,26 +206,12 @@ fn key_p256_files_sha256_cli() {
     let (key, public) = ec_key(tmp.path(), "p256", "prime256v1");
     // Signed by the CLI, signature inside the model (it lands in ignore_paths).
     let sig = dir.join("model.sig");
-    run(r
-        .cli()
-        .args(["sign", "key"])
-        .arg(&dir)
-        .arg("--private_key")
-        .arg(&key)
-        .arg("--signature")
-        .arg(&sig));
+    r.sign_key(&dir, &key, &sig);
     ours(&dir, &sig, &key_policy(&public)).unwrap();
     r.cli_verify_key(&dir, &sig, &public).unwrap();
     // The same signature outside the model, for the tampering cases.
     let outside = tmp.path().join("model.sig");
-    run(r
-        .cli()
-        .args(["sign", "key"])
-        .arg(&dir)
-        .arg("--private_key")
-        .arg(&key)
-        .arg("--signature")
-        .arg(&outside));
+    r.sign_key(&dir, &key, &outside);
     ours(&dir, &outside, &key_policy(&public)).unwrap();
     tampered_variants(tmp.path(), &dir, &outside, &public, &|m, s| {
         r.cli_verify_key(m, s, &public)
@@ -232,14 +230,7 @@ fn key_p384_files_sha256_and_legacy_raw_bytes() {
     let Some((r, tmp, dir)) = setup() else { return };
     let (key, public) = ec_key(tmp.path(), "p384", "secp384r1");
     let sig = tmp.path().join("model.sig");
-    run(r
-        .cli()
-        .args(["sign", "key"])
-        .arg(&dir)
-        .arg("--private_key")
-        .arg(&key)
-        .arg("--signature")
-        .arg(&sig));
+    r.sign_key(&dir, &key, &sig);
     ours(&dir, &sig, &key_policy(&public)).unwrap();
     r.cli_verify_key(&dir, &sig, &public).unwrap();
     // An older bundle: publicKey.rawBytes instead of hint.
@@ -505,14 +496,7 @@ fn ccnode_verify_cli_exit_codes() {
     let Some((r, tmp, dir)) = setup() else { return };
     let (key, public) = ec_key(tmp.path(), "p256", "prime256v1");
     let sig = tmp.path().join("model.sig");
-    run(r
-        .cli()
-        .args(["sign", "key"])
-        .arg(&dir)
-        .arg("--private_key")
-        .arg(&key)
-        .arg("--signature")
-        .arg(&sig));
+    r.sign_key(&dir, &key, &sig);
     let bin = env!("CARGO_BIN_EXE_ccnode-verify");
     let code =
         |args: &[&std::ffi::OsStr]| Command::new(bin).arg("model").args(args).output().unwrap();
