@@ -33,26 +33,11 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use ccnode_testkit::bench::{count, env_f64};
 use ccnode_testkit::TestNode;
 use serde_json::json;
 
 const STATUS: &[u8] = b"{\"v\":1,\"cmd\":\"status\"}\n";
-
-fn env_f64(key: &str, default: f64) -> f64 {
-    match std::env::var(key) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{key}={v:?} is not a number")),
-        Err(_) => default,
-    }
-}
-
-/// A count: the variable if set, else `default`, times the scale.
-fn count(key: &str, default: usize, scale: f64) -> usize {
-    let base = env_f64(key, default as f64);
-    ((base * scale).round() as usize).max(10)
-}
 
 /// Latency figures in microseconds.
 #[derive(Debug, Clone, Copy)]
@@ -274,12 +259,12 @@ fn main() {
     // working without taking minutes.
     let benching = std::env::args().any(|a| a == "--bench");
     let scale = env_f64("CCNODE_BENCH_SCALE", if benching { 1.0 } else { 0.01 });
-    let single = count("CCNODE_BENCH_SINGLE", 20_000, scale);
+    let single = count("CCNODE_BENCH_SINGLE", 20_000, scale, 10);
     let clients = env_f64("CCNODE_BENCH_CLIENTS", 32.0) as usize;
-    let per_client = count("CCNODE_BENCH_PER_CLIENT", 2_000, scale);
-    let warmup = count("CCNODE_BENCH_WARMUP", 1_000, scale);
-    let metrics_n = count("CCNODE_BENCH_METRICS", 2_000, scale);
-    let metrics_close_n = count("CCNODE_BENCH_METRICS_CLOSE", 500, scale);
+    let per_client = count("CCNODE_BENCH_PER_CLIENT", 2_000, scale, 10);
+    let warmup = count("CCNODE_BENCH_WARMUP", 1_000, scale, 10);
+    let metrics_n = count("CCNODE_BENCH_METRICS", 2_000, scale, 10);
+    let metrics_close_n = count("CCNODE_BENCH_METRICS_CLOSE", 500, scale, 10);
     let idle = Duration::from_secs_f64(env_f64(
         "CCNODE_BENCH_IDLE_SECS",
         if benching { 5.0 } else { 0.5 },

@@ -54,26 +54,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ccnode_sandbox::{spawn, Jailed, Profile};
+use ccnode_testkit::bench::{count, env_f64};
 use serde_json::{json, Value};
 
 const JAIL: &str = env!("CARGO_BIN_EXE_ccnode-jail");
 const NOBODY: u32 = 65534;
-
-fn env_f64(key: &str, default: f64) -> f64 {
-    match std::env::var(key) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{key}={v:?} is not a number")),
-        Err(_) => default,
-    }
-}
-
-/// A count: the variable if set, else `default`, times the scale.
-fn count(key: &str, default: usize, scale: f64) -> usize {
-    let base = env_f64(key, default as f64);
-    ((base * scale).round() as usize).max(5)
-}
 
 /// Latency figures in microseconds.
 #[derive(Debug, Clone, Copy)]
@@ -262,8 +247,8 @@ fn main() {
         return;
     }
     let scale = env_f64("CCNODE_BENCH_SCALE", 1.0);
-    let n = count("CCNODE_BENCH_SPAWNS", 200, scale);
-    let warmup = count("CCNODE_BENCH_WARMUP", 10, scale.min(1.0));
+    let n = count("CCNODE_BENCH_SPAWNS", 200, scale, 5);
+    let warmup = count("CCNODE_BENCH_WARMUP", 10, scale.min(1.0), 5);
     let worker = PathBuf::from(
         std::env::var("CCNODE_BENCH_WORKER").unwrap_or_else(|_| "/usr/bin/sleep".into()),
     );

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod bench;
 pub mod prometheus;
 
 /// How long anything in a test may take before the harness gives up. Not a
