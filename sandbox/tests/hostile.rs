@@ -105,6 +105,19 @@ fn run(profile: &Profile, passed: &[std::os::fd::BorrowedFd<'_>]) -> Run {
     }
 }
 
+/// Starts `p` in the jail with no stdout, reports readable.
+fn start(p: &Profile) -> ccnode_sandbox::Jailed {
+    spawn(
+        Path::new(JAIL),
+        &[],
+        p,
+        &[],
+        Stdio::null(),
+        Stdio::inherit(),
+    )
+    .expect("spawn the jail")
+}
+
 fn wait(child: &mut std::process::Child) -> ExitStatus {
     let deadline = Instant::now() + PATIENCE;
     loop {
@@ -314,15 +327,7 @@ fn every_escape_is_blocked_and_every_control_works() {
 #[test]
 fn the_jail_reports_landlock_and_start() {
     let p = profile("/usr/bin/true", &[]);
-    let mut jailed = spawn(
-        Path::new(JAIL),
-        &[],
-        &p,
-        &[],
-        Stdio::null(),
-        Stdio::inherit(),
-    )
-    .unwrap();
+    let mut jailed = start(&p);
     let events = jailed.wait_started().expect("started");
     let ll = events
         .iter()
@@ -378,15 +383,7 @@ fn setup_failures_are_reported_not_started() {
 fn signals_reach_the_worker_and_a_killed_jail_takes_it_along() {
     use std::os::unix::process::ExitStatusExt;
     let p = profile("/usr/bin/sleep", &["600"]);
-    let mut jailed = spawn(
-        Path::new(JAIL),
-        &[],
-        &p,
-        &[],
-        Stdio::null(),
-        Stdio::inherit(),
-    )
-    .unwrap();
+    let mut jailed = start(&p);
     jailed.wait_started().expect("started");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(jailed.child.id() as i32),
@@ -395,15 +392,7 @@ fn signals_reach_the_worker_and_a_killed_jail_takes_it_along() {
     .unwrap();
     assert_eq!(wait(&mut jailed.child).signal(), Some(libc::SIGTERM));
 
-    let mut jailed = spawn(
-        Path::new(JAIL),
-        &[],
-        &p,
-        &[],
-        Stdio::null(),
-        Stdio::inherit(),
-    )
-    .unwrap();
+    let mut jailed = start(&p);
     let events = jailed.wait_started().expect("started");
     let worker = events.last().unwrap()["pid"].as_i64().unwrap() as i32;
     assert!(Path::new(&format!("/proc/{worker}")).exists());
