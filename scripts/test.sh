@@ -10,6 +10,10 @@ need_rust
 # prometheus: the server and promtool; systemd: systemd-analyze, sysusers,
 # tmpfiles; util-linux: setpriv (unprivileged peers); curl for the scripts.
 ensure_debs prometheus systemd util-linux ca-certificates curl
+# TPM attestation tests (attest/tests/tpm_swtpm.rs): swtpm, a real TPM 2.0
+# emulator the tests start themselves; tpm2-tools' tpm2_checkquote checks
+# our quotes independently; libtss2-dev and pkg-config build tss-esapi.
+ensure_debs swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config
 ensure_nextest
 
 # OMS interop tests (attest/tests/oms_interop.rs) drive the reference

@@ -2,8 +2,33 @@
 //! confidential computing), the evidence format, the verifier library and
 //! OpenSSF model-signature verification.
 //!
-//! So far only model-signature verification ([`oms`]) is implemented; the
-//! evidence producers and verifier arrive with the attestation issues, and
-//! nothing may claim otherwise.
+//! Implemented so far:
+//!
+//! - [`oms`]: model-signature verification;
+//! - [`tpm`]: TPM quotes and measured operation through tss-esapi (the
+//!   `tpm` feature, on by default), and the bounded TPM structure parsers
+//!   the verifier uses (always built);
+//! - [`evidence`]: the evidence document (version 1), RFC 8785 claims
+//!   digests ([`jcs`]) and the binding;
+//! - [`eventlog`]: ccnode's own event log and the firmware's TCG log;
+//! - [`tee`]: the TEE slot, with the `simulated` TEE only (SEV-SNP and TDX
+//!   arrive with the next issue; GPU evidence with the GPU issue);
+//! - [`verify`]: the verifier, and [`client`], the minimal HTTP client
+//!   `ccnode-verify attest` uses;
+//! - [`Attester`] (with `tpm`): claims and a nonce in, evidence out.
 
+#[cfg(feature = "tpm")]
+mod attester;
+pub mod client;
+pub mod eventlog;
+pub mod evidence;
+pub mod jcs;
 pub mod oms;
+pub mod tee;
+pub mod tpm;
+pub mod verify;
+
+#[cfg(feature = "tpm")]
+pub use attester::{AttestError, Attester};
+pub use evidence::{Claims, Evidence, ModelClaim};
+pub use verify::{verify, AttestationResult, VerifierPolicy};

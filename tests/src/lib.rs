@@ -18,6 +18,7 @@ use serde_json::Value;
 
 pub mod bench;
 pub mod prometheus;
+pub mod swtpm;
 
 /// How long anything in a test may take before the harness gives up. Not a
 /// performance assertion: a bound so a broken daemon fails the test instead

@@ -1,0 +1,155 @@
+//! The evidence producer: claims + nonce → binding → TPM quote and TEE
+//! evidence over it → an [`Evidence`] document.
+//!
+//! [`Attester::attest`] blocks on the TPM; call it from
+//! `tokio::task::spawn_blocking`. Calls from many threads are fine: the TPM
+//! service serialises them.
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+
+use base64::Engine as _;
+
+use crate::eventlog::firmware;
+use crate::evidence::{
+    self, AkEvidence, BoundEvidence, CcnodeEventLog, Claims, Evidence, QuoteEvidence, TpmEvidence,
+    EVIDENCE_VERSION,
+};
+use crate::jcs::JcsError;
+use crate::tee::Tee;
+use crate::tpm::{TpmError, TpmService};
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// Why evidence could not be produced. Variants are stable; [`code`]
+/// gives the label for JSON errors and metrics.
+///
+/// [`code`]: AttestError::code
+#[derive(Debug, thiserror::Error)]
+pub enum AttestError {
+    /// The verifier's nonce is out of bounds (the caller's fault: HTTP 400).
+    #[error("{0}")]
+    Nonce(String),
+    /// The claims cannot be canonicalised (an integer beyond ±2^53, too
+    /// deep): a bug in the caller.
+    #[error("claims cannot be canonicalised")]
+    Claims(#[source] JcsError),
+    /// The TPM failed.
+    #[error("tpm")]
+    Tpm(#[source] TpmError),
+    /// The firmware event log exists but cannot be read.
+    #[error("cannot read the firmware event log {path}: {detail}")]
+    FirmwareLog { path: String, detail: String },
+    /// The TEE failed.
+    #[error("tee evidence: {0}")]
+    Tee(String),
+}
+
+impl AttestError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            AttestError::Nonce(_) => "bad_nonce",
+            AttestError::Claims(_) => "claims",
+            AttestError::Tpm(e) => e.code(),
+            AttestError::FirmwareLog { .. } => "firmware_log",
+            AttestError::Tee(_) => "tee",
+        }
+    }
+}
+
+/// Produces evidence. Cheap to share (`Arc<Attester>`).
+#[derive(Debug)]
+pub struct Attester {
+    tpm: Arc<TpmService>,
+    tee: Tee,
+}
+
+impl Attester {
+    pub fn new(tpm: Arc<TpmService>, tee: Tee) -> Attester {
+        Attester { tpm, tee }
+    }
+
+    pub fn tpm(&self) -> &Arc<TpmService> {
+        &self.tpm
+    }
+
+    /// The TEE kind this attester puts in claims and evidence.
+    pub fn tee_kind(&self) -> &'static str {
+        self.tee.kind()
+    }
+
+    /// Produces evidence for `nonce` (16 to 64 bytes) with `claims`
+    /// (`claims.tee_kind` is set here). Blocks on the TPM.
+    pub fn attest(&self, nonce: &[u8], mut claims: Claims) -> Result<Evidence, AttestError> {
+        evidence::check_nonce(nonce).map_err(AttestError::Nonce)?;
+        claims.tee_kind = self.tee.kind().to_string();
+        let claims_digest = claims.digest().map_err(AttestError::Claims)?;
+        let ak = self.tpm.ak();
+        // Nothing is produced before the binding yet (GPU evidence will be).
+        let bound: Vec<BoundEvidence> = Vec::new();
+        let binding = evidence::compute_binding(nonce, &claims_digest, &ak.spki_sha256, &bound)
+            .map_err(|e| AttestError::Tpm(TpmError::Unexpected(e)))?;
+
+        let firmware_event_log = match &self.tpm.config().firmware_log {
+            Some(path) => read_firmware_log(path)?,
+            None => None,
+        };
+        let quote = self.tpm.quote(&binding).map_err(AttestError::Tpm)?;
+        let tee = self.tee.evidence(&binding).map_err(AttestError::Tee)?;
+
+        let mut sha256 = std::collections::BTreeMap::new();
+        for (idx, v) in &quote.pcrs {
+            sha256.insert(*idx, hex::encode(v));
+        }
+        Ok(Evidence {
+            version: EVIDENCE_VERSION,
+            claims,
+            claims_digest: hex::encode(claims_digest),
+            bound_evidence: bound,
+            binding: hex::encode(binding),
+            tpm: TpmEvidence {
+                ak: AkEvidence {
+                    algorithm: ak.algorithm.as_str().to_string(),
+                    public_pem: ak.public_pem.clone(),
+                    public_area: B64.encode(&ak.public_area),
+                    name: B64.encode(&ak.name),
+                },
+                quote: QuoteEvidence {
+                    attest: B64.encode(&quote.attest),
+                    signature: B64.encode(&quote.signature),
+                },
+                pcrs: [("sha256".to_string(), sha256)].into_iter().collect(),
+                firmware_event_log: firmware_event_log.map(|b| B64.encode(b)),
+                ccnode_event_log: CcnodeEventLog {
+                    pcr: self.tpm.config().ccnode_pcr,
+                    events: quote.ccnode_events,
+                },
+            },
+            tee,
+        })
+    }
+}
+
+/// Reads the firmware log: `None` when absent, an error when present but
+/// unreadable or larger than [`firmware::MAX_LOG`].
+fn read_firmware_log(path: &Path) -> Result<Option<Vec<u8>>, AttestError> {
+    let err = |detail: String| AttestError::FirmwareLog {
+        path: path.display().to_string(),
+        detail,
+    };
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(err(e.to_string())),
+    };
+    // securityfs reports size 0: read with a bound instead of trusting it.
+    let mut buf = Vec::new();
+    f.take(firmware::MAX_LOG as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| err(e.to_string()))?;
+    if buf.len() > firmware::MAX_LOG {
+        return Err(err(format!("larger than {} bytes", firmware::MAX_LOG)));
+    }
+    Ok(Some(buf))
+}

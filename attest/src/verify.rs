@@ -1,0 +1,719 @@
+//! The verifier: checks an evidence document against the verifier's nonce
+//! and policy, without trusting the node, and reports every check by name.
+//!
+//! Checks, in order (each `pass`, `fail` or `skip`, with a message):
+//!
+//! | name | what |
+//! | --- | --- |
+//! | `nonce_length` | the verifier's nonce is 16 to 64 bytes |
+//! | `ak_public` | the AK public area parses, is a restricted signing key made in the TPM, its name is nameAlg‖sha256(area), and it is the key in the PEM |
+//! | `ak_signature` | the TPMT_SIGNATURE verifies over the TPMS_ATTEST with the AK (ECDSA P-256 or RSASSA/RSA-PSS, SHA-256) |
+//! | `quote_structure` | TPMS_ATTEST parses, magic TPM_GENERATED_VALUE, type ATTEST_QUOTE |
+//! | `qualifying_data` | extraData equals the binding recomputed from the nonce, the claims, the AK and the bound evidence |
+//! | `pcr_digest` | the reported PCRs are exactly the quoted selection and their sha256 is the quote's pcrDigest |
+//! | `firmware_event_log` | the firmware log replays to the reported PCRs it touches (skip when absent) |
+//! | `ccnode_event_log` | ccnode's log is well-formed and replays to the ccnode PCR |
+//! | `claims_digest` | the reported claims digest is sha256(JCS(claims)) |
+//! | `policy_ak` | the AK's SPKI sha256 is in the policy's `allowed_aks` |
+//! | `policy_pcrs` | reported PCRs equal the policy's `expected_pcrs` (skip when none) |
+//! | `policy_models` | every loaded model's digest is in `allowed_models` (skip when unset) |
+//! | `policy_node_state` | the node state is `active` |
+//! | `policy_drift` | the claims report no drift |
+//! | `tee` | the TEE evidence verifies and is bound; `simulated` only with `allow_simulated_tee`, `none` only with `allow_no_tee`; other kinds fail |
+//!
+//! The verdict is `pass` only when no check failed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::SystemTime;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::eventlog::{ccnode, firmware};
+use crate::evidence::{self, hex32, Claims, Evidence};
+use crate::tee;
+use crate::tpm::key::AkPublicKey;
+use crate::tpm::wire::{self, attr};
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// Largest verifier policy file.
+pub const MAX_POLICY_FILE: u64 = 1 << 20;
+/// Most entries in any policy list.
+pub const MAX_POLICY_ITEMS: usize = 4096;
+
+/// A check's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pass,
+    Fail,
+    Skip,
+}
+
+/// One named check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub status: Status,
+    pub message: String,
+}
+
+/// The overall verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Pass,
+    Fail,
+}
+
+/// What the verifier concluded.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttestationResult {
+    pub verdict: Verdict,
+    pub checks: Vec<Check>,
+    /// The node's claims, as reported (trustworthy only when the verdict
+    /// is `pass`).
+    pub claims: Claims,
+    /// sha256 of the AK's SPKI, hex (empty when the PEM is unusable).
+    pub ak_spki_sha256: String,
+    /// When the verification ran (Unix seconds).
+    pub verified_at: u64,
+}
+
+impl AttestationResult {
+    /// The check called `name`.
+    pub fn check(&self, name: &str) -> Option<&Check> {
+        self.checks.iter().find(|c| c.name == name)
+    }
+
+    /// True when the verdict is pass.
+    pub fn passed(&self) -> bool {
+        self.verdict == Verdict::Pass
+    }
+
+    /// The names of the checks that failed.
+    pub fn failed(&self) -> Vec<&'static str> {
+        self.checks
+            .iter()
+            .filter(|c| c.status == Status::Fail)
+            .map(|c| c.name)
+            .collect()
+    }
+}
+
+/// The verifier's policy (`verifier.toml`; see attest/examples/verifier.toml).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifierPolicy {
+    /// sha256 of the SPKI of every attestation key trusted (hex).
+    pub allowed_aks: BTreeSet<[u8; 32]>,
+    /// bank → PCR index → expected value.
+    pub expected_pcrs: BTreeMap<String, BTreeMap<u32, Vec<u8>>>,
+    /// Allowed model digests; `None`: models are not checked.
+    pub allowed_models: Option<BTreeSet<String>>,
+    /// Accept the simulated TEE (dev mode and tests only).
+    pub allow_simulated_tee: bool,
+    /// Accept evidence without TEE evidence.
+    pub allow_no_tee: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    allowed_aks: Vec<String>,
+    #[serde(default)]
+    expected_pcrs: BTreeMap<String, BTreeMap<String, String>>,
+    #[serde(default)]
+    allowed_models: Option<Vec<String>>,
+    #[serde(default)]
+    allow_simulated_tee: bool,
+    #[serde(default)]
+    allow_no_tee: bool,
+}
+
+/// Why a verifier policy cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read verifier policy {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("verifier policy: {0}")]
+    Invalid(String),
+}
+
+impl VerifierPolicy {
+    /// Loads and validates a policy file.
+    pub fn load(path: &Path) -> Result<VerifierPolicy, PolicyError> {
+        let bytes = crate::oms::read_bounded(path, "verifier policy", MAX_POLICY_FILE).map_err(
+            |e| match e {
+                crate::oms::OmsError::Io { source, .. } => PolicyError::Io {
+                    path: path.display().to_string(),
+                    source,
+                },
+                other => PolicyError::Invalid(other.to_string()),
+            },
+        )?;
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|_| PolicyError::Invalid(format!("{} is not UTF-8", path.display())))?;
+        Self::from_toml(text)
+    }
+
+    /// Parses and validates policy TOML.
+    pub fn from_toml(text: &str) -> Result<VerifierPolicy, PolicyError> {
+        let raw: RawPolicy =
+            toml::from_str(text).map_err(|e| PolicyError::Invalid(e.to_string()))?;
+        let bad = |m: String| PolicyError::Invalid(m);
+        if raw.allowed_aks.len() > MAX_POLICY_ITEMS
+            || raw.allowed_models.as_ref().map_or(0, Vec::len) > MAX_POLICY_ITEMS
+        {
+            return Err(bad(format!(
+                "a list has more than {MAX_POLICY_ITEMS} entries"
+            )));
+        }
+        let mut allowed_aks = BTreeSet::new();
+        for (i, a) in raw.allowed_aks.iter().enumerate() {
+            let d = hex32(a.strip_prefix("sha256:").unwrap_or(a)).ok_or_else(|| {
+                bad(format!(
+                    "allowed_aks[{i}]: {a:?} is not a sha256 digest (64 hex digits)"
+                ))
+            })?;
+            allowed_aks.insert(d);
+        }
+        let mut expected_pcrs = BTreeMap::new();
+        for (bank, values) in raw.expected_pcrs {
+            let alg = wire::hash_alg(&bank)
+                .ok_or_else(|| bad(format!("expected_pcrs.{bank}: unknown bank")))?;
+            let len = wire::digest_len(alg).unwrap_or(32);
+            let mut m = BTreeMap::new();
+            for (idx, value) in values {
+                let i: u32 =
+                    idx.parse().ok().filter(|i| *i < 24).ok_or_else(|| {
+                        bad(format!("expected_pcrs.{bank}.{idx}: not a PCR index"))
+                    })?;
+                let v = hex::decode(&value)
+                    .ok()
+                    .filter(|v| v.len() == len)
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "expected_pcrs.{bank}.{idx}: not {len} bytes of hex"
+                        ))
+                    })?;
+                m.insert(i, v);
+            }
+            expected_pcrs.insert(bank, m);
+        }
+        Ok(VerifierPolicy {
+            allowed_aks,
+            expected_pcrs,
+            allowed_models: raw.allowed_models.map(|v| v.into_iter().collect()),
+            allow_simulated_tee: raw.allow_simulated_tee,
+            allow_no_tee: raw.allow_no_tee,
+        })
+    }
+}
+
+struct Checks(Vec<Check>);
+
+impl Checks {
+    fn push(&mut self, name: &'static str, r: Result<String, String>) {
+        let (status, message) = match r {
+            Ok(m) => (Status::Pass, m),
+            Err(m) => (Status::Fail, m),
+        };
+        self.0.push(Check {
+            name,
+            status,
+            message,
+        });
+    }
+
+    fn skip(&mut self, name: &'static str, message: impl Into<String>) {
+        self.0.push(Check {
+            name,
+            status: Status::Skip,
+            message: message.into(),
+        });
+    }
+}
+
+/// Verifies `evidence` against the verifier's `nonce` and `policy`.
+pub fn verify(
+    evidence: &Evidence,
+    nonce: &[u8],
+    policy: &VerifierPolicy,
+    now: SystemTime,
+) -> AttestationResult {
+    let mut checks = Checks(Vec::new());
+
+    // nonce_length
+    checks.push(
+        "nonce_length",
+        evidence::check_nonce(nonce).map(|()| format!("{} bytes", nonce.len())),
+    );
+
+    // ak_public
+    let pem_key = AkPublicKey::from_pem(&evidence.tpm.ak.public_pem);
+    let spki_digest = pem_key.as_ref().ok().and_then(|k| k.spki_sha256().ok());
+    checks.push("ak_public", check_ak_public(evidence, &pem_key));
+
+    // ak_signature
+    let attest = B64.decode(&evidence.tpm.quote.attest);
+    checks.push(
+        "ak_signature",
+        (|| {
+            let key = pem_key.as_ref().map_err(|e| format!("AK: {e}"))?;
+            let attest = attest.as_ref().map_err(|_| "quote is not base64")?;
+            let sig_bytes = B64
+                .decode(&evidence.tpm.quote.signature)
+                .map_err(|_| "signature is not base64")?;
+            let sig = wire::parse_signature(&sig_bytes).map_err(|e| e.to_string())?;
+            key.verify(attest, &sig)?;
+            Ok("signature verifies with the AK".to_string())
+        })(),
+    );
+
+    // quote_structure
+    let quote = attest
+        .as_ref()
+        .map_err(|_| "quote is not base64".to_string())
+        .and_then(|a| wire::parse_quote(a).map_err(|e| e.to_string()));
+    checks.push(
+        "quote_structure",
+        quote
+            .as_ref()
+            .map(|q| {
+                format!(
+                    "TPMS_ATTEST quote, clock {} reset {} restart {}",
+                    q.clock, q.reset_count, q.restart_count
+                )
+            })
+            .map_err(Clone::clone),
+    );
+
+    // qualifying_data (with the recomputed claims digest)
+    let claims_digest = evidence.claims.digest();
+    checks.push(
+        "qualifying_data",
+        (|| {
+            let q = quote.as_ref().map_err(|_| "no parsable quote")?;
+            let cd = claims_digest
+                .as_ref()
+                .map_err(|e| format!("claims cannot be canonicalised: {e}"))?;
+            let ak = spki_digest.ok_or("no usable AK")?;
+            let binding = evidence::compute_binding(nonce, cd, &ak, &evidence.bound_evidence)?;
+            if q.extra_data != binding {
+                return Err(format!(
+                    "quote qualifying data {} is not the binding {} for this nonce",
+                    hex::encode(&q.extra_data),
+                    hex::encode(binding)
+                ));
+            }
+            if evidence.binding != hex::encode(binding) {
+                return Err(format!(
+                    "reported binding {} is not the recomputed {}",
+                    evidence.binding,
+                    hex::encode(binding)
+                ));
+            }
+            Ok(format!("binding {}", hex::encode(binding)))
+        })(),
+    );
+
+    // pcr_digest
+    let pcrs = decode_pcrs(evidence);
+    checks.push(
+        "pcr_digest",
+        (|| {
+            let q = quote.as_ref().map_err(|_| "no parsable quote")?;
+            let pcrs = pcrs.as_ref().map_err(Clone::clone)?;
+            let mut h = Sha256::new();
+            let mut quoted: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+            for sel in &q.pcr_select {
+                let bank = wire::hash_name(sel.hash)
+                    .ok_or_else(|| format!("quoted bank {:#06x} is not supported", sel.hash))?;
+                if quoted.contains_key(bank) {
+                    return Err(format!("bank {bank} selected twice in the quote"));
+                }
+                for p in &sel.pcrs {
+                    let v = pcrs
+                        .get(bank)
+                        .and_then(|m| m.get(p))
+                        .ok_or_else(|| format!("quoted PCR {bank}:{p} is not reported"))?;
+                    h.update(v);
+                }
+                quoted.insert(bank.to_string(), sel.pcrs.iter().copied().collect());
+            }
+            let reported: BTreeMap<String, BTreeSet<u32>> = pcrs
+                .iter()
+                .map(|(b, m)| (b.clone(), m.keys().copied().collect()))
+                .filter(|(_, s): &(String, BTreeSet<u32>)| !s.is_empty())
+                .collect();
+            if reported != quoted {
+                return Err(format!(
+                    "reported PCRs {reported:?} are not the quoted selection {quoted:?}"
+                ));
+            }
+            let digest = h.finalize();
+            if digest[..] != q.pcr_digest[..] {
+                return Err(format!(
+                    "quote pcrDigest {} is not sha256 of the reported values {}",
+                    hex::encode(&q.pcr_digest),
+                    hex::encode(digest)
+                ));
+            }
+            Ok(format!(
+                "{} PCRs match the quote",
+                quoted.values().map(BTreeSet::len).sum::<usize>()
+            ))
+        })(),
+    );
+
+    // firmware_event_log
+    match &evidence.tpm.firmware_event_log {
+        None => checks.skip("firmware_event_log", "the node sent no firmware event log"),
+        Some(b64) => checks.push(
+            "firmware_event_log",
+            (|| {
+                if b64.len() > firmware::MAX_LOG / 3 * 4 + 4 {
+                    return Err("firmware event log too large".to_string());
+                }
+                let raw = B64
+                    .decode(b64)
+                    .map_err(|_| "firmware event log is not base64")?;
+                let replayed = firmware::replay(&raw).map_err(|e| e.to_string())?;
+                let sha = pcrs
+                    .as_ref()
+                    .ok()
+                    .and_then(|p| p.get("sha256"))
+                    .ok_or("no sha256 PCRs reported")?;
+                let mut compared = 0;
+                for (idx, value) in &replayed.pcrs {
+                    if *idx == evidence.tpm.ccnode_event_log.pcr {
+                        continue;
+                    }
+                    if let Some(reported) = sha.get(idx) {
+                        if reported.as_slice() != value {
+                            return Err(format!(
+                                "PCR {idx}: the log replays to {}, the TPM reports {}",
+                                hex::encode(value),
+                                hex::encode(reported)
+                            ));
+                        }
+                        compared += 1;
+                    }
+                }
+                Ok(format!(
+                    "{} events replay to the {compared} quoted PCRs they extend",
+                    replayed.events
+                ))
+            })(),
+        ),
+    }
+
+    // ccnode_event_log
+    checks.push(
+        "ccnode_event_log",
+        (|| {
+            let log = &evidence.tpm.ccnode_event_log;
+            let replayed = ccnode::replay(&log.events, log.pcr).map_err(|e| e.to_string())?;
+            let reported = pcrs
+                .as_ref()
+                .ok()
+                .and_then(|p| p.get("sha256"))
+                .and_then(|m| m.get(&log.pcr))
+                .ok_or_else(|| format!("ccnode PCR {} is not among the quoted PCRs", log.pcr))?;
+            if reported.as_slice() != replayed {
+                return Err(format!(
+                    "{} events replay to {}, PCR {} is {}",
+                    log.events.len(),
+                    hex::encode(replayed),
+                    log.pcr,
+                    hex::encode(reported)
+                ));
+            }
+            Ok(format!(
+                "{} events replay to PCR {}",
+                log.events.len(),
+                log.pcr
+            ))
+        })(),
+    );
+
+    // claims_digest
+    checks.push(
+        "claims_digest",
+        match &claims_digest {
+            Err(e) => Err(format!("claims cannot be canonicalised: {e}")),
+            Ok(d) if hex::encode(d) == evidence.claims_digest => {
+                Ok(format!("sha256 {}", hex::encode(d)))
+            }
+            Ok(d) => Err(format!(
+                "reported claims digest {} is not sha256(JCS(claims)) {}",
+                evidence.claims_digest,
+                hex::encode(d)
+            )),
+        },
+    );
+
+    // policy_ak
+    checks.push(
+        "policy_ak",
+        match spki_digest {
+            None => Err("no usable AK".into()),
+            Some(d) if policy.allowed_aks.contains(&d) => {
+                Ok(format!("AK {} allowed", hex::encode(d)))
+            }
+            Some(d) => Err(format!(
+                "AK {} is not in the policy's allowed_aks",
+                hex::encode(d)
+            )),
+        },
+    );
+
+    // policy_pcrs
+    if policy.expected_pcrs.values().all(BTreeMap::is_empty) {
+        checks.skip("policy_pcrs", "the policy expects no PCR values");
+    } else {
+        checks.push(
+            "policy_pcrs",
+            (|| {
+                let pcrs = pcrs.as_ref().map_err(Clone::clone)?;
+                let mut n = 0;
+                for (bank, want) in &policy.expected_pcrs {
+                    for (idx, v) in want {
+                        let got = pcrs
+                            .get(bank)
+                            .and_then(|m| m.get(idx))
+                            .ok_or_else(|| format!("PCR {bank}:{idx} is not reported"))?;
+                        if got != v {
+                            return Err(format!(
+                                "PCR {bank}:{idx} is {}, the policy expects {}",
+                                hex::encode(got),
+                                hex::encode(v)
+                            ));
+                        }
+                        n += 1;
+                    }
+                }
+                Ok(format!("{n} PCRs as expected"))
+            })(),
+        );
+    }
+
+    // policy_models
+    match &policy.allowed_models {
+        None => checks.skip("policy_models", "the policy does not restrict models"),
+        Some(allowed) => {
+            let refused: Vec<String> = evidence
+                .claims
+                .models
+                .iter()
+                .filter(|m| !allowed.contains(&m.digest))
+                .map(|m| format!("{} ({})", m.name, m.digest))
+                .collect();
+            checks.push(
+                "policy_models",
+                if refused.is_empty() {
+                    Ok(format!("{} models allowed", evidence.claims.models.len()))
+                } else {
+                    Err(format!("models not allowed: {}", refused.join(", ")))
+                },
+            );
+        }
+    }
+
+    // policy_node_state
+    checks.push(
+        "policy_node_state",
+        if evidence.claims.node_state == "active" {
+            Ok("active".into())
+        } else {
+            Err(format!(
+                "node state is {:?}{}, not active",
+                evidence.claims.node_state,
+                evidence
+                    .claims
+                    .node_state_reason
+                    .as_deref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            ))
+        },
+    );
+
+    // policy_drift
+    checks.push(
+        "policy_drift",
+        match evidence.claims.drift.as_deref() {
+            None | Some([]) => Ok("no drift reported".into()),
+            Some(d) => Err(format!(
+                "{} drift entries: {}",
+                d.len(),
+                serde_json::to_string(d).unwrap_or_default()
+            )),
+        },
+    );
+
+    // tee
+    checks.push(
+        "tee",
+        check_tee(evidence, nonce, policy, &claims_digest, spki_digest),
+    );
+
+    let verdict = if checks.0.iter().any(|c| c.status == Status::Fail) {
+        Verdict::Fail
+    } else {
+        Verdict::Pass
+    };
+    AttestationResult {
+        verdict,
+        checks: checks.0,
+        claims: evidence.claims.clone(),
+        ak_spki_sha256: spki_digest.map(hex::encode).unwrap_or_default(),
+        verified_at: now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    }
+}
+
+fn check_ak_public(
+    evidence: &Evidence,
+    pem_key: &Result<AkPublicKey, String>,
+) -> Result<String, String> {
+    let key = pem_key.as_ref().map_err(|e| format!("AK PEM: {e}"))?;
+    let bytes = B64
+        .decode(&evidence.tpm.ak.public_area)
+        .map_err(|_| "public area is not base64")?;
+    let area = wire::parse_public(&bytes).map_err(|e| e.to_string())?;
+    let missing = attr::AK_REQUIRED & !area.attributes;
+    if missing != 0 || area.attributes & attr::DECRYPT != 0 {
+        return Err(format!(
+            "attributes {:#010x} are not those of a restricted signing key generated in the TPM (fixedTPM, fixedParent, sensitiveDataOrigin, restricted, sign; no decrypt)",
+            area.attributes
+        ));
+    }
+    let name = area
+        .name(&bytes)
+        .ok_or("the public area's name algorithm is not sha256")?;
+    let reported = B64
+        .decode(&evidence.tpm.ak.name)
+        .map_err(|_| "name is not base64")?;
+    if reported != name {
+        return Err(format!(
+            "reported name {} is not nameAlg || sha256(public area) {}",
+            hex::encode(&reported),
+            hex::encode(&name)
+        ));
+    }
+    let from_area = AkPublicKey::from_public_area(&area)?;
+    if from_area.spki_der()? != key.spki_der()? {
+        return Err("the PEM key is not the key in the public area".into());
+    }
+    Ok(format!(
+        "restricted signing key, name {}",
+        hex::encode(&name)
+    ))
+}
+
+fn check_tee(
+    evidence: &Evidence,
+    nonce: &[u8],
+    policy: &VerifierPolicy,
+    claims_digest: &Result<[u8; 32], crate::jcs::JcsError>,
+    spki_digest: Option<[u8; 32]>,
+) -> Result<String, String> {
+    let kind = evidence.tee.kind.as_str();
+    if evidence.claims.tee_kind != kind {
+        return Err(format!(
+            "claims say tee {:?}, the evidence is {kind:?}",
+            evidence.claims.tee_kind
+        ));
+    }
+    match kind {
+        tee::kind::SIMULATED => {
+            if !policy.allow_simulated_tee {
+                return Err(
+                    "simulated TEE evidence is refused (the policy does not set allow_simulated_tee)"
+                        .into(),
+                );
+            }
+            let cd = claims_digest.as_ref().map_err(|e| e.to_string())?;
+            let ak = spki_digest.ok_or("no usable AK")?;
+            let binding = evidence::compute_binding(nonce, cd, &ak, &evidence.bound_evidence)?;
+            tee::verify_simulated(&evidence.tee.evidence, &binding)?;
+            Ok("simulated TEE (allowed by policy): report bound to this evidence".into())
+        }
+        tee::kind::NONE => {
+            if policy.allow_no_tee {
+                Ok("no TEE evidence (allowed by policy)".into())
+            } else {
+                Err("no TEE evidence (the policy does not set allow_no_tee)".into())
+            }
+        }
+        other => Err(format!(
+            "TEE kind {other:?} is not supported by this verifier"
+        )),
+    }
+}
+
+/// The reported PCR values, decoded and length-checked.
+fn decode_pcrs(evidence: &Evidence) -> Result<BTreeMap<String, BTreeMap<u32, Vec<u8>>>, String> {
+    let mut out = BTreeMap::new();
+    for (bank, values) in &evidence.tpm.pcrs {
+        let alg = wire::hash_alg(bank).ok_or_else(|| format!("unknown PCR bank {bank:?}"))?;
+        let len = wire::digest_len(alg).unwrap_or(32);
+        let mut m = BTreeMap::new();
+        for (idx, v) in values {
+            if *idx >= 24 {
+                return Err(format!("PCR index {idx} out of range"));
+            }
+            let d = hex::decode(v)
+                .ok()
+                .filter(|d| d.len() == len)
+                .ok_or_else(|| format!("PCR {bank}:{idx} is not {len} bytes of hex"))?;
+            m.insert(*idx, d);
+        }
+        out.insert(bank.clone(), m);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_parsing() {
+        let ak = "ab".repeat(32);
+        let p = VerifierPolicy::from_toml(&format!(
+            r#"
+            allowed_aks = ["sha256:{ak}"]
+            allowed_models = ["sha256:00"]
+            allow_simulated_tee = true
+            [expected_pcrs.sha256]
+            "0" = "{zero}"
+            "#,
+            zero = "00".repeat(32)
+        ))
+        .unwrap();
+        assert_eq!(p.allowed_aks.len(), 1);
+        assert!(p.allow_simulated_tee && !p.allow_no_tee);
+        assert_eq!(p.expected_pcrs["sha256"][&0], vec![0; 32]);
+        for bad in [
+            "",
+            "allowed_aks = [\"zz\"]",
+            "allowed_aks = []\nunknown = 1",
+            "allowed_aks = []\n[expected_pcrs.md5]\n\"0\" = \"00\"",
+            "allowed_aks = []\n[expected_pcrs.sha256]\n\"24\" = \"00\"",
+            "allowed_aks = []\n[expected_pcrs.sha256]\n\"1\" = \"00\"",
+        ] {
+            assert!(VerifierPolicy::from_toml(bad).is_err(), "{bad}");
+        }
+    }
+}
