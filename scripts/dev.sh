@@ -7,18 +7,40 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 need_rust
-say "building ccnoded and ccnodectl"
+# libtss2-dev and pkg-config build ccnoded (tss-esapi links libtss2);
+# swtpm is dev mode's TPM, a real TPM 2.0 emulator.
+ensure_debs libtss2-dev pkg-config swtpm swtpm-tools
+say "building ccnoded, ccnodectl and ccnode-verify"
 cargo build --locked --bins -q
-mkdir -p dev-state
+mkdir -p dev-state/tpm
+# The dev TPM: swtpm on 127.0.0.1:2321 (control 2322), its state kept in
+# dev-state/tpm so the attestation key survives restarts. Stopped with
+# ccnoded.
+if ! (exec 3<>/dev/tcp/127.0.0.1/2321) 2>/dev/null; then
+    swtpm socket --tpm2 --tpmstate dir="$PWD/dev-state/tpm" \
+        --server type=tcp,port=2321,bindaddr=127.0.0.1 \
+        --ctrl type=tcp,port=2322,bindaddr=127.0.0.1 \
+        --flags not-need-init,startup-clear --daemon --pid file="$PWD/dev-state/tpm/swtpm.pid" \
+        --log file="$PWD/dev-state/tpm/swtpm.log"
+    trap 'kill "$(cat dev-state/tpm/swtpm.pid)" 2>/dev/null || true' EXIT
+fi
 cat >&2 <<BANNER
 
-  ccnoded (dev mode: no hardware is used; nothing here is attested)
+  ccnoded (dev mode: simulated GPUs, swtpm for a TPM, a simulated TEE:
+  its evidence is well-formed and verifiable, and proves nothing)
     metrics endpoint  http://127.0.0.1:9860/metrics  (also /healthz, /readyz)
+    attestation       http://127.0.0.1:9861/v1/attestation  (POST a nonce)
     admin socket      $(pwd)/dev-state/admin.sock
     state and audit   $(pwd)/dev-state/state/
   In another terminal:
     ./target/debug/ccnodectl --socket dev-state/admin.sock status
     ./target/debug/ccnodectl --socket dev-state/admin.sock drain --reason "trying it out"
+    ./target/debug/ccnodectl --socket dev-state/admin.sock gpus     (8 SIMULATED GPUs)
+    ./target/debug/ccnode-verify attest --url http://127.0.0.1:9861/v1/attestation \\
+        --policy attest/examples/verifier.toml
+      (fails policy_ak, policy_models, policy_pcrs and tee until a copy of the
+       policy trusts the dev node's AK, printed as ak_spki_sha256 with --json)
+    echo '{"gpu": 0, "xid": 31}' >> dev-state/gpu-events.jsonl     (inject an XID)
 
 BANNER
-exec ./target/debug/ccnoded --config systemd/ccnoded.dev.toml
+./target/debug/ccnoded --config systemd/ccnoded.dev.toml

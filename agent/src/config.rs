@@ -66,6 +66,14 @@ pub struct Config {
     pub http: HttpConfig,
     #[serde(default)]
     pub sandbox: SandboxConfig,
+    #[serde(default)]
+    pub gpu: GpuConfig,
+    #[serde(default)]
+    pub attestation: AttestationConfig,
+    /// sha256 of the file this was loaded from, `sha256:<hex>` (not a key:
+    /// set by [`Config::load`]; the attestation claims carry it).
+    #[serde(skip)]
+    pub source_digest: Option<String>,
 }
 
 /// `[node]`: identity, state and lifecycle.
@@ -126,7 +134,7 @@ impl Default for LogConfig {
 }
 
 /// A group, by name or by numeric id.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(untagged)]
 pub enum GroupSpec {
     Gid(u32),
@@ -235,7 +243,7 @@ impl AdminConfig {
 }
 
 /// A user, by name or by numeric id.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(untagged)]
 pub enum UserSpec {
     Uid(u32),
@@ -264,7 +272,7 @@ impl UserSpec {
 
 /// `[sandbox]`: how workers are confined. docs/sandbox.md explains each
 /// layer.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SandboxConfig {
     /// The unprivileged user workers run as (never root).
@@ -310,6 +318,238 @@ impl Default for SandboxConfig {
             pids_max: 512,
             env_allow: vec!["LANG".to_owned(), "RUST_LOG".to_owned()],
         }
+    }
+}
+
+/// Which GPU backend ccnoded uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuBackendChoice {
+    /// NVIDIA's management library. A missing library or GPU stops ccnoded
+    /// (exit 69); it never falls back to simulation.
+    Nvml,
+    /// Simulated GPUs from `gpu.sim_file`: tests and dev mode only, said
+    /// in metrics and logs.
+    Sim,
+    /// No GPU monitoring (hosts without GPUs, tests of other parts).
+    None,
+}
+
+/// What ccnoded does about a GPU health event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthAction {
+    /// Count it only.
+    Ignore,
+    /// Count it, log it and audit it.
+    Alert,
+    /// Also quarantine the node, with the event as the reason.
+    Quarantine,
+}
+
+impl HealthAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthAction::Ignore => "ignore",
+            HealthAction::Alert => "alert",
+            HealthAction::Quarantine => "quarantine",
+        }
+    }
+}
+
+/// What ccnoded does about a drifted field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriftAction {
+    /// Drift series, log and audit event.
+    Alert,
+    /// Also start no new workers while it lasts.
+    Block,
+    /// Also quarantine the node.
+    Quarantine,
+}
+
+impl DriftAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriftAction::Alert => "alert",
+            DriftAction::Block => "block",
+            DriftAction::Quarantine => "quarantine",
+        }
+    }
+}
+
+/// `[gpu]`: inventory, telemetry, health and drift. docs/metrics.md lists
+/// the series.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    pub backend: GpuBackendChoice,
+    /// The simulation file (backend `sim` only; relative paths are taken
+    /// from the working directory).
+    pub sim_file: Option<PathBuf>,
+    /// How often GPUs are polled; /metrics serves the last poll.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// `[gpu.health]`.
+    pub health: GpuHealthPolicy,
+    /// `[gpu.baseline]`: the pinned driver, firmware and modes.
+    pub baseline: ccnode_gpu::drift::Baseline,
+    /// `[gpu.drift_action]`: per drifted field (`driver_version =
+    /// "quarantine"`); fields not listed get `alert`.
+    pub drift_action: std::collections::BTreeMap<ccnode_gpu::drift::DriftField, DriftAction>,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            backend: GpuBackendChoice::Nvml,
+            sim_file: None,
+            poll_interval: Duration::from_secs(10),
+            health: GpuHealthPolicy::default(),
+            baseline: ccnode_gpu::drift::Baseline::default(),
+            drift_action: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+impl GpuConfig {
+    /// The action for a drifted field.
+    pub fn drift_action_for(&self, field: ccnode_gpu::drift::DriftField) -> DriftAction {
+        self.drift_action
+            .get(&field)
+            .copied()
+            .unwrap_or(DriftAction::Alert)
+    }
+}
+
+/// `[gpu.health]`: which events are critical and what they do.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuHealthPolicy {
+    /// XID codes that are critical (NVIDIA's XID catalog: 48 double-bit
+    /// ECC, 63/64 row remapping, 74 NVLink, 79 fallen off the bus, 92 high
+    /// single-bit rate, 94/95 contained/uncontained ECC, 119/120 GSP).
+    pub critical_xids: Vec<u64>,
+    pub critical_xid_action: HealthAction,
+    /// A GPU that has fallen off the bus.
+    pub gpu_lost_action: HealthAction,
+    /// Uncorrected ECC errors on one GPU (since the driver loaded) at which
+    /// `ecc_action` applies.
+    pub ecc_uncorrected_threshold: u64,
+    pub ecc_action: HealthAction,
+}
+
+impl Default for GpuHealthPolicy {
+    fn default() -> Self {
+        GpuHealthPolicy {
+            critical_xids: vec![48, 63, 64, 74, 79, 92, 94, 95, 119, 120],
+            critical_xid_action: HealthAction::Quarantine,
+            gpu_lost_action: HealthAction::Quarantine,
+            ecc_uncorrected_threshold: 1,
+            ecc_action: HealthAction::Quarantine,
+        }
+    }
+}
+
+/// The TEE evidence ccnoded attaches to attestations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TeeChoice {
+    /// None: the evidence says `none` (SEV-SNP and TDX come with the TEE
+    /// issue).
+    None,
+    /// An ephemeral key signs a report-shaped structure: dev mode and tests
+    /// only; verifiers refuse it unless told otherwise.
+    Simulated,
+}
+
+/// `[attestation]`: the TPM, the evidence and the endpoint
+/// (docs/attestation.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttestationConfig {
+    /// Serve attestations. When on, a TPM that cannot be opened stops
+    /// ccnoded (exit 69).
+    pub enabled: bool,
+    /// Where `POST /v1/attestation` is served (its own listener, so
+    /// /metrics can stay on loopback).
+    pub listen: SocketAddr,
+    /// `device:/dev/tpmrm0` or `swtpm:host=127.0.0.1,port=2321`.
+    pub tcti: String,
+    /// Persistent handle of the attestation key (created on first start,
+    /// reused after).
+    pub ak_handle: u32,
+    /// `ecc-p256` or `rsa-2048`.
+    pub ak_algorithm: String,
+    /// sha256 PCRs each quote covers (`0-7,13`); must include `ccnode_pcr`.
+    pub pcrs: String,
+    /// The PCR ccnoded extends with each policy and model load.
+    pub ccnode_pcr: u32,
+    /// The firmware event log; empty: not included.
+    pub firmware_log: PathBuf,
+    pub tee: TeeChoice,
+    /// Attestations produced at once; more get 503.
+    pub max_concurrent: usize,
+    /// Per client address: sustained attestations per second, and burst.
+    pub per_client_rate: f64,
+    pub per_client_burst: u32,
+    /// All clients together.
+    pub global_rate: f64,
+    pub global_burst: u32,
+    /// Time a client has to send its request, and the TPM to answer.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for AttestationConfig {
+    fn default() -> Self {
+        AttestationConfig {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 9861)),
+            tcti: ccnode_attest::tpm::DEFAULT_TCTI.to_owned(),
+            ak_handle: ccnode_attest::tpm::DEFAULT_AK_HANDLE,
+            ak_algorithm: "ecc-p256".to_owned(),
+            pcrs: "0-7,13".to_owned(),
+            ccnode_pcr: ccnode_attest::tpm::DEFAULT_CCNODE_PCR,
+            firmware_log: PathBuf::from(ccnode_attest::tpm::DEFAULT_FIRMWARE_LOG),
+            tee: TeeChoice::None,
+            max_concurrent: 16,
+            per_client_rate: 2.0,
+            per_client_burst: 10,
+            global_rate: 50.0,
+            global_burst: 100,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl AttestationConfig {
+    /// The TPM settings, checked; the event log lives in `state_dir`.
+    pub fn tpm_config(
+        &self,
+        state_dir: &Path,
+    ) -> Result<ccnode_attest::tpm::TpmConfig, ConfigError> {
+        use ccnode_attest::tpm::{AkAlgorithm, PcrSelection, Tcti, TpmConfig};
+        let bad = |key: &'static str| {
+            move |e: ccnode_attest::tpm::TpmError| ConfigError::invalid(key, e.to_string())
+        };
+        let mut c = TpmConfig::new(state_dir.join("tpm-events.json"));
+        c.tcti = self.tcti.parse::<Tcti>().map_err(bad("attestation.tcti"))?;
+        c.ak_handle = self.ak_handle;
+        c.ak_algorithm = self
+            .ak_algorithm
+            .parse::<AkAlgorithm>()
+            .map_err(bad("attestation.ak_algorithm"))?;
+        c.pcrs = self
+            .pcrs
+            .parse::<PcrSelection>()
+            .map_err(bad("attestation.pcrs"))?;
+        c.ccnode_pcr = self.ccnode_pcr;
+        c.firmware_log =
+            (!self.firmware_log.as_os_str().is_empty()).then(|| self.firmware_log.clone());
+        c.validate().map_err(bad("attestation"))?;
+        Ok(c)
     }
 }
 
@@ -370,14 +610,26 @@ impl Config {
         let text = String::from_utf8(bytes).map_err(|_| ConfigError::NotUtf8 {
             path: path.to_owned(),
         })?;
-        Config::parse(&text).map_err(|err| match err {
-            ConfigError::Parse { key, message, .. } => ConfigError::Parse {
-                path: path.to_owned(),
-                key,
-                message,
-            },
-            other => other,
-        })
+        let digest = {
+            use sha2::Digest;
+            format!(
+                "sha256:{}",
+                hex::encode(sha2::Sha256::digest(text.as_bytes()))
+            )
+        };
+        Config::parse(&text)
+            .map(|mut c| {
+                c.source_digest = Some(digest);
+                c
+            })
+            .map_err(|err| match err {
+                ConfigError::Parse { key, message, .. } => ConfigError::Parse {
+                    path: path.to_owned(),
+                    key,
+                    message,
+                },
+                other => other,
+            })
     }
 
     /// Parses and validates a configuration from TOML text.
@@ -518,6 +770,69 @@ impl Config {
                     format!("{name:?} is not a variable name"),
                 ));
             }
+        }
+        let gpu = &self.gpu;
+        if gpu.backend == GpuBackendChoice::Sim && gpu.sim_file.is_none() {
+            return Err(ConfigError::invalid(
+                "gpu.sim_file",
+                "is required when gpu.backend is \"sim\"",
+            ));
+        }
+        if gpu.backend != GpuBackendChoice::Sim && gpu.sim_file.is_some() {
+            return Err(ConfigError::invalid(
+                "gpu.sim_file",
+                "is only used with gpu.backend = \"sim\"; remove it",
+            ));
+        }
+        if gpu.poll_interval < Duration::from_millis(100)
+            || gpu.poll_interval > Duration::from_secs(3600)
+        {
+            return Err(ConfigError::invalid(
+                "gpu.poll_interval",
+                format!(
+                    "must be between 100ms and 1h, found {}",
+                    humantime::format_duration(gpu.poll_interval)
+                ),
+            ));
+        }
+        if gpu.health.ecc_uncorrected_threshold == 0 {
+            return Err(ConfigError::invalid(
+                "gpu.health.ecc_uncorrected_threshold",
+                "must be at least 1",
+            ));
+        }
+        let at = &self.attestation;
+        at.tpm_config(&self.node.state_dir)?;
+        check_range("attestation.max_concurrent", at.max_concurrent, 1, 1024)?;
+        for (key, rate) in [
+            ("attestation.per_client_rate", at.per_client_rate),
+            ("attestation.global_rate", at.global_rate),
+        ] {
+            if !(rate.is_finite() && rate > 0.0 && rate <= 100_000.0) {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("must be above 0 and at most 100000 per second, found {rate}"),
+                ));
+            }
+        }
+        check_range(
+            "attestation.per_client_burst",
+            at.per_client_burst as usize,
+            1,
+            100_000,
+        )?;
+        check_range(
+            "attestation.global_burst",
+            at.global_burst as usize,
+            1,
+            1_000_000,
+        )?;
+        check_timeout("attestation.request_timeout", at.request_timeout)?;
+        if gpu.health.critical_xids.len() > 256 {
+            return Err(ConfigError::invalid(
+                "gpu.health.critical_xids",
+                "lists more than 256 codes",
+            ));
         }
         Ok(())
     }

@@ -8,7 +8,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::peer::Policy;
 use crate::admin::server::{self, AdminContext, AdminListener, BindError};
+use ccnode_gpu::BackendKind;
+use tracing::Instrument;
+
+use crate::attestation::StartError;
 use crate::config::{Config, ConfigError};
+use crate::gpu::GpuMonitor;
 use crate::http::{self, HttpListener};
 use crate::metrics::Metrics;
 use crate::node::{Node, OpenError};
@@ -37,6 +42,18 @@ pub enum DaemonError {
     Runtime(#[source] std::io::Error),
     #[error("NOTIFY_SOCKET is set but unusable")]
     Notify(#[source] std::io::Error),
+    #[error("GPU backend unavailable")]
+    Gpu(#[source] ccnode_gpu::GpuError),
+    #[error("cannot start the GPU monitor threads")]
+    GpuThreads(#[source] std::io::Error),
+    #[error("attestation unavailable")]
+    Attestation(#[source] crate::attestation::StartError),
+    #[error("cannot listen for attestations on {addr}")]
+    AttestationListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Exit codes, after sysexits.h.
@@ -48,6 +65,10 @@ pub mod exit {
     /// The runtime or a listener could not be created, or the state
     /// directory or admin socket is in use by another ccnoded.
     pub const OSERR: u8 = 71;
+    /// Configured hardware is unavailable: NVML's library or any GPU is
+    /// missing, or the TPM cannot be opened or used. Never answered by
+    /// falling back to simulation.
+    pub const UNAVAILABLE: u8 = 69;
     /// Persistent state could not be read or written.
     pub const IOERR: u8 = 74;
     /// The configuration is invalid. systemd does not restart on it.
@@ -58,7 +79,22 @@ impl DaemonError {
     pub fn exit_code(&self) -> u8 {
         match self {
             DaemonError::Config(_) => exit::CONFIG,
-            DaemonError::Logging(_) | DaemonError::Notify(_) => exit::SOFTWARE,
+            DaemonError::Logging(_) | DaemonError::Notify(_) | DaemonError::GpuThreads(_) => {
+                exit::SOFTWARE
+            }
+            DaemonError::Gpu(ccnode_gpu::GpuError::SimSpec { .. }) => exit::CONFIG,
+            DaemonError::Gpu(_) => exit::UNAVAILABLE,
+            DaemonError::Attestation(StartError::Config(_)) => exit::CONFIG,
+            DaemonError::Attestation(StartError::Tpm(e) | StartError::Measure(e))
+                if e.code() == "event_log" =>
+            {
+                exit::IOERR
+            }
+            DaemonError::Attestation(StartError::Tpm(e)) if e.code() == "tpm_config" => {
+                exit::CONFIG
+            }
+            DaemonError::Attestation(_) => exit::UNAVAILABLE,
+            DaemonError::AttestationListen { .. } => exit::OSERR,
             DaemonError::State(OpenError::Persist(PersistError::Locked { .. })) => exit::OSERR,
             DaemonError::State(_) => exit::IOERR,
             DaemonError::AdminSocket(_) | DaemonError::Http { .. } | DaemonError::Runtime(_) => {
@@ -79,6 +115,25 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         .transpose()?;
     let mode = config.admin.mode_bits()?;
     let notifier = Notifier::from_env().map_err(DaemonError::Notify)?;
+    // Before any state is touched: a host whose configured GPUs cannot be
+    // reached does not start.
+    let gpu_backend = crate::gpu::open_backend(&config.gpu).map_err(DaemonError::Gpu)?;
+    let simulated = gpu_backend
+        .as_ref()
+        .is_some_and(|b| b.kind() == BackendKind::Sim);
+    // Every start-up line of a daemon on simulated GPUs says so.
+    let span = if simulated {
+        tracing::warn_span!("start", gpu_backend = "sim (SIMULATED GPUs)")
+    } else {
+        tracing::Span::none()
+    };
+    let _entered = span.clone().entered();
+    if simulated {
+        tracing::warn!(
+            sim_file = %config.gpu.sim_file.as_deref().unwrap_or(std::path::Path::new("")).display(),
+            "GPU backend is SIMULATED: no real GPU is monitored"
+        );
+    }
     let node_id = config.node_id();
     let metrics = Metrics::new(&node_id);
     let (node, loaded) = Node::open(
@@ -96,6 +151,13 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
             tracing::error!(problem = %problem, "node state could not be trusted: starting quarantined")
         }
     }
+    // The TPM after the state directory is ours: ccnode's event log lives
+    // there.
+    let attester = if config.attestation.enabled {
+        Some(crate::attestation::open(&config).map_err(DaemonError::Attestation)?)
+    } else {
+        None
+    };
     let support = crate::workers::HostSupport::probe(&config.sandbox);
     let m = node.metrics();
     m.sandbox
@@ -133,19 +195,28 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
-    runtime.block_on(serve(
-        config,
-        node,
-        admin_gid,
-        read_only_gid,
-        mode,
-        notifier,
-    ))
+    drop(_entered);
+    runtime.block_on(
+        serve(
+            config,
+            node,
+            gpu_backend,
+            attester,
+            admin_gid,
+            read_only_gid,
+            mode,
+            notifier,
+        )
+        .instrument(span),
+    )
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     config: Config,
     node: Arc<Node>,
+    gpu_backend: Option<Arc<dyn ccnode_gpu::GpuBackend>>,
+    attester: Option<Arc<ccnode_attest::Attester>>,
     admin_gid: u32,
     read_only_gid: Option<u32>,
     mode: u32,
@@ -167,7 +238,42 @@ async fn serve(
             addr: config.http.listen,
             source,
         })?;
+    let attestation_listener = match &attester {
+        None => None,
+        Some(_) => {
+            let addr = config.attestation.listen;
+            let l = crate::attestation::AttestationListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::AttestationListen { addr, source })?;
+            let bound = l
+                .local_addr()
+                .map_err(|source| DaemonError::AttestationListen { addr, source })?;
+            Some((l, bound))
+        }
+    };
     let signals = Signals::install().map_err(DaemonError::Runtime)?;
+
+    // GPUs: one poll and its policy before READY, so that drift or a sick
+    // GPU found at start has taken effect when systemd hears we are up.
+    let gpu = match gpu_backend {
+        None => None,
+        Some(backend) => {
+            let monitor = GpuMonitor::new(backend, config.gpu.clone());
+            let first = {
+                let m = monitor.clone();
+                tokio::task::spawn_blocking(move || m.poll())
+                    .await
+                    .expect("the GPU poll does not panic")
+            };
+            for finding in first {
+                crate::gpu::act(&node, finding).await;
+            }
+            let (tx, rx) = tokio::sync::mpsc::channel(1024);
+            monitor.start(tx).map_err(DaemonError::GpuThreads)?;
+            tokio::spawn(crate::gpu::run_actions(node.clone(), rx));
+            Some(monitor)
+        }
+    };
 
     let policy = Policy {
         admin_gid,
@@ -175,12 +281,20 @@ async fn serve(
         self_uid: nix::unistd::geteuid().as_raw(),
     };
     let metrics_url = format!("http://{http_addr}/metrics");
+    let attestation_url = attestation_listener
+        .as_ref()
+        .map(|(_, a)| format!("http://{a}/v1/attestation"));
     let socket_path = admin.path().display().to_string();
     let ctx = Arc::new(AdminContext::new(
         node.clone(),
         policy,
         &config.admin,
-        json!({ "admin_socket": socket_path, "metrics_url": metrics_url }),
+        json!({
+            "admin_socket": socket_path,
+            "metrics_url": metrics_url,
+            "attestation_url": attestation_url,
+        }),
+        gpu.clone(),
     ));
 
     let notifier = Arc::new(notifier);
@@ -189,10 +303,23 @@ async fn serve(
     let http_task = tokio::spawn(http::serve(
         http_listener,
         node.clone(),
+        gpu.clone(),
         config.http.clone(),
         stop.clone(),
         grace,
     ));
+    let attestation_task = match (attestation_listener, attester) {
+        (Some((listener, _)), Some(attester)) => {
+            let node = node.clone();
+            let gpu = gpu.clone();
+            let config = config.clone();
+            let stop = stop.clone();
+            Some(tokio::spawn(async move {
+                crate::attestation::serve(listener, attester, node, gpu, &config, stop, grace).await
+            }))
+        }
+        _ => None,
+    };
     let drain_task = tokio::spawn(node.clone().run_drain_watcher(stop.clone()));
     if let Some(interval) = notify::watchdog_interval() {
         // Pinged from the runtime itself: a wedged runtime stops pinging and
@@ -216,6 +343,7 @@ async fn serve(
         state = %state.state,
         admin_socket = %socket_path,
         metrics = %metrics_url,
+        attestation = attestation_url.as_deref().unwrap_or("off"),
         "ccnoded ready"
     );
     notifier.ready(&format!(
@@ -250,6 +378,12 @@ async fn serve(
         tracing::warn!("admin requests still running after the grace period");
     }
     let _ = http_task.await;
+    if let Some(t) = attestation_task {
+        let _ = t.await;
+    }
+    if let Some(gpu) = &gpu {
+        gpu.stop();
+    }
     let _ = drain_task.await;
     let _ = status_task.await;
     // Every transition was persisted before it was acknowledged and every

@@ -47,6 +47,7 @@ impl HttpListener {
 #[derive(Debug)]
 struct Ctx {
     node: Arc<Node>,
+    gpu: Option<Arc<crate::gpu::GpuMonitor>>,
     max_body_bytes: u64,
 }
 
@@ -55,12 +56,14 @@ struct Ctx {
 pub async fn serve(
     listener: HttpListener,
     node: Arc<Node>,
+    gpu: Option<Arc<crate::gpu::GpuMonitor>>,
     cfg: HttpConfig,
     stop: CancellationToken,
     grace: Duration,
 ) {
     let ctx = Arc::new(Ctx {
         node,
+        gpu,
         max_body_bytes: cfg.max_body_bytes,
     });
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
@@ -166,7 +169,10 @@ fn route_inner(ctx: &Ctx, req: &Request<Incoming>) -> (&'static str, Resp) {
     }
     let resp = match handler {
         "metrics" => {
-            let (body, content_type) = ctx.node.metrics().render();
+            let (mut body, content_type) = ctx.node.metrics().render();
+            if let Some(gpu) = &ctx.gpu {
+                gpu.render_into(&mut body);
+            }
             plain(StatusCode::OK, content_type, body)
         }
         "healthz" => plain(

@@ -7,9 +7,11 @@
 //! crates (`ccnode-attest`, `ccnode-sandbox`, `ccnode-gpu`).
 
 pub mod admin;
+pub mod attestation;
 pub mod audit;
 pub mod config;
 pub mod daemon;
+pub mod gpu;
 pub mod http;
 pub mod logging;
 pub mod metrics;

@@ -5,7 +5,8 @@
 //! from what a peer sent.
 
 use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::state::NodeState;
@@ -24,6 +25,8 @@ pub struct Metrics {
     pub state_write_failures: IntCounter,
     pub audit_write_failures: IntCounter,
     pub sandbox: IntGaugeVec,
+    pub attestations: IntCounterVec,
+    pub attestation_seconds: Histogram,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -153,6 +156,30 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let attestations = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "ccnode_attestations_total",
+                    "Attestation requests by result: ok, or the error code answered.",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+        );
+        let attestation_seconds = register(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "ccnode_attestation_seconds",
+                    "Time to produce evidence (waiting for the TPM, the quote, the TEE report).",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]),
+            )
+            .expect("valid metric"),
+        );
         registry
             .register(Box::new(
                 prometheus::process_collector::ProcessCollector::for_self(),
@@ -170,6 +197,8 @@ impl Metrics {
             state_write_failures,
             audit_write_failures,
             sandbox,
+            attestations,
+            attestation_seconds,
         }
     }
 

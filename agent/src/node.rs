@@ -179,7 +179,7 @@ impl Node {
         let to = match state::next(from, event, self.in_flight()) {
             Ok(to) => to,
             Err(invalid) => {
-                self.audit_blocking(AuditRecord {
+                self.audit(AuditRecord {
                     ts: SystemTime::now(),
                     actor,
                     command: event.as_str().into(),
@@ -216,7 +216,7 @@ impl Node {
         };
         // Audit before publishing: whoever sees the new state can find the
         // record of how it came about.
-        self.audit_blocking(AuditRecord {
+        self.audit(AuditRecord {
             ts: record.since,
             actor: actor.clone(),
             command: event.as_str().into(),
@@ -249,7 +249,9 @@ impl Node {
         }
     }
 
-    async fn audit_blocking(&self, record: AuditRecord) {
+    /// Appends `record` to the audit log off the runtime; a failure is
+    /// counted and logged, never returned (the action stands).
+    pub async fn audit(&self, record: AuditRecord) {
         let audit = self.audit.clone();
         let res = tokio::task::spawn_blocking(move || audit.append(record))
             .await

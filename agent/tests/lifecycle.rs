@@ -15,7 +15,7 @@ fn run_once(dir: &std::path::Path, socket: &std::path::Path, listen: &str) -> st
     std::fs::write(
         &cfg,
         format!(
-            "[node]\nstate_dir = \"{}/state\"\n[log]\nformat = \"json\"\n[admin]\nsocket = \"{}\"\ngroup = 0\n[http]\nlisten = \"{listen}\"\n",
+            "[node]\nstate_dir = \"{}/state\"\n[log]\nformat = \"json\"\n[admin]\nsocket = \"{}\"\ngroup = 0\n[http]\nlisten = \"{listen}\"\n[gpu]\nbackend = \"none\"\n[attestation]\nenabled = false\n",
             dir.display(),
             socket.display()
         ),

@@ -32,6 +32,8 @@ pub struct TestNode {
     dir: tempfile::TempDir,
     admin_toml: String,
     http_toml: String,
+    gpu_toml: String,
+    attestation_toml: String,
     extra_toml: String,
     env: Vec<(String, String)>,
     child: Option<Child>,
@@ -95,6 +97,8 @@ impl TestNode {
             dir,
             admin_toml: String::new(),
             http_toml: String::new(),
+            gpu_toml: String::new(),
+            attestation_toml: String::new(),
             extra_toml: String::new(),
             env: Vec::new(),
             child: None,
@@ -116,6 +120,23 @@ impl TestNode {
     pub fn with_http(mut self, toml: &str) -> TestNode {
         self.http_toml.push_str(toml);
         self.http_toml.push('\n');
+        self
+    }
+
+    /// Adds keys to the `[gpu]` table (`backend = "sim"`). The base
+    /// config has `backend = "none"`; sub-tables (`[gpu.health]`) go in
+    /// [`TestNode::with_toml`].
+    pub fn with_gpu(mut self, toml: &str) -> TestNode {
+        self.gpu_toml.push_str(toml);
+        self.gpu_toml.push('\n');
+        self
+    }
+
+    /// Adds keys to the `[attestation]` table (`tcti = "swtpm:..."`). The
+    /// base config has `enabled = false`.
+    pub fn with_attestation(mut self, toml: &str) -> TestNode {
+        self.attestation_toml.push_str(toml);
+        self.attestation_toml.push('\n');
         self
     }
 
@@ -199,8 +220,14 @@ level = "info"
 {admin}
 [http]
 {http}
+[gpu]
+{gpu}
+[attestation]
+{attestation}
 {other}
 "#,
+            attestation = merge_keys(&[("enabled", "false")], &self.attestation_toml),
+            gpu = merge_keys(&[("backend", "\"none\"")], &self.gpu_toml),
             state = self.state_dir().display(),
             other = self.extra_toml,
         );

@@ -120,16 +120,20 @@ pub enum Command {
     Quarantine,
     Release,
     Audit,
+    Gpus,
+    Drift,
 }
 
 impl Command {
-    pub const ALL: [Command; 6] = [
+    pub const ALL: [Command; 8] = [
         Command::Status,
         Command::Drain,
         Command::Undrain,
         Command::Quarantine,
         Command::Release,
         Command::Audit,
+        Command::Gpus,
+        Command::Drift,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -140,6 +144,8 @@ impl Command {
             Command::Quarantine => "quarantine",
             Command::Release => "release",
             Command::Audit => "audit",
+            Command::Gpus => "gpus",
+            Command::Drift => "drift",
         }
     }
 
@@ -149,7 +155,7 @@ impl Command {
 
     /// Whether a member of the read-only group may run it.
     pub fn is_read_only(self) -> bool {
-        matches!(self, Command::Status)
+        matches!(self, Command::Status | Command::Gpus | Command::Drift)
     }
 
     /// Whether it needs a `reason`.

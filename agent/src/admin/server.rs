@@ -116,6 +116,7 @@ pub struct AdminContext {
     pub write_timeout: Duration,
     /// Extra facts for `status` (listener addresses, build).
     pub status_extra: Value,
+    pub gpu: Option<Arc<crate::gpu::GpuMonitor>>,
     unauthorized_log: RateLimitedLog,
     overload_log: RateLimitedLog,
     credentials_log: RateLimitedLog,
@@ -126,7 +127,13 @@ pub struct AdminContext {
 }
 
 impl AdminContext {
-    pub fn new(node: Arc<Node>, policy: Policy, cfg: &AdminConfig, status_extra: Value) -> Self {
+    pub fn new(
+        node: Arc<Node>,
+        policy: Policy,
+        cfg: &AdminConfig,
+        status_extra: Value,
+        gpu: Option<Arc<crate::gpu::GpuMonitor>>,
+    ) -> Self {
         AdminContext {
             node,
             policy,
@@ -134,6 +141,7 @@ impl AdminContext {
             read_timeout: cfg.read_timeout,
             write_timeout: cfg.write_timeout,
             status_extra,
+            gpu,
             unauthorized_log: RateLimitedLog::new(Duration::from_secs(10)),
             overload_log: RateLimitedLog::new(Duration::from_secs(10)),
             credentials_log: RateLimitedLog::new(Duration::from_secs(10)),
@@ -379,6 +387,20 @@ async fn run(ctx: &AdminContext, peer: &Peer, access: Access, req: Request) -> R
         Command::Audit => {
             let records = ctx.node.audit_log().recent(req.limit);
             return Response::ok(id, json!({ "records": records }));
+        }
+        Command::Gpus => {
+            let v = ctx.gpu.as_ref().map_or_else(
+                || json!({ "backend": "none", "simulated": false, "inventory": null }),
+                |g| g.gpus_json(),
+            );
+            return Response::ok(id, v);
+        }
+        Command::Drift => {
+            let v = ctx.gpu.as_ref().map_or_else(
+                || json!({ "backend": "none", "simulated": false, "drift": [] }),
+                |g| g.drift_json(),
+            );
+            return Response::ok(id, v);
         }
         Command::Drain => Event::Drain,
         Command::Undrain => Event::Undrain,

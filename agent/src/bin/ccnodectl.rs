@@ -76,9 +76,19 @@ enum Cmd {
         #[arg(long, short = 'n', default_value_t = 20)]
         limit: usize,
     },
+    /// Show the GPUs: inventory, MIG devices, versions and health.
+    Gpus,
+    /// Compare the driver, firmware and GPU modes with the pinned baseline.
+    Drift,
 }
 
 fn main() -> ExitCode {
+    // SAFETY: called first in main, before any thread exists; restores the
+    // default action so that `ccnodectl gpus | head` ends quietly on a
+    // closed pipe instead of panicking in println!.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {
@@ -97,6 +107,8 @@ fn main() -> ExitCode {
         Cmd::Quarantine { reason } => (Command::Quarantine, Some(reason.as_str()), None),
         Cmd::Release { reason } => (Command::Release, Some(reason.as_str()), None),
         Cmd::Audit { limit } => (Command::Audit, None, Some(*limit)),
+        Cmd::Gpus => (Command::Gpus, None, None),
+        Cmd::Drift => (Command::Drift, None, None),
     };
     let timeout = Duration::from_secs(cli.timeout.max(1));
     let response = AdminClient::connect(&cli.socket, timeout)
@@ -224,8 +236,136 @@ fn print_human(command: Command, result: &Value) {
                 );
             }
         }
+        Command::Gpus => print_gpus(result),
+        Command::Drift => print_drift(result),
         _ => {
             println!("{} -> {}", s(result, "from"), s(result, "to"));
         }
+    }
+}
+
+fn num(v: &Value, key: &str) -> String {
+    v.get(key).map_or("-".into(), |n| match n {
+        Value::Null => "-".into(),
+        Value::String(_) => s(v, key),
+        other => other.to_string(),
+    })
+}
+
+fn backend_line(result: &Value) {
+    let simulated = result.get("simulated").and_then(Value::as_bool) == Some(true);
+    println!(
+        "backend: {}{}",
+        s(result, "backend"),
+        if simulated { " (SIMULATED GPUs)" } else { "" }
+    );
+}
+
+fn print_gpus(result: &Value) {
+    backend_line(result);
+    let Some(inv) = result.get("inventory").filter(|v| !v.is_null()) else {
+        println!("no GPU inventory");
+        return;
+    };
+    println!(
+        "driver:  {} (CUDA {}), scrub on free: {}",
+        s(inv, "driver_version"),
+        s(inv, "cuda_driver_version"),
+        inv.get("scrub_on_free")
+            .map_or("-".into(), |v| s(v, "state"))
+    );
+    let empty = Vec::new();
+    let health = result.get("health");
+    for g in inv.get("gpus").and_then(Value::as_array).unwrap_or(&empty) {
+        let index = num(g, "index");
+        let h = health.and_then(|h| h.get(index.as_str()));
+        let state = match h {
+            Some(h) if h.get("healthy").and_then(Value::as_bool) == Some(true) => "healthy".into(),
+            Some(h) => format!(
+                "UNHEALTHY: {}",
+                h.get("problems")
+                    .and_then(Value::as_array)
+                    .map(|p| p
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", "))
+                    .unwrap_or_default()
+            ),
+            None => "-".into(),
+        };
+        let mem_gib = g
+            .get("memory_total_bytes")
+            .and_then(Value::as_u64)
+            .map_or("-".into(), |b| {
+                format!("{:.0} GiB", b as f64 / (1u64 << 30) as f64)
+            });
+        println!();
+        println!("gpu {index}: {}  {}", s(g, "name"), s(g, "uuid"));
+        println!(
+            "  pci bus id: {}  minor: {}  memory: {mem_gib}",
+            s(g, "pci_bus_id"),
+            num(g, "minor_number")
+        );
+        println!(
+            "  vbios: {}  inforom: {}  gsp: {}",
+            s(g, "vbios_version"),
+            s(g, "inforom_version"),
+            s(g, "gsp_firmware_version")
+        );
+        println!(
+            "  cc mode: {}  mig mode: {}",
+            s(g, "cc_mode"),
+            s(g, "mig_mode")
+        );
+        println!("  health: {state}");
+        for m in g
+            .get("mig_devices")
+            .and_then(Value::as_array)
+            .unwrap_or(&empty)
+        {
+            println!(
+                "  mig gi {} ci {}  {:<10} {}",
+                num(m, "gpu_instance_id"),
+                num(m, "compute_instance_id"),
+                s(m, "profile"),
+                s(m, "uuid")
+            );
+        }
+    }
+    let reasons = result.get("blocked_reasons").and_then(Value::as_array);
+    if let Some(r) = reasons.filter(|r| !r.is_empty()) {
+        println!();
+        println!("new workers BLOCKED:");
+        for reason in r.iter().filter_map(Value::as_str) {
+            println!("  {}", reason.escape_default());
+        }
+    }
+}
+
+fn print_drift(result: &Value) {
+    backend_line(result);
+    let empty = Vec::new();
+    let drift = result
+        .get("drift")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty);
+    if drift.is_empty() {
+        println!("no drift: the host matches the baseline");
+        return;
+    }
+    println!(
+        "{:<22} {:<5} {:<24} {:<24} action",
+        "field", "gpu", "expected", "found"
+    );
+    for d in drift {
+        println!(
+            "{:<22} {:<5} {:<24} {:<24} {}",
+            s(d, "field"),
+            num(d, "gpu"),
+            s(d, "expected"),
+            s(d, "found"),
+            s(d, "action")
+        );
     }
 }

@@ -112,6 +112,14 @@ fn check_config(config: &Config, path: &std::path::Path, syntax_only: bool) -> E
             eprintln!("ccnoded: {}: {}", path.display(), chain(&err));
             return ExitCode::from(exit::CONFIG);
         }
+        // A simulation file is configuration: check it too. NVML is the
+        // host, not the configuration, and is not touched here.
+        if let Some(sim) = config.gpu.sim_file.as_deref() {
+            if let Err(err) = ccnode_gpu::sim::SimBackend::open(sim) {
+                eprintln!("ccnoded: {}: gpu.sim_file: {}", path.display(), chain(&err));
+                return ExitCode::from(exit::CONFIG);
+            }
+        }
     }
     println!("{}: ok", path.display());
     ExitCode::from(exit::OK)

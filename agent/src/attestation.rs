@@ -1,0 +1,574 @@
+//! The attestation endpoint: `POST /v1/attestation` with a verifier's
+//! nonce returns evidence (docs/attestation.md): claims about this node, a
+//! TPM quote bound to them and the nonce, the event logs, and the TEE slot.
+//!
+//! Its own listener, so /metrics can stay on loopback while verifiers reach
+//! this one. Bounded: a body of at most [`MAX_BODY`] bytes, a deadline for
+//! the request and for the TPM, a cap on attestations in progress (503 past
+//! it), and token-bucket rate limits per client address and overall (429
+//! with `Retry-After`). Errors are JSON with a stable `code`.
+//!
+//! The TPM is slow and serial: each request's quote runs on a blocking
+//! thread, one at a time inside [`ccnode_attest::tpm::TpmService`].
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use ccnode_attest::eventlog::ccnode::{event_type, LogStatus};
+use ccnode_attest::tee::{SimulatedTee, Tee};
+use ccnode_attest::tpm::{TpmError, TpmService};
+use ccnode_attest::{AttestError, Attester, Claims};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AttestationConfig, Config, TeeChoice};
+use crate::gpu::GpuMonitor;
+use crate::node::Node;
+
+/// Largest request body, in bytes.
+pub const MAX_BODY: usize = 4096;
+/// Largest request head, in bytes.
+const MAX_HEAD: usize = 16 * 1024;
+/// Connections served at once (each may wait for the TPM).
+const MAX_CONNECTIONS: usize = 1024;
+/// Client addresses whose rate is tracked; past it, idle ones are forgotten
+/// and, if none is idle, new clients are refused (429).
+const MAX_TRACKED_CLIENTS: usize = 4096;
+
+/// Why the attestation service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot open the TPM")]
+    Tpm(#[source] TpmError),
+    #[error("cannot measure the node policy into the TPM")]
+    Measure(#[source] TpmError),
+}
+
+/// The digest of the node policy: the parts of the configuration that decide
+/// what this node enforces (sandbox profile, GPU health and drift policy),
+/// canonicalised (RFC 8785) and hashed. `sha256:<hex>`.
+pub fn policy_digest(config: &Config) -> String {
+    use sha2::Digest;
+    let policy = json!({
+        "sandbox": config.sandbox,
+        "gpu": {
+            "health": config.gpu.health,
+            "baseline": config.gpu.baseline,
+            "drift_action": config.gpu.drift_action,
+        },
+    });
+    let canon = ccnode_attest::jcs::canonicalize(&policy)
+        .expect("the policy holds no floats or integers beyond 2^53");
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(canon)))
+}
+
+/// Opens the TPM, reconciles ccnode's event log, and measures this start
+/// and the policy into the ccnode PCR. Blocking: call before the runtime
+/// starts or on a blocking thread.
+pub fn open(config: &Config) -> Result<Arc<Attester>, StartError> {
+    let at = &config.attestation;
+    let tpm_config = at.tpm_config(&config.node.state_dir)?;
+    let tpm = TpmService::open(tpm_config).map_err(StartError::Tpm)?;
+    match tpm.log_status() {
+        LogStatus::Consistent => {}
+        LogStatus::Reset { discarded } => {
+            tracing::info!(
+                discarded,
+                "the TPM was reset since the last start: ccnode event log begun again"
+            )
+        }
+        LogStatus::DroppedUnextended => {
+            tracing::warn!(
+                "the last ccnode event was never extended into the PCR (a crash): dropped"
+            )
+        }
+        LogStatus::Mismatch { expected, found } => tracing::error!(
+            expected = %expected,
+            found = %found,
+            pcr = at.ccnode_pcr,
+            "ccnode's event log does not replay to its PCR: something else extends it, or the log was lost; \
+             verifiers will refuse this node's evidence until the TPM is reset"
+        ),
+    }
+    tpm.measure(
+        event_type::AGENT_START,
+        json!({ "version": crate::VERSION }),
+    )
+    .map_err(StartError::Measure)?;
+    tpm.measure(
+        event_type::POLICY_LOAD,
+        json!({
+            "config_digest": config.source_digest,
+            "policy_digest": policy_digest(config),
+        }),
+    )
+    .map_err(StartError::Measure)?;
+    let tee = match at.tee {
+        TeeChoice::None => Tee::None,
+        TeeChoice::Simulated => {
+            tracing::warn!(
+                "attestation TEE evidence is SIMULATED: verifiers refuse it unless told otherwise"
+            );
+            Tee::Simulated(SimulatedTee::measuring(std::path::Path::new(
+                "/proc/self/exe",
+            )))
+        }
+    };
+    Ok(Arc::new(Attester::new(Arc::new(tpm), tee)))
+}
+
+/// A token bucket.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(burst: f64, now: Instant) -> Bucket {
+        Bucket {
+            tokens: burst,
+            at: now,
+        }
+    }
+
+    /// Takes a token, or says in how many seconds one will be there.
+    fn take(&mut self, rate: f64, burst: f64, now: Instant) -> Result<(), u64> {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - self.tokens) / rate).ceil().max(1.0) as u64)
+        }
+    }
+
+    fn is_full(&self, rate: f64, burst: f64, now: Instant) -> bool {
+        self.tokens + now.saturating_duration_since(self.at).as_secs_f64() * rate >= burst
+    }
+}
+
+/// Per-client and global rate limits.
+#[derive(Debug)]
+struct Limiter {
+    per_client: (f64, f64),
+    global: (f64, f64),
+    state: Mutex<(Bucket, HashMap<IpAddr, Bucket>)>,
+}
+
+impl Limiter {
+    fn new(cfg: &AttestationConfig) -> Limiter {
+        let now = Instant::now();
+        let global = (cfg.global_rate, f64::from(cfg.global_burst));
+        Limiter {
+            per_client: (cfg.per_client_rate, f64::from(cfg.per_client_burst)),
+            global,
+            state: Mutex::new((Bucket::full(global.1, now), HashMap::new())),
+        }
+    }
+
+    /// `Err(seconds)` when `client` must wait.
+    fn check(&self, client: IpAddr) -> Result<(), u64> {
+        let now = Instant::now();
+        let (rate, burst) = self.per_client;
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (global, clients) = &mut *st;
+        if !clients.contains_key(&client) && clients.len() >= MAX_TRACKED_CLIENTS {
+            clients.retain(|_, b| !b.is_full(rate, burst, now));
+            if clients.len() >= MAX_TRACKED_CLIENTS {
+                return Err(1);
+            }
+        }
+        let bucket = clients
+            .entry(client)
+            .or_insert_with(|| Bucket::full(burst, now));
+        // Per client first: a client over its own limit does not use up
+        // the global budget.
+        let mut probe = *bucket;
+        probe.take(rate, burst, now)?;
+        global.take(self.global.0, self.global.1, now)?;
+        *bucket = probe;
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct Ctx {
+    attester: Arc<Attester>,
+    node: Arc<Node>,
+    gpu: Option<Arc<GpuMonitor>>,
+    config_digest: String,
+    policy_digest: String,
+    timeout: Duration,
+    slots: Arc<Semaphore>,
+    limiter: Limiter,
+}
+
+/// The bound attestation listener.
+#[derive(Debug)]
+pub struct AttestationListener {
+    listener: TcpListener,
+}
+
+impl AttestationListener {
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<AttestationListener> {
+        Ok(AttestationListener {
+            listener: TcpListener::bind(addr).await?,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// Serves attestations until `stop` fires; open requests get `grace`.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve(
+    listener: AttestationListener,
+    attester: Arc<Attester>,
+    node: Arc<Node>,
+    gpu: Option<Arc<GpuMonitor>>,
+    config: &Config,
+    stop: CancellationToken,
+    grace: Duration,
+) {
+    let cfg = &config.attestation;
+    let ctx = Arc::new(Ctx {
+        attester,
+        node,
+        gpu,
+        config_digest: config.source_digest.clone().unwrap_or_default(),
+        policy_digest: policy_digest(config),
+        timeout: cfg.request_timeout,
+        slots: Arc::new(Semaphore::new(cfg.max_concurrent)),
+        limiter: Limiter::new(cfg),
+    });
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let graceful = GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.request_timeout)
+        .max_buf_size(MAX_HEAD)
+        .keep_alive(true);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(err) => {
+                    tracing::warn!(error = %err, "attestation accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            ctx.node
+                .metrics()
+                .attestations
+                .with_label_values(&["too_many_connections"])
+                .inc();
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let ctx = ctx.clone();
+            async move { Ok::<_, Infallible>(handle(&ctx, peer.ip(), req).await) }
+        });
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                tracing::debug!(error = %err, "attestation connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!("attestation connections still open after the grace period; closing them");
+        }
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn error(status: StatusCode, code: &str, message: &str) -> Resp {
+    let body = json!({ "error": { "code": code, "message": message } });
+    let mut resp = Response::new(Full::new(Bytes::from(
+        serde_json::to_vec(&body).expect("serialises"),
+    )));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn retry_after(mut resp: Resp, secs: u64) -> Resp {
+    resp.headers_mut().insert(
+        RETRY_AFTER,
+        HeaderValue::from_str(&secs.to_string()).expect("digits are a valid header value"),
+    );
+    resp
+}
+
+async fn handle(ctx: &Ctx, client: IpAddr, req: Request<Incoming>) -> Resp {
+    let (result, resp) = handle_inner(ctx, client, req).await;
+    ctx.node
+        .metrics()
+        .attestations
+        .with_label_values(&[result])
+        .inc();
+    resp
+}
+
+/// The request body: `{"nonce": "<base64, 16 to 64 bytes>"}`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttestRequest {
+    nonce: String,
+}
+
+async fn handle_inner(ctx: &Ctx, client: IpAddr, req: Request<Incoming>) -> (&'static str, Resp) {
+    if req.uri().path() != "/v1/attestation" {
+        return (
+            "not_found",
+            error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
+        );
+    }
+    if req.method() != Method::POST {
+        let mut resp = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "only POST is allowed",
+        );
+        resp.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("POST"));
+        return ("method_not_allowed", resp);
+    }
+    if let Err(secs) = ctx.limiter.check(client) {
+        return (
+            "rate_limited",
+            retry_after(
+                error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    "too many attestation requests; retry later",
+                ),
+                secs,
+            ),
+        );
+    }
+    let body = Limited::new(req.into_body(), MAX_BODY);
+    let bytes = match tokio::time::timeout(ctx.timeout, body.collect()).await {
+        Err(_) => {
+            return (
+                "timeout",
+                error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    "the request body did not arrive in time",
+                ),
+            )
+        }
+        Ok(Err(_)) => {
+            return (
+                "body_too_large",
+                error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    &format!("the request body is larger than {MAX_BODY} bytes"),
+                ),
+            )
+        }
+        Ok(Ok(b)) => b.to_bytes(),
+    };
+    let parsed: AttestRequest = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                "bad_request",
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!("expected {{\"nonce\": \"<base64>\"}}: {e}"),
+                ),
+            )
+        }
+    };
+    let nonce = match base64::engine::general_purpose::STANDARD.decode(parsed.nonce.trim()) {
+        Ok(n) => n,
+        Err(e) => {
+            return (
+                "bad_nonce",
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_nonce",
+                    &format!("nonce is not base64: {e}"),
+                ),
+            )
+        }
+    };
+    if let Err(why) = ccnode_attest::evidence::check_nonce(&nonce) {
+        return (
+            "bad_nonce",
+            error(StatusCode::BAD_REQUEST, "bad_nonce", &why),
+        );
+    }
+    let Ok(slot) = ctx.slots.clone().try_acquire_owned() else {
+        return (
+            "busy",
+            retry_after(
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "busy",
+                    "as many attestations as allowed are in progress; retry later",
+                ),
+                1,
+            ),
+        );
+    };
+    let claims = claims(ctx);
+    let attester = ctx.attester.clone();
+    let started = Instant::now();
+    let job = tokio::task::spawn_blocking(move || {
+        let r = attester.attest(&nonce, claims);
+        drop(slot);
+        r
+    });
+    let produced = match tokio::time::timeout(ctx.timeout, job).await {
+        Err(_) => {
+            return (
+                "timeout",
+                error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    "the TPM did not answer in time",
+                ),
+            )
+        }
+        Ok(joined) => joined.expect("attestation does not panic"),
+    };
+    ctx.node
+        .metrics()
+        .attestation_seconds
+        .observe(started.elapsed().as_secs_f64());
+    match produced {
+        Ok(evidence) => {
+            let mut resp = Response::new(Full::new(Bytes::from(evidence.to_json())));
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            ("ok", resp)
+        }
+        Err(AttestError::Nonce(why)) => (
+            "bad_nonce",
+            error(StatusCode::BAD_REQUEST, "bad_nonce", &why),
+        ),
+        Err(err) => {
+            tracing::error!(error = %crate::error_chain(&err), code = err.code(), "attestation failed");
+            (
+                "error",
+                error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    err.code(),
+                    &crate::error_chain(&err),
+                ),
+            )
+        }
+    }
+}
+
+/// What this node says about itself now.
+fn claims(ctx: &Ctx) -> Claims {
+    let record = ctx.node.snapshot();
+    let (gpu, drift) = match &ctx.gpu {
+        None => (None, None),
+        Some(g) => {
+            let view = g.view();
+            let gpu = json!({
+                "backend": g.kind().as_str(),
+                "simulated": g.is_simulated(),
+                "inventory": view.inventory,
+                "health": g.health(),
+            });
+            let drift = view
+                .drift
+                .iter()
+                .map(|d| serde_json::to_value(d).expect("drift serialises"))
+                .collect();
+            (Some(gpu), Some(drift))
+        }
+    };
+    Claims {
+        node_id: ctx.node.id().to_owned(),
+        agent_version: crate::VERSION.to_owned(),
+        config_digest: ctx.config_digest.clone(),
+        policy_digest: ctx.policy_digest.clone(),
+        node_state: record.state.as_str().to_owned(),
+        node_state_reason: Some(record.reason),
+        gpu,
+        drift,
+        models: Vec::new(),
+        tls_spki_sha256: None,
+        tee_kind: String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_allow_a_burst_then_say_when_to_retry() {
+        let now = Instant::now();
+        let mut b = Bucket::full(3.0, now);
+        for _ in 0..3 {
+            assert_eq!(b.take(0.5, 3.0, now), Ok(()));
+        }
+        assert_eq!(b.take(0.5, 3.0, now), Err(2), "one token per 2 s");
+        assert_eq!(b.take(0.5, 3.0, now + Duration::from_secs(2)), Ok(()));
+    }
+
+    #[test]
+    fn one_client_over_its_limit_leaves_the_others_alone() {
+        let cfg = AttestationConfig {
+            per_client_rate: 0.001,
+            per_client_burst: 2,
+            global_rate: 0.001,
+            global_burst: 5,
+            ..AttestationConfig::default()
+        };
+        let l = Limiter::new(&cfg);
+        let a: IpAddr = [10, 0, 0, 1].into();
+        let b: IpAddr = [10, 0, 0, 2].into();
+        assert!(l.check(a).is_ok() && l.check(a).is_ok());
+        for _ in 0..10 {
+            assert!(l.check(a).is_err(), "a is over its own limit");
+        }
+        // a's refusals used no global budget: 3 of 5 are left.
+        assert!(l.check(b).is_ok() && l.check(b).is_ok());
+        let c: IpAddr = [10, 0, 0, 3].into();
+        assert!(l.check(c).is_ok());
+        assert!(l.check(c).is_err(), "the global budget is spent");
+    }
+}

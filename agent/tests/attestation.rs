@@ -1,0 +1,330 @@
+//! The attestation endpoint end to end: the real ccnoded on a real TPM 2.0
+//! emulator (swtpm, started per test), fetched over HTTP and checked with
+//! the verifier library and the `ccnode-verify` CLI's code path.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::SystemTime;
+
+use base64::Engine as _;
+use ccnode_attest::client::fetch_evidence;
+use ccnode_attest::tpm::key::AkPublicKey;
+use ccnode_attest::{verify, Evidence, VerifierPolicy};
+use ccnode_testkit::swtpm::Swtpm;
+use ccnode_testkit::{TestNode, PATIENCE};
+use serde_json::Value;
+
+fn attested_node(tpm: &Swtpm, extra: &str) -> TestNode {
+    TestNode::new(env!("CARGO_BIN_EXE_ccnoded"))
+        .with_attestation(&format!(
+            "enabled = true\nlisten = \"127.0.0.1:0\"\ntcti = \"{}\"\ntee = \"simulated\"\nfirmware_log = \"\"\n{extra}",
+            tpm.tcti()
+        ))
+        .start()
+}
+
+fn url(node: &TestNode) -> String {
+    let s = node.request(r#"{"v":1,"cmd":"status"}"#);
+    s["result"]["attestation_url"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no attestation_url in {s}"))
+        .to_owned()
+}
+
+fn nonce(tag: u8) -> Vec<u8> {
+    let t = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+        .to_le_bytes();
+    let mut n = vec![tag; 32];
+    n[..16].copy_from_slice(&t);
+    n
+}
+
+fn fetch(node: &TestNode, nonce: &[u8]) -> Evidence {
+    let bytes = fetch_evidence(&url(node), nonce, PATIENCE).expect("fetch evidence");
+    Evidence::from_json(&bytes).expect("evidence parses")
+}
+
+fn ak_digest(e: &Evidence) -> String {
+    let key = AkPublicKey::from_pem(&e.tpm.ak.public_pem).unwrap();
+    hex::encode(key.spki_sha256().unwrap())
+}
+
+fn policy(ak: &str, extra: &str) -> VerifierPolicy {
+    VerifierPolicy::from_toml(&format!(
+        "allowed_aks = [\"{ak}\"]\nallow_simulated_tee = true\n{extra}"
+    ))
+    .unwrap()
+}
+
+fn failed(e: &Evidence, nonce: &[u8], p: &VerifierPolicy) -> Vec<&'static str> {
+    verify(e, nonce, p, SystemTime::now()).failed()
+}
+
+#[test]
+fn evidence_from_ccnoded_on_swtpm_verifies_and_the_ak_survives_a_restart() {
+    let tpm = Swtpm::start();
+    let mut node = attested_node(&tpm, "");
+    // The first answer tells us the node's AK (trust on first use, as an
+    // enrolment would); everything after is checked against it.
+    let first = fetch(&node, &nonce(1));
+    let ak = ak_digest(&first);
+    let p = policy(&ak, "");
+
+    let n = nonce(2);
+    let e = fetch(&node, &n);
+    let result = verify(&e, &n, &p, SystemTime::now());
+    assert!(result.passed(), "{:?}", result.failed());
+    assert_eq!(e.claims.node_id, "test-node");
+    assert_eq!(e.claims.node_state, "active");
+    assert_eq!(e.claims.tee_kind, "simulated");
+    assert!(e.claims.config_digest.starts_with("sha256:"));
+    assert!(e.claims.policy_digest.starts_with("sha256:"));
+    // This start and its policy are in ccnode's own event log.
+    let types: Vec<_> = e
+        .tpm
+        .ccnode_event_log
+        .events
+        .iter()
+        .map(|ev| ev.event_type.as_str())
+        .collect();
+    assert_eq!(types, ["agent_start", "policy_load"]);
+
+    // The same evidence against another nonce, or another AK, fails.
+    assert!(failed(&e, &nonce(3), &p).contains(&"qualifying_data"));
+    let other = policy(&"ab".repeat(32), "");
+    assert_eq!(failed(&e, &n, &other), ["policy_ak"]);
+    let strict = VerifierPolicy::from_toml(&format!("allowed_aks = [\"{ak}\"]\n")).unwrap();
+    assert_eq!(
+        failed(&e, &n, &strict),
+        ["tee"],
+        "simulated TEE refused by default"
+    );
+
+    // A restart reuses the persisted AK and extends the log.
+    node.restart();
+    let n = nonce(4);
+    let e = fetch(&node, &n);
+    assert_eq!(ak_digest(&e), ak);
+    assert!(verify(&e, &n, &p, SystemTime::now()).passed());
+    assert_eq!(e.tpm.ccnode_event_log.events.len(), 4);
+
+    let (_, metrics) = node.http_get("/metrics");
+    assert!(
+        metrics.contains("ccnode_attestations_total{result=\"ok\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ccnode_attestation_seconds_count 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn the_claims_follow_the_node_state_and_its_gpus() {
+    let tpm = Swtpm::start();
+    let node = TestNode::new(env!("CARGO_BIN_EXE_ccnoded"));
+    let sim = node.dir().join("gpus.sim.toml");
+    std::fs::write(
+        &sim,
+        "driver_version = \"560.35.03\"\ncuda_driver_version = \"12.6\"\n\n[[gpus]]\ncount = 2\n\
+         name = \"NVIDIA H100 80GB HBM3\"\nmemory_gib = 80\nvbios_version = \"96.00.99.00.01\"\n",
+    )
+    .unwrap();
+    let node = node
+        .with_gpu(&format!("backend = \"sim\"\nsim_file = \"{}\"", sim.display()))
+        .with_toml("[gpu.baseline]\ndriver_version = \"550.127.05\"\n")
+        .with_attestation(&format!(
+            "enabled = true\nlisten = \"127.0.0.1:0\"\ntcti = \"{}\"\ntee = \"simulated\"\nfirmware_log = \"\"",
+            tpm.tcti()
+        ))
+        .start();
+    let n = nonce(5);
+    let e = fetch(&node, &n);
+    let p = policy(&ak_digest(&e), "");
+    let gpu = e.claims.gpu.clone().expect("GPU claims");
+    assert_eq!(gpu["simulated"], true);
+    assert_eq!(gpu["inventory"]["gpus"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        failed(&e, &n, &p),
+        ["policy_drift"],
+        "driver drift is claimed"
+    );
+
+    let r = node.request(r#"{"v":1,"cmd":"quarantine","reason":"attest test"}"#);
+    assert_eq!(r["ok"], true);
+    let n = nonce(6);
+    let e = fetch(&node, &n);
+    assert_eq!(e.claims.node_state, "quarantined");
+    assert_eq!(e.claims.node_state_reason.as_deref(), Some("attest test"));
+    let f = failed(&e, &n, &p);
+    assert!(f.contains(&"policy_node_state"), "{f:?}");
+}
+
+/// A raw HTTP exchange: returns the status, the headers and the body.
+fn raw(addr: SocketAddr, request: &[u8]) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
+fn post(addr: SocketAddr, body: &str) -> (u16, String, Value) {
+    let req = format!(
+        "POST /v1/attestation HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (status, head, body) = raw(addr, req.as_bytes());
+    (
+        status,
+        head,
+        serde_json::from_str(&body).unwrap_or(Value::Null),
+    )
+}
+
+fn addr_of(node: &TestNode) -> SocketAddr {
+    let u = url(node);
+    u.trim_start_matches("http://")
+        .trim_end_matches("/v1/attestation")
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn bad_requests_get_stable_error_codes() {
+    let tpm = Swtpm::start();
+    let node = attested_node(&tpm, "per_client_burst = 100\nper_client_rate = 100.0");
+    let addr = addr_of(&node);
+    let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![7u8; n]);
+
+    for (body, status, code) in [
+        (format!("{{\"nonce\":\"{}\"}}", b64(15)), 400, "bad_nonce"),
+        (format!("{{\"nonce\":\"{}\"}}", b64(65)), 400, "bad_nonce"),
+        ("{\"nonce\":\"not base64!\"}".to_owned(), 400, "bad_nonce"),
+        ("{\"nonce\":".to_owned(), 400, "bad_request"),
+        (
+            format!("{{\"nonce\":\"{}\",\"extra\":1}}", b64(32)),
+            400,
+            "bad_request",
+        ),
+        (
+            format!(
+                "{{\"nonce\":\"{}\",\"pad\":\"{}\"}}",
+                b64(32),
+                "x".repeat(5000)
+            ),
+            413,
+            "body_too_large",
+        ),
+    ] {
+        let (got, _, v) = post(addr, &body);
+        assert_eq!(got, status, "{body:.80}: {v}");
+        assert_eq!(v["error"]["code"], code, "{body:.80}: {v}");
+    }
+    let (status, head, _) = raw(
+        addr,
+        b"GET /v1/attestation HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 405);
+    assert!(head.to_ascii_lowercase().contains("allow: post"), "{head}");
+    let (status, _, _) = raw(
+        addr,
+        b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 404);
+    // And a good one still works after all that.
+    let (status, _, v) = post(addr, &format!("{{\"nonce\":\"{}\"}}", b64(32)));
+    assert_eq!(status, 200, "{v}");
+    let (_, metrics) = node.http_get("/metrics");
+    assert!(
+        metrics.contains("ccnode_attestations_total{result=\"bad_nonce\"} 3"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("ccnode_attestations_total{result=\"body_too_large\"} 1"));
+}
+
+#[test]
+fn a_client_over_its_rate_gets_429_with_retry_after() {
+    let tpm = Swtpm::start();
+    let node = attested_node(&tpm, "per_client_burst = 2\nper_client_rate = 0.01");
+    let addr = addr_of(&node);
+    let body = format!(
+        "{{\"nonce\":\"{}\"}}",
+        base64::engine::general_purpose::STANDARD.encode([1u8; 32])
+    );
+    assert_eq!(post(addr, &body).0, 200);
+    assert_eq!(post(addr, &body).0, 200);
+    let (status, head, v) = post(addr, &body);
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(v["error"]["code"], "rate_limited");
+    let retry: u64 = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("retry-after:")
+                .map(|v| v.trim().to_owned())
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no Retry-After in {head}"));
+    assert_eq!(retry, 100, "one token per 100 s");
+}
+
+#[test]
+fn a_tpm_that_cannot_be_reached_stops_ccnoded_with_69() {
+    // A port nothing listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut node = TestNode::new(env!("CARGO_BIN_EXE_ccnoded")).with_attestation(&format!(
+        "enabled = true\nlisten = \"127.0.0.1:0\"\ntcti = \"swtpm:host=127.0.0.1,port={port}\""
+    ));
+    let (status, log) = node.run_to_exit();
+    assert_eq!(status.code(), Some(69), "{log}");
+    assert!(log.contains("cannot open the TPM"), "{log}");
+
+    let mut node = TestNode::new(env!("CARGO_BIN_EXE_ccnoded"))
+        .with_attestation("enabled = true\ntcti = \"serial:/dev/ttyS0\"");
+    let (status, log) = node.run_to_exit();
+    assert_eq!(status.code(), Some(78), "{log}");
+    assert!(log.contains("attestation.tcti"), "{log}");
+}
+
+#[test]
+fn many_verifiers_at_once_each_get_their_own_fresh_answer() {
+    let tpm = Swtpm::start();
+    let node = attested_node(
+        &tpm,
+        "per_client_burst = 1000\nper_client_rate = 1000.0\nmax_concurrent = 64",
+    );
+    let ak = ak_digest(&fetch(&node, &nonce(9)));
+    let p = policy(&ak, "");
+    let u = url(&node);
+    let handles: Vec<_> = (0..16u8)
+        .map(|i| {
+            let u = u.clone();
+            std::thread::spawn(move || {
+                let n = nonce(100 + i);
+                let bytes = fetch_evidence(&u, &n, PATIENCE).expect("fetch");
+                (n, Evidence::from_json(&bytes).unwrap())
+            })
+        })
+        .collect();
+    for h in handles {
+        let (n, e) = h.join().unwrap();
+        let r = verify(&e, &n, &p, SystemTime::now());
+        assert!(r.passed(), "{:?}", r.failed());
+    }
+}
