@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use ccnode_agent::config::{Config, GroupSpec, DEFAULT_CONFIG_PATH};
+use ccnode_agent::config::{Config, GpuBackendChoice, GroupSpec, DEFAULT_CONFIG_PATH};
 use ccnode_agent::daemon::exit;
+use ccnode_attest::tpm::Tcti;
 
 const CCNODED: &str = env!("CARGO_BIN_EXE_ccnoded");
 
@@ -18,6 +19,12 @@ const CCNODED: &str = env!("CARGO_BIN_EXE_ccnoded");
 /// that raises the score is listed with its reason in docs/threat-model.md
 /// and at the top of the unit; raise this only together with that written
 /// reason.
+///
+/// The unit scores 1.9 with systemd 252. GPU monitoring and attestation
+/// took it from 1.6 (the host's /dev with a device allow-list instead of
+/// PrivateDevices=, all of /proc for /proc/driver/nvidia, no IP address
+/// list for remote verifiers) and fit under the 2.0 the design sets for
+/// this unit, so the threshold did not move.
 const MAX_EXPOSURE: f64 = 2.0;
 
 /// Exit code of ccnoded for an invalid configuration.
@@ -317,6 +324,199 @@ fn unit_checks_catch_missing_settings() {
     }
 }
 
+// --- hardware the default configuration needs ---------------------------------
+
+/// The values of a list setting in the order systemd applies them: each
+/// assignment appends its space-separated items, an empty one clears the
+/// list.
+fn list(s: &BTreeMap<String, Vec<String>>, key: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for v in s.get(key).into_iter().flatten() {
+        if v.is_empty() {
+            out.clear();
+        }
+        out.extend(v.split_whitespace().map(str::to_owned));
+    }
+    out
+}
+
+/// `DeviceAllow=` entries: specifier and access (`r`, `rw`, `rwm`), in
+/// order, an empty assignment clearing them.
+fn device_allow(s: &BTreeMap<String, Vec<String>>) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for v in s.get("DeviceAllow").into_iter().flatten() {
+        let mut parts = v.split_whitespace();
+        match parts.next() {
+            None => out.clear(),
+            // No access given means rwm.
+            Some(dev) => out.push((dev.to_owned(), parts.next().unwrap_or("rwm").to_owned())),
+        }
+    }
+    out
+}
+
+fn is_true(v: Option<&str>) -> bool {
+    matches!(v, Some("yes" | "true" | "on" | "1"))
+}
+
+/// What in the unit would keep ccnoded, with its production defaults, from
+/// the hardware and files it needs: the TPM and firmware event log
+/// (attestation), the NVIDIA device nodes and /proc/driver/nvidia (NVML),
+/// and remote verifiers (the attestation listener).
+fn hardware_problems(unit: &str) -> Vec<String> {
+    let s = service_section(unit);
+    let defaults = Config::parse("").expect("defaults are valid");
+    let last = |k: &str| s.get(k).and_then(|v| v.last()).map(String::as_str);
+    let allowed = device_allow(&s);
+    let mut problems = Vec::new();
+    let mut allows = |dev: &str, access: &str, why: &str| {
+        let ok = allowed
+            .iter()
+            .any(|(d, a)| d == dev && access.chars().all(|c| a.contains(c)));
+        if !ok {
+            problems.push(format!("DeviceAllow={dev} {access} missing ({why})"));
+        }
+    };
+    // The paths ccnoded reads, which nothing may hide.
+    let mut paths: Vec<PathBuf> = Vec::new();
+
+    if defaults.attestation.enabled {
+        let tcti: Tcti = defaults.attestation.tcti.parse().expect("default tcti");
+        let Tcti::Device(tpm) = tcti else {
+            panic!("the default TCTI is a device")
+        };
+        allows(&tpm.display().to_string(), "rw", "attestation.tcti");
+        paths.push(tpm);
+        if !defaults.attestation.firmware_log.as_os_str().is_empty() {
+            paths.push(defaults.attestation.firmware_log.clone());
+        }
+    }
+    if defaults.gpu.backend == GpuBackendChoice::Nvml {
+        // Major 195 under each name drivers have given it, and MIG's
+        // capability nodes.
+        allows("char-nvidia", "rw", "/dev/nvidia0..N, current drivers");
+        allows("char-nvidiactl", "rw", "/dev/nvidiactl, current drivers");
+        allows("char-nvidia-frontend", "rw", "major 195, older drivers");
+        allows("char-nvidia-caps", "r", "MIG capabilities");
+        paths.push(PathBuf::from(ccnode_gpu::nvml::PARAMS_PATH));
+        paths.push(PathBuf::from("/proc/devices"));
+    }
+
+    // Device nodes are the host's, behind the allow-list.
+    if is_true(last("PrivateDevices")) {
+        problems.push("PrivateDevices=yes hides the TPM and GPU device nodes".to_owned());
+    }
+    if last("DevicePolicy") != Some("closed") {
+        problems.push(format!(
+            "DevicePolicy=closed expected (the allow-list is what bounds the host's /dev), found {:?}",
+            last("DevicePolicy")
+        ));
+    }
+    if !list(&s, "ReadOnlyPaths").iter().any(|p| p == "/dev") {
+        problems.push("ReadOnlyPaths=/dev expected: the host's /dev stays read-only".to_owned());
+    }
+    // /proc/driver and /proc/devices are not process files.
+    if last("ProcSubset") == Some("pid") {
+        problems.push("ProcSubset=pid hides /proc/driver/nvidia and /proc/devices".to_owned());
+    }
+    // Nothing masks what is read.
+    for key in ["InaccessiblePaths", "TemporaryFileSystem"] {
+        for entry in list(&s, key) {
+            let dir = entry.trim_start_matches(['-', '+']);
+            let dir = Path::new(dir.split(':').next().unwrap_or(dir));
+            for p in paths.iter().filter(|p| p.starts_with(dir)) {
+                problems.push(format!("{key}={entry} hides {}", p.display()));
+            }
+        }
+    }
+    // Remote verifiers reach the attestation listener.
+    if defaults.attestation.enabled && !defaults.attestation.listen.ip().is_loopback() {
+        let deny = list(&s, "IPAddressDeny");
+        let allow = list(&s, "IPAddressAllow");
+        if !deny.is_empty() && !allow.iter().any(|a| a == "any") {
+            problems.push(format!(
+                "IPAddressDeny={deny:?} with IPAddressAllow={allow:?} drops verifiers of {}",
+                defaults.attestation.listen
+            ));
+        }
+        if is_true(last("PrivateNetwork")) {
+            problems.push("PrivateNetwork=yes: no verifier can connect".to_owned());
+        }
+        let family = if defaults.attestation.listen.is_ipv4() {
+            "AF_INET"
+        } else {
+            "AF_INET6"
+        };
+        if !list(&s, "RestrictAddressFamilies")
+            .iter()
+            .any(|f| f == family)
+        {
+            problems.push(format!("RestrictAddressFamilies= lacks {family}"));
+        }
+    }
+    // tpm2-tss's udev rules make /dev/tpmrm0 tss:tss 0660; ccnoded is root
+    // without CAP_DAC_OVERRIDE, so it needs the group.
+    if defaults.attestation.enabled && !list(&s, "SupplementaryGroups").iter().any(|g| g == "tss") {
+        problems.push("SupplementaryGroups= lacks tss (/dev/tpmrm0 is tss:tss 0660)".to_owned());
+    }
+    problems
+}
+
+#[test]
+fn unit_allows_the_devices_and_files_the_default_config_needs() {
+    let problems = hardware_problems(&unit_text());
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+#[test]
+fn hardware_checks_catch_a_tightened_unit() {
+    let unit = unit_text();
+    let without = |prefix: &str| -> String {
+        unit.lines()
+            .filter(|l| !l.starts_with(prefix))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    let cases = [
+        (
+            unit.replace(
+                "DevicePolicy=closed",
+                "PrivateDevices=yes\nDevicePolicy=closed",
+            ),
+            "PrivateDevices=yes",
+        ),
+        (without("DeviceAllow=/dev/tpmrm0"), "/dev/tpmrm0"),
+        (without("DeviceAllow=char-nvidia rw"), "char-nvidia rw"),
+        (without("DeviceAllow=char-nvidia-caps"), "char-nvidia-caps"),
+        (
+            unit.replace("DeviceAllow=/dev/tpmrm0 rw", "DeviceAllow=/dev/tpmrm0 r"),
+            "/dev/tpmrm0 rw",
+        ),
+        (
+            format!("{unit}\n[Service]\nDeviceAllow=\n"),
+            "char-nvidiactl",
+        ),
+        (
+            unit.replace("ProcSubset=all", "ProcSubset=pid"),
+            "ProcSubset=pid",
+        ),
+        (
+            format!("{unit}\n[Service]\nInaccessiblePaths=/proc/driver\n"),
+            "/proc/driver/nvidia/params",
+        ),
+        (
+            format!("{unit}\n[Service]\nIPAddressDeny=any\nIPAddressAllow=localhost\n"),
+            "IPAddressDeny=",
+        ),
+        (without("SupplementaryGroups=tss"), "tss"),
+        (without("ReadOnlyPaths=/dev"), "ReadOnlyPaths=/dev"),
+    ];
+    for (broken, want) in cases {
+        let problems = hardware_problems(&broken).join("\n");
+        assert!(problems.contains(want), "{want} not caught:\n{problems}");
+    }
+}
+
 // --- sysusers and tmpfiles ----------------------------------------------------
 
 /// The entries of a passwd or group file, by name.
@@ -342,6 +542,8 @@ fn sysusers_creates_the_admin_group_and_the_worker_user() {
     let groups = db(&root.path().join("etc/group"));
     let users = db(&root.path().join("etc/passwd"));
     assert!(groups.contains_key("ccnode-admin"), "{groups:?}");
+    // The unit's SupplementaryGroups=tss must exist wherever it runs.
+    assert!(groups.contains_key("tss"), "{groups:?}");
     // name:x:uid:gid:gecos:home:shell
     let worker = users
         .get("ccnode-worker")
