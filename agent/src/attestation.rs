@@ -56,6 +56,86 @@ pub enum StartError {
     Tpm(#[source] TpmError),
     #[error("cannot measure the node policy into the TPM")]
     Measure(#[source] TpmError),
+    #[error("attestation TLS: {0}")]
+    Tls(String),
+}
+
+/// Largest certificate or key file read.
+const MAX_PEM_FILE: u64 = 1024 * 1024;
+
+/// The endpoint's TLS: the acceptor and the digest verifiers pin.
+#[derive(Clone)]
+pub struct Tls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    /// sha256 of the leaf certificate's SubjectPublicKeyInfo, hex.
+    pub spki_sha256: String,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("spki_sha256", &self.spki_sha256)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Loads `tls_cert` and `tls_key` when configured. TLS 1.2 and 1.3 with
+/// rustls's safe defaults (ring), HTTP/1.1 by ALPN.
+pub fn load_tls(cfg: &AttestationConfig) -> Result<Option<Tls>, StartError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else {
+        return Ok(None);
+    };
+    let bounded = |p: &std::path::Path| -> Result<Vec<u8>, StartError> {
+        use std::io::Read;
+        let f = std::fs::File::open(p)
+            .map_err(|e| StartError::Tls(format!("cannot open {}: {e}", p.display())))?;
+        let mut bytes = Vec::new();
+        f.take(MAX_PEM_FILE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| StartError::Tls(format!("cannot read {}: {e}", p.display())))?;
+        if bytes.len() as u64 > MAX_PEM_FILE {
+            return Err(StartError::Tls(format!(
+                "{} is larger than {MAX_PEM_FILE} bytes",
+                p.display()
+            )));
+        }
+        Ok(bytes)
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bounded(cert)?)
+        .collect::<Result<_, _>>()
+        .map_err(|e| StartError::Tls(format!("{}: {e}", cert.display())))?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| StartError::Tls(format!("{} holds no certificate", cert.display())))?;
+    let spki = {
+        use der::{Decode, Encode};
+        let c = x509_cert::Certificate::from_der(leaf)
+            .map_err(|e| StartError::Tls(format!("{}: {e}", cert.display())))?;
+        c.tbs_certificate
+            .subject_public_key_info
+            .to_der()
+            .map_err(|e| StartError::Tls(format!("{}: {e}", cert.display())))?
+    };
+    let spki_sha256 = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&spki))
+    };
+    let key_der = PrivateKeyDer::from_pem_slice(&bounded(key)?)
+        .map_err(|e| StartError::Tls(format!("{}: {e}", key.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StartError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der)
+        .map_err(|e| StartError::Tls(format!("certificate and key: {e}")))?;
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Some(Tls {
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+        spki_sha256,
+    }))
 }
 
 /// The digest of the node policy: the parts of the configuration that decide
@@ -215,6 +295,7 @@ struct Ctx {
     gpu: Option<Arc<GpuMonitor>>,
     config_digest: String,
     policy_digest: String,
+    tls_spki_sha256: Option<String>,
     timeout: Duration,
     slots: Arc<Semaphore>,
     limiter: Limiter,
@@ -245,12 +326,14 @@ pub async fn serve(
     attester: Arc<Attester>,
     node: Arc<Node>,
     gpu: Option<Arc<GpuMonitor>>,
+    tls: Option<Tls>,
     config: &Config,
     stop: CancellationToken,
     grace: Duration,
 ) {
     let cfg = &config.attestation;
     let ctx = Arc::new(Ctx {
+        tls_spki_sha256: tls.as_ref().map(|t| t.spki_sha256.clone()),
         attester,
         node,
         gpu,
@@ -295,9 +378,37 @@ pub async fn serve(
             let ctx = ctx.clone();
             async move { Ok::<_, Infallible>(handle(&ctx, peer.ip(), req).await) }
         });
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let tls = tls.clone();
+        let handshake_timeout = cfg.request_timeout;
         tokio::spawn(async move {
-            if let Err(err) = conn.await {
+            let served = match tls {
+                None => {
+                    watcher
+                        .watch(builder.serve_connection(TokioIo::new(stream), service))
+                        .await
+                }
+                Some(tls) => {
+                    match tokio::time::timeout(handshake_timeout, tls.acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(s)) => {
+                            watcher
+                                .watch(builder.serve_connection(TokioIo::new(s), service))
+                                .await
+                        }
+                        Ok(Err(err)) => {
+                            tracing::debug!(error = %err, "attestation TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!("attestation TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(err) = served {
                 tracing::debug!(error = %err, "attestation connection ended with an error");
             }
             drop(permit);
@@ -529,7 +640,7 @@ fn claims(ctx: &Ctx) -> Claims {
         gpu,
         drift,
         models: Vec::new(),
-        tls_spki_sha256: None,
+        tls_spki_sha256: ctx.tls_spki_sha256.clone(),
         tee_kind: String::new(),
     }
 }

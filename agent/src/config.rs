@@ -500,6 +500,11 @@ pub struct AttestationConfig {
     /// Time a client has to send its request, and the TPM to answer.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Serve TLS with this certificate chain (PEM, leaf first) and key
+    /// (PEM, PKCS#8, SEC1 or PKCS#1); both or neither. The sha256 of the
+    /// leaf's SubjectPublicKeyInfo is then in the claims.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for AttestationConfig {
@@ -520,6 +525,8 @@ impl Default for AttestationConfig {
             global_rate: 50.0,
             global_burst: 100,
             request_timeout: Duration::from_secs(10),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -828,6 +835,16 @@ impl Config {
             1_000_000,
         )?;
         check_timeout("attestation.request_timeout", at.request_timeout)?;
+        if at.tls_cert.is_some() != at.tls_key.is_some() {
+            return Err(ConfigError::invalid(
+                if at.tls_cert.is_some() {
+                    "attestation.tls_key"
+                } else {
+                    "attestation.tls_cert"
+                },
+                "tls_cert and tls_key go together",
+            ));
+        }
         if gpu.health.critical_xids.len() > 256 {
             return Err(ConfigError::invalid(
                 "gpu.health.critical_xids",

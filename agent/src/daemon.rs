@@ -84,7 +84,7 @@ impl DaemonError {
             }
             DaemonError::Gpu(ccnode_gpu::GpuError::SimSpec { .. }) => exit::CONFIG,
             DaemonError::Gpu(_) => exit::UNAVAILABLE,
-            DaemonError::Attestation(StartError::Config(_)) => exit::CONFIG,
+            DaemonError::Attestation(StartError::Config(_) | StartError::Tls(_)) => exit::CONFIG,
             DaemonError::Attestation(StartError::Tpm(e) | StartError::Measure(e))
                 if e.code() == "event_log" =>
             {
@@ -238,6 +238,17 @@ async fn serve(
             addr: config.http.listen,
             source,
         })?;
+    let attestation_tls = match &attester {
+        Some(_) => {
+            crate::attestation::load_tls(&config.attestation).map_err(DaemonError::Attestation)?
+        }
+        None => None,
+    };
+    let scheme = if attestation_tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let attestation_listener = match &attester {
         None => None,
         Some(_) => {
@@ -283,7 +294,7 @@ async fn serve(
     let metrics_url = format!("http://{http_addr}/metrics");
     let attestation_url = attestation_listener
         .as_ref()
-        .map(|(_, a)| format!("http://{a}/v1/attestation"));
+        .map(|(_, a)| format!("{scheme}://{a}/v1/attestation"));
     let socket_path = admin.path().display().to_string();
     let ctx = Arc::new(AdminContext::new(
         node.clone(),
@@ -315,7 +326,17 @@ async fn serve(
             let config = config.clone();
             let stop = stop.clone();
             Some(tokio::spawn(async move {
-                crate::attestation::serve(listener, attester, node, gpu, &config, stop, grace).await
+                crate::attestation::serve(
+                    listener,
+                    attester,
+                    node,
+                    gpu,
+                    attestation_tls,
+                    &config,
+                    stop,
+                    grace,
+                )
+                .await
             }))
         }
         _ => None,

@@ -328,3 +328,119 @@ fn many_verifiers_at_once_each_get_their_own_fresh_answer() {
         assert!(r.passed(), "{:?}", r.failed());
     }
 }
+
+/// A self-signed P-256 certificate for 127.0.0.1 and its key, made by
+/// openssl (independent of ccnoded's TLS code).
+fn self_signed(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let cert = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    let out = std::process::Command::new(ccnode_testkit::tool("openssl"))
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=ccnode-test"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    (cert, key)
+}
+
+/// sha256 of the certificate's SubjectPublicKeyInfo, by openssl.
+fn openssl_spki_sha256(cert: &std::path::Path) -> String {
+    let sh = format!(
+        "openssl x509 -in '{}' -pubkey -noout | openssl pkey -pubin -outform DER | sha256sum",
+        cert.display()
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-c", &sh])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+#[test]
+fn over_tls_the_claims_pin_the_connection_to_the_attested_node() {
+    let tpm = Swtpm::start();
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(certs.path(), "node");
+    let node = attested_node(
+        &tpm,
+        &format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let u = url(&node);
+    assert!(u.starts_with("https://127.0.0.1:"), "{u}");
+    let roots = ccnode_attest::client::load_roots(&cert).unwrap();
+    let n = nonce(20);
+    let fetched = ccnode_attest::client::fetch(&u, &n, PATIENCE, Some(&roots)).unwrap();
+    let e = Evidence::from_json(&fetched.body).unwrap();
+    let expected = openssl_spki_sha256(&cert);
+    assert_eq!(e.claims.tls_spki_sha256.as_deref(), Some(expected.as_str()));
+    assert_eq!(fetched.tls_spki_sha256.as_deref(), Some(expected.as_str()));
+    let p = policy(&ak_digest(&e), "");
+    let mut result = verify(&e, &n, &p, SystemTime::now());
+    ccnode_attest::verify::check_tls_binding(&mut result, &expected);
+    assert!(result.passed(), "{:?}", result.failed());
+    // Evidence relayed through another TLS endpoint fails the binding.
+    let mut relayed = verify(&e, &n, &p, SystemTime::now());
+    ccnode_attest::verify::check_tls_binding(&mut relayed, &"cd".repeat(32));
+    assert_eq!(relayed.failed(), ["tls_binding"]);
+
+    // Another CA does not get through the handshake; plain HTTP gets no
+    // evidence from the TLS port.
+    let (other, _) = self_signed(certs.path(), "other");
+    let other_roots = ccnode_attest::client::load_roots(&other).unwrap();
+    let err = ccnode_attest::client::fetch(&u, &nonce(21), PATIENCE, Some(&other_roots))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("handshake"), "{err}");
+    let plain = u.replacen("https://", "http://", 1);
+    assert!(fetch_evidence(&plain, &nonce(22), PATIENCE).is_err());
+    // https without roots is refused before connecting.
+    assert!(ccnode_attest::client::fetch(&u, &nonce(23), PATIENCE, None).is_err());
+}
+
+#[test]
+fn tls_settings_are_checked_at_start() {
+    let mut node = TestNode::new(env!("CARGO_BIN_EXE_ccnoded"))
+        .with_attestation("enabled = true\ntls_cert = \"/nonexistent.crt\"");
+    let (status, log) = node.run_to_exit();
+    assert_eq!(status.code(), Some(78), "{log}");
+    assert!(log.contains("attestation.tls_key"), "{log}");
+
+    let tpm = Swtpm::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, _) = self_signed(dir.path(), "a");
+    let (_, wrong_key) = self_signed(dir.path(), "b");
+    let mut node = TestNode::new(env!("CARGO_BIN_EXE_ccnoded")).with_attestation(&format!(
+        "enabled = true\nlisten = \"127.0.0.1:0\"\ntcti = \"{}\"\nfirmware_log = \"\"\ntls_cert = \"{}\"\ntls_key = \"{}\"",
+        tpm.tcti(),
+        cert.display(),
+        wrong_key.display()
+    ));
+    let (status, log) = node.run_to_exit();
+    assert_eq!(
+        status.code(),
+        Some(78),
+        "a key that is not the certificate's: {log}"
+    );
+    assert!(
+        log.contains("attestation TLS") && log.contains("certificate and key"),
+        "{log}"
+    );
+}

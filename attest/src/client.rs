@@ -1,10 +1,11 @@
 //! A minimal blocking HTTP/1.1 client for `ccnode-verify attest`: one POST
-//! of `{"nonce": base64}` to the node's attestation endpoint over plain
-//! HTTP (`http://` URLs only), with a connect/read/write timeout and a cap
-//! on the response size. Chunked and Content-Length responses are read.
-//! HTTPS is not implemented: run the verifier on a trusted path, or pin
-//! the node's TLS key through the `tls_spki_sha256` claim once the endpoint
-//! serves TLS.
+//! of `{"nonce": base64}` to the node's attestation endpoint, over plain
+//! HTTP or HTTPS (rustls, trusting the roots the caller gives), with a
+//! connect/read/write timeout and a cap on the response size. Chunked and
+//! Content-Length responses are read. Over HTTPS, [`Fetched`] carries the
+//! sha256 of the server's SubjectPublicKeyInfo, which the verifier compares
+//! with the `tls_spki_sha256` claim ([`crate::verify::check_tls_binding`]):
+//! the connection is then pinned to the attested node.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -40,12 +41,63 @@ pub enum FetchError {
     Malformed(String),
     #[error("the node answered {status}: {body}")]
     Status { status: u16, body: String },
+    #[error("tls: {0}")]
+    Tls(String),
 }
 
 struct Url {
     host: String,
     port: u16,
     path: String,
+    tls: bool,
+}
+
+/// A response body and, over HTTPS, the server key it came through.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub body: Vec<u8>,
+    /// sha256 of the server certificate's SubjectPublicKeyInfo, hex.
+    pub tls_spki_sha256: Option<String>,
+}
+
+/// Largest CA file read.
+const MAX_CA_FILE: u64 = 1024 * 1024;
+
+/// Reads trusted root certificates (PEM) for HTTPS.
+pub fn load_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, FetchError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let bad = |m: String| FetchError::Tls(format!("{}: {m}", path.display()));
+    let f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let mut bytes = Vec::new();
+    f.take(MAX_CA_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| bad(e.to_string()))?;
+    if bytes.len() as u64 > MAX_CA_FILE {
+        return Err(bad(format!("larger than {MAX_CA_FILE} bytes")));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&bytes) {
+        let cert = cert.map_err(|e| bad(e.to_string()))?;
+        roots.add(cert).map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no certificate".into()));
+    }
+    Ok(roots)
+}
+
+/// sha256 of a DER certificate's SubjectPublicKeyInfo, hex.
+pub fn spki_sha256_of_cert(der_cert: &[u8]) -> Result<String, String> {
+    use der::{Decode, Encode};
+    use sha2::Digest;
+    let c = x509_cert::Certificate::from_der(der_cert).map_err(|e| e.to_string())?;
+    let spki = c
+        .tbs_certificate
+        .subject_public_key_info
+        .to_der()
+        .map_err(|e| e.to_string())?;
+    Ok(hex::encode(sha2::Sha256::digest(spki)))
 }
 
 fn parse_url(url: &str) -> Result<Url, FetchError> {
@@ -56,9 +108,14 @@ fn parse_url(url: &str) -> Result<Url, FetchError> {
     if url.len() > 2048 {
         return Err(bad("longer than 2048 bytes"));
     }
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| bad("only http:// URLs are supported"))?;
+    let (rest, tls) = if let Some(r) = url.strip_prefix("http://") {
+        (r, false)
+    } else if let Some(r) = url.strip_prefix("https://") {
+        (r, true)
+    } else {
+        return Err(bad("only http:// and https:// URLs are supported"));
+    };
+    let default_port = if tls { 443 } else { 80 };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -73,28 +130,48 @@ fn parse_url(url: &str) -> Result<Url, FetchError> {
         let (h, p) = v6.split_once(']').ok_or_else(|| bad("unclosed ["))?;
         let port = match p.strip_prefix(':') {
             Some(p) => p.parse().map_err(|_| bad("bad port"))?,
-            None if p.is_empty() => 80,
+            None if p.is_empty() => default_port,
             None => return Err(bad("junk after ]")),
         };
         (h.to_string(), port)
     } else {
         match authority.rsplit_once(':') {
             Some((h, p)) => (h.to_string(), p.parse().map_err(|_| bad("bad port"))?),
-            None => (authority.to_string(), 80),
+            None => (authority.to_string(), default_port),
         }
     };
     Ok(Url {
         host,
         port,
         path: path.to_string(),
+        tls,
     })
 }
 
-/// POSTs `{"nonce": base64(nonce)}` to `url` and returns the 200 response
-/// body. Every step (connect, write, each read) is bounded by `timeout`, and
-/// the whole exchange by twice that.
+/// POSTs `{"nonce": base64(nonce)}` to a plain `http://` `url` and returns
+/// the 200 response body (see [`fetch`]).
 pub fn fetch_evidence(url: &str, nonce: &[u8], timeout: Duration) -> Result<Vec<u8>, FetchError> {
+    Ok(fetch(url, nonce, timeout, None)?.body)
+}
+
+/// POSTs `{"nonce": base64(nonce)}` to `url` and returns the 200 response
+/// body. `https://` URLs need `roots`: the server's certificate must chain
+/// to one of them and name the URL's host. Every step (connect, handshake,
+/// write, each read) is bounded by `timeout`, and the whole exchange by
+/// twice that.
+pub fn fetch(
+    url: &str,
+    nonce: &[u8],
+    timeout: Duration,
+    roots: Option<&rustls::RootCertStore>,
+) -> Result<Fetched, FetchError> {
     let u = parse_url(url)?;
+    if u.tls && roots.is_none() {
+        return Err(FetchError::Url {
+            url: url.to_string(),
+            reason: "https needs trusted roots (ccnode-verify attest --ca FILE)".into(),
+        });
+    }
     let addr_text = format!("{}:{}", u.host, u.port);
     let addrs: Vec<_> = (u.host.as_str(), u.port)
         .to_socket_addrs()
@@ -114,7 +191,7 @@ pub fn fetch_evidence(url: &str, nonce: &[u8], timeout: Duration) -> Result<Vec<
             Err(e) => last = Some(e),
         }
     }
-    let mut s = stream.ok_or_else(|| FetchError::Connect {
+    let tcp = stream.ok_or_else(|| FetchError::Connect {
         addr: addr_text.clone(),
         source: last.unwrap_or_else(|| std::io::Error::other("no address")),
     })?;
@@ -122,8 +199,37 @@ pub fn fetch_evidence(url: &str, nonce: &[u8], timeout: Duration) -> Result<Vec<
         addr: addr_text.clone(),
         source,
     };
-    s.set_read_timeout(Some(timeout)).map_err(io)?;
-    s.set_write_timeout(Some(timeout)).map_err(io)?;
+    tcp.set_read_timeout(Some(timeout)).map_err(io)?;
+    tcp.set_write_timeout(Some(timeout)).map_err(io)?;
+    let (mut s, tls_conn): (Box<dyn ReadWrite>, _) = match roots {
+        Some(roots) if u.tls => {
+            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| FetchError::Tls(e.to_string()))?
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let name = rustls::pki_types::ServerName::try_from(u.host.clone())
+                .map_err(|e| FetchError::Tls(format!("server name {:?}: {e}", u.host)))?;
+            let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
+                .map_err(|e| FetchError::Tls(e.to_string()))?;
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            while tls.conn.is_handshaking() {
+                tls.conn
+                    .complete_io(&mut tls.sock)
+                    .map_err(|e| FetchError::Tls(format!("handshake with {addr_text}: {e}")))?;
+            }
+            let spki = tls
+                .conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .ok_or_else(|| FetchError::Tls("the server sent no certificate".into()))
+                .and_then(|c| spki_sha256_of_cert(c).map_err(FetchError::Tls))?;
+            (Box::new(tls), Some(spki))
+        }
+        _ => (Box::new(tcp), None),
+    };
     let body = serde_json::json!({
         "nonce": base64::engine::general_purpose::STANDARD.encode(nonce)
     })
@@ -150,7 +256,14 @@ pub fn fetch_evidence(url: &str, nonce: &[u8], timeout: Duration) -> Result<Vec<
                 "the response took too long",
             )));
         }
-        let n = s.read(&mut chunk).map_err(io)?;
+        let n = match s.read(&mut chunk) {
+            Ok(n) => n,
+            // A TLS peer that closes without close_notify: the body's
+            // length is checked against Content-Length (or the last
+            // chunk) below, so truncation is still caught.
+            Err(e) if tls_conn.is_some() && e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(io(e)),
+        };
         if n == 0 {
             break;
         }
@@ -159,8 +272,14 @@ pub fn fetch_evidence(url: &str, nonce: &[u8], timeout: Duration) -> Result<Vec<
             return Err(FetchError::TooLarge);
         }
     }
-    parse_response(&raw)
+    Ok(Fetched {
+        body: parse_response(&raw)?,
+        tls_spki_sha256: tls_conn,
+    })
 }
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
 
 fn parse_response(raw: &[u8]) -> Result<Vec<u8>, FetchError> {
     let bad = |m: &str| FetchError::Malformed(m.to_string());
@@ -250,9 +369,12 @@ mod tests {
         let u = parse_url("http://[::1]:8/x").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("::1", 8));
         assert_eq!(parse_url("http://node").unwrap().port, 80);
+        let u = parse_url("https://node/v1/attestation").unwrap();
+        assert!(u.tls && !parse_url("http://node/").unwrap().tls);
+        assert_eq!(u.port, 443);
         for bad in [
-            "https://x/",
             "ftp://x",
+            "https://",
             "http://",
             "http://a@b/",
             "http://x:y/",

@@ -104,6 +104,34 @@ impl AttestationResult {
     }
 }
 
+/// Adds the `tls_binding` check: the evidence came over a TLS connection
+/// whose server key (`peer_spki_sha256`, hex) is the one the node claims
+/// (`tls_spki_sha256`), so the connection was to the attested node.
+pub fn check_tls_binding(result: &mut AttestationResult, peer_spki_sha256: &str) {
+    let (status, message) = match result.claims.tls_spki_sha256.as_deref() {
+        Some(claimed) if claimed.eq_ignore_ascii_case(peer_spki_sha256) => (
+            Status::Pass,
+            format!("the server key {peer_spki_sha256} is the attested one"),
+        ),
+        Some(claimed) => (
+            Status::Fail,
+            format!("the server key is {peer_spki_sha256}, the node claims {claimed}"),
+        ),
+        None => (
+            Status::Fail,
+            "the node claims no TLS key, but answered over TLS".to_string(),
+        ),
+    };
+    if status == Status::Fail {
+        result.verdict = Verdict::Fail;
+    }
+    result.checks.push(Check {
+        name: "tls_binding",
+        status,
+        message,
+    });
+}
+
 /// The verifier's policy (`verifier.toml`; see attest/examples/verifier.toml).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VerifierPolicy {

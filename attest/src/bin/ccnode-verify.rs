@@ -74,9 +74,13 @@ struct EvidenceArgs {
 #[derive(Args)]
 struct AttestArgs {
     /// The node's attestation endpoint, e.g.
-    /// http://127.0.0.1:9100/v1/attestation (plain HTTP only).
+    /// http://127.0.0.1:9861/v1/attestation, or https://... with --ca.
     #[arg(long)]
     url: String,
+    /// Trusted root certificates (PEM) for an https:// URL. The server's key
+    /// must also be the one the node claims (check tls_binding).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
     /// The verifier policy (TOML; see attest/examples/verifier.toml).
     #[arg(long, value_name = "FILE")]
     policy: PathBuf,
@@ -308,19 +312,25 @@ fn attest_main(args: &AttestArgs) -> ExitCode {
         let policy = load_policy(&args.policy)?;
         let mut nonce = [0u8; 32];
         rand_core::OsRng.fill_bytes(&mut nonce);
-        let bytes = client::fetch_evidence(&args.url, &nonce, args.timeout)
+        let roots = args
+            .ca
+            .as_deref()
+            .map(client::load_roots)
+            .transpose()
+            .map_err(|e| Failure(4, "io", error_chain(&e)))?;
+        let fetched = client::fetch(&args.url, &nonce, args.timeout, roots.as_ref())
             .map_err(|e| Failure(5, "fetch", error_chain(&e)))?;
+        let bytes = fetched.body;
         if let Some(path) = &args.save {
             std::fs::write(path, &bytes)
                 .map_err(|e| Failure(4, "io", format!("cannot write {}: {e}", path.display())))?;
         }
         let evidence = parse_evidence(&bytes)?;
-        Ok(verify::verify(
-            &evidence,
-            &nonce,
-            &policy,
-            SystemTime::now(),
-        ))
+        let mut result = verify::verify(&evidence, &nonce, &policy, SystemTime::now());
+        if let Some(spki) = &fetched.tls_spki_sha256 {
+            verify::check_tls_binding(&mut result, spki);
+        }
+        Ok(result)
     };
     match run() {
         Ok(result) => report(&result, args.json),
