@@ -444,3 +444,62 @@ fn tls_settings_are_checked_at_start() {
         "{log}"
     );
 }
+
+/// `ccnode-verify`, built next to `ccnoded` by a workspace build (as
+/// `./scripts/test.sh` and CI do).
+fn ccnode_verify() -> std::path::PathBuf {
+    let p = std::path::Path::new(env!("CARGO_BIN_EXE_ccnoded")).with_file_name("ccnode-verify");
+    assert!(
+        p.is_file(),
+        "{} is missing: build the workspace (cargo build --workspace) first",
+        p.display()
+    );
+    p
+}
+
+#[test]
+fn ccnode_verify_attest_passes_against_ccnoded_and_fails_a_stranger_ak() {
+    let tpm = Swtpm::start();
+    let node = attested_node(&tpm, "");
+    let ak = ak_digest(&fetch(&node, &nonce(30)));
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        format!("allowed_aks = [\"sha256:{ak}\"]\nallow_simulated_tee = true\n"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(ccnode_verify())
+        .args(["attest", "--json", "--url", &url(&node), "--policy"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    let result: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(out.status.code(), Some(0), "{result}");
+    assert_eq!(result["verdict"], "pass");
+    assert_eq!(result["ak_spki_sha256"], ak);
+
+    let stranger = dir.path().join("stranger.toml");
+    std::fs::write(
+        &stranger,
+        format!(
+            "allowed_aks = [\"{}\"]\nallow_simulated_tee = true\n",
+            "ef".repeat(32)
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(ccnode_verify())
+        .args(["attest", "--url", &url(&node), "--policy"])
+        .arg(&stranger)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("policy_ak") && l.contains("FAIL")),
+        "{table}"
+    );
+}
