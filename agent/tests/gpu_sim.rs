@@ -133,11 +133,18 @@ fn audited(node: &TestNode, command: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Waits for at least one `command` record.
 fn wait_audit(node: &TestNode, command: &str) -> Vec<Value> {
+    wait_audit_n(node, command, 1)
+}
+
+/// Waits for at least `n` `command` records: findings are audited one by
+/// one after the scrape that shows them.
+fn wait_audit_n(node: &TestNode, command: &str, n: usize) -> Vec<Value> {
     let deadline = Instant::now() + PATIENCE;
     loop {
         let found = audited(node, command);
-        if !found.is_empty() {
+        if found.len() >= n {
             return found;
         }
         assert!(
@@ -221,7 +228,7 @@ fn drift_at_run_time_blocks_workers_and_clears_when_the_driver_is_back() {
     );
     assert!(text.contains("action=\"alert\""), "{text}");
     assert_eq!(value(&text, "ccnode_gpu_workers_blocked"), Some(1.0));
-    let records = wait_audit(&node, "gpu_drift");
+    let records = wait_audit_n(&node, "gpu_drift", 3);
     assert_eq!(records.len(), 3, "{records:?}");
     let results: Vec<_> = records.iter().map(|r| r["result"].clone()).collect();
     assert!(results.contains(&"block".into()) && results.contains(&"alert".into()));
@@ -238,7 +245,7 @@ fn drift_at_run_time_blocks_workers_and_clears_when_the_driver_is_back() {
         value(t, "ccnode_gpu_drift_fields") == Some(0.0)
     });
     assert_eq!(value(&text, "ccnode_gpu_workers_blocked"), Some(0.0));
-    assert_eq!(wait_audit(&node, "gpu_drift_cleared").len(), 3);
+    assert_eq!(wait_audit_n(&node, "gpu_drift_cleared", 3).len(), 3);
 }
 
 #[test]
@@ -381,7 +388,7 @@ fn a_mig_layout_change_shows_in_the_series_and_the_audit_log() {
     let text = wait_scrape(&node, "new MIG layout", |t| count(t) == 2);
     assert!(text.contains("profile=\"3g.40gb\""), "{text}");
     assert!(!text.contains("profile=\"1g.10gb\""));
-    let changes = wait_audit(&node, "gpu_mig_changed");
+    let changes = wait_audit_n(&node, "gpu_mig_changed", 2);
     let reasons: Vec<_> = changes
         .iter()
         .map(|r| r["reason"].as_str().unwrap())
