@@ -21,7 +21,7 @@ use base64::Engine as _;
 use ccnode_attest::eventlog::ccnode::{event_type, LogStatus};
 use ccnode_attest::tee::{SimulatedTee, Tee};
 use ccnode_attest::tpm::{TpmError, TpmService};
-use ccnode_attest::{AttestError, Attester, Claims};
+use ccnode_attest::{AttestError, Attester, Claims, Evidence};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
@@ -30,7 +30,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AttestationConfig, Config, TeeChoice};
@@ -288,17 +288,95 @@ impl Limiter {
     }
 }
 
+/// What claims are made of, and who makes evidence of them.
 #[derive(Debug)]
-struct Ctx {
+struct Source {
     attester: Arc<Attester>,
     node: Arc<Node>,
     gpu: Option<Arc<GpuMonitor>>,
     config_digest: String,
     policy_digest: String,
     tls_spki_sha256: Option<String>,
+}
+
+#[derive(Debug)]
+struct Ctx {
+    node: Arc<Node>,
     timeout: Duration,
     slots: Arc<Semaphore>,
     limiter: Limiter,
+    batcher: mpsc::Sender<Job>,
+}
+
+/// Why a request got no evidence.
+#[derive(Debug)]
+struct Failure {
+    code: &'static str,
+    message: String,
+}
+
+/// One verifier waiting for evidence.
+#[derive(Debug)]
+struct Job {
+    nonce: Vec<u8>,
+    reply: oneshot::Sender<Result<Evidence, Failure>>,
+}
+
+/// The one task that talks to the attester. It takes the first request
+/// waiting, and with it every other request queued by then (up to `max`):
+/// one quote answers them all ([`Attester::attest_batch`]), each with its
+/// own inclusion proof. A lone verifier gets a quote of its own at once;
+/// while the TPM works, the next batch gathers.
+async fn run_batcher(source: Arc<Source>, mut rx: mpsc::Receiver<Job>, max: usize) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        while jobs.len() < max {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        // Verifiers that gave up (timeout, disconnect) get no share.
+        jobs.retain(|j| !j.reply.is_closed());
+        if jobs.is_empty() {
+            continue;
+        }
+        let nonces: Vec<Vec<u8>> = jobs.iter().map(|j| j.nonce.clone()).collect();
+        let claims = claims(&source);
+        let attester = source.attester.clone();
+        let started = Instant::now();
+        let produced = tokio::task::spawn_blocking(move || attester.attest_batch(&nonces, claims))
+            .await
+            .expect("attestation does not panic");
+        let metrics = source.node.metrics();
+        metrics
+            .attestation_seconds
+            .observe(started.elapsed().as_secs_f64());
+        metrics.attestation_batch_size.observe(jobs.len() as f64);
+        match produced {
+            Ok(answers) => {
+                for (job, evidence) in jobs.into_iter().zip(answers) {
+                    let _ = job.reply.send(Ok(evidence));
+                }
+            }
+            Err(err) => {
+                let code = match &err {
+                    AttestError::Nonce(_) => "bad_nonce",
+                    other => other.code(),
+                };
+                let message = crate::error_chain(&err);
+                if code != "bad_nonce" {
+                    tracing::error!(error = %message, code, "attestation failed");
+                }
+                for job in jobs {
+                    let _ = job.reply.send(Err(Failure {
+                        code,
+                        message: message.clone(),
+                    }));
+                }
+            }
+        }
+    }
 }
 
 /// The bound attestation listener.
@@ -332,16 +410,23 @@ pub async fn serve(
     grace: Duration,
 ) {
     let cfg = &config.attestation;
-    let ctx = Arc::new(Ctx {
+    let source = Arc::new(Source {
         tls_spki_sha256: tls.as_ref().map(|t| t.spki_sha256.clone()),
         attester,
-        node,
+        node: node.clone(),
         gpu,
         config_digest: config.source_digest.clone().unwrap_or_default(),
         policy_digest: policy_digest(config),
+    });
+    // Every request holding a slot fits in the queue: a send never waits.
+    let (batcher, queue) = mpsc::channel(cfg.max_concurrent);
+    tokio::spawn(run_batcher(source, queue, cfg.batch_max));
+    let ctx = Arc::new(Ctx {
+        node,
         timeout: cfg.request_timeout,
         slots: Arc::new(Semaphore::new(cfg.max_concurrent)),
         limiter: Limiter::new(cfg),
+        batcher,
     });
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let graceful = GracefulShutdown::new();
@@ -559,31 +644,32 @@ async fn handle_inner(ctx: &Ctx, client: IpAddr, req: Request<Incoming>) -> (&'s
             ),
         );
     };
-    let claims = claims(ctx);
-    let attester = ctx.attester.clone();
-    let started = Instant::now();
-    let job = tokio::task::spawn_blocking(move || {
-        let r = attester.attest(&nonce, claims);
-        drop(slot);
-        r
-    });
-    let produced = match tokio::time::timeout(ctx.timeout, job).await {
-        Err(_) => {
-            return (
-                "timeout",
-                error(
-                    StatusCode::GATEWAY_TIMEOUT,
+    let (reply, answer) = oneshot::channel();
+    let queued = ctx.batcher.send(Job { nonce, reply }).await;
+    let produced = match queued {
+        Err(_) => Err(Failure {
+            code: "shutting_down",
+            message: "ccnoded is shutting down".into(),
+        }),
+        Ok(()) => match tokio::time::timeout(ctx.timeout, answer).await {
+            Err(_) => {
+                return (
                     "timeout",
-                    "the TPM did not answer in time",
-                ),
-            )
-        }
-        Ok(joined) => joined.expect("attestation does not panic"),
+                    error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "timeout",
+                        "the TPM did not answer in time",
+                    ),
+                )
+            }
+            Ok(Err(_)) => Err(Failure {
+                code: "shutting_down",
+                message: "ccnoded is shutting down".into(),
+            }),
+            Ok(Ok(r)) => r,
+        },
     };
-    ctx.node
-        .metrics()
-        .attestation_seconds
-        .observe(started.elapsed().as_secs_f64());
+    drop(slot);
     match produced {
         Ok(evidence) => {
             let mut resp = Response::new(Full::new(Bytes::from(evidence.to_json())));
@@ -591,26 +677,22 @@ async fn handle_inner(ctx: &Ctx, client: IpAddr, req: Request<Incoming>) -> (&'s
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             ("ok", resp)
         }
-        Err(AttestError::Nonce(why)) => (
+        Err(Failure {
+            code: "bad_nonce",
+            message,
+        }) => (
             "bad_nonce",
-            error(StatusCode::BAD_REQUEST, "bad_nonce", &why),
+            error(StatusCode::BAD_REQUEST, "bad_nonce", &message),
         ),
-        Err(err) => {
-            tracing::error!(error = %crate::error_chain(&err), code = err.code(), "attestation failed");
-            (
-                "error",
-                error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    err.code(),
-                    &crate::error_chain(&err),
-                ),
-            )
-        }
+        Err(f) => (
+            "error",
+            error(StatusCode::INTERNAL_SERVER_ERROR, f.code, &f.message),
+        ),
     }
 }
 
 /// What this node says about itself now.
-fn claims(ctx: &Ctx) -> Claims {
+fn claims(ctx: &Source) -> Claims {
     let record = ctx.node.snapshot();
     let (gpu, drift) = match &ctx.gpu {
         None => (None, None),

@@ -489,8 +489,13 @@ pub struct AttestationConfig {
     /// The firmware event log; empty: not included.
     pub firmware_log: PathBuf,
     pub tee: TeeChoice,
-    /// Attestations produced at once; more get 503.
+    /// Verifiers being answered at once (waiting for the TPM included);
+    /// more get 503.
     pub max_concurrent: usize,
+    /// Most verifiers answered by one quote (their nonces under one Merkle
+    /// root, each answer with its own inclusion proof); 1: a quote per
+    /// request.
+    pub batch_max: usize,
     /// Per client address: sustained attestations per second, and burst.
     pub per_client_rate: f64,
     pub per_client_burst: u32,
@@ -519,7 +524,8 @@ impl Default for AttestationConfig {
             ccnode_pcr: ccnode_attest::tpm::DEFAULT_CCNODE_PCR,
             firmware_log: PathBuf::from(ccnode_attest::tpm::DEFAULT_FIRMWARE_LOG),
             tee: TeeChoice::None,
-            max_concurrent: 16,
+            max_concurrent: 256,
+            batch_max: 256,
             per_client_rate: 2.0,
             per_client_burst: 10,
             global_rate: 50.0,
@@ -810,7 +816,13 @@ impl Config {
         }
         let at = &self.attestation;
         at.tpm_config(&self.node.state_dir)?;
-        check_range("attestation.max_concurrent", at.max_concurrent, 1, 1024)?;
+        check_range("attestation.max_concurrent", at.max_concurrent, 1, 4096)?;
+        check_range(
+            "attestation.batch_max",
+            at.batch_max,
+            1,
+            ccnode_attest::merkle::MAX_BATCH,
+        )?;
         for (key, rate) in [
             ("attestation.per_client_rate", at.per_client_rate),
             ("attestation.global_rate", at.global_rate),

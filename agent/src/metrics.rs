@@ -27,6 +27,7 @@ pub struct Metrics {
     pub sandbox: IntGaugeVec,
     pub attestations: IntCounterVec,
     pub attestation_seconds: Histogram,
+    pub attestation_batch_size: Histogram,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -180,6 +181,19 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let attestation_batch_size = register(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "ccnode_attestation_batch_size",
+                    "Verifiers answered by one quote.",
+                )
+                .buckets(vec![
+                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0,
+                ]),
+            )
+            .expect("valid metric"),
+        );
         registry
             .register(Box::new(
                 prometheus::process_collector::ProcessCollector::for_self(),
@@ -199,6 +213,7 @@ impl Metrics {
             sandbox,
             attestations,
             attestation_seconds,
+            attestation_batch_size,
         }
     }
 

@@ -302,16 +302,12 @@ fn a_tpm_that_cannot_be_reached_stops_ccnoded_with_69() {
     assert!(log.contains("attestation.tcti"), "{log}");
 }
 
-#[test]
-fn many_verifiers_at_once_each_get_their_own_fresh_answer() {
-    let tpm = Swtpm::start();
-    let node = attested_node(
-        &tpm,
-        "per_client_burst = 1000\nper_client_rate = 1000.0\nmax_concurrent = 64",
-    );
-    let ak = ak_digest(&fetch(&node, &nonce(9)));
+/// 16 verifiers at once against `node`; every answer verifies with its own
+/// nonce. Returns how many answers came batched.
+fn sixteen_at_once(node: &TestNode) -> usize {
+    let ak = ak_digest(&fetch(node, &nonce(9)));
     let p = policy(&ak, "");
-    let u = url(&node);
+    let u = url(node);
     let handles: Vec<_> = (0..16u8)
         .map(|i| {
             let u = u.clone();
@@ -322,11 +318,45 @@ fn many_verifiers_at_once_each_get_their_own_fresh_answer() {
             })
         })
         .collect();
+    let mut batched = 0;
     for h in handles {
         let (n, e) = h.join().unwrap();
         let r = verify(&e, &n, &p, SystemTime::now());
         assert!(r.passed(), "{:?}", r.failed());
+        batched += usize::from(e.batch.is_some());
     }
+    // Every verifier was counted in exactly one batch.
+    let (_, metrics) = node.http_get("/metrics");
+    assert!(
+        metrics.contains("ccnode_attestation_batch_size_sum 17"),
+        "{metrics}"
+    );
+    batched
+}
+
+#[test]
+fn many_verifiers_at_once_each_get_their_own_fresh_answer() {
+    let tpm = Swtpm::start();
+    let node = attested_node(
+        &tpm,
+        "per_client_burst = 1000\nper_client_rate = 1000.0\nmax_concurrent = 64",
+    );
+    // Whether any shared a quote depends on timing; each answer verifies
+    // either way.
+    sixteen_at_once(&node);
+
+    // With batch_max = 1 every verifier gets a quote of its own.
+    let tpm = Swtpm::start();
+    let node = attested_node(
+        &tpm,
+        "per_client_burst = 1000\nper_client_rate = 1000.0\nmax_concurrent = 64\nbatch_max = 1",
+    );
+    assert_eq!(sixteen_at_once(&node), 0);
+    let (_, metrics) = node.http_get("/metrics");
+    assert!(
+        metrics.contains("ccnode_attestation_batch_size_count 17"),
+        "{metrics}"
+    );
 }
 
 /// A self-signed P-256 certificate for 127.0.0.1 and its key, made by

@@ -81,14 +81,71 @@ impl Attester {
 
     /// Produces evidence for `nonce` (16 to 64 bytes) with `claims`
     /// (`claims.tee_kind` is set here). Blocks on the TPM.
-    pub fn attest(&self, nonce: &[u8], mut claims: Claims) -> Result<Evidence, AttestError> {
+    pub fn attest(&self, nonce: &[u8], claims: Claims) -> Result<Evidence, AttestError> {
         evidence::check_nonce(nonce).map_err(AttestError::Nonce)?;
+        self.produce(claims, |cd, ak, bound| {
+            evidence::compute_binding(nonce, cd, ak, bound)
+        })
+    }
+
+    /// Answers several verifiers with one quote (and one TEE report): the
+    /// binding covers the Merkle root of their `nonces` ([`crate::merkle`]),
+    /// and each answer carries its own nonce's leaf index and audit path,
+    /// in the order of `nonces`. One nonce gets a plain [`Attester::attest`]
+    /// answer. Blocks on the TPM once.
+    pub fn attest_batch(
+        &self,
+        nonces: &[Vec<u8>],
+        claims: Claims,
+    ) -> Result<Vec<Evidence>, AttestError> {
+        match nonces {
+            [] => return Ok(Vec::new()),
+            [one] => return Ok(vec![self.attest(one, claims)?]),
+            _ => {}
+        }
+        if nonces.len() > crate::merkle::MAX_BATCH {
+            return Err(AttestError::Nonce(format!(
+                "a batch of {} nonces exceeds {}",
+                nonces.len(),
+                crate::merkle::MAX_BATCH
+            )));
+        }
+        for n in nonces {
+            evidence::check_nonce(n).map_err(AttestError::Nonce)?;
+        }
+        let leaves: Vec<[u8; 32]> = nonces.iter().map(|n| crate::merkle::leaf_hash(n)).collect();
+        let root = crate::merkle::root(&leaves).expect("at least two leaves");
+        let shared = self.produce(claims, |cd, ak, bound| {
+            evidence::compute_batch_binding(&root, cd, ak, bound)
+        })?;
+        Ok((0..leaves.len())
+            .map(|i| {
+                let mut e = shared.clone();
+                e.batch = Some(evidence::BatchProof {
+                    index: i as u32,
+                    size: leaves.len() as u32,
+                    root: hex::encode(root),
+                    path: crate::merkle::path(&leaves, i)
+                        .iter()
+                        .map(hex::encode)
+                        .collect(),
+                });
+                e
+            })
+            .collect())
+    }
+
+    fn produce(
+        &self,
+        mut claims: Claims,
+        binding_of: impl FnOnce(&[u8; 32], &[u8; 32], &[BoundEvidence]) -> Result<[u8; 32], String>,
+    ) -> Result<Evidence, AttestError> {
         claims.tee_kind = self.tee.kind().to_string();
         let claims_digest = claims.digest().map_err(AttestError::Claims)?;
         let ak = self.tpm.ak();
         // Nothing is produced before the binding yet (GPU evidence will be).
         let bound: Vec<BoundEvidence> = Vec::new();
-        let binding = evidence::compute_binding(nonce, &claims_digest, &ak.spki_sha256, &bound)
+        let binding = binding_of(&claims_digest, &ak.spki_sha256, &bound)
             .map_err(|e| AttestError::Tpm(TpmError::Unexpected(e)))?;
 
         let firmware_event_log = match &self.tpm.config().firmware_log {
@@ -127,6 +184,7 @@ impl Attester {
                 },
             },
             tee,
+            batch: None,
         })
     }
 }

@@ -19,6 +19,9 @@ use crate::jcs::{self, JcsError};
 pub const EVIDENCE_VERSION: u32 = 1;
 /// Domain separation for the binding.
 pub const BINDING_DOMAIN: &[u8] = b"ccnode-evidence-binding-v1";
+/// The binding's domain when it covers a batch of nonces (their Merkle
+/// root) rather than one nonce.
+pub const BATCH_BINDING_DOMAIN: &[u8] = b"ccnode-evidence-binding-batch-v1";
 /// Shortest verifier nonce accepted.
 pub const MIN_NONCE: usize = 16;
 /// Longest verifier nonce accepted.
@@ -167,6 +170,89 @@ pub struct Evidence {
     pub binding: String,
     pub tpm: TpmEvidence,
     pub tee: TeeEvidence,
+    /// Present when this answer shares its quote with other verifiers':
+    /// the binding then covers the Merkle root of all their nonces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchProof>,
+}
+
+/// Where this verifier's nonce sits in a batch (see [`crate::merkle`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchProof {
+    /// The leaf index of this verifier's nonce.
+    pub index: u32,
+    /// Nonces in the batch.
+    pub size: u32,
+    /// The Merkle root of the batch, hex.
+    pub root: String,
+    /// The audit path, hex, leaf side first.
+    pub path: Vec<String>,
+}
+
+impl BatchProof {
+    /// The root this proof gives for `nonce`, checked against the stated
+    /// root; the error says why not.
+    pub fn verified_root(&self, nonce: &[u8]) -> Result<[u8; 32], String> {
+        if self.size == 0 || self.size as usize > crate::merkle::MAX_BATCH {
+            return Err(format!(
+                "batch of {} nonces is outside 1..={}",
+                self.size,
+                crate::merkle::MAX_BATCH
+            ));
+        }
+        if self.path.len() > crate::merkle::MAX_PATH {
+            return Err(format!(
+                "audit path of {} entries is too long",
+                self.path.len()
+            ));
+        }
+        let path = self
+            .path
+            .iter()
+            .map(|p| {
+                hex32(p).ok_or_else(|| format!("audit path entry {p:?} is not 32 bytes of hex"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let stated = hex32(&self.root).ok_or("the batch root is not 32 bytes of hex")?;
+        let leaf = crate::merkle::leaf_hash(nonce);
+        let got = crate::merkle::root_from_path(&leaf, self.index.into(), self.size.into(), &path)
+            .ok_or_else(|| {
+                format!(
+                    "the audit path does not fit leaf {} of {}",
+                    self.index, self.size
+                )
+            })?;
+        if got != stated {
+            return Err(format!(
+                "this nonce at leaf {} of {} gives root {}, not the batch root {}",
+                self.index,
+                self.size,
+                hex::encode(got),
+                self.root
+            ));
+        }
+        Ok(got)
+    }
+}
+
+/// The binding a verifier expects for its `nonce`: over the nonce itself,
+/// or, for a batched answer, over the batch root its nonce is proven to be
+/// in (with [`BATCH_BINDING_DOMAIN`]).
+pub fn expected_binding(
+    batch: Option<&BatchProof>,
+    nonce: &[u8],
+    claims_digest: &[u8; 32],
+    ak_digest: &[u8; 32],
+    bound: &[BoundEvidence],
+) -> Result<[u8; 32], String> {
+    match batch {
+        None => compute_binding(nonce, claims_digest, ak_digest, bound),
+        Some(b) => {
+            let root = b.verified_root(nonce)?;
+            binding_with_domain(BATCH_BINDING_DOMAIN, &root, claims_digest, ak_digest, bound)
+        }
+    }
 }
 
 /// Why an evidence document cannot be read.
@@ -233,6 +319,27 @@ pub fn compute_binding(
     ak_digest: &[u8; 32],
     bound: &[BoundEvidence],
 ) -> Result<[u8; 32], String> {
+    binding_with_domain(BINDING_DOMAIN, nonce, claims_digest, ak_digest, bound)
+}
+
+/// The binding of a batch: as [`compute_binding`], with
+/// [`BATCH_BINDING_DOMAIN`] and the batch's Merkle root for the nonce.
+pub fn compute_batch_binding(
+    root: &[u8; 32],
+    claims_digest: &[u8; 32],
+    ak_digest: &[u8; 32],
+    bound: &[BoundEvidence],
+) -> Result<[u8; 32], String> {
+    binding_with_domain(BATCH_BINDING_DOMAIN, root, claims_digest, ak_digest, bound)
+}
+
+fn binding_with_domain(
+    domain: &[u8],
+    nonce: &[u8],
+    claims_digest: &[u8; 32],
+    ak_digest: &[u8; 32],
+    bound: &[BoundEvidence],
+) -> Result<[u8; 32], String> {
     if bound.len() > MAX_BOUND_EVIDENCE {
         return Err(format!(
             "{} bound evidence entries exceed {MAX_BOUND_EVIDENCE}",
@@ -240,7 +347,7 @@ pub fn compute_binding(
         ));
     }
     let mut h = Sha256::new();
-    length_prefixed(&mut h, BINDING_DOMAIN);
+    length_prefixed(&mut h, domain);
     length_prefixed(&mut h, nonce);
     length_prefixed(&mut h, claims_digest);
     length_prefixed(&mut h, ak_digest);

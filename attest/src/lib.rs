@@ -23,6 +23,7 @@ pub mod client;
 pub mod eventlog;
 pub mod evidence;
 pub mod jcs;
+pub mod merkle;
 pub mod oms;
 pub mod tee;
 pub mod tpm;

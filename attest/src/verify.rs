@@ -9,7 +9,8 @@
 //! | `ak_public` | the AK public area parses, is a restricted signing key made in the TPM, its name is nameAlg‖sha256(area), and it is the key in the PEM |
 //! | `ak_signature` | the TPMT_SIGNATURE verifies over the TPMS_ATTEST with the AK (ECDSA P-256 or RSASSA/RSA-PSS, SHA-256) |
 //! | `quote_structure` | TPMS_ATTEST parses, magic TPM_GENERATED_VALUE, type ATTEST_QUOTE |
-//! | `qualifying_data` | extraData equals the binding recomputed from the nonce, the claims, the AK and the bound evidence |
+//! | `batch_inclusion` | for a batched answer: this nonce is in the batch's Merkle root by the audit path (skip when not batched) |
+//! | `qualifying_data` | extraData equals the binding recomputed from the nonce (or the verified batch root), the claims, the AK and the bound evidence |
 //! | `pcr_digest` | the reported PCRs are exactly the quoted selection and their sha256 is the quote's pcrDigest |
 //! | `firmware_event_log` | the firmware log replays to the reported PCRs it touches (skip when absent) |
 //! | `ccnode_event_log` | ccnode's log is well-formed and replays to the ccnode PCR |
@@ -323,6 +324,22 @@ pub fn verify(
             .map_err(Clone::clone),
     );
 
+    // batch_inclusion
+    match &evidence.batch {
+        None => checks.skip("batch_inclusion", "a quote of its own"),
+        Some(b) => checks.push(
+            "batch_inclusion",
+            b.verified_root(nonce).map(|r| {
+                format!(
+                    "this nonce is leaf {} of {} under root {}",
+                    b.index,
+                    b.size,
+                    hex::encode(r)
+                )
+            }),
+        ),
+    }
+
     // qualifying_data (with the recomputed claims digest)
     let claims_digest = evidence.claims.digest();
     checks.push(
@@ -333,7 +350,13 @@ pub fn verify(
                 .as_ref()
                 .map_err(|e| format!("claims cannot be canonicalised: {e}"))?;
             let ak = spki_digest.ok_or("no usable AK")?;
-            let binding = evidence::compute_binding(nonce, cd, &ak, &evidence.bound_evidence)?;
+            let binding = evidence::expected_binding(
+                evidence.batch.as_ref(),
+                nonce,
+                cd,
+                &ak,
+                &evidence.bound_evidence,
+            )?;
             if q.extra_data != binding {
                 return Err(format!(
                     "quote qualifying data {} is not the binding {} for this nonce",
@@ -673,7 +696,13 @@ fn check_tee(
             }
             let cd = claims_digest.as_ref().map_err(|e| e.to_string())?;
             let ak = spki_digest.ok_or("no usable AK")?;
-            let binding = evidence::compute_binding(nonce, cd, &ak, &evidence.bound_evidence)?;
+            let binding = evidence::expected_binding(
+                evidence.batch.as_ref(),
+                nonce,
+                cd,
+                &ak,
+                &evidence.bound_evidence,
+            )?;
             tee::verify_simulated(&evidence.tee.evidence, &binding)?;
             Ok("simulated TEE (allowed by policy): report bound to this evidence".into())
         }

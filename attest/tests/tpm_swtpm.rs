@@ -575,3 +575,57 @@ fn firmware_event_log_is_replayed() {
         "firmware_event_log",
     );
 }
+
+#[test]
+fn a_batch_shares_one_quote_and_each_verifier_checks_its_own_nonce() {
+    let n = node(AkAlgorithm::EccP256);
+    let p = policy(&ak_digest(&n.attester));
+    let nonces: Vec<Vec<u8>> = (0..5u8).map(|i| nonce(0x40 + i)).collect();
+    let answers = n.attester.attest_batch(&nonces, claims()).unwrap();
+    assert_eq!(answers.len(), 5);
+    // One quote for all of them.
+    let quote = &answers[0].tpm.quote;
+    assert!(answers.iter().all(|e| &e.tpm.quote == quote));
+    for (i, (e, nonce)) in answers.iter().zip(&nonces).enumerate() {
+        let b = e.batch.as_ref().expect("batched");
+        assert_eq!((b.index as usize, b.size), (i, 5));
+        let r = verify(e, nonce, &p, SystemTime::now());
+        assert_all_pass(&r);
+        assert_eq!(r.check("batch_inclusion").unwrap().status, Status::Pass);
+    }
+    // Another verifier's answer does not prove my nonce.
+    let r = verify(&answers[1], &nonces[2], &p, SystemTime::now());
+    assert_fails(&r, "batch_inclusion");
+    assert_fails(&r, "qualifying_data");
+    // A forged index or path, or a stripped batch, fails.
+    let mut forged = answers[3].clone();
+    forged.batch.as_mut().unwrap().index = 2;
+    assert_fails(
+        &verify(&forged, &nonces[3], &p, SystemTime::now()),
+        "batch_inclusion",
+    );
+    let mut forged = answers[3].clone();
+    let path = &mut forged.batch.as_mut().unwrap().path;
+    path[0] = "00".repeat(32);
+    assert_fails(
+        &verify(&forged, &nonces[3], &p, SystemTime::now()),
+        "batch_inclusion",
+    );
+    let mut stripped = answers[0].clone();
+    stripped.batch = None;
+    assert_fails(
+        &verify(&stripped, &nonces[0], &p, SystemTime::now()),
+        "qualifying_data",
+    );
+    // One nonce is answered plainly.
+    let single = n.attester.attest_batch(&nonces[..1], claims()).unwrap();
+    assert!(single[0].batch.is_none());
+    assert_all_pass(&verify(&single[0], &nonces[0], &p, SystemTime::now()));
+    // A bad nonce refuses the whole batch before the TPM is asked.
+    let mut bad = nonces.clone();
+    bad.push(vec![1; 8]);
+    assert!(matches!(
+        n.attester.attest_batch(&bad, claims()),
+        Err(AttestError::Nonce(_))
+    ));
+}
