@@ -35,9 +35,8 @@
 //! run: 10 attestations at 1 and 4 verifiers, all verified, labelled as no
 //! measurement.
 
-use std::io::Read;
-use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
 use ccnode_attest::client::fetch_evidence;
 use ccnode_attest::eventlog::ccnode::event_type;
@@ -45,100 +44,12 @@ use ccnode_attest::tee::{SimulatedTee, Tee};
 use ccnode_attest::tpm::key::AkPublicKey;
 use ccnode_attest::tpm::{AkAlgorithm, TpmConfig, TpmService};
 use ccnode_attest::{verify, Attester, Claims, Evidence, VerifierPolicy};
-use ccnode_testkit::bench::{count, env_f64, loadavg, metric, Summary};
+use ccnode_testkit::bench::{
+    count, daemon_mean_ms, env_f64, loadavg, metric, random_nonce, run_level, Level,
+};
 use ccnode_testkit::swtpm::Swtpm;
 use ccnode_testkit::{TestNode, PATIENCE};
 use serde_json::json;
-
-/// A fresh nonce per request.
-fn nonce(random: &mut std::fs::File) -> [u8; 32] {
-    let mut n = [0u8; 32];
-    random.read_exact(&mut n).expect("read /dev/urandom");
-    n
-}
-
-/// One level's figures.
-struct Level {
-    summary: Summary,
-    per_second: f64,
-}
-
-impl Level {
-    fn of(mut lat: Vec<Duration>, wall: Duration) -> Level {
-        let n = lat.len();
-        Level {
-            summary: Summary::of(&mut lat),
-            per_second: n as f64 / wall.as_secs_f64(),
-        }
-    }
-
-    fn json(&self) -> serde_json::Value {
-        let s = &self.summary;
-        json!({
-            "n": s.n, "p50_ms": s.p50 / 1e3, "p90_ms": s.p90 / 1e3, "p99_ms": s.p99 / 1e3,
-            "mean_ms": s.mean / 1e3, "max_ms": s.max / 1e3, "per_second": self.per_second,
-        })
-    }
-}
-
-/// Runs `callers` threads, each calling `op` `per` times once all are
-/// ready; returns every latency, what `op` kept, and the wall time from the
-/// common start until the last thread finished.
-fn run_level<T, F>(callers: usize, per: usize, op: F) -> (Vec<Duration>, Vec<T>, Duration)
-where
-    T: Send + 'static,
-    F: Fn(usize, [u8; 32]) -> Option<T> + Send + Sync + 'static,
-{
-    let op = Arc::new(op);
-    let barrier = Arc::new(Barrier::new(callers + 1));
-    let threads: Vec<_> = (0..callers)
-        .map(|_| {
-            let op = op.clone();
-            let barrier = barrier.clone();
-            std::thread::spawn(move || {
-                let mut random = std::fs::File::open("/dev/urandom").expect("open /dev/urandom");
-                let mut lat = Vec::with_capacity(per);
-                let mut kept = Vec::new();
-                barrier.wait();
-                for i in 0..per {
-                    let n = nonce(&mut random);
-                    let start = Instant::now();
-                    let k = op(i, n);
-                    lat.push(start.elapsed());
-                    kept.extend(k);
-                }
-                (lat, kept)
-            })
-        })
-        .collect();
-    barrier.wait();
-    let start = Instant::now();
-    let mut lat = Vec::with_capacity(callers * per);
-    let mut kept = Vec::new();
-    for t in threads {
-        let (l, k) = t.join().expect("verifier thread");
-        lat.extend(l);
-        kept.extend(k);
-    }
-    (lat, kept, start.elapsed())
-}
-
-/// Mean of `ccnode_attestation_seconds` between two scrapes, in ms: the
-/// daemon's own time per observation, HTTP not included. Before batched
-/// quotes one observation per request, from taking a slot to the evidence
-/// (TPM queueing included); since, one per quote (per batch).
-fn daemon_mean_ms(before: &str, after: &str) -> f64 {
-    let get = |t: &str, m: &str| metric(t, m).unwrap_or(0.0);
-    let sum = get(after, "ccnode_attestation_seconds_sum")
-        - get(before, "ccnode_attestation_seconds_sum");
-    let n = get(after, "ccnode_attestation_seconds_count")
-        - get(before, "ccnode_attestation_seconds_count");
-    if n > 0.0 {
-        1e3 * sum / n
-    } else {
-        0.0
-    }
-}
 
 fn main() {
     let measuring = std::env::args().any(|a| a == "--bench");
@@ -186,7 +97,7 @@ fn main() {
     // The first answer gives the AK (trust on first use) and the claims the
     // library peer will attest.
     let mut random = std::fs::File::open("/dev/urandom").expect("open /dev/urandom");
-    let first_nonce = nonce(&mut random);
+    let first_nonce = random_nonce(&mut random);
     let first = Evidence::from_json(&fetch_evidence(&url, &first_nonce, PATIENCE).expect("fetch"))
         .expect("evidence parses");
     let key = AkPublicKey::from_pem(&first.tpm.ak.public_pem).expect("ak pem");
@@ -232,9 +143,9 @@ fn main() {
 
     // Warm-up, both paths.
     for _ in 0..5 {
-        fetch_evidence(&url, &nonce(&mut random), PATIENCE).expect("fetch");
+        fetch_evidence(&url, &random_nonce(&mut random), PATIENCE).expect("fetch");
         attester
-            .attest(&nonce(&mut random), (*claims).clone())
+            .attest(&random_nonce(&mut random), (*claims).clone())
             .expect("attest");
     }
 

@@ -4,6 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -181,4 +182,95 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// Runs `callers` threads, each calling `op` `per` times once all are
+/// ready; returns every latency, what `op` kept, and the wall time from the
+/// common start until the last thread finished.
+pub fn run_level<T, F>(callers: usize, per: usize, op: F) -> (Vec<Duration>, Vec<T>, Duration)
+where
+    T: Send + 'static,
+    F: Fn(usize, [u8; 32]) -> Option<T> + Send + Sync + 'static,
+{
+    let op = Arc::new(op);
+    let barrier = Arc::new(Barrier::new(callers + 1));
+    let threads: Vec<_> = (0..callers)
+        .map(|_| {
+            let op = op.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let mut random = std::fs::File::open("/dev/urandom").expect("open /dev/urandom");
+                let mut lat = Vec::with_capacity(per);
+                let mut kept = Vec::new();
+                barrier.wait();
+                for i in 0..per {
+                    let n = random_nonce(&mut random);
+                    let start = Instant::now();
+                    let k = op(i, n);
+                    lat.push(start.elapsed());
+                    kept.extend(k);
+                }
+                (lat, kept)
+            })
+        })
+        .collect();
+    barrier.wait();
+    let start = Instant::now();
+    let mut lat = Vec::with_capacity(callers * per);
+    let mut kept = Vec::new();
+    for t in threads {
+        let (l, k) = t.join().expect("verifier thread");
+        lat.extend(l);
+        kept.extend(k);
+    }
+    (lat, kept, start.elapsed())
+}
+
+/// 32 fresh random bytes from `random` (an open `/dev/urandom`).
+pub fn random_nonce(random: &mut std::fs::File) -> [u8; 32] {
+    let mut n = [0u8; 32];
+    random.read_exact(&mut n).expect("read /dev/urandom");
+    n
+}
+
+/// One concurrency level's figures: latencies and throughput.
+#[derive(Debug)]
+pub struct Level {
+    pub summary: Summary,
+    pub per_second: f64,
+}
+
+impl Level {
+    pub fn of(mut lat: Vec<Duration>, wall: Duration) -> Level {
+        let n = lat.len();
+        Level {
+            summary: Summary::of(&mut lat),
+            per_second: n as f64 / wall.as_secs_f64(),
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let s = &self.summary;
+        json!({
+            "n": s.n, "p50_ms": s.p50 / 1e3, "p90_ms": s.p90 / 1e3, "p99_ms": s.p99 / 1e3,
+            "mean_ms": s.mean / 1e3, "max_ms": s.max / 1e3, "per_second": self.per_second,
+        })
+    }
+}
+
+/// Mean of `ccnode_attestation_seconds` between two scrapes, in ms: the
+/// daemon's own time per observation, HTTP not included. Before batched
+/// quotes one observation per request, from taking a slot to the evidence
+/// (TPM queueing included); since, one per quote (per batch).
+pub fn daemon_mean_ms(before: &str, after: &str) -> f64 {
+    let get = |t: &str, m: &str| metric(t, m).unwrap_or(0.0);
+    let sum = get(after, "ccnode_attestation_seconds_sum")
+        - get(before, "ccnode_attestation_seconds_sum");
+    let n = get(after, "ccnode_attestation_seconds_count")
+        - get(before, "ccnode_attestation_seconds_count");
+    if n > 0.0 {
+        1e3 * sum / n
+    } else {
+        0.0
+    }
 }
