@@ -33,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AttestationConfig, Config, TeeChoice};
+use crate::config::{AttestationConfig, Config, SnpInterface, TeeChoice};
 use crate::gpu::GpuMonitor;
 use crate::node::Node;
 
@@ -58,6 +58,8 @@ pub enum StartError {
     Measure(#[source] TpmError),
     #[error("attestation TLS: {0}")]
     Tls(String),
+    #[error("the configured TEE ({kind}) cannot give a report: {detail}")]
+    Tee { kind: &'static str, detail: String },
 }
 
 /// Largest certificate or key file read.
@@ -159,7 +161,10 @@ pub fn policy_digest(config: &Config) -> String {
 /// Opens the TPM, reconciles ccnode's event log, and measures this start
 /// and the policy into the ccnode PCR. Blocking: call before the runtime
 /// starts or on a blocking thread.
-pub fn open(config: &Config) -> Result<Arc<Attester>, StartError> {
+pub fn open(
+    config: &Config,
+    gpus: Option<&Arc<dyn ccnode_gpu::GpuBackend>>,
+) -> Result<Arc<Attester>, StartError> {
     let at = &config.attestation;
     let tpm_config = at.tpm_config(&config.node.state_dir)?;
     let tpm = TpmService::open(tpm_config).map_err(StartError::Tpm)?;
@@ -197,18 +202,94 @@ pub fn open(config: &Config) -> Result<Arc<Attester>, StartError> {
         }),
     )
     .map_err(StartError::Measure)?;
+    let tee = open_tee(at)?;
+    let mut attester = Attester::new(Arc::new(tpm), tee);
+    // Real GPUs only: a simulated inventory says so in the claims, and
+    // verifiers refuse it unless told otherwise.
+    if let Some(backend) = gpus.filter(|b| b.kind() == ccnode_gpu::BackendKind::Nvml) {
+        attester = attester.with_gpus(Arc::new(GpuEvidence(backend.clone())));
+    }
+    Ok(Arc::new(attester))
+}
+
+/// The configured TEE, checked with one report over an all-zero binding
+/// so that a node that cannot attest does not start.
+fn open_tee(at: &AttestationConfig) -> Result<Tee, StartError> {
+    use ccnode_attest::tee::{tsm::Tsm, SnpSource};
     let tee = match at.tee {
-        TeeChoice::None => Tee::None,
+        TeeChoice::None => return Ok(Tee::None),
         TeeChoice::Simulated => {
             tracing::warn!(
                 "attestation TEE evidence is SIMULATED: verifiers refuse it unless told otherwise"
             );
-            Tee::Simulated(SimulatedTee::measuring(std::path::Path::new(
-                "/proc/self/exe",
-            )))
+            return Ok(Tee::Simulated(SimulatedTee::measuring(
+                std::path::Path::new("/proc/self/exe"),
+            )));
         }
+        TeeChoice::SevSnp => {
+            let tsm = || SnpSource::Tsm {
+                tsm: Tsm::new(&at.tsm_root),
+                vmpl: at.snp_vmpl,
+            };
+            let sev_guest = || SnpSource::SevGuest {
+                device: at.sev_guest_device.clone(),
+                vmpl: at.snp_vmpl.unwrap_or(0),
+            };
+            Tee::SevSnp(match at.snp_interface {
+                SnpInterface::ConfigfsTsm => tsm(),
+                SnpInterface::SevGuest => sev_guest(),
+                SnpInterface::Auto if at.tsm_root.is_dir() => tsm(),
+                SnpInterface::Auto if at.sev_guest_device.exists() => sev_guest(),
+                SnpInterface::Auto => {
+                    return Err(StartError::Tee {
+                        kind: "sev-snp",
+                        detail: format!(
+                            "neither configfs-tsm ({}) nor {} exists",
+                            at.tsm_root.display(),
+                            at.sev_guest_device.display()
+                        ),
+                    })
+                }
+            })
+        }
+        TeeChoice::Tdx => Tee::Tdx(Tsm::new(&at.tsm_root)),
     };
-    Ok(Arc::new(Attester::new(Arc::new(tpm), tee)))
+    let kind = tee.kind();
+    tee.evidence(&[0; 32])
+        .map_err(|detail| StartError::Tee { kind, detail })?;
+    tracing::info!(tee = kind, "TEE reports available");
+    Ok(tee)
+}
+
+/// GPU evidence from the NVML backend.
+#[derive(Debug)]
+struct GpuEvidence(Arc<dyn ccnode_gpu::GpuBackend>);
+
+impl ccnode_attest::GpuAttestation for GpuEvidence {
+    fn cc_gpus(&self) -> Vec<(String, u32)> {
+        // The inventory now, not the last poll's: a GPU whose CC mode
+        // changed must not be left out.
+        match self.0.inventory() {
+            Ok(inv) => inv
+                .gpus
+                .iter()
+                .filter(|g| g.cc_mode == ccnode_gpu::CcMode::On)
+                .map(|g| (g.uuid.clone(), g.index))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "GPU inventory for attestation");
+                Vec::new()
+            }
+        }
+    }
+
+    fn report(&self, index: u32, nonce: &[u8; 32]) -> Result<(Vec<u8>, Vec<u8>), String> {
+        let a = self
+            .0
+            .cc_attestation(index, nonce)
+            .map_err(|e| crate::error_chain(&e))?;
+        Ok((a.report, a.cert_chain))
+    }
 }
 
 /// A token bucket.

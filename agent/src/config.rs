@@ -454,14 +454,30 @@ impl Default for GpuHealthPolicy {
 
 /// The TEE evidence ccnoded attaches to attestations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum TeeChoice {
-    /// None: the evidence says `none` (SEV-SNP and TDX come with the TEE
-    /// issue).
+    /// None: the evidence says `none`; verifiers refuse it unless told
+    /// otherwise.
     None,
     /// An ephemeral key signs a report-shaped structure: dev mode and tests
     /// only; verifiers refuse it unless told otherwise.
     Simulated,
+    /// An AMD SEV-SNP guest: a report per attestation (`snp_interface`).
+    SevSnp,
+    /// An Intel TDX guest: a quote per attestation through configfs-tsm.
+    Tdx,
+}
+
+/// How an SEV-SNP guest asks for reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnpInterface {
+    /// configfs-tsm when `tsm_root` exists, else `sev_guest_device`.
+    Auto,
+    /// configfs-tsm (Linux 6.7 and later).
+    ConfigfsTsm,
+    /// The `sev-guest` driver's ioctls.
+    SevGuest,
 }
 
 /// `[attestation]`: the TPM, the evidence and the endpoint
@@ -488,7 +504,19 @@ pub struct AttestationConfig {
     pub ccnode_pcr: u32,
     /// The firmware event log; empty: not included.
     pub firmware_log: PathBuf,
+    /// The TEE evidence in every attestation. `sev-snp` and `tdx` are
+    /// checked at start (one report): ccnoded exits 69 when the TEE
+    /// cannot give one, never falling back to another kind.
     pub tee: TeeChoice,
+    /// SEV-SNP: configfs-tsm, the sev-guest device, or whichever exists.
+    pub snp_interface: SnpInterface,
+    /// SEV-SNP: the VMPL the report is asked for at; unset: the kernel's
+    /// default (configfs-tsm) or 0 (sev-guest).
+    pub snp_vmpl: Option<u32>,
+    /// configfs-tsm's report directory.
+    pub tsm_root: PathBuf,
+    /// The sev-guest device.
+    pub sev_guest_device: PathBuf,
     /// Verifiers being answered at once (waiting for the TPM included);
     /// more get 503.
     pub max_concurrent: usize,
@@ -524,6 +552,10 @@ impl Default for AttestationConfig {
             ccnode_pcr: ccnode_attest::tpm::DEFAULT_CCNODE_PCR,
             firmware_log: PathBuf::from(ccnode_attest::tpm::DEFAULT_FIRMWARE_LOG),
             tee: TeeChoice::None,
+            snp_interface: SnpInterface::Auto,
+            snp_vmpl: None,
+            tsm_root: PathBuf::from(ccnode_attest::tee::tsm::DEFAULT_ROOT),
+            sev_guest_device: PathBuf::from("/dev/sev-guest"),
             max_concurrent: 256,
             batch_max: 256,
             per_client_rate: 2.0,
@@ -847,6 +879,21 @@ impl Config {
             1_000_000,
         )?;
         check_timeout("attestation.request_timeout", at.request_timeout)?;
+        if let Some(v) = at.snp_vmpl {
+            check_range("attestation.snp_vmpl", v as usize, 0, 3)?;
+        }
+        if !at.tsm_root.is_absolute() {
+            return Err(ConfigError::invalid(
+                "attestation.tsm_root",
+                "must be an absolute path",
+            ));
+        }
+        if !at.sev_guest_device.is_absolute() {
+            return Err(ConfigError::invalid(
+                "attestation.sev_guest_device",
+                "must be an absolute path",
+            ));
+        }
         if at.tls_cert.is_some() != at.tls_key.is_some() {
             return Err(ConfigError::invalid(
                 if at.tls_cert.is_some() {

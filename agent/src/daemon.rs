@@ -154,7 +154,10 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     // The TPM after the state directory is ours: ccnode's event log lives
     // there.
     let attester = if config.attestation.enabled {
-        Some(crate::attestation::open(&config).map_err(DaemonError::Attestation)?)
+        Some(
+            crate::attestation::open(&config, gpu_backend.as_ref())
+                .map_err(DaemonError::Attestation)?,
+        )
     } else {
         None
     };

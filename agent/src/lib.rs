@@ -22,19 +22,7 @@ pub mod state;
 pub mod timefmt;
 pub mod workers;
 
-/// An error and its sources, once each, joined with ": " (the house
-/// style: messages never repeat their source, so the chain is printed
-/// once, at the edge).
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        cur = e.source();
-    }
-    s
-}
+pub use ccnode_attest::error_chain;
 
 /// The agent's version, as built.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

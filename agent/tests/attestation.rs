@@ -143,10 +143,13 @@ fn the_claims_follow_the_node_state_and_its_gpus() {
         .start();
     let n = nonce(5);
     let e = fetch(&node, &n);
-    let p = policy(&ak_digest(&e), "");
     let gpu = e.claims.gpu.clone().expect("GPU claims");
     assert_eq!(gpu["simulated"], true);
     assert_eq!(gpu["inventory"]["gpus"].as_array().unwrap().len(), 2);
+    // Simulated GPUs are refused unless the policy allows them.
+    let strict = policy(&ak_digest(&e), "");
+    assert_eq!(failed(&e, &n, &strict), ["policy_drift", "gpu_cc"]);
+    let p = policy(&ak_digest(&e), "allow_simulated_gpus = true");
     assert_eq!(
         failed(&e, &n, &p),
         ["policy_drift"],
@@ -300,6 +303,59 @@ fn a_tpm_that_cannot_be_reached_stops_ccnoded_with_69() {
     let (status, log) = node.run_to_exit();
     assert_eq!(status.code(), Some(78), "{log}");
     assert!(log.contains("attestation.tcti"), "{log}");
+}
+
+#[test]
+fn a_configured_tee_that_cannot_report_stops_ccnoded_with_69_never_falling_back() {
+    let tpm = Swtpm::start();
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such");
+    let run = |tee: &str| {
+        let mut node = TestNode::new(env!("CARGO_BIN_EXE_ccnoded")).with_attestation(&format!(
+            "enabled = true\nlisten = \"127.0.0.1:0\"\ntcti = \"{}\"\nfirmware_log = \"\"\n{tee}",
+            tpm.tcti()
+        ));
+        node.run_to_exit()
+    };
+    // SEV-SNP, detected: neither configfs-tsm nor the device.
+    let (status, log) = run(&format!(
+        "tee = \"sev-snp\"\ntsm_root = \"{0}\"\nsev_guest_device = \"{0}/sev-guest\"",
+        missing.display()
+    ));
+    assert_eq!(status.code(), Some(69), "{log}");
+    assert!(
+        log.contains("the configured TEE (sev-snp) cannot give a report"),
+        "{log}"
+    );
+    assert!(log.contains("neither configfs-tsm"), "{log}");
+    // SEV-SNP through the device: it is named.
+    let (status, log) = run(&format!(
+        "tee = \"sev-snp\"\nsnp_interface = \"sev-guest\"\nsev_guest_device = \"{}/sev-guest\"",
+        missing.display()
+    ));
+    assert_eq!(status.code(), Some(69), "{log}");
+    assert!(log.contains("sev-guest"), "{log}");
+    // TDX on a host without configfs-tsm.
+    let (status, log) = run(&format!(
+        "tee = \"tdx\"\ntsm_root = \"{}\"",
+        missing.display()
+    ));
+    assert_eq!(status.code(), Some(69), "{log}");
+    assert!(log.contains("configfs-tsm is not available"), "{log}");
+    // A directory that is not configfs: entries have no attributes.
+    let (status, log) = run(&format!(
+        "tee = \"tdx\"\ntsm_root = \"{}\"",
+        dir.path().display()
+    ));
+    assert_eq!(status.code(), Some(69), "{log}");
+    assert!(log.contains("provider"), "{log}");
+    // Bad keys are configuration errors.
+    let (status, log) = run("tee = \"sev-snp\"\nsnp_vmpl = 4");
+    assert_eq!(status.code(), Some(78), "{log}");
+    assert!(log.contains("attestation.snp_vmpl"), "{log}");
+    let (status, log) = run("tee = \"sgx\"");
+    assert_eq!(status.code(), Some(78), "{log}");
+    assert!(log.contains("tee"), "{log}");
 }
 
 /// 16 verifiers at once against `node`; every answer verifies with its own

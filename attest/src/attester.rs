@@ -44,6 +44,20 @@ pub enum AttestError {
     /// The TEE failed.
     #[error("tee evidence: {0}")]
     Tee(String),
+    /// A GPU in confidential-computing mode gave no attestation report.
+    #[error("gpu {uuid} attestation: {detail}")]
+    Gpu { uuid: String, detail: String },
+}
+
+/// The GPUs whose confidential-computing evidence goes into every
+/// attestation (ccnoded implements it over its GPU backend). Blocking, like
+/// the TPM.
+pub trait GpuAttestation: Send + Sync + std::fmt::Debug {
+    /// The GPUs in CC mode now: (UUID, backend index).
+    fn cc_gpus(&self) -> Vec<(String, u32)>;
+    /// The GPU's attestation report for `nonce` (SPDM GET_MEASUREMENTS
+    /// request and response) and its certificate chain (PEM).
+    fn report(&self, index: u32, nonce: &[u8; 32]) -> Result<(Vec<u8>, Vec<u8>), String>;
 }
 
 impl AttestError {
@@ -54,6 +68,7 @@ impl AttestError {
             AttestError::Tpm(e) => e.code(),
             AttestError::FirmwareLog { .. } => "firmware_log",
             AttestError::Tee(_) => "tee",
+            AttestError::Gpu { .. } => "gpu",
         }
     }
 }
@@ -63,11 +78,22 @@ impl AttestError {
 pub struct Attester {
     tpm: Arc<TpmService>,
     tee: Tee,
+    gpus: Option<Arc<dyn GpuAttestation>>,
 }
 
 impl Attester {
     pub fn new(tpm: Arc<TpmService>, tee: Tee) -> Attester {
-        Attester { tpm, tee }
+        Attester {
+            tpm,
+            tee,
+            gpus: None,
+        }
+    }
+
+    /// Also attests the GPUs `gpus` reports in CC mode.
+    pub fn with_gpus(mut self, gpus: Arc<dyn GpuAttestation>) -> Attester {
+        self.gpus = Some(gpus);
+        self
     }
 
     pub fn tpm(&self) -> &Arc<TpmService> {
@@ -83,7 +109,7 @@ impl Attester {
     /// (`claims.tee_kind` is set here). Blocks on the TPM.
     pub fn attest(&self, nonce: &[u8], claims: Claims) -> Result<Evidence, AttestError> {
         evidence::check_nonce(nonce).map_err(AttestError::Nonce)?;
-        self.produce(claims, |cd, ak, bound| {
+        self.produce(claims, nonce, |cd, ak, bound| {
             evidence::compute_binding(nonce, cd, ak, bound)
         })
     }
@@ -115,7 +141,7 @@ impl Attester {
         }
         let leaves: Vec<[u8; 32]> = nonces.iter().map(|n| crate::merkle::leaf_hash(n)).collect();
         let root = crate::merkle::root(&leaves).expect("at least two leaves");
-        let shared = self.produce(claims, |cd, ak, bound| {
+        let shared = self.produce(claims, &root, |cd, ak, bound| {
             evidence::compute_batch_binding(&root, cd, ak, bound)
         })?;
         Ok((0..leaves.len())
@@ -135,16 +161,24 @@ impl Attester {
             .collect())
     }
 
+    /// One document: GPU evidence for `fresh` (the nonce or the batch
+    /// root), then the binding over everything, then the quote and the TEE
+    /// report over the binding.
     fn produce(
         &self,
         mut claims: Claims,
+        fresh: &[u8],
         binding_of: impl FnOnce(&[u8; 32], &[u8; 32], &[BoundEvidence]) -> Result<[u8; 32], String>,
     ) -> Result<Evidence, AttestError> {
         claims.tee_kind = self.tee.kind().to_string();
         let claims_digest = claims.digest().map_err(AttestError::Claims)?;
         let ak = self.tpm.ak();
-        // Nothing is produced before the binding yet (GPU evidence will be).
-        let bound: Vec<BoundEvidence> = Vec::new();
+        let gpus = self.gpu_evidence(fresh, &claims_digest)?;
+        let bound = gpus
+            .iter()
+            .map(evidence::gpu_bound)
+            .collect::<Result<Vec<BoundEvidence>, _>>()
+            .map_err(AttestError::Claims)?;
         let binding = binding_of(&claims_digest, &ak.spki_sha256, &bound)
             .map_err(|e| AttestError::Tpm(TpmError::Unexpected(e)))?;
 
@@ -185,7 +219,40 @@ impl Attester {
             },
             tee,
             batch: None,
+            gpus,
         })
+    }
+
+    fn gpu_evidence(
+        &self,
+        fresh: &[u8],
+        claims_digest: &[u8; 32],
+    ) -> Result<Vec<crate::nvidia::GpuCcEvidence>, AttestError> {
+        let Some(source) = &self.gpus else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for (uuid, index) in source.cc_gpus().into_iter().take(evidence::MAX_GPUS) {
+            let nonce = evidence::gpu_nonce(fresh, claims_digest, &uuid);
+            let (report, chain) =
+                source
+                    .report(index, &nonce)
+                    .map_err(|detail| AttestError::Gpu {
+                        uuid: uuid.clone(),
+                        detail,
+                    })?;
+            let cert_chain = String::from_utf8(chain).map_err(|_| AttestError::Gpu {
+                uuid: uuid.clone(),
+                detail: "the certificate chain is not PEM text".into(),
+            })?;
+            out.push(crate::nvidia::GpuCcEvidence {
+                uuid,
+                nonce: hex::encode(nonce),
+                report: B64.encode(report),
+                cert_chain,
+            });
+        }
+        Ok(out)
     }
 }
 

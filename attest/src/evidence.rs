@@ -87,8 +87,9 @@ impl Claims {
     }
 }
 
-/// Evidence produced before the binding and bound by its digest (GPU
-/// evidence fetched with its own nonce, for instance). Empty for now.
+/// Evidence produced before the binding and bound by its digest: the
+/// NVIDIA GPU evidence in [`Evidence::gpus`], one entry each, in order
+/// (kind [`GPU_CC_KIND`], sha256 of its RFC 8785 form).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BoundEvidence {
@@ -174,6 +175,43 @@ pub struct Evidence {
     /// the binding then covers the Merkle root of all their nonces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<BatchProof>,
+    /// NVIDIA confidential-computing evidence, one per GPU in CC mode, each
+    /// for the nonce [`gpu_nonce`] derives; bound through
+    /// `bound_evidence`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<crate::nvidia::GpuCcEvidence>,
+}
+
+/// The bound-evidence kind of a GPU's evidence.
+pub const GPU_CC_KIND: &str = "nvidia-gpu-cc";
+/// Domain separation for the GPU nonce.
+pub const GPU_NONCE_DOMAIN: &[u8] = b"ccnode-gpu-nonce-v1";
+/// Most GPUs whose evidence one document carries.
+pub const MAX_GPUS: usize = MAX_BOUND_EVIDENCE;
+
+/// The 32-byte nonce a GPU signs its measurements over:
+/// `sha256(lp(GPU_NONCE_DOMAIN) || lp(fresh) || lp(claims_digest) || lp(uuid))`,
+/// where `fresh` is the verifier's nonce (or, for a batched answer, the
+/// batch root) and `lp` a 4-byte big-endian length prefix. The GPU
+/// evidence is produced before the binding, so it cannot carry the binding
+/// itself: this nonce makes it fresh and specific to this node's claims and
+/// this GPU, and its digest goes into the binding.
+pub fn gpu_nonce(fresh: &[u8], claims_digest: &[u8; 32], uuid: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    length_prefixed(&mut h, GPU_NONCE_DOMAIN);
+    length_prefixed(&mut h, fresh);
+    length_prefixed(&mut h, claims_digest);
+    length_prefixed(&mut h, uuid.as_bytes());
+    h.finalize().into()
+}
+
+/// The bound-evidence entry for one GPU's evidence.
+pub fn gpu_bound(ev: &crate::nvidia::GpuCcEvidence) -> Result<BoundEvidence, JcsError> {
+    let canon = jcs::canonicalize_serialize(ev)?;
+    Ok(BoundEvidence {
+        kind: GPU_CC_KIND.into(),
+        sha256: hex::encode(Sha256::digest(canon)),
+    })
 }
 
 /// Where this verifier's nonce sits in a batch (see [`crate::merkle`]).
@@ -233,6 +271,15 @@ impl BatchProof {
             ));
         }
         Ok(got)
+    }
+}
+
+/// The fresh value a verifier's answer is bound to: its own `nonce`, or
+/// the batch root that nonce is proven to be in.
+pub fn fresh_value(batch: Option<&BatchProof>, nonce: &[u8]) -> Result<Vec<u8>, String> {
+    match batch {
+        None => Ok(nonce.to_vec()),
+        Some(b) => Ok(b.verified_root(nonce)?.to_vec()),
     }
 }
 

@@ -24,12 +24,27 @@ pub mod eventlog;
 pub mod evidence;
 pub mod jcs;
 pub mod merkle;
+pub mod nvidia;
 pub mod oms;
 pub mod tee;
 pub mod tpm;
 pub mod verify;
 
 #[cfg(feature = "tpm")]
-pub use attester::{AttestError, Attester};
+pub use attester::{AttestError, Attester, GpuAttestation};
 pub use evidence::{Claims, Evidence, ModelClaim};
+
+/// An error and its sources, once each, joined with ": " (the house
+/// style: messages never repeat their source, so the chain is printed
+/// once, at the edge).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        cur = e.source();
+    }
+    s
+}
 pub use verify::{verify, AttestationResult, VerifierPolicy};

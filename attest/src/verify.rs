@@ -20,7 +20,8 @@
 //! | `policy_models` | every loaded model's digest is in `allowed_models` (skip when unset) |
 //! | `policy_node_state` | the node state is `active` |
 //! | `policy_drift` | the claims report no drift |
-//! | `tee` | the TEE evidence verifies and is bound; `simulated` only with `allow_simulated_tee`, `none` only with `allow_no_tee`; other kinds fail |
+//! | `tee` | the TEE evidence verifies and is bound: `sev-snp` (VCEK/VLEK chain to a pinned AMD root, report signature, REPORT_DATA is the binding, the `[snp]` policy), `tdx` (quote signature chain to Intel's root, REPORTDATA is the binding, the `[tdx]` policy); `simulated` only with `allow_simulated_tee`, `none` only with `allow_no_tee`; other kinds fail |
+//! | `gpu_cc` | every GPU the claims list in CC mode has NVIDIA evidence: its chain to NVIDIA's device root, the SPDM signature, the nonce derived from this nonce, bound through `bound_evidence`, the `[nvidia]` policy; simulated GPUs only with `allow_simulated_gpus`; with `require_gpu_cc`, every GPU must be in CC mode (skip when the node has no GPUs and sends no GPU evidence) |
 //!
 //! The verdict is `pass` only when no check failed.
 
@@ -146,6 +147,16 @@ pub struct VerifierPolicy {
     pub allow_simulated_tee: bool,
     /// Accept evidence without TEE evidence.
     pub allow_no_tee: bool,
+    /// What SEV-SNP reports must show; `None`: SEV-SNP evidence is refused.
+    pub snp: Option<tee::snp::SnpPolicy>,
+    /// What TDX quotes must show; `None`: TDX evidence is refused.
+    pub tdx: Option<tee::tdx::TdxPolicy>,
+    /// What NVIDIA GPU evidence must show.
+    pub nvidia: crate::nvidia::NvidiaPolicy,
+    /// Accept a simulated GPU inventory (dev mode and tests only).
+    pub allow_simulated_gpus: bool,
+    /// Every GPU the node claims must be in confidential-computing mode.
+    pub require_gpu_cc: bool,
 }
 
 #[derive(Deserialize)]
@@ -160,6 +171,16 @@ struct RawPolicy {
     allow_simulated_tee: bool,
     #[serde(default)]
     allow_no_tee: bool,
+    #[serde(default)]
+    snp: Option<tee::snp::SnpPolicy>,
+    #[serde(default)]
+    tdx: Option<tee::tdx::TdxPolicy>,
+    #[serde(default)]
+    nvidia: crate::nvidia::NvidiaPolicy,
+    #[serde(default)]
+    allow_simulated_gpus: bool,
+    #[serde(default)]
+    require_gpu_cc: bool,
 }
 
 /// Why a verifier policy cannot be used.
@@ -236,12 +257,23 @@ impl VerifierPolicy {
             }
             expected_pcrs.insert(bank, m);
         }
+        if let Some(t) = &raw.tdx {
+            t.validate().map_err(|e| bad(format!("tdx: {e}")))?;
+        }
+        raw.nvidia
+            .validate()
+            .map_err(|e| bad(format!("nvidia: {e}")))?;
         Ok(VerifierPolicy {
             allowed_aks,
             expected_pcrs,
             allowed_models: raw.allowed_models.map(|v| v.into_iter().collect()),
             allow_simulated_tee: raw.allow_simulated_tee,
             allow_no_tee: raw.allow_no_tee,
+            snp: raw.snp,
+            tdx: raw.tdx,
+            nvidia: raw.nvidia,
+            allow_simulated_gpus: raw.allow_simulated_gpus,
+            require_gpu_cc: raw.require_gpu_cc,
         })
     }
 }
@@ -613,8 +645,17 @@ pub fn verify(
     // tee
     checks.push(
         "tee",
-        check_tee(evidence, nonce, policy, &claims_digest, spki_digest),
+        check_tee(evidence, nonce, policy, &claims_digest, spki_digest, now),
     );
+
+    // gpu_cc
+    match check_gpu_cc(evidence, nonce, policy, &claims_digest, now) {
+        None => checks.skip(
+            "gpu_cc",
+            "the node claims no GPUs and sends no GPU evidence",
+        ),
+        Some(r) => checks.push("gpu_cc", r),
+    }
 
     let verdict = if checks.0.iter().any(|c| c.status == Status::Fail) {
         Verdict::Fail
@@ -678,6 +719,7 @@ fn check_tee(
     policy: &VerifierPolicy,
     claims_digest: &Result<[u8; 32], crate::jcs::JcsError>,
     spki_digest: Option<[u8; 32]>,
+    now: SystemTime,
 ) -> Result<String, String> {
     let kind = evidence.tee.kind.as_str();
     if evidence.claims.tee_kind != kind {
@@ -686,7 +728,32 @@ fn check_tee(
             evidence.claims.tee_kind
         ));
     }
+    let binding = || -> Result<[u8; 32], String> {
+        let cd = claims_digest.as_ref().map_err(|e| e.to_string())?;
+        let ak = spki_digest.ok_or("no usable AK")?;
+        evidence::expected_binding(
+            evidence.batch.as_ref(),
+            nonce,
+            cd,
+            &ak,
+            &evidence.bound_evidence,
+        )
+    };
     match kind {
+        tee::kind::SEV_SNP => {
+            let p = policy
+                .snp
+                .as_ref()
+                .ok_or("SEV-SNP evidence is refused: the verifier policy has no [snp] table")?;
+            tee::snp::verify_evidence(&evidence.tee.evidence, &binding()?, p, now)
+        }
+        tee::kind::TDX => {
+            let p = policy
+                .tdx
+                .as_ref()
+                .ok_or("TDX evidence is refused: the verifier policy has no [tdx] table")?;
+            tee::tdx::verify_evidence(&evidence.tee.evidence, &binding()?, p, now)
+        }
         tee::kind::SIMULATED => {
             if !policy.allow_simulated_tee {
                 return Err(
@@ -694,16 +761,7 @@ fn check_tee(
                         .into(),
                 );
             }
-            let cd = claims_digest.as_ref().map_err(|e| e.to_string())?;
-            let ak = spki_digest.ok_or("no usable AK")?;
-            let binding = evidence::expected_binding(
-                evidence.batch.as_ref(),
-                nonce,
-                cd,
-                &ak,
-                &evidence.bound_evidence,
-            )?;
-            tee::verify_simulated(&evidence.tee.evidence, &binding)?;
+            tee::verify_simulated(&evidence.tee.evidence, &binding()?)?;
             Ok("simulated TEE (allowed by policy): report bound to this evidence".into())
         }
         tee::kind::NONE => {
@@ -717,6 +775,154 @@ fn check_tee(
             "TEE kind {other:?} is not supported by this verifier"
         )),
     }
+}
+
+/// The `gpu_cc` check; `None` when there is nothing to check (no GPUs
+/// claimed, no GPU evidence sent).
+fn check_gpu_cc(
+    evidence: &Evidence,
+    nonce: &[u8],
+    policy: &VerifierPolicy,
+    claims_digest: &Result<[u8; 32], crate::jcs::JcsError>,
+    now: SystemTime,
+) -> Option<Result<String, String>> {
+    let claimed = claimed_gpus(evidence.claims.gpu.as_ref());
+    if claimed.as_ref().is_ok_and(|c| c.gpus.is_empty()) && evidence.gpus.is_empty() {
+        return None;
+    }
+    Some((|| {
+        let claimed = claimed?;
+        if claimed.simulated {
+            if !policy.allow_simulated_gpus {
+                return Err(
+                    "the node's GPUs are simulated (the policy does not set allow_simulated_gpus)"
+                        .to_string(),
+                );
+            }
+            if !evidence.gpus.is_empty() {
+                return Err("GPU evidence from a node whose GPUs are simulated".into());
+            }
+            return Ok(format!(
+                "{} simulated GPUs (allowed by policy): no GPU evidence",
+                claimed.gpus.len()
+            ));
+        }
+        if evidence.gpus.len() > evidence::MAX_GPUS {
+            return Err(format!(
+                "{} GPU evidence entries exceed {}",
+                evidence.gpus.len(),
+                evidence::MAX_GPUS
+            ));
+        }
+        let cd = claims_digest
+            .as_ref()
+            .map_err(|e| format!("claims cannot be canonicalised: {e}"))?;
+        let fresh = evidence::fresh_value(evidence.batch.as_ref(), nonce)?;
+        // Each entry is bound: its digest is in bound_evidence, in order,
+        // and nothing else is.
+        if evidence.bound_evidence.len() != evidence.gpus.len() {
+            return Err(format!(
+                "{} bound evidence entries for {} GPU evidence entries",
+                evidence.bound_evidence.len(),
+                evidence.gpus.len()
+            ));
+        }
+        let mut by_uuid = BTreeMap::new();
+        for (ev, bound) in evidence.gpus.iter().zip(&evidence.bound_evidence) {
+            let want = evidence::gpu_bound(ev).map_err(|e| e.to_string())?;
+            if *bound != want {
+                return Err(format!(
+                    "GPU {}: its evidence digest {} is not the bound {} {}",
+                    ev.uuid, want.sha256, bound.kind, bound.sha256
+                ));
+            }
+            if by_uuid.insert(ev.uuid.as_str(), ev).is_some() {
+                return Err(format!("GPU {} has two evidence entries", ev.uuid));
+            }
+        }
+        let mut verified = Vec::new();
+        for g in &claimed.gpus {
+            match g.cc_mode.as_str() {
+                "on" => {}
+                "devtools" => {
+                    return Err(format!(
+                        "GPU {} is in CC devtools mode, which is not confidential",
+                        g.uuid
+                    ))
+                }
+                other if policy.require_gpu_cc => {
+                    return Err(format!(
+                        "GPU {} is not in CC mode ({other}) and the policy sets require_gpu_cc",
+                        g.uuid
+                    ))
+                }
+                _ => continue,
+            }
+            let ev = by_uuid
+                .remove(g.uuid.as_str())
+                .ok_or_else(|| format!("GPU {} is in CC mode but sent no evidence", g.uuid))?;
+            let expected = evidence::gpu_nonce(&fresh, cd, &g.uuid);
+            let msg = crate::nvidia::verify_gpu_evidence(ev, &expected, &policy.nvidia, now)
+                .map_err(|e| format!("GPU {}: {e}", g.uuid))?;
+            verified.push(format!("{}: {msg}", g.uuid));
+        }
+        if let Some(extra) = by_uuid.keys().next() {
+            return Err(format!(
+                "evidence for GPU {extra}, which the claims do not list in CC mode"
+            ));
+        }
+        if verified.is_empty() {
+            return Ok(format!(
+                "{} GPUs, none in CC mode: no GPU evidence expected",
+                claimed.gpus.len()
+            ));
+        }
+        Ok(verified.join("; "))
+    })())
+}
+
+/// The GPUs the claims list.
+struct ClaimedGpus {
+    simulated: bool,
+    gpus: Vec<ClaimedGpu>,
+}
+
+struct ClaimedGpu {
+    uuid: String,
+    cc_mode: String,
+}
+
+/// Reads `claims.gpu` as ccnoded writes it (`{simulated, inventory: {gpus:
+/// [{uuid, cc_mode, ...}]}}`); absent means no GPUs.
+fn claimed_gpus(gpu: Option<&serde_json::Value>) -> Result<ClaimedGpus, String> {
+    let Some(gpu) = gpu else {
+        return Ok(ClaimedGpus {
+            simulated: false,
+            gpus: Vec::new(),
+        });
+    };
+    let simulated = gpu
+        .get("simulated")
+        .and_then(serde_json::Value::as_bool)
+        .ok_or("claims.gpu has no boolean \"simulated\"")?;
+    let list = gpu
+        .pointer("/inventory/gpus")
+        .and_then(serde_json::Value::as_array)
+        .ok_or("claims.gpu has no inventory.gpus list")?;
+    let mut gpus = Vec::new();
+    for g in list {
+        let field = |k: &str| {
+            g.get(k)
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| format!("a GPU in claims.gpu has no {k}"))
+        };
+        gpus.push(ClaimedGpu {
+            uuid: field("uuid")?,
+            cc_mode: field("cc_mode")?,
+        });
+    }
+    Ok(ClaimedGpus { simulated, gpus })
 }
 
 /// The reported PCR values, decoded and length-checked.
@@ -744,6 +950,179 @@ fn decode_pcrs(evidence: &Evidence) -> Result<BTreeMap<String, BTreeMap<u32, Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::evidence::{AkEvidence, CcnodeEventLog, QuoteEvidence, TeeEvidence, TpmEvidence};
+    use crate::nvidia::GpuCcEvidence;
+
+    /// A document whose TPM part is junk: only `gpu_cc` is looked at.
+    fn doc(gpu: serde_json::Value, gpus: Vec<GpuCcEvidence>) -> Evidence {
+        let mut claims = crate::evidence::tests::claims();
+        claims.gpu = Some(gpu);
+        let bound_evidence = gpus
+            .iter()
+            .map(|g| evidence::gpu_bound(g).unwrap())
+            .collect();
+        Evidence {
+            version: 1,
+            claims_digest: String::new(),
+            claims,
+            bound_evidence,
+            binding: String::new(),
+            tpm: TpmEvidence {
+                ak: AkEvidence {
+                    algorithm: String::new(),
+                    public_pem: String::new(),
+                    public_area: String::new(),
+                    name: String::new(),
+                },
+                quote: QuoteEvidence {
+                    attest: String::new(),
+                    signature: String::new(),
+                },
+                pcrs: BTreeMap::new(),
+                firmware_event_log: None,
+                ccnode_event_log: CcnodeEventLog {
+                    pcr: 13,
+                    events: Vec::new(),
+                },
+            },
+            tee: TeeEvidence {
+                kind: "none".into(),
+                evidence: serde_json::Value::Null,
+            },
+            batch: None,
+            gpus,
+        }
+    }
+
+    fn inventory(simulated: bool, gpus: &[(&str, &str)]) -> serde_json::Value {
+        let list: Vec<_> = gpus
+            .iter()
+            .map(|(u, m)| serde_json::json!({"uuid": u, "cc_mode": m}))
+            .collect();
+        serde_json::json!({"backend": if simulated {"sim"} else {"nvml"}, "simulated": simulated, "inventory": {"gpus": list}})
+    }
+
+    fn gpu_ev(uuid: &str) -> GpuCcEvidence {
+        GpuCcEvidence {
+            uuid: uuid.into(),
+            nonce: "00".repeat(32),
+            report: String::new(),
+            cert_chain: String::new(),
+        }
+    }
+
+    fn gpu_cc(e: &Evidence, policy: &str) -> Check {
+        let p = VerifierPolicy::from_toml(&format!("allowed_aks = []\n{policy}")).unwrap();
+        verify(e, &[7; 32], &p, SystemTime::now())
+            .check("gpu_cc")
+            .unwrap()
+            .clone()
+    }
+
+    fn fails(c: &Check, needle: &str) {
+        assert_eq!(c.status, Status::Fail, "{c:?}");
+        assert!(c.message.contains(needle), "{needle:?} not in {c:?}");
+    }
+
+    #[test]
+    fn gpu_cc_is_skipped_without_gpus_and_passes_without_cc() {
+        let mut e = doc(serde_json::json!(null), Vec::new());
+        e.claims.gpu = None;
+        assert_eq!(gpu_cc(&e, "").status, Status::Skip);
+        let e = doc(
+            inventory(false, &[("GPU-a", "off"), ("GPU-b", "unsupported")]),
+            Vec::new(),
+        );
+        let c = gpu_cc(&e, "");
+        assert_eq!(c.status, Status::Pass, "{c:?}");
+        assert!(c.message.contains("none in CC mode"));
+    }
+
+    #[test]
+    fn gpu_cc_refuses_each_kind_of_wrong_evidence() {
+        // Simulated GPUs: refused unless allowed, and never with evidence.
+        let sim = doc(inventory(true, &[("GPU-a", "on")]), Vec::new());
+        fails(&gpu_cc(&sim, ""), "simulated");
+        assert_eq!(
+            gpu_cc(&sim, "allow_simulated_gpus = true").status,
+            Status::Pass
+        );
+        let sim_ev = doc(inventory(true, &[("GPU-a", "on")]), vec![gpu_ev("GPU-a")]);
+        fails(&gpu_cc(&sim_ev, "allow_simulated_gpus = true"), "simulated");
+        // Devtools mode is not confidential.
+        fails(
+            &gpu_cc(
+                &doc(inventory(false, &[("GPU-a", "devtools")]), Vec::new()),
+                "",
+            ),
+            "devtools",
+        );
+        // CC off where the policy requires it.
+        fails(
+            &gpu_cc(
+                &doc(inventory(false, &[("GPU-a", "off")]), Vec::new()),
+                "require_gpu_cc = true",
+            ),
+            "require_gpu_cc",
+        );
+        // CC on, no evidence.
+        fails(
+            &gpu_cc(&doc(inventory(false, &[("GPU-a", "on")]), Vec::new()), ""),
+            "sent no evidence",
+        );
+        // Evidence for a GPU the claims do not list in CC mode.
+        fails(
+            &gpu_cc(
+                &doc(inventory(false, &[("GPU-a", "off")]), vec![gpu_ev("GPU-z")]),
+                "",
+            ),
+            "do not list",
+        );
+        // Two entries for one GPU.
+        fails(
+            &gpu_cc(
+                &doc(
+                    inventory(false, &[("GPU-a", "on")]),
+                    vec![gpu_ev("GPU-a"), gpu_ev("GPU-a")],
+                ),
+                "",
+            ),
+            "two evidence entries",
+        );
+        // An entry not covered by bound_evidence.
+        let mut unbound = doc(inventory(false, &[("GPU-a", "on")]), vec![gpu_ev("GPU-a")]);
+        unbound.bound_evidence.clear();
+        fails(&gpu_cc(&unbound, ""), "bound evidence entries");
+        // Evidence for the wrong nonce (this junk entry's is all zeros).
+        fails(
+            &gpu_cc(
+                &doc(inventory(false, &[("GPU-a", "on")]), vec![gpu_ev("GPU-a")]),
+                "",
+            ),
+            "GPU-a",
+        );
+        // Claims whose GPU part has no recognisable shape.
+        fails(
+            &gpu_cc(&doc(serde_json::json!({"gpus": []}), Vec::new()), ""),
+            "simulated",
+        );
+    }
+
+    #[test]
+    fn the_example_policy_parses_with_every_table() {
+        let p = VerifierPolicy::from_toml(include_str!("../examples/verifier.toml")).unwrap();
+        assert!(p.snp.is_some() && p.tdx.is_some());
+        assert!(!p.allow_simulated_gpus && !p.require_gpu_cc);
+        // Tables are strict too.
+        for bad in [
+            "allowed_aks = []\n[snp]\nallowed_measurements = [\"00\"]",
+            "allowed_aks = []\n[snp]\nunknown = 1",
+            "allowed_aks = []\n[tdx]\nallowed_mrtd = [\"zz\"]",
+            "allowed_aks = []\n[nvidia]\nallowed_driver_versions = 5",
+        ] {
+            assert!(VerifierPolicy::from_toml(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn policy_parsing() {

@@ -16,7 +16,7 @@ use ccnode_attest::evidence::{Claims, Evidence, ModelClaim};
 use ccnode_attest::tee::{SimulatedTee, Tee};
 use ccnode_attest::tpm::{AkAlgorithm, TpmConfig, TpmError, TpmService};
 use ccnode_attest::verify::{verify, AttestationResult, Status, VerifierPolicy};
-use ccnode_attest::{AttestError, Attester};
+use ccnode_attest::{AttestError, Attester, GpuAttestation};
 use ccnode_testkit::swtpm::Swtpm;
 use ccnode_testkit::tool;
 use serde_json::json;
@@ -40,7 +40,7 @@ fn claims() -> Claims {
         policy_digest: format!("sha256:{}", "bb".repeat(32)),
         node_state: "active".into(),
         node_state_reason: None,
-        gpu: Some(json!({"gpus": [{"uuid": "GPU-0", "driver": "550.90.07", "power_w": 71.25}]})),
+        gpu: Some(gpu_claims("off")),
         drift: None,
         models: vec![ModelClaim {
             name: "tiny".into(),
@@ -49,6 +49,15 @@ fn claims() -> Claims {
         tls_spki_sha256: None,
         tee_kind: String::new(),
     }
+}
+
+/// `claims.gpu` as ccnoded writes it: one real GPU in `cc_mode`.
+fn gpu_claims(cc_mode: &str) -> serde_json::Value {
+    json!({
+        "backend": "nvml",
+        "simulated": false,
+        "inventory": {"gpus": [{"uuid": "GPU-0", "cc_mode": cc_mode, "driver": "550.90.07", "power_w": 71.25}]},
+    })
 }
 
 fn policy(ak_sha256: &[u8; 32]) -> VerifierPolicy {
@@ -628,4 +637,86 @@ fn a_batch_shares_one_quote_and_each_verifier_checks_its_own_nonce() {
         n.attester.attest_batch(&bad, claims()),
         Err(AttestError::Nonce(_))
     ));
+}
+
+/// A GPU in CC mode that answers every nonce with NVIDIA's genuine sample
+/// report (signed over its own, fixed nonce).
+#[derive(Debug)]
+struct SampleGpu;
+
+impl GpuAttestation for SampleGpu {
+    fn cc_gpus(&self) -> Vec<(String, u32)> {
+        vec![("GPU-0".into(), 0)]
+    }
+
+    fn report(&self, _index: u32, _nonce: &[u8; 32]) -> Result<(Vec<u8>, Vec<u8>), String> {
+        let report = ccnode_attest::nvidia::report_from_hex(include_str!(
+            "fixtures/nvidia-hopper/hopperAttestationReport.txt"
+        ))
+        .map_err(|e| e.to_string())?;
+        Ok((
+            report,
+            include_bytes!("fixtures/nvidia-hopper/hopperCertChain.txt").to_vec(),
+        ))
+    }
+}
+
+#[test]
+fn gpu_evidence_is_bound_into_the_quote_and_its_nonce_is_checked() {
+    let n = node(AkAlgorithm::EccP256);
+    let ak = ak_digest(&n.attester);
+    let attester = Attester::new(
+        n.attester.tpm().clone(),
+        Tee::Simulated(SimulatedTee::new([9; 32])),
+    )
+    .with_gpus(Arc::new(SampleGpu));
+    let mut c = claims();
+    c.gpu = Some(gpu_claims("on"));
+    let e = attester.attest(&nonce(1), c.clone()).unwrap();
+    assert_eq!(e.gpus.len(), 1);
+    assert_eq!(e.bound_evidence.len(), 1);
+    assert_eq!(e.bound_evidence[0].kind, "nvidia-gpu-cc");
+    // The GPU was asked for the nonce derived from ours.
+    let expected = ccnode_attest::evidence::gpu_nonce(&nonce(1), &c_digest(&e), "GPU-0");
+    assert_eq!(e.gpus[0].nonce, hex::encode(expected));
+    let r = verify(&e, &nonce(1), &policy(&ak), SystemTime::now());
+    // Everything verifies, the binding over the GPU evidence included...
+    for check in ["qualifying_data", "ak_signature", "tee", "claims_digest"] {
+        assert_eq!(
+            r.check(check).unwrap().status,
+            Status::Pass,
+            "{check}: {:#?}",
+            r.checks
+        );
+    }
+    // ...but the sample was signed over NVIDIA's nonce, not ours.
+    assert_eq!(r.failed(), vec!["gpu_cc"], "{:#?}", r.checks);
+    assert!(
+        r.check("gpu_cc").unwrap().message.contains("nonce"),
+        "{:#?}",
+        r.checks
+    );
+
+    // GPU evidence swapped after the quote: its digest is not the bound one.
+    let mut swapped = e.clone();
+    swapped.gpus[0].cert_chain.push('\n');
+    let r = verify(&swapped, &nonce(1), &policy(&ak), SystemTime::now());
+    assert_fails(&r, "gpu_cc");
+    assert!(r.check("gpu_cc").unwrap().message.contains("not the bound"));
+    // Bound evidence edited to match: the binding, hence the quote, breaks.
+    let mut rebound = swapped.clone();
+    rebound.bound_evidence[0] = ccnode_attest::evidence::gpu_bound(&rebound.gpus[0]).unwrap();
+    let r = verify(&rebound, &nonce(1), &policy(&ak), SystemTime::now());
+    assert_fails(&r, "qualifying_data");
+    // GPU evidence dropped altogether: the claims say the GPU is in CC mode.
+    let mut dropped = e.clone();
+    dropped.gpus.clear();
+    dropped.bound_evidence.clear();
+    let r = verify(&dropped, &nonce(1), &policy(&ak), SystemTime::now());
+    assert_fails(&r, "gpu_cc");
+    assert_fails(&r, "qualifying_data");
+}
+
+fn c_digest(e: &Evidence) -> [u8; 32] {
+    e.claims.digest().unwrap()
 }

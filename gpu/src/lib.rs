@@ -37,6 +37,10 @@ pub enum GpuError {
     /// A backend call failed.
     #[error("{call}: {message}")]
     Call { call: &'static str, message: String },
+    /// The backend or GPU cannot do this (a simulated GPU, a GPU not in
+    /// confidential-computing mode, a driver without the call).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
 }
 
 impl GpuError {
@@ -47,6 +51,7 @@ impl GpuError {
             GpuError::NoGpu => "no_gpu",
             GpuError::SimSpec { .. } => "sim_spec",
             GpuError::Call { .. } => "call_failed",
+            GpuError::Unsupported(_) => "unsupported",
         }
     }
 }
@@ -83,6 +88,23 @@ pub trait GpuBackend: Send + Sync + std::fmt::Debug {
     /// Waits up to `timeout` for XID, ECC and bus events; returns those
     /// that arrived (possibly none). Called from one dedicated thread.
     fn wait_events(&self, timeout: Duration) -> Result<Vec<GpuEvent>, GpuError>;
+
+    /// The confidential-computing attestation of GPU `index` (an index of
+    /// the inventory): NVML's SPDM GET_MEASUREMENTS report for `nonce` and
+    /// the GPU's attestation certificate chain. Verified by
+    /// `ccnode_attest::nvidia`, not here.
+    fn cc_attestation(&self, index: u32, nonce: &[u8; 32]) -> Result<CcAttestation, GpuError>;
+}
+
+/// A GPU's confidential-computing attestation, as the driver returned it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CcAttestation {
+    /// The SPDM GET_MEASUREMENTS request followed by the response
+    /// (`attestationReport`, at most 8192 bytes).
+    pub report: Vec<u8>,
+    /// The attestation certificate chain, PEM (`attestationCertChain`, at
+    /// most 5120 bytes).
+    pub cert_chain: Vec<u8>,
 }
 
 /// Reads the scrub-on-free setting from the text of

@@ -89,9 +89,9 @@ use nvml_wrapper::{Device, EventSet, Nvml};
 use nvml_wrapper_sys::bindings as sys;
 
 use crate::{
-    BackendKind, CcMode, GpuBackend, GpuError, GpuEvent, GpuEventKind, GpuInfo, GpuSample,
-    Inventory, MigDevice, MigMode, MigTelemetry, RemappedRows, RetiredPages, SampleStatus,
-    ScrubOnFree, Telemetry,
+    BackendKind, CcAttestation, CcMode, GpuBackend, GpuError, GpuEvent, GpuEventKind, GpuInfo,
+    GpuSample, Inventory, MigDevice, MigMode, MigTelemetry, RemappedRows, RetiredPages,
+    SampleStatus, ScrubOnFree, Telemetry,
 };
 
 /// The library NVML is loaded from.
@@ -572,6 +572,29 @@ impl GpuBackend for NvmlBackend {
                 },
             })
             .collect())
+    }
+
+    fn cc_attestation(&self, index: u32, nonce: &[u8; 32]) -> Result<CcAttestation, GpuError> {
+        let device = self
+            .nvml
+            .device_by_index(index)
+            .map_err(|e| call_error_on(index, "nvmlDeviceGetHandleByIndex", e))?;
+        let on_error = |call: &'static str| {
+            move |e: NvmlError| {
+                if is_unsupported(&e) {
+                    GpuError::Unsupported(format!(
+                        "gpu {index}: {call}: {e} (not in confidential-computing mode, or the driver lacks it)"
+                    ))
+                } else {
+                    call_error_on(index, call, e)
+                }
+            }
+        };
+        let report = raw::attestation_report(&device, nonce)
+            .map_err(on_error("nvmlDeviceGetConfComputeGpuAttestationReport"))?;
+        let cert_chain = raw::attestation_cert_chain(&device)
+            .map_err(on_error("nvmlDeviceGetConfComputeGpuCertificate"))?;
+        Ok(CcAttestation { report, cert_chain })
     }
 
     fn wait_events(&self, timeout: Duration) -> Result<Vec<GpuEvent>, GpuError> {

@@ -45,9 +45,9 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use crate::{
-    BackendKind, CcMode, GpuBackend, GpuError, GpuEvent, GpuEventKind, GpuInfo, GpuSample,
-    Inventory, MigDevice, MigMode, MigTelemetry, RemappedRows, SampleStatus, ScrubOnFree,
-    Telemetry,
+    BackendKind, CcAttestation, CcMode, GpuBackend, GpuError, GpuEvent, GpuEventKind, GpuInfo,
+    GpuSample, Inventory, MigDevice, MigMode, MigTelemetry, RemappedRows, SampleStatus,
+    ScrubOnFree, Telemetry,
 };
 
 /// Largest simulation file read.
@@ -510,6 +510,12 @@ impl GpuBackend for SimBackend {
             .collect())
     }
 
+    fn cc_attestation(&self, _index: u32, _nonce: &[u8; 32]) -> Result<CcAttestation, GpuError> {
+        Err(GpuError::Unsupported(
+            "simulated gpus have no attestation report".into(),
+        ))
+    }
+
     fn wait_events(&self, timeout: Duration) -> Result<Vec<GpuEvent>, GpuError> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -566,6 +572,20 @@ mig_mode = "unsupported"
             .open(path)
             .unwrap();
         f.write_all(line.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn simulated_gpus_have_no_attestation_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = write(dir.path(), "gpus.toml", SPEC);
+        let sim = SimBackend::open(&spec).unwrap();
+        sim.inventory().unwrap();
+        let e = sim.cc_attestation(0, &[7; 32]).unwrap_err();
+        assert!(matches!(&e, GpuError::Unsupported(_)), "{e}");
+        assert_eq!(e.code(), "unsupported");
+        assert!(e
+            .to_string()
+            .contains("simulated gpus have no attestation report"));
     }
 
     #[test]

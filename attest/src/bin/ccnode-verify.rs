@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
 
-use ccnode_attest::client;
 use ccnode_attest::evidence::{Evidence, MAX_EVIDENCE};
 use ccnode_attest::oms::{self, policy, HandOver, OmsError, TrustPolicy, VerifyOptions};
-use ccnode_attest::verify::{self, AttestationResult, Status, VerifierPolicy};
+use ccnode_attest::tee::snp::{self, EndorsementCert, SnpPolicy};
+use ccnode_attest::verify::{self, AttestationResult, Check, Status, VerifierPolicy};
+use ccnode_attest::{client, error_chain};
 use clap::{Args, Parser, Subcommand};
 use rand_core::RngCore as _;
 
@@ -33,6 +34,19 @@ Exit codes:
      verifier policy, nonce)
   5  (attest) the node cannot be reached, or answered with an error";
 
+const SNP_EXIT_CODES: &str = "\
+Exit codes:
+  0  every check passed
+  1  at least one check failed (the table or JSON says which)
+  2  usage error
+  4  an input cannot be read, is malformed or out of bounds (report,
+     certificate, chain, policy, --report-data)
+
+Trust: the chain must end at one of the ARKs built into ccnode-verify
+(AMD's roots for Milan, Genoa and Turin). Without --chain the ASK built in
+for the VCEK's generation is used (a VLEK's ASVK is not built in: give it
+with --chain). Nothing is fetched from the network.";
+
 #[derive(Parser)]
 #[command(name = "ccnode-verify", version, about = "Verify model signatures and node attestation evidence offline", after_help = EXIT_CODES)]
 struct Cli {
@@ -53,6 +67,42 @@ enum Command {
     /// it.
     #[command(after_help = EVIDENCE_EXIT_CODES)]
     Attest(AttestArgs),
+    /// Verify an AMD SEV-SNP attestation report offline: the VCEK (or VLEK)
+    /// chain to AMD's pinned root, the report's signature, its chip id and
+    /// TCB against the VCEK, and optionally its REPORT_DATA and a policy.
+    #[command(name = "snp-report", after_help = SNP_EXIT_CODES)]
+    SnpReport(SnpReportArgs),
+}
+
+#[derive(Args)]
+struct SnpReportArgs {
+    /// The attestation report: the 1184 bytes, or their hex (whitespace
+    /// allowed).
+    #[arg(long, value_name = "FILE")]
+    report: PathBuf,
+    /// The VCEK (or VLEK) certificate, DER or PEM.
+    #[arg(long, value_name = "FILE")]
+    vcek: PathBuf,
+    /// The ASK (ASVK for a VLEK) then the ARK, PEM, as AMD's KDS serves
+    /// cert_chain (the ASK alone is accepted too). The ARK must be a built-in
+    /// one. Default: the built-in ASK and ARKs.
+    #[arg(long, value_name = "FILE")]
+    chain: Option<PathBuf>,
+    /// A verifier policy (TOML); its [snp] table is checked against the
+    /// report (allowed_measurements, min_tcb, allow_debug, max_vmpl, ...).
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
+    /// The expected REPORT_DATA, hex, up to 64 bytes (shorter is padded
+    /// with zero bytes: a 32-byte ccnode evidence binding gives the
+    /// REPORT_DATA ccnoded asks for).
+    #[arg(long, value_name = "HEX")]
+    report_data: Option<String>,
+    /// Print the checks and the report's fields as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Check certificate validity at this time (RFC 3339) instead of now.
+    #[arg(long, value_name = "TIME", hide = true, value_parser = humantime::parse_rfc3339_weak)]
+    at: Option<SystemTime>,
 }
 
 #[derive(Args)]
@@ -155,17 +205,6 @@ fn exit_code(err: &OmsError) -> u8 {
     }
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 fn policy_of(trust: &Trust) -> Result<TrustPolicy, OmsError> {
     if let Some(key) = &trust.public_key {
         return Ok(TrustPolicy::global_key(policy::load_public_key(key)?));
@@ -212,6 +251,7 @@ fn main() -> ExitCode {
         Command::Model(args) => model_main(&args),
         Command::Evidence(args) => evidence_main(&args),
         Command::Attest(args) => attest_main(&args),
+        Command::SnpReport(args) => snp_main(&args),
     }
 }
 
@@ -287,6 +327,222 @@ fn evidence_main(args: &EvidenceArgs) -> ExitCode {
         Ok(result) => report(&result, args.json),
         Err(f) => fail_out(args.json, f),
     }
+}
+
+/// `snp-report`: each check reported on its own, so one failure does not
+/// hide the others.
+fn snp_main(args: &SnpReportArgs) -> ExitCode {
+    match snp_checks(args) {
+        Ok((checks, report)) => {
+            let passed = checks.iter().all(|c| c.status != Status::Fail);
+            if args.json {
+                let out = serde_json::json!({
+                    "verdict": if passed { "pass" } else { "fail" },
+                    "checks": checks,
+                    "report": report.to_json(),
+                });
+                println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+            } else {
+                println!("{:<12} {:<6} DETAIL", "CHECK", "RESULT");
+                for c in &checks {
+                    let status = match c.status {
+                        Status::Pass => "pass",
+                        Status::Fail => "FAIL",
+                        Status::Skip => "skip",
+                    };
+                    println!("{:<12} {:<6} {}", c.name, status, c.message);
+                }
+                println!(
+                    "verdict: {} (SEV-SNP report v{}, VMPL {}, measurement {})",
+                    if passed { "pass" } else { "FAIL" },
+                    report.version,
+                    report.vmpl,
+                    hex::encode(report.measurement)
+                );
+            }
+            if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(f) => fail_out(args.json, f),
+    }
+}
+
+fn snp_checks(args: &SnpReportArgs) -> Result<(Vec<Check>, snp::SnpReport), Failure> {
+    let input = |what: &'static str| move |e: snp::SnpError| Failure(4, what, e.to_string());
+    let report =
+        snp::report_from_file_bytes(&read_small(&args.report)?).map_err(input("report"))?;
+    let ek = EndorsementCert::from_bytes(&read_small(&args.vcek)?).map_err(input("vcek"))?;
+    let (ask, ark) = match &args.chain {
+        Some(path) => snp::split_chain(&read_small(path)?).map_err(input("chain"))?,
+        None => (None, None),
+    };
+    let policy = match &args.policy {
+        None => None,
+        Some(path) => {
+            let text = String::from_utf8(read_small(path)?)
+                .map_err(|_| Failure(4, "policy", format!("{} is not UTF-8", path.display())))?;
+            let p = SnpPolicy::from_verifier_toml(&text)
+                .map_err(|e| Failure(4, "policy", format!("{}: {e}", path.display())))?
+                .ok_or_else(|| {
+                    Failure(
+                        4,
+                        "policy",
+                        format!("{} has no [snp] table", path.display()),
+                    )
+                })?;
+            Some(p)
+        }
+    };
+    let expected_data = match &args.report_data {
+        None => None,
+        Some(h) => {
+            let v = hex::decode(h.trim())
+                .ok()
+                .filter(|v| !v.is_empty() && v.len() <= 64)
+                .ok_or_else(|| {
+                    Failure(
+                        4,
+                        "report_data",
+                        format!("--report-data {h:?} is not 1 to 64 bytes of hex"),
+                    )
+                })?;
+            let mut d = [0u8; 64];
+            d[..v.len()].copy_from_slice(&v);
+            Some(d)
+        }
+    };
+
+    let mut checks = Vec::new();
+    let mut push = |name: &'static str, r: Result<String, String>| {
+        let (status, message) = match r {
+            Ok(m) => (Status::Pass, m),
+            Err(m) => (Status::Fail, m),
+        };
+        checks.push(Check {
+            name,
+            status,
+            message,
+        });
+    };
+    let now = args.at.unwrap_or_else(SystemTime::now);
+    let chain = snp::verify_chain(&ek, ask.as_deref(), ark.as_deref(), now);
+    push(
+        "chain",
+        chain
+            .as_ref()
+            .map(|c| {
+                format!(
+                    "{} ({}) -> {}{} -> pinned ARK-{}",
+                    ek.kind.name(),
+                    ek.product_name.as_deref().unwrap_or("no productName"),
+                    c.ask_name,
+                    if c.builtin_ask { " (built in)" } else { "" },
+                    c.generation
+                )
+            })
+            .map_err(ToString::to_string),
+    );
+    // Decode the TCBs for the chain's generation (else the VCEK's, else as
+    // parsed).
+    let generation = chain
+        .as_ref()
+        .ok()
+        .map(|c| c.generation)
+        .or_else(|| ek.generation());
+    let (report, generation_err) = match generation.map(|g| report.for_generation(g)) {
+        Some(Ok(r)) => (r, None),
+        Some(Err(e)) => (report, Some(e.to_string())),
+        None => (report, None),
+    };
+    push(
+        "signature",
+        snp::verify_signature(&report, &ek)
+            .map(|()| {
+                format!(
+                    "ECDSA P-384 SHA-384 over bytes 0x000..0x2A0 verifies with the {}",
+                    ek.kind.name()
+                )
+            })
+            .map_err(|e| e.to_string()),
+    );
+    push(
+        "chip_id",
+        snp::check_chip_id(&report, &ek).map_err(|e| e.to_string()),
+    );
+    push(
+        "tcb",
+        match generation_err {
+            Some(e) => Err(e),
+            None => snp::check_tcb(&report, &ek).map_err(|e| e.to_string()),
+        },
+    );
+    match expected_data {
+        None => checks.push(Check {
+            name: "report_data",
+            status: Status::Skip,
+            message: format!(
+                "not checked (no --report-data): {}",
+                hex::encode(report.report_data)
+            ),
+        }),
+        Some(d) if d == report.report_data => checks.push(Check {
+            name: "report_data",
+            status: Status::Pass,
+            message: format!("REPORT_DATA is {}", hex::encode(d)),
+        }),
+        Some(d) => checks.push(Check {
+            name: "report_data",
+            status: Status::Fail,
+            message: format!(
+                "REPORT_DATA is {}, expected {}",
+                hex::encode(report.report_data),
+                hex::encode(d)
+            ),
+        }),
+    }
+    match &policy {
+        None => checks.push(Check {
+            name: "policy",
+            status: Status::Skip,
+            message: "not checked (no --policy)".into(),
+        }),
+        Some(p) => {
+            let r = snp::check_policy(&report, p).map_err(|e| e.to_string());
+            let (status, message) = match r {
+                Ok(m) => (Status::Pass, m),
+                Err(m) => (Status::Fail, m),
+            };
+            checks.push(Check {
+                name: "policy",
+                status,
+                message,
+            });
+        }
+    }
+    Ok((checks, report))
+}
+
+/// Reads a small input file (report, certificate, chain, policy).
+fn read_small(path: &Path) -> Result<Vec<u8>, Failure> {
+    use std::io::Read as _;
+    const MAX: u64 = 1 << 20;
+    let file = std::fs::File::open(path)
+        .map_err(|e| Failure(4, "io", format!("cannot read {}: {e}", path.display())))?;
+    let mut buf = Vec::new();
+    file.take(MAX + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| Failure(4, "io", format!("cannot read {}: {e}", path.display())))?;
+    if buf.len() as u64 > MAX {
+        return Err(Failure(
+            4,
+            "too_large",
+            format!("{} exceeds {MAX} bytes", path.display()),
+        ));
+    }
+    Ok(buf)
 }
 
 fn oms_read(path: &Path) -> Result<Vec<u8>, Failure> {

@@ -12,6 +12,8 @@
 //! | `nvmlDeviceGetCurrentClocksEventReasons` (or the older `…ThrottleReasons`) | the wrapper truncates bits it does not know |
 //! | `nvmlDeviceRegisterEvents` | the wrapper frees the whole set when one registration fails |
 //! | `nvmlEventSetWait_v2` | the wrapper drops `gpuInstanceId` and `computeInstanceId` |
+//! | `nvmlDeviceGetConfComputeGpuAttestationReport` | the wrapper slices the buffer with the driver's size unchecked (a panic on a size over the buffer) |
+//! | `nvmlDeviceGetConfComputeGpuCertificate` | as above; here a size over the buffer is `NvmlError::Unknown` |
 //!
 //! Every symbol is looked up before use (a missing one is
 //! [`NvmlError::FailedToLoadSymbol`], never a panic), and return codes go
@@ -27,6 +29,7 @@ use std::os::raw::{c_uint, c_ulonglong};
 use nvml_wrapper::error::{nvml_sym, nvml_try, NvmlError};
 use nvml_wrapper::{Device, EventSet, Nvml};
 use nvml_wrapper_sys::bindings::{
+    nvmlConfComputeGpuAttestationReport_t, nvmlConfComputeGpuCertificate_t,
     nvmlConfComputeSystemCaps_t, nvmlConfComputeSystemState_t, nvmlDevice_t, nvmlEventData_t,
     nvmlGpuInstanceInfo_t, nvmlGpuInstance_t, nvmlMemory_t,
 };
@@ -267,4 +270,72 @@ pub(super) fn event_device<'n>(nvml: &'n Nvml, event: &RawEvent) -> Option<Devic
     // delivered; NVML device handles stay valid while NVML is initialised,
     // which it is for the life of the process (the `Nvml` is a static).
     Some(unsafe { Device::new(event.device, nvml) })
+}
+
+/// The first `size` bytes of `buf`, or `Unknown` when the driver's size is
+/// over the buffer.
+fn sized(buf: &[u8], size: c_uint) -> Result<Vec<u8>, NvmlError> {
+    usize::try_from(size)
+        .ok()
+        .and_then(|n| buf.get(..n))
+        .map(<[u8]>::to_vec)
+        .ok_or(NvmlError::Unknown)
+}
+
+/// `nvmlDeviceGetConfComputeGpuAttestationReport` for `nonce`: the SPDM
+/// request and response (the CEC report, where present, is dropped).
+pub(super) fn attestation_report(
+    device: &Device<'_>,
+    nonce: &[u8; 32],
+) -> Result<Vec<u8>, NvmlError> {
+    let f = nvml_sym(
+        device
+            .nvml()
+            .lib()
+            .nvmlDeviceGetConfComputeGpuAttestationReport
+            .as_ref(),
+    )?;
+    // SAFETY: a C struct of `unsigned int`s and byte arrays: all-zero is
+    // valid.
+    let mut report: nvmlConfComputeGpuAttestationReport_t = unsafe { mem::zeroed() };
+    report.nonce = *nonce;
+    // SAFETY: `f` is `nvmlDeviceGetConfComputeGpuAttestationReport(
+    // nvmlDevice_t, nvmlConfComputeGpuAttestationReport_t *)`; the handle is
+    // valid and `report` is a writable struct of the bound layout, with the
+    // nonce set as the call expects.
+    nvml_try(unsafe { f(handle(device), &mut report) })?;
+    sized(&report.attestationReport, report.attestationReportSize)
+}
+
+/// `nvmlDeviceGetConfComputeGpuCertificate`: the attestation certificate
+/// chain (PEM), not the device-identity `certChain`.
+pub(super) fn attestation_cert_chain(device: &Device<'_>) -> Result<Vec<u8>, NvmlError> {
+    let f = nvml_sym(
+        device
+            .nvml()
+            .lib()
+            .nvmlDeviceGetConfComputeGpuCertificate
+            .as_ref(),
+    )?;
+    // SAFETY: a C struct of `unsigned int`s and byte arrays: all-zero is
+    // valid.
+    let mut cert: nvmlConfComputeGpuCertificate_t = unsafe { mem::zeroed() };
+    // SAFETY: `f` is `nvmlDeviceGetConfComputeGpuCertificate(nvmlDevice_t,
+    // nvmlConfComputeGpuCertificate_t *)`; the handle is valid and `cert` is
+    // a writable struct of the bound layout.
+    nvml_try(unsafe { f(handle(device), &mut cert) })?;
+    sized(&cert.attestationCertChain, cert.attestationCertChainSize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_over_the_buffer_are_errors() {
+        assert_eq!(sized(&[1, 2, 3], 2).unwrap(), vec![1, 2]);
+        assert_eq!(sized(&[1, 2, 3], 3).unwrap(), vec![1, 2, 3]);
+        assert!(matches!(sized(&[1, 2, 3], 4), Err(NvmlError::Unknown)));
+        assert!(matches!(sized(&[], c_uint::MAX), Err(NvmlError::Unknown)));
+    }
 }
