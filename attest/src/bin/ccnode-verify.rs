@@ -433,16 +433,7 @@ fn snp_checks(args: &SnpReportArgs) -> Result<(Vec<Check>, snp::SnpReport), Fail
         "chain",
         chain
             .as_ref()
-            .map(|c| {
-                format!(
-                    "{} ({}) -> {}{} -> pinned ARK-{}",
-                    ek.kind.name(),
-                    ek.product_name.as_deref().unwrap_or("no productName"),
-                    c.ask_name,
-                    if c.builtin_ask { " (built in)" } else { "" },
-                    c.generation
-                )
-            })
+            .map(|c| c.describe(&ek))
             .map_err(ToString::to_string),
     );
     // Decode the TCBs for the chain's generation (else the VCEK's, else as

@@ -1172,6 +1172,21 @@ pub struct ChainInfo {
     pub builtin_ask: bool,
 }
 
+impl ChainInfo {
+    /// How `ek` chains to the root, for people:
+    /// `VCEK (Milan) -> SEV-Milan (built in) -> pinned ARK-Milan`.
+    pub fn describe(&self, ek: &EndorsementCert) -> String {
+        format!(
+            "{} ({}) -> {}{} -> pinned ARK-{}",
+            ek.kind.name(),
+            ek.product_name.as_deref().unwrap_or("no productName"),
+            self.ask_name,
+            if self.builtin_ask { " (built in)" } else { "" },
+            self.generation
+        )
+    }
+}
+
 fn pinned_ark(g: Generation) -> Cert {
     // The pinned PEMs are constants checked by the unit tests
     // (`pinned_certificates`), so they parse.
@@ -1467,14 +1482,7 @@ pub fn verify_report_with(
     let chip = check_chip_id(&report, ek)?;
     let tcb = check_tcb(&report, ek)?;
     let details = vec![
-        format!(
-            "{} ({}) chains through {}{} to the pinned ARK-{}",
-            ek.kind.name(),
-            ek.product_name.as_deref().unwrap_or("no productName"),
-            chain.ask_name,
-            if chain.builtin_ask { " (built in)" } else { "" },
-            chain.generation
-        ),
+        chain.describe(ek),
         format!("ECDSA P-384 signature by the {} verifies", ek.kind.name()),
         chip,
         tcb,
