@@ -396,7 +396,8 @@ pub struct GpuConfig {
     /// `[gpu.baseline]`: the pinned driver, firmware and modes.
     pub baseline: ccnode_gpu::drift::Baseline,
     /// `[gpu.drift_action]`: per drifted field (`driver_version =
-    /// "quarantine"`); fields not listed get `alert`.
+    /// "quarantine"`); fields not listed get `alert`, except `mig_layout`,
+    /// which gets `block`.
     pub drift_action: std::collections::BTreeMap<ccnode_gpu::drift::DriftField, DriftAction>,
 }
 
@@ -416,10 +417,16 @@ impl Default for GpuConfig {
 impl GpuConfig {
     /// The action for a drifted field.
     pub fn drift_action_for(&self, field: ccnode_gpu::drift::DriftField) -> DriftAction {
+        use ccnode_gpu::drift::DriftField;
         self.drift_action
             .get(&field)
             .copied()
-            .unwrap_or(DriftAction::Alert)
+            .unwrap_or(match field {
+                // A layout that drifted changes who shares a GPU: no new
+                // workers until it is back, unless the policy says otherwise.
+                DriftField::MigLayout => DriftAction::Block,
+                _ => DriftAction::Alert,
+            })
     }
 }
 
@@ -910,6 +917,9 @@ impl Config {
                 "lists more than 256 codes",
             ));
         }
+        gpu.baseline
+            .validate()
+            .map_err(|e| ConfigError::invalid("gpu.baseline.mig_layout", e))?;
         Ok(())
     }
 

@@ -249,6 +249,92 @@ fn drift_at_run_time_blocks_workers_and_clears_when_the_driver_is_back() {
 }
 
 #[test]
+fn a_mig_layout_that_drifts_from_the_policy_blocks_workers_or_quarantines() {
+    let policy =
+        "[gpu.baseline.mig_layout]\n\"NVIDIA H100 80GB HBM3\" = { \"1g.10gb\" = 7 }\n\"1\" = {}\n";
+    let node = sim_node(&spec(DRIVER, 2, 1, "\"1g.10gb\" = 7", None), "", policy);
+    let text = scrape(&node);
+    assert_eq!(value(&text, "ccnode_gpu_drift_fields"), Some(0.0), "{text}");
+    assert_eq!(value(&text, "ccnode_gpu_workers_blocked"), Some(0.0));
+
+    // GPU 0 repartitioned, GPU 1 put into MIG mode: both differ from the
+    // policy; the default action for the layout is block.
+    rewrite(
+        &sim_path(&node),
+        &spec(DRIVER, 2, 2, "\"3g.40gb\" = 2", None),
+    );
+    let text = wait_scrape(&node, "layout drift", |t| {
+        value(t, "ccnode_gpu_drift_fields") == Some(2.0)
+    });
+    assert!(text.contains("field=\"mig_layout\",gpu=\"0\""), "{text}");
+    assert!(text.contains("action=\"block\""), "{text}");
+    assert_eq!(value(&text, "ccnode_gpu_workers_blocked"), Some(1.0));
+    let records = wait_audit_n(&node, "gpu_drift", 2);
+    let reasons: Vec<_> = records.iter().map(|r| r["reason"].to_string()).collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("expected 1g.10gb x7, found 3g.40gb x2")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("expected off, found 3g.40gb x2")),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        status(&node)["state"],
+        "active",
+        "block does not quarantine"
+    );
+    assert!(ccnodectl(&node, &["drift"]).contains("mig_layout"));
+
+    // Back as declared: the drift clears.
+    rewrite(
+        &sim_path(&node),
+        &spec(DRIVER, 2, 1, "\"1g.10gb\" = 7", None),
+    );
+    let text = wait_scrape(&node, "layout drift cleared", |t| {
+        value(t, "ccnode_gpu_drift_fields") == Some(0.0)
+    });
+    assert_eq!(value(&text, "ccnode_gpu_workers_blocked"), Some(0.0));
+
+    // With quarantine as the action, the node is fenced.
+    let node = sim_node(
+        &spec(DRIVER, 2, 1, "\"1g.10gb\" = 7", None),
+        "",
+        &format!("{policy}[gpu.drift_action]\nmig_layout = \"quarantine\"\n"),
+    );
+    assert_eq!(status(&node)["state"], "active");
+    rewrite(
+        &sim_path(&node),
+        &spec(DRIVER, 2, 1, "\"1g.10gb\" = 6", None),
+    );
+    let st = wait_state(&node, "quarantined");
+    assert!(
+        st["reason"].as_str().unwrap().contains("mig_layout"),
+        "{st}"
+    );
+}
+
+#[test]
+fn an_invalid_mig_layout_is_a_config_error_naming_it() {
+    let node = TestNode::new(env!("CARGO_BIN_EXE_ccnoded"));
+    std::fs::write(sim_path(&node), spec(DRIVER, 1, 0, "", None)).unwrap();
+    let sim = sim_path(&node);
+    let mut node = node
+        .with_gpu(&format!(
+            "backend = \"sim\"\nsim_file = \"{}\"",
+            sim.display()
+        ))
+        .with_toml("[gpu.baseline.mig_layout]\n\"0\" = { \"1g.10gb\" = 9 }\n");
+    let (status, log) = node.run_to_exit();
+    assert_eq!(status.code(), Some(78), "{log}");
+    assert!(log.contains("gpu.baseline.mig_layout"), "{log}");
+}
+
+#[test]
 fn an_xid_burst_is_counted_and_leaves_the_node_alone() {
     let node = sim_node(&spec(DRIVER, 2, 1, "\"1g.10gb\" = 7", None), "", "");
     let burst: Vec<String> = (0..40)

@@ -3,6 +3,11 @@
 //! A driver can be replaced or reloaded under a running daemon, so the
 //! comparison runs at start and on every poll. Each differing field is one
 //! [`Drift`]; fields the baseline leaves unset are not compared.
+//!
+//! The MIG layout is compared the same way: `mig_layout` declares, per GPU
+//! (by index, or by model), the instances expected by profile and count in
+//! mig-parted's vocabulary (`"1g.10gb" = 7`), or MIG off (an empty table).
+//! ccnode never repartitions a GPU; a layout that differs is drift.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -24,8 +29,87 @@ pub struct Baseline {
     pub gsp_firmware_version: Option<String>,
     pub cc_mode: Option<CcMode>,
     pub mig_mode: Option<MigMode>,
+    /// The MIG layout expected per GPU: keyed by index (`"0"`) or by model
+    /// (the product name), an index winning over a model; profile → count.
+    /// An empty table: MIG off. GPUs matching no key are not compared.
+    pub mig_layout: BTreeMap<String, BTreeMap<String, u32>>,
     /// Require the driver's scrub-on-free (default: required).
     pub require_scrub_on_free: bool,
+}
+
+/// Most MIG instances of one profile on one GPU (NVIDIA's GPUs have at
+/// most seven).
+pub const MAX_MIG_INSTANCES: u32 = 7;
+
+impl Baseline {
+    /// Checks what serde cannot: MIG layout keys and counts. The error
+    /// names the offending entry.
+    pub fn validate(&self) -> Result<(), String> {
+        for (gpu, layout) in &self.mig_layout {
+            if gpu.trim().is_empty() {
+                return Err("mig_layout: a GPU key is empty".into());
+            }
+            let total: u32 = layout.values().sum();
+            for (profile, n) in layout {
+                if !valid_profile(profile) {
+                    return Err(format!(
+                        "mig_layout.{gpu:?}: {profile:?} is not a MIG profile like \"1g.10gb\""
+                    ));
+                }
+                if *n == 0 || *n > MAX_MIG_INSTANCES {
+                    return Err(format!(
+                        "mig_layout.{gpu:?}.{profile}: {n} instances, expected 1 to {MAX_MIG_INSTANCES}"
+                    ));
+                }
+            }
+            if total > MAX_MIG_INSTANCES {
+                return Err(format!(
+                    "mig_layout.{gpu:?}: {total} instances in all, a GPU holds at most {MAX_MIG_INSTANCES}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The layout expected for `gpu`, if the baseline declares one.
+    pub fn mig_layout_for(&self, gpu: &crate::GpuInfo) -> Option<&BTreeMap<String, u32>> {
+        self.mig_layout
+            .get(&gpu.index.to_string())
+            .or_else(|| self.mig_layout.get(&gpu.name))
+    }
+}
+
+/// `<n>g.<m>gb`, optionally with a suffix (`1g.10gb+me`, `1c.2g.20gb`).
+fn valid_profile(p: &str) -> bool {
+    p.len() <= 32
+        && p.contains('g')
+        && p.ends_with(|c: char| c.is_ascii_alphanumeric())
+        && p.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '+')
+}
+
+/// A MIG layout as text: `off`, or `1g.10gb x4, 2g.20gb x1` in profile
+/// order.
+pub fn layout_string(layout: &BTreeMap<String, u32>) -> String {
+    if layout.is_empty() {
+        return "off".into();
+    }
+    layout
+        .iter()
+        .map(|(p, n)| format!("{p} x{n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The layout a GPU has now: empty when MIG is not enabled.
+pub fn current_layout(gpu: &crate::GpuInfo) -> BTreeMap<String, u32> {
+    let mut out = BTreeMap::new();
+    if gpu.mig_mode == MigMode::Enabled {
+        for d in &gpu.mig_devices {
+            *out.entry(d.profile.clone()).or_insert(0) += 1;
+        }
+    }
+    out
 }
 
 impl Default for Baseline {
@@ -38,6 +122,7 @@ impl Default for Baseline {
             gsp_firmware_version: None,
             cc_mode: None,
             mig_mode: None,
+            mig_layout: BTreeMap::new(),
             require_scrub_on_free: true,
         }
     }
@@ -54,11 +139,12 @@ pub enum DriftField {
     GspFirmwareVersion,
     CcMode,
     MigMode,
+    MigLayout,
     ScrubOnFree,
 }
 
 impl DriftField {
-    pub const ALL: [DriftField; 8] = [
+    pub const ALL: [DriftField; 9] = [
         DriftField::DriverVersion,
         DriftField::CudaDriverVersion,
         DriftField::Vbios,
@@ -66,6 +152,7 @@ impl DriftField {
         DriftField::GspFirmwareVersion,
         DriftField::CcMode,
         DriftField::MigMode,
+        DriftField::MigLayout,
         DriftField::ScrubOnFree,
     ];
 
@@ -78,6 +165,7 @@ impl DriftField {
             DriftField::GspFirmwareVersion => "gsp_firmware_version",
             DriftField::CcMode => "cc_mode",
             DriftField::MigMode => "mig_mode",
+            DriftField::MigLayout => "mig_layout",
             DriftField::ScrubOnFree => "scrub_on_free",
         }
     }
@@ -176,6 +264,13 @@ pub fn compare(baseline: &Baseline, inv: &Inventory) -> Vec<Drift> {
         if let Some(v) = baseline.mig_mode {
             per_gpu(DriftField::MigMode, v.as_str(), gpu.mig_mode.as_str());
         }
+        if let Some(want) = baseline.mig_layout_for(gpu) {
+            per_gpu(
+                DriftField::MigLayout,
+                &layout_string(want),
+                &layout_string(&current_layout(gpu)),
+            );
+        }
     }
     out.sort();
     out
@@ -220,8 +315,91 @@ mod tests {
             gsp_firmware_version: Some("550.127.05".into()),
             cc_mode: Some(CcMode::On),
             mig_mode: Some(MigMode::Disabled),
+            mig_layout: BTreeMap::new(),
             require_scrub_on_free: true,
         }
+    }
+
+    fn mig(gpu: &mut GpuInfo, profiles: &[&str]) {
+        gpu.mig_mode = MigMode::Enabled;
+        gpu.mig_devices = profiles
+            .iter()
+            .enumerate()
+            .map(|(i, p)| crate::MigDevice {
+                index: i as u32,
+                uuid: format!("MIG-{}-{i}", gpu.uuid),
+                gpu_instance_id: i as u32 + 1,
+                compute_instance_id: 0,
+                profile: (*p).into(),
+                memory_total_bytes: 10 << 30,
+            })
+            .collect();
+    }
+
+    fn layout(entries: &[(&str, u32)]) -> BTreeMap<String, u32> {
+        entries
+            .iter()
+            .map(|(p, n)| ((*p).to_string(), *n))
+            .collect()
+    }
+
+    #[test]
+    fn the_mig_layout_is_compared_by_index_then_by_model() {
+        let mut inv = inventory();
+        mig(&mut inv.gpus[0], &["1g.10gb"; 7]);
+        mig(&mut inv.gpus[1], &["3g.40gb", "3g.40gb"]);
+        let mut b = Baseline::default();
+        b.mig_layout
+            .insert("NVIDIA H100 80GB HBM3".into(), layout(&[("1g.10gb", 7)]));
+        b.mig_layout.insert("1".into(), layout(&[("3g.40gb", 2)]));
+        assert_eq!(compare(&b, &inv), vec![]);
+        // One instance gone on GPU 0, and GPU 1 repartitioned.
+        inv.gpus[0].mig_devices.pop();
+        mig(&mut inv.gpus[1], &["3g.40gb", "2g.20gb", "1g.10gb"]);
+        let d = compare(&b, &inv);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert_eq!(d[0].field, DriftField::MigLayout);
+        assert_eq!(
+            d[0].to_string(),
+            "gpu 0 mig_layout: expected 1g.10gb x7, found 1g.10gb x6"
+        );
+        assert_eq!(d[1].expected, "3g.40gb x2");
+        assert_eq!(d[1].found, "1g.10gb x1, 2g.20gb x1, 3g.40gb x1");
+        // MIG turned off where instances are expected, and on where not.
+        inv.gpus[0].mig_mode = MigMode::Disabled;
+        b.mig_layout.insert("1".into(), BTreeMap::new());
+        let d = compare(&b, &inv);
+        assert_eq!(d[0].found, "off");
+        assert_eq!(d[1].expected, "off");
+        // GPUs matching no key are not compared.
+        assert!(compare(&Baseline::default(), &inv).is_empty());
+    }
+
+    #[test]
+    fn bad_mig_layouts_are_refused_naming_the_entry() {
+        let mut b = Baseline::default();
+        assert!(b.validate().is_ok());
+        for (key, l, needle) in [
+            ("0", layout(&[("1g.10gb", 8)]), "8 instances"),
+            ("0", layout(&[("1g.10gb", 0)]), "0 instances"),
+            (
+                "0",
+                layout(&[("1g.10gb", 4), ("2g.20gb", 4)]),
+                "8 instances in all",
+            ),
+            ("0", layout(&[("big slice", 1)]), "not a MIG profile"),
+            (" ", layout(&[("1g.10gb", 1)]), "empty"),
+        ] {
+            b.mig_layout = [(key.to_string(), l)].into();
+            let e = b.validate().unwrap_err();
+            assert!(e.contains(needle), "{needle:?} not in {e}");
+        }
+        b.mig_layout = [(
+            "0".to_string(),
+            layout(&[("1g.10gb+me", 1), ("1c.2g.20gb", 2)]),
+        )]
+        .into();
+        assert!(b.validate().is_ok());
     }
 
     #[test]
