@@ -142,21 +142,17 @@ fn another_nonce_is_refused() {
     );
 }
 
-// Every byte of the signature, and a dense stride (every 11th byte, the
-// first and the last) of the signed range, against the leaf key (a P-384
-// verification takes tens of milliseconds in a debug build); then a sparse
-// stride through the whole path, chain included.
+// Every byte of the report (the signed range and the signature), each
+// flipped, against the leaf key (about a millisecond per P-384
+// verification with the crypto crates optimised, see the root Cargo.toml);
+// then a sparse stride through the whole path, chain included.
 #[test]
 fn flipped_bytes_are_refused() {
     let good = report();
     let leaf = certs().remove(0);
     let n = nonce();
     let signed = good.len() - SIGNATURE_LEN;
-    let positions = (0..signed)
-        .step_by(11)
-        .chain([signed - 1])
-        .chain(signed..good.len());
-    for i in positions {
+    for i in 0..good.len() {
         let mut bad = good.clone();
         bad[i] ^= 0x01;
         let result = parse_report(&bad).and_then(|p| verify_parsed(&bad, p, &leaf, &n));
