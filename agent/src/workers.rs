@@ -43,33 +43,50 @@ impl HostSupport {
 pub enum WorkerError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("GPU {index}: {path} does not exist")]
-    NoGpu { index: u32, path: String },
+    #[error("cannot open the GPU backend")]
+    Backend(#[source] ccnode_gpu::GpuError),
+    #[error("gpu.backend is \"none\": no GPU can be assigned")]
+    NoBackend,
+    #[error("cannot assign {target}")]
+    Device {
+        target: String,
+        #[source]
+        source: ccnode_gpu::devices::DeviceError,
+    },
     #[error("command {0:?} not found (give an absolute path, or one on PATH)")]
     NoCommand(String),
     #[error("cannot wait for the jail")]
     Wait(#[source] std::io::Error),
 }
 
-/// The device nodes of whole GPU `index`: its own node and the driver's
-/// control nodes that exist on this host. (MIG slices come with the MIG
-/// issue.)
-pub fn gpu_devices(index: u32) -> Result<Vec<PathBuf>, WorkerError> {
-    let own = PathBuf::from(format!("/dev/nvidia{index}"));
-    if !own.exists() {
-        return Err(WorkerError::NoGpu {
-            index,
-            path: own.display().to_string(),
-        });
-    }
-    let mut devices = vec![own];
-    for shared in ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"] {
-        let p = PathBuf::from(shared);
-        if p.exists() {
-            devices.push(p);
+/// What a worker assigned `targets` (GPU indexes, `GPU-…` or `MIG-…`
+/// UUIDs) is given: the device nodes and `CUDA_VISIBLE_DEVICES`, from the
+/// configured backend's inventory ([`ccnode_gpu::devices::grant`]).
+pub fn grant_devices(
+    gpu: &crate::config::GpuConfig,
+    targets: &[String],
+) -> Result<(Vec<PathBuf>, String), WorkerError> {
+    let backend = crate::gpu::open_backend(gpu)
+        .map_err(WorkerError::Backend)?
+        .ok_or(WorkerError::NoBackend)?;
+    let inv = backend.inventory().map_err(WorkerError::Backend)?;
+    let roots = backend.device_roots();
+    let mut nodes: Vec<PathBuf> = Vec::new();
+    let mut visible = Vec::new();
+    for t in targets {
+        let g =
+            ccnode_gpu::devices::grant(&inv, t, &roots).map_err(|source| WorkerError::Device {
+                target: t.clone(),
+                source,
+            })?;
+        for n in g.nodes {
+            if !nodes.contains(&n) {
+                nodes.push(n);
+            }
         }
+        visible.push(g.cuda_visible_devices);
     }
-    Ok(devices)
+    Ok((nodes, visible.join(",")))
 }
 
 /// An absolute path for `cmd`, looked up on PATH if it has no slash.
@@ -147,28 +164,26 @@ pub fn profile(
 /// with this terminal's stdout and stderr, and returns the exit code to
 /// use (the command's, or 128 + the signal that killed it).
 pub fn sandbox_exec(
-    cfg: &SandboxConfig,
+    config: &crate::config::Config,
     jail: &Path,
-    gpus: &[u32],
+    gpus: &[String],
     command: &[String],
 ) -> Result<u8, WorkerError> {
+    let cfg = &config.sandbox;
     let (cmd, args) = command
         .split_first()
         .ok_or_else(|| WorkerError::NoCommand(String::new()))?;
     let program = resolve_program(cmd)?;
-    let mut devices = Vec::new();
-    for &g in gpus {
-        for d in gpu_devices(g)? {
-            if !devices.contains(&d) {
-                devices.push(d);
-            }
-        }
-    }
+    let (devices, visible) = if gpus.is_empty() {
+        (Vec::new(), String::new())
+    } else {
+        grant_devices(&config.gpu, gpus)?
+    };
     let support = HostSupport::probe(cfg);
     if let Some(why) = &support.cgroup_unavailable {
         eprintln!("sandbox: no cgroup limits: {why}");
     }
-    let profile = profile(
+    let mut profile = profile(
         cfg,
         &support,
         &format!("sandbox-exec-{}", std::process::id()),
@@ -176,6 +191,11 @@ pub fn sandbox_exec(
         args.to_vec(),
         devices,
     )?;
+    if !visible.is_empty() {
+        // CUDA sees exactly what was granted, whatever the allow-list.
+        profile.env.retain(|(k, _)| k != "CUDA_VISIBLE_DEVICES");
+        profile.env.push(("CUDA_VISIBLE_DEVICES".into(), visible));
+    }
     let mut jailed = match ccnode_sandbox::spawn(
         jail,
         &[JAIL_ARG],

@@ -64,9 +64,15 @@ fn bad_requests_are_refused_with_clear_errors() {
     assert_eq!(out.status.code(), Some(78));
     assert!(text(&out.stderr).contains("sandbox.worker_user"));
 
+    // GPUs come from the configured backend (NVML by default): none here,
+    // and never a fallback.
     let out = sandbox_exec(NOBODY, &["--gpu", "7", "--", "id"]);
-    assert_ne!(out.status.code(), Some(0));
-    assert!(text(&out.stderr).contains("/dev/nvidia7 does not exist"));
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("cannot open the GPU backend: NVML is not available"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let out = sandbox_exec(NOBODY, &["--", "no-such-command-ccnode"]);
     assert_ne!(out.status.code(), Some(0));
@@ -98,4 +104,150 @@ fn the_daemon_reports_sandbox_support_in_metrics() {
     assert_eq!(value("landlock_required_abi"), 6);
     assert_eq!(value("cgroup_limits"), 0, "no cgroup_parent configured");
     assert!(node.log().contains("without cgroup memory and pids limits"));
+}
+
+/// A simulated host: its GPUs, and their device tree under /dev (the jail
+/// binds device nodes at their own paths inside its /dev); removed on drop.
+struct SimHost {
+    _dir: tempfile::TempDir,
+    _devtree: tempfile::TempDir,
+    sim: std::path::PathBuf,
+    devtree: std::path::PathBuf,
+}
+
+impl SimHost {
+    fn new() -> SimHost {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = tempfile::Builder::new()
+            .prefix("ccnode-test-sim-")
+            .tempdir_in("/dev")
+            .unwrap();
+        let devtree = tree.path().to_owned();
+        let sim = dir.path().join("gpus.toml");
+        std::fs::write(
+            &sim,
+            format!(
+                "driver_version = \"550.127.05\"\ncuda_driver_version = \"12.4\"\n\
+                 device_root = \"{}\"\n\
+                 [[gpus]]\nname = \"NVIDIA H100 80GB HBM3\"\nmemory_gib = 80\n\
+                 vbios_version = \"96.00.99.00.01\"\n\
+                 [[gpus]]\nname = \"NVIDIA H100 80GB HBM3\"\nmemory_gib = 80\n\
+                 vbios_version = \"96.00.99.00.01\"\nmig = {{ \"1g.10gb\" = 3 }}\n",
+                devtree.display()
+            ),
+        )
+        .unwrap();
+        SimHost {
+            _dir: dir,
+            _devtree: tree,
+            sim,
+            devtree,
+        }
+    }
+
+    fn config(&self) -> String {
+        format!(
+            "{NOBODY}[gpu]\nbackend = \"sim\"\nsim_file = \"{}\"\n",
+            self.sim.display()
+        )
+    }
+
+    fn inventory(&self) -> ccnode_gpu::Inventory {
+        use ccnode_gpu::GpuBackend as _;
+        ccnode_gpu::sim::SimBackend::open(&self.sim)
+            .unwrap()
+            .inventory()
+            .unwrap()
+    }
+}
+
+#[test]
+fn a_mig_device_is_all_a_worker_sees_of_the_gpus() {
+    let host = SimHost::new();
+    let inv = host.inventory();
+    let mig = &inv.gpus[1].mig_devices[1];
+    let out = sandbox_exec(&host.config(), &["--gpu", &mig.uuid, "--", "env"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let env = text(&out.stdout);
+    assert!(
+        env.lines()
+            .any(|l| l == format!("CUDA_VISIBLE_DEVICES={}", mig.uuid)),
+        "{env}"
+    );
+    // Inside, the parent GPU's node, this device's two capabilities and
+    // the shared nodes open; GPU 0's and the siblings' capabilities are not
+    // there at all (and Landlock would refuse them).
+    let table =
+        std::fs::read_to_string(host.devtree.join("proc/driver/nvidia-caps/mig-minors")).unwrap();
+    let cap = |key: &str| {
+        let minor = table
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse::<u32>().ok())
+            .unwrap_or_else(|| panic!("{key} not in {table}"));
+        format!(
+            "{}/dev/nvidia-caps/nvidia-cap{minor}",
+            host.devtree.display()
+        )
+    };
+    let node = |n: &str| format!("{}/dev/{n}", host.devtree.display());
+    let gi = mig.gpu_instance_id;
+    let granted = [
+        node("nvidia1"),
+        cap(&format!("gpu1/gi{gi}/access")),
+        cap(&format!("gpu1/gi{gi}/ci0/access")),
+        node("nvidiactl"),
+        node("nvidia-uvm"),
+        node("nvidia-uvm-tools"),
+    ];
+    let mut args = vec!["--gpu", &mig.uuid, "--", "head", "-c", "1"];
+    args.extend(granted.iter().map(String::as_str));
+    let out = sandbox_exec(&host.config(), &args);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let sibling = &inv.gpus[1].mig_devices[0];
+    assert_ne!(sibling.gpu_instance_id, gi);
+    for other in [
+        node("nvidia0"),
+        cap(&format!("gpu1/gi{}/access", sibling.gpu_instance_id)),
+        cap(&format!("gpu1/gi{}/ci0/access", sibling.gpu_instance_id)),
+    ] {
+        assert!(
+            std::path::Path::new(&other).exists(),
+            "{other} exists on the host"
+        );
+        let out = sandbox_exec(
+            &host.config(),
+            &["--gpu", &mig.uuid, "--", "head", "-c", "1", &other],
+        );
+        assert_ne!(out.status.code(), Some(0), "{other} is reachable");
+        assert!(
+            text(&out.stderr).contains("No such file"),
+            "{other}: {}",
+            text(&out.stderr)
+        );
+    }
+    // The whole GPU 0 (MIG off): its own node, no capability.
+    let out = sandbox_exec(&host.config(), &["--gpu", "0", "--", "env"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains(&format!("CUDA_VISIBLE_DEVICES={}", inv.gpus[0].uuid)));
+}
+
+#[test]
+fn gpus_that_cannot_be_assigned_are_refused_by_name() {
+    let host = SimHost::new();
+    let inv = host.inventory();
+    let out = sandbox_exec(&host.config(), &["--gpu", "MIG-no-such-device", "--", "id"]);
+    assert_eq!(out.status.code(), Some(69));
+    assert!(
+        text(&out.stderr).contains("cannot assign MIG-no-such-device: no GPU or MIG device"),
+        "{}",
+        text(&out.stderr)
+    );
+    // GPU 1 has MIG on: one of its MIG devices, not the whole GPU.
+    let out = sandbox_exec(&host.config(), &["--gpu", &inv.gpus[1].uuid, "--", "id"]);
+    assert_eq!(out.status.code(), Some(69));
+    assert!(
+        text(&out.stderr).contains("has MIG enabled"),
+        "{}",
+        text(&out.stderr)
+    );
 }

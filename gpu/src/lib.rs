@@ -11,8 +11,10 @@
 //!
 //! Every backend call may block (NVML does): callers run them on their own
 //! threads, never on an async runtime. [`drift`] compares an inventory with
-//! a pinned baseline; it is pure.
+//! a pinned baseline; it is pure. [`devices`] resolves what a worker given
+//! one GPU or MIG device may open.
 
+pub mod devices;
 pub mod drift;
 pub mod nvml;
 pub mod sim;
@@ -88,6 +90,12 @@ pub trait GpuBackend: Send + Sync + std::fmt::Debug {
     /// Waits up to `timeout` for XID, ECC and bus events; returns those
     /// that arrived (possibly none). Called from one dedicated thread.
     fn wait_events(&self, timeout: Duration) -> Result<Vec<GpuEvent>, GpuError>;
+
+    /// Where this backend's device nodes and MIG minor table are: the
+    /// host's, or (simulated) a tree the simulation writes.
+    fn device_roots(&self) -> devices::DeviceRoots {
+        devices::DeviceRoots::default()
+    }
 
     /// The confidential-computing attestation of GPU `index` (an index of
     /// the inventory): NVML's SPDM GET_MEASUREMENTS report for `nonce` and

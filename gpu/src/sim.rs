@@ -24,6 +24,8 @@
 //! cuda_driver_version = "12.4"
 //! scrub_on_free = true
 //! events_file = "gpu-events.jsonl"   # relative to this file
+//! device_root = "devtree"             # optional, relative to this file:
+//!                                     # fake /dev nodes and mig-minors
 //!
 //! [[gpus]]
 //! count = 8                           # eight GPUs like this one
@@ -68,6 +70,9 @@ struct Spec {
     #[serde(default = "yes")]
     scrub_on_free: bool,
     events_file: Option<PathBuf>,
+    /// Where to write the simulated device nodes and MIG minor table
+    /// ([`write_device_tree`]), rewritten with every inventory.
+    device_root: Option<PathBuf>,
     #[serde(default)]
     gpus: Vec<GpuSpec>,
 }
@@ -130,6 +135,8 @@ struct State {
     ecc: BTreeMap<u32, (u64, u64)>,
     /// GPUs lost through an event; lost until the daemon restarts.
     lost: BTreeSet<u32>,
+    /// The simulated device tree, when the file names one.
+    device_root: Option<PathBuf>,
 }
 
 /// The simulated backend.
@@ -157,6 +164,7 @@ impl SimBackend {
                 inventory: None,
                 events_file,
                 events_offset,
+                device_root: None,
                 partial: Vec::new(),
                 ecc: BTreeMap::new(),
                 lost: BTreeSet::new(),
@@ -484,8 +492,23 @@ impl GpuBackend for SimBackend {
         let mut st = self.lock();
         st.events_file = spec.events_file.as_ref().map(|f| resolve(&self.path, f));
         let inv = build_inventory(&spec, &st.lost);
+        st.device_root = spec.device_root.as_ref().map(|d| resolve(&self.path, d));
+        if let Some(root) = &st.device_root {
+            write_device_tree(&inv, root).map_err(|e| GpuError::SimSpec {
+                path: self.path.display().to_string(),
+                message: format!("device_root {}: {e}", root.display()),
+            })?;
+        }
         st.inventory = Some(inv.clone());
         Ok(inv)
+    }
+
+    fn device_roots(&self) -> crate::devices::DeviceRoots {
+        match &self.lock().device_root {
+            Some(root) => crate::devices::DeviceRoots::under(root),
+            // Nothing simulated: no node of the host's can be granted.
+            None => crate::devices::DeviceRoots::under(Path::new("/nonexistent/ccnode-sim")),
+        }
     }
 
     fn sample(&self) -> Result<Vec<GpuSample>, GpuError> {
@@ -530,6 +553,56 @@ impl GpuBackend for SimBackend {
             std::thread::sleep((deadline - now).min(Duration::from_millis(100)));
         }
     }
+}
+
+/// Writes the device nodes and the driver's MIG minor table that `inv`
+/// would have on a host, as plain files under `root` (standing for `/`):
+/// `dev/nvidia<minor>` per GPU, the shared driver nodes,
+/// `dev/nvidia-caps/nvidia-cap<N>` and `proc/driver/nvidia-caps/mig-minors`
+/// with one GPU-instance and one compute-instance capability per MIG device
+/// (after the driver's `config 1` and `monitor 2`). Existing files are
+/// replaced, so a test can restore a tree it broke.
+/// [`crate::devices::grant`] resolves against such a tree as against the
+/// real one; only plain files stand in for the nodes.
+pub fn write_device_tree(inv: &crate::Inventory, root: &Path) -> std::io::Result<()> {
+    let dev = root.join("dev");
+    std::fs::create_dir_all(dev.join("nvidia-caps"))?;
+    for n in crate::devices::SHARED_NODES {
+        std::fs::write(dev.join(n), "")?;
+    }
+    let mut table = String::from("config 1\nmonitor 2\n");
+    let mut next = 3u32;
+    let mut cap = |key: String, table: &mut String| -> std::io::Result<()> {
+        table.push_str(&format!("{key} {next}\n"));
+        std::fs::write(dev.join(format!("nvidia-caps/nvidia-cap{next}")), "")?;
+        next += 1;
+        Ok(())
+    };
+    for g in &inv.gpus {
+        let Some(minor) = g.minor_number else {
+            continue;
+        };
+        std::fs::write(dev.join(format!("nvidia{minor}")), "")?;
+        let mut gis = BTreeSet::new();
+        for m in &g.mig_devices {
+            if gis.insert(m.gpu_instance_id) {
+                cap(
+                    format!("gpu{minor}/gi{}/access", m.gpu_instance_id),
+                    &mut table,
+                )?;
+            }
+            cap(
+                format!(
+                    "gpu{minor}/gi{}/ci{}/access",
+                    m.gpu_instance_id, m.compute_instance_id
+                ),
+                &mut table,
+            )?;
+        }
+    }
+    let minors = root.join("proc/driver/nvidia-caps");
+    std::fs::create_dir_all(&minors)?;
+    std::fs::write(minors.join("mig-minors"), table)
 }
 
 #[cfg(test)]

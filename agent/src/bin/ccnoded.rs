@@ -31,9 +31,12 @@ enum Cmd {
     /// a worker can and cannot do. Exits with the command's code, or 128 +
     /// the signal that killed it (159 for SIGSYS: a seccomp violation).
     SandboxExec {
-        /// Give the command whole GPU N's device nodes (repeatable).
-        #[arg(long = "gpu", value_name = "N")]
-        gpus: Vec<u32>,
+        /// Give the command one GPU or MIG device, as a worker assigned it
+        /// would get it: a GPU index or GPU-… UUID (MIG off), or a MIG-…
+        /// UUID; its device nodes and CUDA_VISIBLE_DEVICES, resolved from
+        /// the configured GPU backend (repeatable).
+        #[arg(long = "gpu", value_name = "ID")]
+        gpus: Vec<String>,
         /// The command and its arguments.
         #[arg(required = true, last = true)]
         command: Vec<String>,
@@ -69,12 +72,15 @@ fn main() -> ExitCode {
                     return ExitCode::from(exit::SOFTWARE);
                 }
             };
-            return match workers::sandbox_exec(&config.sandbox, &jail, &gpus, &command) {
+            return match workers::sandbox_exec(&config, &jail, &gpus, &command) {
                 Ok(code) => ExitCode::from(code),
                 Err(err) => {
                     eprintln!("ccnoded: {}", chain(&err));
                     ExitCode::from(match err {
                         workers::WorkerError::Config(_) => exit::CONFIG,
+                        workers::WorkerError::Backend(_)
+                        | workers::WorkerError::NoBackend
+                        | workers::WorkerError::Device { .. } => exit::UNAVAILABLE,
                         _ => exit::SOFTWARE,
                     })
                 }
