@@ -260,6 +260,9 @@ impl VerifierPolicy {
         if let Some(t) = &raw.tdx {
             t.validate().map_err(|e| bad(format!("tdx: {e}")))?;
         }
+        if let Some(p) = &raw.snp {
+            p.validate().map_err(|e| bad(format!("snp: {e}")))?;
+        }
         raw.nvidia
             .validate()
             .map_err(|e| bad(format!("nvidia: {e}")))?;
@@ -840,6 +843,23 @@ fn check_gpu_cc(
                 return Err(format!("GPU {} has two evidence entries", ev.uuid));
             }
         }
+        // One physical GPU cannot stand for two: its device key (the leaf
+        // certificate's, which signs the report) must differ per entry. The
+        // nonce names the UUID, but the node picks the nonces it asks for,
+        // and the device certificate does not carry the NVML UUID.
+        let mut devices = BTreeMap::new();
+        // (An entry whose chain does not parse fails its verification below.)
+        for ev in &evidence.gpus {
+            let Some(key) = gpu_device_key(ev) else {
+                continue;
+            };
+            if let Some(other) = devices.insert(key, ev.uuid.as_str()) {
+                return Err(format!(
+                    "GPUs {other} and {} sent evidence signed by the same device key",
+                    ev.uuid
+                ));
+            }
+        }
         let mut verified = Vec::new();
         for g in &claimed.gpus {
             match g.cc_mode.as_str() {
@@ -879,6 +899,20 @@ fn check_gpu_cc(
         }
         Ok(verified.join("; "))
     })())
+}
+
+/// sha256 of the DER SubjectPublicKeyInfo of a GPU evidence entry's leaf
+/// (device) certificate: which physical GPU signed it.
+fn gpu_device_key(ev: &crate::nvidia::GpuCcEvidence) -> Option<[u8; 32]> {
+    use der::Encode as _;
+    let chain = crate::nvidia::parse_pem_chain(ev.cert_chain.as_bytes()).ok()?;
+    let spki = chain
+        .first()?
+        .tbs_certificate
+        .subject_public_key_info
+        .to_der()
+        .ok()?;
+    Some(Sha256::digest(spki).into())
 }
 
 /// The GPUs the claims list.
@@ -1089,6 +1123,21 @@ mod tests {
             ),
             "two evidence entries",
         );
+        // One device's evidence standing for two GPUs: the same leaf key.
+        let sample = |uuid: &str| GpuCcEvidence {
+            cert_chain: include_str!("../tests/fixtures/nvidia-hopper/hopperCertChain.txt").into(),
+            ..gpu_ev(uuid)
+        };
+        fails(
+            &gpu_cc(
+                &doc(
+                    inventory(false, &[("GPU-a", "on"), ("GPU-b", "on")]),
+                    vec![sample("GPU-a"), sample("GPU-b")],
+                ),
+                "",
+            ),
+            "signed by the same device key",
+        );
         // An entry not covered by bound_evidence.
         let mut unbound = doc(inventory(false, &[("GPU-a", "on")]), vec![gpu_ev("GPU-a")]);
         unbound.bound_evidence.clear();
@@ -1119,6 +1168,7 @@ mod tests {
             "allowed_aks = []\n[snp]\nunknown = 1",
             "allowed_aks = []\n[tdx]\nallowed_mrtd = [\"zz\"]",
             "allowed_aks = []\n[nvidia]\nallowed_driver_versions = 5",
+            "allowed_aks = []\n[snp]\nmax_vmpl = 4",
         ] {
             assert!(VerifierPolicy::from_toml(bad).is_err(), "{bad}");
         }

@@ -246,7 +246,9 @@ mod tests {
             uuid: format!("GPU-{index:08x}-0000-0000-0000-000000000000"),
             pci_bus_id: format!("00000000:{:02x}:00.0", 0x17 + index),
             name: "NVIDIA H100 80GB HBM3".into(),
-            minor_number: Some(index),
+            // Minors differ from indexes, as they may on a host: the nodes
+            // and the mig-minors keys go by minor.
+            minor_number: Some(index + 2),
             memory_total_bytes: 80 << 30,
             mig_mode: if mig.is_empty() {
                 MigMode::Disabled
@@ -301,16 +303,16 @@ mod tests {
         assert_eq!(
             g.nodes,
             vec![
-                dev("nvidia1"),
-                cap("gpu1/gi8/access"),
-                cap("gpu1/gi8/ci0/access"),
+                dev("nvidia3"),
+                cap("gpu3/gi8/access"),
+                cap("gpu3/gi8/ci0/access"),
                 dev("nvidiactl"),
                 dev("nvidia-uvm"),
                 dev("nvidia-uvm-tools"),
             ]
         );
         // Its siblings' capabilities are not among them.
-        for other in ["gpu1/gi7/access", "gpu1/gi9/ci0/access"] {
+        for other in ["gpu3/gi7/access", "gpu3/gi9/ci0/access"] {
             assert!(!g.nodes.contains(&cap(other)), "{other}");
         }
         // A whole GPU with MIG off, by index or UUID: its node, no caps.
@@ -341,21 +343,21 @@ mod tests {
             Err(DeviceError::MigEnabled { index: 1, .. })
         ));
         // A node gone: named.
-        std::fs::remove_file(roots.dev.join("nvidia1")).unwrap();
+        std::fs::remove_file(roots.dev.join("nvidia3")).unwrap();
         let err = grant(&inv, "MIG-1-7-0", &roots).unwrap_err();
-        assert!(err.to_string().ends_with("nvidia1 does not exist"), "{err}");
+        assert!(err.to_string().ends_with("nvidia3 does not exist"), "{err}");
         write_device_tree(&inv, root.path()).unwrap();
         // The driver's table lacks the compute instance.
         let text = std::fs::read_to_string(&roots.mig_minors).unwrap();
         let cut: String = text
             .lines()
-            .filter(|l| !l.starts_with("gpu1/gi7/ci0/"))
+            .filter(|l| !l.starts_with("gpu3/gi7/ci0/"))
             .map(|l| format!("{l}\n"))
             .collect();
         std::fs::write(&roots.mig_minors, cut).unwrap();
         let err = grant(&inv, "MIG-1-7-0", &roots).unwrap_err();
         assert!(
-            matches!(&err, DeviceError::NoCapability { key, .. } if key == "gpu1/gi7/ci0/access"),
+            matches!(&err, DeviceError::NoCapability { key, .. } if key == "gpu3/gi7/ci0/access"),
             "{err}"
         );
         std::fs::write(&roots.mig_minors, "config one\n").unwrap();

@@ -49,7 +49,13 @@ impl Baseline {
             if gpu.trim().is_empty() {
                 return Err("mig_layout: a GPU key is empty".into());
             }
-            let total: u32 = layout.values().sum();
+            if gpu.bytes().all(|b| b.is_ascii_digit())
+                && gpu.parse::<u32>().map(|i| i.to_string()) != Ok(gpu.clone())
+            {
+                return Err(format!(
+                    "mig_layout: GPU index {gpu:?} is not written as GPU indexes are (\"0\", \"1\", ...)"
+                ));
+            }
             for (profile, n) in layout {
                 if !valid_profile(profile) {
                     return Err(format!(
@@ -62,6 +68,8 @@ impl Baseline {
                     ));
                 }
             }
+            // Each count is at most 7 now, so this cannot overflow.
+            let total: u32 = layout.values().sum();
             if total > MAX_MIG_INSTANCES {
                 return Err(format!(
                     "mig_layout.{gpu:?}: {total} instances in all, a GPU holds at most {MAX_MIG_INSTANCES}"
@@ -389,6 +397,16 @@ mod tests {
             ),
             ("0", layout(&[("big slice", 1)]), "not a MIG profile"),
             (" ", layout(&[("1g.10gb", 1)]), "empty"),
+            (
+                "00",
+                layout(&[("1g.10gb", 1)]),
+                "not written as GPU indexes are",
+            ),
+            (
+                "0",
+                layout(&[("1g.10gb", u32::MAX), ("2g.20gb", 1)]),
+                "instances, expected 1 to 7",
+            ),
         ] {
             b.mig_layout = [(key.to_string(), l)].into();
             let e = b.validate().unwrap_err();

@@ -14,11 +14,12 @@
 //! 4. `rmdir` the entry, on every path.
 //!
 //! Each write bumps `generation`, so two equal readings around the blobs
-//! prove that nobody wrote the entry in between and the blobs are for our
-//! `inblob`; a different reading is retried, a few times at most. Every
-//! read is bounded. The producer also checks that the report it got carries
-//! the report data it asked for (the caller parses it: see
-//! [`super::snp`] and [`super::tdx`]).
+//! prove that nobody wrote the entry while they were read; a different
+//! reading is retried, a few times at most. (A write between ours and the
+//! first reading would go unseen by that test: what proves the blobs answer
+//! our `inblob` is the caller's check that the report carries the report
+//! data it asked for, see [`super::snp`] and [`super::tdx`]; the entry is
+//! ours alone by its name in any case.) Every read is bounded.
 //!
 //! The file operations go through [`ConfigFs`], so the tests drive the same
 //! code against a fake configfs tree in a temporary directory; [`RealFs`] is
