@@ -44,11 +44,7 @@ fn node(batch_max: usize) -> (Swtpm, TestNode, Arc<str>, VerifierPolicy) {
             tpm.tcti()
         ))
         .start();
-    let status = node.request(r#"{"v":1,"cmd":"status"}"#);
-    let url: Arc<str> = status["result"]["attestation_url"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no attestation_url in {status}"))
-        .into();
+    let url: Arc<str> = node.attestation_url().into();
     let mut random = std::fs::File::open("/dev/urandom").expect("open /dev/urandom");
     let n = random_nonce(&mut random);
     let first = Evidence::from_json(&fetch_evidence(&url, &n, PATIENCE).expect("fetch"))

@@ -88,11 +88,7 @@ fn main() {
         ))
         .start();
     let node_start_ms = started.elapsed().as_secs_f64() * 1e3;
-    let status = node.request(r#"{"v":1,"cmd":"status"}"#);
-    let url: Arc<str> = status["result"]["attestation_url"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no attestation_url in {status}"))
-        .into();
+    let url: Arc<str> = node.attestation_url().into();
 
     // The first answer gives the AK (trust on first use) and the claims the
     // library peer will attest.

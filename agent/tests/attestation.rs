@@ -24,11 +24,7 @@ fn attested_node(tpm: &Swtpm, extra: &str) -> TestNode {
 }
 
 fn url(node: &TestNode) -> String {
-    let s = node.request(r#"{"v":1,"cmd":"status"}"#);
-    s["result"]["attestation_url"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no attestation_url in {s}"))
-        .to_owned()
+    node.attestation_url()
 }
 
 fn nonce(tag: u8) -> Vec<u8> {

@@ -371,6 +371,15 @@ level = "info"
         send_line(&mut s, line)
     }
 
+    /// The attestation endpoint's URL, as the admin `status` reports it.
+    pub fn attestation_url(&self) -> String {
+        let s = self.request(r#"{"v":1,"cmd":"status"}"#);
+        s["result"]["attestation_url"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no attestation_url in {s}"))
+            .to_owned()
+    }
+
     /// `GET path` on the metrics endpoint: (status code, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
         http_get(self.http_addr.expect("started"), path)
