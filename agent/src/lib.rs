@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod gpu;
 pub mod http;
+pub mod inference;
 pub mod logging;
 pub mod metrics;
 pub mod node;

@@ -1,4 +1,2 @@
-//! ccnode-worker: the sandboxed inference process (candle).
-//!
-//! Empty so far: the foundation issue only lays out the workspace. The worker
-//! is built in the inference issue.
+//! ccnode-worker: the sandboxed inference process (candle), the control
+//! protocol ccnoded speaks with it, and a generator of small test models.
