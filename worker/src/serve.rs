@@ -1,0 +1,437 @@
+//! The worker's side of the control socket: take the `load`, map the
+//! sealed model fds, load the engine, say `ready`, then serve `generate`
+//! one at a time while a reader thread answers `health` and applies
+//! `cancel` and `shutdown` at once.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use candle_core::Device;
+use ccnode_sandbox::control::{self, FrameError, FrameReader};
+use serde_json::Value;
+
+use crate::engine::{Engine, EngineError, Request};
+use crate::protocol::{self, codes, Done, Generate, Load, ModelFile, Ready};
+
+/// Exit codes (sysexits.h).
+pub const EXIT_OK: u8 = 0;
+/// The model could not be loaded (an `error` was sent first).
+pub const EXIT_LOAD_FAILED: u8 = 65;
+/// ccnoded broke the protocol or went away.
+pub const EXIT_PROTOCOL: u8 = 76;
+
+/// Largest frame the worker reads (a `generate` carries the prompt).
+pub const MAX_FRAME: usize = protocol::MAX_PROMPT_BYTES + 64 * 1024;
+
+/// The sealed fd's mapping, read-only, for the engine's whole life.
+struct Mapped {
+    ptr: *mut libc::c_void,
+    len: usize,
+    _fd: OwnedFd,
+}
+
+// SAFETY: the mapping is read-only and backed by a sealed memfd nobody can
+// write, so sharing the pointer across threads is sound.
+unsafe impl Send for Mapped {}
+
+impl Mapped {
+    fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` maps `len` readable bytes for as long as `self`
+        // lives; the memfd is sealed against writes, growth and shrinking,
+        // so the bytes cannot change or vanish under the slice.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmaps exactly the region mmap returned; no slice of
+            // it outlives `self` (bytes() borrows self).
+            unsafe {
+                libc::munmap(self.ptr, self.len);
+            }
+        }
+    }
+}
+
+const REQUIRED_SEALS: libc::c_int =
+    libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+
+/// Takes fd `f.fd` (which must be a sealed memfd of `f.size` bytes) and
+/// maps it read-only. `fd_min` is the lowest fd number model files may
+/// use (the worker's fds below are stdio and the control socket).
+fn map_file(f: &ModelFile, fd_min: RawFd) -> Result<Mapped, EngineError> {
+    let unsealed = |m: String| EngineError::new(codes::UNSEALED_INPUT, m);
+    if f.fd < fd_min {
+        return Err(unsealed(format!("{}: fd {} is reserved", f.name, f.fd)));
+    }
+    // SAFETY: fcntl(F_GETFD) only asks whether the descriptor is open.
+    if unsafe { libc::fcntl(f.fd, libc::F_GETFD) } < 0 {
+        return Err(unsealed(format!("{}: fd {} is not open", f.name, f.fd)));
+    }
+    // SAFETY: the fd is open (checked above) and was handed to this process
+    // for this file; the `load` message names each fd once (checked by the
+    // caller), so nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(f.fd) };
+    // SAFETY: F_GET_SEALS on an open descriptor; fails on non-memfds.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 || seals & REQUIRED_SEALS != REQUIRED_SEALS {
+        return Err(unsealed(format!(
+            "{}: fd {} is not a sealed memfd (seals {seals:#x})",
+            f.name, f.fd
+        )));
+    }
+    let size = nix::sys::stat::fstat(fd.as_raw_fd())
+        .map_err(|e| unsealed(format!("{}: fstat: {e}", f.name)))?
+        .st_size;
+    if u64::try_from(size).ok() != Some(f.size) {
+        return Err(unsealed(format!(
+            "{}: {} bytes, the load says {}",
+            f.name, size, f.size
+        )));
+    }
+    let len = usize::try_from(f.size).map_err(|_| unsealed(format!("{}: too large", f.name)))?;
+    if len == 0 {
+        return Ok(Mapped {
+            ptr: std::ptr::null_mut(),
+            len: 0,
+            _fd: fd,
+        });
+    }
+    // SAFETY: a fresh read-only shared mapping of `len` bytes of an open
+    // fd; the kernel picks the address. The result is checked below.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(unsealed(format!(
+            "{}: mmap: {}",
+            f.name,
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(Mapped { ptr, len, _fd: fd })
+}
+
+/// The device the `load` asks for, after checking it is exactly the one
+/// granted.
+fn open_device(load: &Load) -> Result<Device, EngineError> {
+    match load.device.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda::open(&load.gpus),
+        other => Err(EngineError::new(
+            codes::DEVICE_UNAVAILABLE,
+            format!("unknown device {other:?} (cpu or cuda)"),
+        )),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod cuda {
+    use super::*;
+
+    pub fn open(_gpus: &[String]) -> Result<Device, EngineError> {
+        Err(EngineError::new(
+            codes::DEVICE_UNAVAILABLE,
+            "this ccnode-worker was built without CUDA (cargo feature `cuda`)",
+        ))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use candle_core::cuda_backend::cudarc::driver::result;
+
+    /// CUDA must show exactly one device, and it must be the one granted
+    /// (by UUID: `GPU-…` or `MIG-…`, as CUDA_VISIBLE_DEVICES names it).
+    pub fn open(gpus: &[String]) -> Result<Device, EngineError> {
+        let unavailable = |m: String| EngineError::new(codes::DEVICE_UNAVAILABLE, m);
+        let mismatch = |m: String| EngineError::new(codes::DEVICE_MISMATCH, m);
+        if gpus.len() != 1 {
+            return Err(mismatch(format!(
+                "a worker serves on exactly one granted device, the load names {}",
+                gpus.len()
+            )));
+        }
+        result::init().map_err(|e| unavailable(format!("cuInit: {e}")))?;
+        let count = result::device::get_count().map_err(|e| unavailable(e.to_string()))?;
+        if count != 1 {
+            return Err(mismatch(format!(
+                "CUDA shows {count} devices; exactly the granted {} was expected",
+                gpus[0]
+            )));
+        }
+        let dev = result::device::get(0).map_err(|e| unavailable(e.to_string()))?;
+        let uuid = result::device::get_uuid(dev).map_err(|e| unavailable(e.to_string()))?;
+        let b = uuid.bytes.map(|c| c as u8);
+        let hex = hex::encode(b);
+        let text = format!(
+            "{}-{}-{}-{}-{}",
+            &hex[0..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..32]
+        );
+        let granted = gpus[0].to_ascii_lowercase();
+        let granted = granted
+            .strip_prefix("gpu-")
+            .or_else(|| granted.strip_prefix("mig-"))
+            .unwrap_or(&granted);
+        if granted != text {
+            return Err(mismatch(format!(
+                "CUDA device 0 is {text}, the granted device is {}",
+                gpus[0]
+            )));
+        }
+        Device::new_cuda(0).map_err(|e| unavailable(e.to_string()))
+    }
+}
+
+/// Loads what `load` names: each fd once, sealed, mapped; then the engine.
+/// Returns the engine and the mappings it was built from (kept alive).
+fn load_engine(load: &Load, fd_min: RawFd) -> Result<Engine, EngineError> {
+    if load.files.len() > protocol::MAX_MODEL_FILES {
+        return Err(EngineError::new(
+            codes::INVALID_MODEL,
+            format!("more than {} model files", protocol::MAX_MODEL_FILES),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for f in &load.files {
+        if !seen.insert(f.fd) {
+            return Err(EngineError::new(
+                codes::UNSEALED_INPUT,
+                format!("fd {} is named twice", f.fd),
+            ));
+        }
+    }
+    let device = open_device(load)?;
+    let mapped = load
+        .files
+        .iter()
+        .map(|f| map_file(f, fd_min))
+        .collect::<Result<Vec<_>, _>>()?;
+    let files: Vec<(&str, &[u8])> = load
+        .files
+        .iter()
+        .zip(&mapped)
+        .map(|(f, m)| (f.name.as_str(), m.bytes()))
+        .collect();
+    // The engine copies the tensors out; the mappings are dropped after.
+    Engine::load(&files, &device)
+}
+
+enum Work {
+    Generate(Generate),
+    Shutdown,
+}
+
+struct Shared {
+    writer: Mutex<UnixStream>,
+    /// The generation running now (0: none), and whether it is cancelled.
+    current: AtomicU64,
+    cancelled: AtomicBool,
+    shutdown: AtomicBool,
+}
+
+impl Shared {
+    fn send(&self, v: &Value) -> bool {
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        control::write_frame(&mut *w, v).is_ok()
+    }
+}
+
+/// Serves on `sock` until shutdown or ccnoded goes away. `fd_min` is the
+/// lowest fd a `load` may name ([`protocol::FIRST_MODEL_FD`] in the
+/// jail).
+pub fn run(sock: UnixStream, fd_min: RawFd) -> ExitCode {
+    let mut reader = match sock.try_clone() {
+        Ok(s) => FrameReader::new(s, MAX_FRAME),
+        Err(_) => return ExitCode::from(EXIT_PROTOCOL),
+    };
+    let shared = Arc::new(Shared {
+        writer: Mutex::new(sock),
+        current: AtomicU64::new(0),
+        cancelled: AtomicBool::new(false),
+        shutdown: AtomicBool::new(false),
+    });
+    // The first frame is the load.
+    let load = match reader.next_frame() {
+        Ok(f) if f["type"] == "load" => match protocol::parse::<Load>(&f) {
+            Ok(l) => l,
+            Err(e) => {
+                shared.send(&protocol::error(None, codes::PROTOCOL, &e));
+                return ExitCode::from(EXIT_PROTOCOL);
+            }
+        },
+        Ok(f) => {
+            let msg = format!("expected load, got {}", f["type"]);
+            shared.send(&protocol::error(None, codes::PROTOCOL, &msg));
+            return ExitCode::from(EXIT_PROTOCOL);
+        }
+        Err(_) => return ExitCode::from(EXIT_PROTOCOL),
+    };
+    let engine = match load_engine(&load, fd_min) {
+        Ok(e) => e,
+        Err(e) => {
+            shared.send(&protocol::error(None, e.code, &e.message));
+            return ExitCode::from(EXIT_LOAD_FAILED);
+        }
+    };
+    let ready = Ready {
+        model: load.model.clone(),
+        parameters: engine.parameters(),
+        context_length: engine.context_length(),
+        device: load.device.clone(),
+    };
+    if !shared.send(&protocol::with_body("ready", &ready)) {
+        return ExitCode::from(EXIT_PROTOCOL);
+    }
+    let (tx, rx) = mpsc::channel::<Work>();
+    let r_shared = shared.clone();
+    std::thread::spawn(move || read_loop(reader, r_shared, tx));
+    while let Ok(work) = rx.recv() {
+        match work {
+            Work::Shutdown => break,
+            Work::Generate(g) => {
+                if !serve_one(&engine, &shared, g) {
+                    return ExitCode::from(EXIT_PROTOCOL);
+                }
+                if shared.shutdown.load(Ordering::Acquire) {
+                    break;
+                }
+            }
+        }
+    }
+    if shared.shutdown.load(Ordering::Acquire) {
+        ExitCode::from(EXIT_OK)
+    } else {
+        ExitCode::from(EXIT_PROTOCOL)
+    }
+}
+
+/// Runs one generation; false when ccnoded can no longer be told.
+fn serve_one(engine: &Engine, shared: &Shared, g: Generate) -> bool {
+    if let Err(e) = g.check() {
+        return shared.send(&protocol::error(Some(g.id), codes::INVALID_REQUEST, &e));
+    }
+    shared.cancelled.store(false, Ordering::Release);
+    shared.current.store(g.id, Ordering::Release);
+    let req = Request {
+        prompt: g.prompt,
+        max_tokens: g.max_tokens,
+        temperature: g.temperature,
+        top_p: g.top_p,
+        seed: g.seed,
+        stop: g.stop,
+    };
+    let mut alive = true;
+    let cancelled = || shared.cancelled.load(Ordering::Acquire);
+    let result = engine.generate(&req, &cancelled, &mut |text| {
+        alive &= shared.send(&protocol::token(g.id, text));
+    });
+    shared.current.store(0, Ordering::Release);
+    alive
+        && match result {
+            Ok(o) => shared.send(&protocol::with_body(
+                "done",
+                &Done {
+                    id: g.id,
+                    finish: o.finish,
+                    prompt_tokens: o.prompt_tokens,
+                    completion_tokens: o.completion_tokens,
+                },
+            )),
+            Err(e) => shared.send(&protocol::error(Some(g.id), e.code, &e.message)),
+        }
+}
+
+fn read_loop(mut reader: FrameReader<UnixStream>, shared: Arc<Shared>, tx: mpsc::Sender<Work>) {
+    loop {
+        let frame = match reader.next_frame() {
+            Ok(f) => f,
+            Err(FrameError::Closed) | Err(FrameError::Io(_)) => {
+                // ccnoded is gone: stop what runs and end.
+                shared.cancelled.store(true, Ordering::Release);
+                return;
+            }
+            Err(e) => {
+                shared.send(&protocol::error(None, codes::PROTOCOL, &e.to_string()));
+                shared.cancelled.store(true, Ordering::Release);
+                return;
+            }
+        };
+        match frame["type"].as_str().unwrap_or("") {
+            "health" => {
+                shared.send(&control::message("healthy"));
+            }
+            "generate" => match protocol::parse::<Generate>(&frame) {
+                Ok(g) if shared.current.load(Ordering::Acquire) != 0 => {
+                    shared.send(&protocol::error(
+                        Some(g.id),
+                        codes::BUSY,
+                        "a generation is running",
+                    ));
+                }
+                Ok(g) if g.id == 0 => {
+                    shared.send(&protocol::error(None, codes::PROTOCOL, "id 0 is reserved"));
+                }
+                Ok(g) => {
+                    if tx.send(Work::Generate(g)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let id = frame["id"].as_u64();
+                    shared.send(&protocol::error(id, codes::PROTOCOL, &e));
+                }
+            },
+            "cancel" => {
+                let id = frame["id"].as_u64().unwrap_or(0);
+                if id != 0 && shared.current.load(Ordering::Acquire) == id {
+                    shared.cancelled.store(true, Ordering::Release);
+                }
+            }
+            "shutdown" => {
+                shared.shutdown.store(true, Ordering::Release);
+                let _ = tx.send(Work::Shutdown);
+            }
+            other => {
+                let msg = format!("unknown message type {other:?}");
+                shared.send(&protocol::error(None, codes::PROTOCOL, &msg));
+            }
+        }
+    }
+}
+
+/// The control socket the jail hands over at fd 3.
+///
+/// # Safety
+/// Only in the worker process started by ccnoded, where fd 3 is the
+/// control socket and nothing else owns it; call once.
+pub unsafe fn inherited_socket() -> Option<UnixStream> {
+    // SAFETY: F_GETFD only checks whether fd 3 is open.
+    if unsafe { libc::fcntl(3, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the caller guarantees fd 3 is the control socket, owned by
+    // nobody else in this process.
+    Some(unsafe { UnixStream::from_raw_fd(3) })
+}
