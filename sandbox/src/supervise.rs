@@ -106,6 +106,9 @@ pub struct Policy {
     pub backoff_max: Duration,
     /// How long a stopped worker has to exit before SIGTERM, then SIGKILL.
     pub stop_grace: Duration,
+    /// Exit codes that mean a restart cannot help (the worker refused its
+    /// input, e.g. a model it cannot load): no restart after them.
+    pub no_restart_codes: Vec<i32>,
 }
 
 impl Default for Policy {
@@ -120,6 +123,7 @@ impl Default for Policy {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             stop_grace: Duration::from_secs(30),
+            no_restart_codes: Vec::new(),
         }
     }
 }
@@ -132,6 +136,44 @@ pub struct Spec {
     pub jail_args: Vec<String>,
     pub profile: Profile,
     pub extra_fds: Vec<OwnedFd>,
+    /// Sent to the worker as its first frame in every life (e.g. the
+    /// inference `load`), as soon as the jail reports it started.
+    pub init: Option<Value>,
+    /// Gets every frame the worker sends except `healthy` (including
+    /// `ready`), on the supervision thread, in order.
+    pub frames: Option<FrameSink>,
+}
+
+/// A receiver of worker frames (see [`Spec::frames`]).
+#[derive(Clone)]
+pub struct FrameSink(pub Arc<dyn Fn(Value) + Send + Sync>);
+
+impl std::fmt::Debug for FrameSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FrameSink")
+    }
+}
+
+/// Writes frames to the worker's control socket from any thread, without
+/// waiting for the supervision loop. Frames sent while no worker is alive
+/// are refused (`false`).
+#[derive(Debug, Clone, Default)]
+pub struct ControlSender {
+    sock: Arc<Mutex<Option<UnixStream>>>,
+}
+
+impl ControlSender {
+    pub fn send(&self, v: &Value) -> bool {
+        let mut guard = self.sock.lock().unwrap_or_else(|e| e.into_inner());
+        match guard.as_mut() {
+            Some(s) => control::write_frame(s, v).is_ok(),
+            None => false,
+        }
+    }
+
+    fn set(&self, s: Option<UnixStream>) {
+        *self.sock.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    }
 }
 
 enum Command {
@@ -144,6 +186,8 @@ enum Command {
 pub struct Supervisor {
     commands: Sender<Command>,
     state: Arc<Mutex<WorkerState>>,
+    sender: ControlSender,
+    pid: Arc<Mutex<Option<i32>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -152,16 +196,34 @@ impl Supervisor {
     pub fn start(spec: Spec, policy: Policy, events: Sender<Event>) -> Supervisor {
         let (tx, rx) = mpsc::channel();
         let state = Arc::new(Mutex::new(WorkerState::Starting));
-        let shared = state.clone();
+        let sender = ControlSender::default();
+        let pid = Arc::new(Mutex::new(None));
+        let life = Life {
+            state: state.clone(),
+            sender: sender.clone(),
+            pid: pid.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("ccnode-supervise".into())
-            .spawn(move || run(spec, policy, rx, events, shared))
+            .spawn(move || run(spec, policy, rx, events, life))
             .expect("spawn a supervision thread");
         Supervisor {
             commands: tx,
             state,
+            sender,
+            pid,
             thread: Some(thread),
         }
+    }
+
+    /// Writes frames to the current worker (see [`ControlSender`]).
+    pub fn sender(&self) -> ControlSender {
+        self.sender.clone()
+    }
+
+    /// The jail's pid in the current life, if one runs.
+    pub fn pid(&self) -> Option<i32> {
+        *self.pid.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn state(&self) -> WorkerState {
@@ -200,21 +262,34 @@ fn set(state: &Mutex<WorkerState>, events: &Sender<Event>, s: WorkerState) {
     let _ = events.send(Event::State(s));
 }
 
+/// What one life shares with the [`Supervisor`] handle.
+struct Life {
+    state: Arc<Mutex<WorkerState>>,
+    sender: ControlSender,
+    pid: Arc<Mutex<Option<i32>>>,
+}
+
 fn run(
     spec: Spec,
     policy: Policy,
     commands: Receiver<Command>,
     events: Sender<Event>,
-    state: Arc<Mutex<WorkerState>>,
+    life: Life,
 ) {
+    let state = &life.state;
     let mut failures = 0u32;
     loop {
-        set(&state, &events, WorkerState::Starting);
-        let (reason, requested) = run_once(&spec, &policy, &commands, &events, &state);
-        set(&state, &events, WorkerState::Exited);
-        let restart = !requested
-            && !matches!(reason, ExitReason::SetupFailed { .. })
-            && failures < policy.max_restarts;
+        set(state, &events, WorkerState::Starting);
+        let (reason, requested) = run_once(&spec, &policy, &commands, &events, &life);
+        life.sender.set(None);
+        *life.pid.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        set(state, &events, WorkerState::Exited);
+        let hopeless = match &reason {
+            ExitReason::SetupFailed { .. } => true,
+            ExitReason::Code(c) => policy.no_restart_codes.contains(c),
+            _ => false,
+        };
+        let restart = !requested && !hopeless && failures < policy.max_restarts;
         let delay = restart.then(|| {
             let exp = policy
                 .backoff_initial
@@ -241,8 +316,9 @@ fn run_once(
     policy: &Policy,
     commands: &Receiver<Command>,
     events: &Sender<Event>,
-    state: &Mutex<WorkerState>,
+    life: &Life,
 ) -> (ExitReason, bool) {
+    let state = &*life.state;
     let (ours, theirs) = match UnixStream::pair() {
         Ok(p) => p,
         Err(e) => return (setup_failed("control socket", e), false),
@@ -299,11 +375,32 @@ fn run_once(
         );
     }
     set(state, events, WorkerState::Loading);
+    *life.pid.lock().unwrap_or_else(|e| e.into_inner()) = Some(jailed.child.id() as i32);
+    if let Ok(w) = ours.try_clone() {
+        let _ = w.set_write_timeout(Some(policy.health_timeout));
+        life.sender.set(Some(w));
+    }
+    if let Some(init) = &spec.init {
+        if !life.sender.send(init) {
+            let _ = jailed.child.kill();
+            let _ = jailed.child.wait();
+            return (setup_failed("init frame", "the worker closed its socket"), false);
+        }
+    }
     let jail_pid = nix::unistd::Pid::from_raw(jailed.child.id() as i32);
     let signal = |s| {
         let _ = nix::sys::signal::kill(jail_pid, s);
     };
-    let (verdict, requested) = converse(ours, policy, commands, events, state, &signal);
+    let (verdict, requested) = converse(
+        ours,
+        policy,
+        commands,
+        events,
+        state,
+        &life.sender,
+        spec.frames.as_ref(),
+        &signal,
+    );
     match &verdict {
         // Ending by request or by violation: the jail goes now.
         Some(reason) if !matches!(reason, ExitReason::Stopped) => {
@@ -347,12 +444,15 @@ fn setup_failed(stage: &str, e: impl std::fmt::Display) -> ExitReason {
 
 /// Talks to the worker until it ends or must be ended. `Some(reason)` when
 /// ccnoded ends it (the jail is then killed, or, for a stop, let go).
+#[allow(clippy::too_many_arguments)]
 fn converse(
     sock: UnixStream,
     policy: &Policy,
     commands: &Receiver<Command>,
     events: &Sender<Event>,
     state: &Mutex<WorkerState>,
+    sender: &ControlSender,
+    frames: Option<&FrameSink>,
     signal: &dyn Fn(nix::sys::signal::Signal),
 ) -> (Option<ExitReason>, bool) {
     use nix::sys::signal::Signal;
@@ -366,7 +466,7 @@ fn converse(
         },
         policy.max_frame,
     );
-    let mut writer = sock;
+    drop(sock);
     let started = Instant::now();
     let mut ready = false;
     let mut next_health = Instant::now() + policy.health_interval;
@@ -381,7 +481,7 @@ fn converse(
             }
             Ok(Command::Stop) if stopping.is_none() => {
                 set(state, events, WorkerState::Stopping);
-                let _ = control::write_frame(&mut writer, &control::message("shutdown"));
+                let _ = sender.send(&control::message("shutdown"));
                 stopping = Some(Instant::now());
             }
             _ => {}
@@ -402,7 +502,7 @@ fn converse(
                 return (Some(ExitReason::Unresponsive), false);
             }
             if health_due.is_none() && now > next_health {
-                if control::write_frame(&mut writer, &control::message("health")).is_err() {
+                if !sender.send(&control::message("health")) {
                     return (Some(ExitReason::Unresponsive), false);
                 }
                 health_due = Some(now + policy.health_timeout);
@@ -420,6 +520,9 @@ fn converse(
                 match frame["type"].as_str() {
                     Some("ready") if !ready && stopping.is_none() => {
                         ready = true;
+                        if let Some(sink) = frames {
+                            (sink.0)(frame);
+                        }
                         set(state, events, WorkerState::Ready);
                         next_health = Instant::now() + policy.health_interval;
                     }
@@ -428,7 +531,11 @@ fn converse(
                         next_health = Instant::now() + policy.health_interval;
                     }
                     // Other messages belong to the inference protocol.
-                    _ => {}
+                    _ => {
+                        if let Some(sink) = frames {
+                            (sink.0)(frame);
+                        }
+                    }
                 }
             }
             Err(e) if e.is_timeout() => {}

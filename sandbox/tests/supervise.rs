@@ -24,6 +24,8 @@ fn spec(mode: &[&str], uid: u32) -> Spec {
         jail_args: Vec::new(),
         profile: p,
         extra_fds: Vec::new(),
+        init: None,
+        frames: None,
     }
 }
 
