@@ -70,6 +70,8 @@ pub struct Config {
     pub gpu: GpuConfig,
     #[serde(default)]
     pub attestation: AttestationConfig,
+    #[serde(default)]
+    pub inference: crate::inference::InferenceConfig,
     /// sha256 of the file this was loaded from, `sha256:<hex>` (not a key:
     /// set by [`Config::load`]; the attestation claims carry it).
     #[serde(skip)]
@@ -706,6 +708,7 @@ impl Config {
 
     /// Checks the values that the types alone do not.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.inference.validate()?;
         if let Some(id) = &self.node.id {
             validate_node_id(id)?;
         }

@@ -48,6 +48,12 @@ pub enum DaemonError {
     GpuThreads(#[source] std::io::Error),
     #[error("attestation unavailable")]
     Attestation(#[source] crate::attestation::StartError),
+    #[error("model {model}: a configured device cannot be assigned")]
+    ModelDevice {
+        model: String,
+        #[source]
+        source: crate::workers::WorkerError,
+    },
     #[error("cannot listen for attestations on {addr}")]
     AttestationListen {
         addr: std::net::SocketAddr,
@@ -79,6 +85,11 @@ impl DaemonError {
     pub fn exit_code(&self) -> u8 {
         match self {
             DaemonError::Config(_) => exit::CONFIG,
+            DaemonError::ModelDevice {
+                source: crate::workers::WorkerError::Backend(_),
+                ..
+            } => exit::UNAVAILABLE,
+            DaemonError::ModelDevice { .. } => exit::CONFIG,
             DaemonError::Logging(_) | DaemonError::Notify(_) | DaemonError::GpuThreads(_) => {
                 exit::SOFTWARE
             }
@@ -128,6 +139,18 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         tracing::Span::none()
     };
     let _entered = span.clone().entered();
+    // Every device a model is assigned must exist: a MIG UUID that names
+    // nothing is a configuration error, named, before anything starts.
+    for m in &config.inference.models {
+        for g in &m.gpus {
+            crate::workers::grant_devices(&config.gpu, std::slice::from_ref(g)).map_err(
+                |source| DaemonError::ModelDevice {
+                    model: m.name.clone(),
+                    source,
+                },
+            )?;
+        }
+    }
     if simulated {
         tracing::warn!(
             sim_file = %config.gpu.sim_file.as_deref().unwrap_or(std::path::Path::new("")).display(),
@@ -289,6 +312,22 @@ async fn serve(
         }
     };
 
+    // Models: verified and their workers started in the background; the
+    // API answers model_not_ready until a worker is ready.
+    let jail = std::env::current_exe().map_err(DaemonError::Runtime)?;
+    let inference = crate::inference::Manager::new(
+        node.clone(),
+        Arc::new(config.clone()),
+        jail,
+        node.metrics(),
+        gpu.clone(),
+    );
+    {
+        let m = inference.clone();
+        tokio::task::spawn_blocking(move || m.load_configured());
+    }
+    let follow_task = tokio::spawn(inference.clone().follow_node(stop.clone()));
+
     let policy = Policy {
         admin_gid,
         read_only_gid,
@@ -299,7 +338,7 @@ async fn serve(
         .as_ref()
         .map(|(_, a)| format!("{scheme}://{a}/v1/attestation"));
     let socket_path = admin.path().display().to_string();
-    let ctx = Arc::new(AdminContext::new(
+    let mut admin_ctx = AdminContext::new(
         node.clone(),
         policy,
         &config.admin,
@@ -309,7 +348,10 @@ async fn serve(
             "attestation_url": attestation_url,
         }),
         gpu.clone(),
-    ));
+    );
+    admin_ctx.inference = Some(inference.clone());
+    let ctx = Arc::new(admin_ctx);
+
 
     let notifier = Arc::new(notifier);
     let grace = config.node.shutdown_grace;
@@ -410,6 +452,11 @@ async fn serve(
     }
     let _ = drain_task.await;
     let _ = status_task.await;
+    let _ = follow_task.await;
+    {
+        let m = inference.clone();
+        let _ = tokio::task::spawn_blocking(move || m.shutdown()).await;
+    }
     // Every transition was persisted before it was acknowledged and every
     // audit record synced before that; nothing is left to flush.
     let r = node.snapshot();

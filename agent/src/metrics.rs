@@ -38,6 +38,11 @@ fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registr
 }
 
 impl Metrics {
+    /// The registry, for subsystems that register their own series.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn new(node_id: &str) -> Metrics {
         let registry = Registry::new();
         let build_info = register(

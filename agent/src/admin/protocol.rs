@@ -38,6 +38,13 @@ pub enum ErrorCode {
     PersistFailed,
     /// The daemon is shutting down.
     ShuttingDown,
+    /// `model_load` was refused; `detail` names why (`signature_invalid`,
+    /// `device_taken`, ...).
+    ModelLoadFailed,
+    /// `model_unload` of a model that is not loaded.
+    ModelNotLoaded,
+    /// This daemon serves no models (no inference manager).
+    InferenceUnavailable,
 }
 
 impl ErrorCode {
@@ -55,6 +62,9 @@ impl ErrorCode {
             ErrorCode::InvalidTransition => "invalid_transition",
             ErrorCode::PersistFailed => "persist_failed",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::ModelLoadFailed => "model_load_failed",
+            ErrorCode::ModelNotLoaded => "model_not_loaded",
+            ErrorCode::InferenceUnavailable => "inference_unavailable",
         }
     }
 }
@@ -64,6 +74,9 @@ impl ErrorCode {
 pub struct WireError {
     pub code: ErrorCode,
     pub message: String,
+    /// A finer stable code, for errors that have one (`model_load_failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// A response line.
@@ -99,6 +112,7 @@ impl Response {
             error: Some(WireError {
                 code,
                 message: message.into(),
+                detail: None,
             }),
         }
     }
@@ -122,10 +136,13 @@ pub enum Command {
     Audit,
     Gpus,
     Drift,
+    Models,
+    ModelLoad,
+    ModelUnload,
 }
 
 impl Command {
-    pub const ALL: [Command; 8] = [
+    pub const ALL: [Command; 11] = [
         Command::Status,
         Command::Drain,
         Command::Undrain,
@@ -134,6 +151,9 @@ impl Command {
         Command::Audit,
         Command::Gpus,
         Command::Drift,
+        Command::Models,
+        Command::ModelLoad,
+        Command::ModelUnload,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -146,6 +166,9 @@ impl Command {
             Command::Audit => "audit",
             Command::Gpus => "gpus",
             Command::Drift => "drift",
+            Command::Models => "models",
+            Command::ModelLoad => "model_load",
+            Command::ModelUnload => "model_unload",
         }
     }
 
@@ -155,7 +178,10 @@ impl Command {
 
     /// Whether a member of the read-only group may run it.
     pub fn is_read_only(self) -> bool {
-        matches!(self, Command::Status | Command::Gpus | Command::Drift)
+        matches!(
+            self,
+            Command::Status | Command::Gpus | Command::Drift | Command::Models
+        )
     }
 
     /// Whether it needs a `reason`.
@@ -176,6 +202,10 @@ pub struct Request {
     pub reason: Option<String>,
     /// For `audit`.
     pub limit: usize,
+    /// For `model_load`: the model, as a `[[inference.models]]` entry.
+    pub model: Option<Value>,
+    /// For `model_unload`: the model's name.
+    pub name: Option<String>,
 }
 
 impl Request {
@@ -190,6 +220,17 @@ impl Request {
         if let Some(l) = limit {
             obj.insert("limit".into(), l.into());
         }
+        let mut line = serde_json::to_vec(&Value::Object(obj)).expect("serialises");
+        line.push(b'\n');
+        line
+    }
+
+    /// The wire form of a request with fields beyond `reason` and `limit`
+    /// (`model`, `name`).
+    pub fn to_line_with(command: Command, fields: Map<String, Value>) -> Vec<u8> {
+        let mut obj = fields;
+        obj.insert("v".into(), PROTOCOL_VERSION.into());
+        obj.insert("cmd".into(), command.as_str().into());
         let mut line = serde_json::to_vec(&Value::Object(obj)).expect("serialises");
         line.push(b'\n');
         line
@@ -367,6 +408,46 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ParseError> {
             ))
         }
     };
+    let model = match obj.remove("model") {
+        None | Some(Value::Null) => None,
+        Some(m @ Value::Object(_)) if command == Command::ModelLoad => Some(m),
+        Some(_) => {
+            return Err(fail(
+                id,
+                Some(command),
+                ErrorCode::InvalidRequest,
+                "`model` must be an object and is taken only by `model_load`".into(),
+            ))
+        }
+    };
+    if command == Command::ModelLoad && model.is_none() {
+        return Err(fail(
+            id,
+            Some(command),
+            ErrorCode::MissingField,
+            "`model_load` requires a `model`".into(),
+        ));
+    }
+    let name = match obj.remove("name") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(n)) if command == Command::ModelUnload => Some(n),
+        Some(_) => {
+            return Err(fail(
+                id,
+                Some(command),
+                ErrorCode::InvalidRequest,
+                "`name` must be a string and is taken only by `model_unload`".into(),
+            ))
+        }
+    };
+    if command == Command::ModelUnload && name.is_none() {
+        return Err(fail(
+            id,
+            Some(command),
+            ErrorCode::MissingField,
+            "`model_unload` requires a `name`".into(),
+        ));
+    }
     if let Some(key) = obj.keys().next() {
         let shown: String = key.chars().take(64).collect();
         return Err(fail(
@@ -381,6 +462,8 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ParseError> {
         command,
         reason,
         limit,
+        model,
+        name,
     })
 }
 

@@ -117,6 +117,8 @@ pub struct AdminContext {
     /// Extra facts for `status` (listener addresses, build).
     pub status_extra: Value,
     pub gpu: Option<Arc<crate::gpu::GpuMonitor>>,
+    /// The model manager, for `models`, `model_load`, `model_unload`.
+    pub inference: Option<Arc<crate::inference::Manager>>,
     unauthorized_log: RateLimitedLog,
     overload_log: RateLimitedLog,
     credentials_log: RateLimitedLog,
@@ -142,6 +144,7 @@ impl AdminContext {
             write_timeout: cfg.write_timeout,
             status_extra,
             gpu,
+            inference: None,
             unauthorized_log: RateLimitedLog::new(Duration::from_secs(10)),
             overload_log: RateLimitedLog::new(Duration::from_secs(10)),
             credentials_log: RateLimitedLog::new(Duration::from_secs(10)),
@@ -367,6 +370,61 @@ async fn handle_line(ctx: &AdminContext, peer: &Peer, access: Access, line: &[u8
     resp
 }
 
+/// `models`, `model_load`, `model_unload`: the model manager's work, on a
+/// blocking thread (verification hashes the whole model).
+async fn model_command(ctx: &AdminContext, req: &Request) -> Response {
+    let id = req.id.clone();
+    let Some(mgr) = ctx.inference.clone() else {
+        return Response::err(
+            id,
+            ErrorCode::InferenceUnavailable,
+            "this ccnoded serves no models",
+        );
+    };
+    match req.command {
+        Command::Models => Response::ok(id, json!({ "models": mgr.status() })),
+        Command::ModelUnload => {
+            let name = req.name.clone().unwrap_or_default();
+            let res = tokio::task::spawn_blocking(move || mgr.unload(&name)).await;
+            match res {
+                Ok(Ok(())) => Response::ok(id, json!({ "unloaded": req.name })),
+                Ok(Err(e)) => Response::err(id, ErrorCode::ModelNotLoaded, e.to_string()),
+                Err(e) => Response::err(id, ErrorCode::ModelLoadFailed, e.to_string()),
+            }
+        }
+        _ => {
+            let cfg: crate::inference::ModelConfig =
+                match serde_json::from_value(req.model.clone().unwrap_or_default()) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        return Response::err(
+                            id,
+                            ErrorCode::InvalidRequest,
+                            format!("`model` is not a model entry: {e}"),
+                        )
+                    }
+                };
+            let name = cfg.name.clone();
+            let res = tokio::task::spawn_blocking(move || mgr.load(cfg)).await;
+            match res {
+                Ok(Ok(())) => Response::ok(id, json!({ "loading": name })),
+                Ok(Err(e)) => {
+                    let mut r = Response::err(
+                        id,
+                        ErrorCode::ModelLoadFailed,
+                        crate::error_chain(&e),
+                    );
+                    if let Some(err) = r.error.as_mut() {
+                        err.detail = Some(e.code().to_owned());
+                    }
+                    r
+                }
+                Err(e) => Response::err(id, ErrorCode::ModelLoadFailed, e.to_string()),
+            }
+        }
+    }
+}
+
 async fn run(ctx: &AdminContext, peer: &Peer, access: Access, req: Request) -> Response {
     let id = req.id.clone();
     let actor = Actor::Admin {
@@ -401,6 +459,9 @@ async fn run(ctx: &AdminContext, peer: &Peer, access: Access, req: Request) -> R
                 |g| g.drift_json(),
             );
             return Response::ok(id, v);
+        }
+        Command::Models | Command::ModelLoad | Command::ModelUnload => {
+            return model_command(ctx, &req).await
         }
         Command::Drain => Event::Drain,
         Command::Undrain => Event::Undrain,

@@ -8,6 +8,12 @@
 
 use std::time::Duration;
 
+pub mod config;
+pub mod manager;
+
+pub use config::{InferenceConfig, ModelConfig};
+pub use manager::Manager;
+
 /// One message of a chat, as the API received it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatMessage {

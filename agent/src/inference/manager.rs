@@ -1,0 +1,1087 @@
+//! The model manager: verifies a model's signature, starts its sandboxed
+//! workers with the sealed bytes, routes generations to ready workers
+//! through a bounded queue, and follows the node's state (drain: finish,
+//! then stop workers; quarantine: cut generations off, kill workers).
+//!
+//! ```text
+//! load: verify (OMS, sealed memfds) ─▶ grant device ─▶ spawn jail ─▶ `load` ─▶ `ready`
+//! submit ─▶ idle ready worker? ─yes─▶ `generate` ─▶ `token`* ─▶ `done` ─▶ next queued
+//!              └─no─▶ queue (max_queue) ─full─▶ 429
+//! ```
+//!
+//! A failed verification never spawns a worker. Every generation holds a
+//! node work guard, so a draining node becomes drained when the last one
+//! ends.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use ccnode_sandbox::supervise::{
+    ControlSender, Event as SupEvent, ExitReason, FrameSink, Policy, Spec, Supervisor, WorkerState,
+};
+use ccnode_worker::protocol::{self as wp, Finish};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::config::{InferenceConfig, ModelConfig};
+use super::{
+    CancelOnDrop, ChatMessage, FinishReason, GenerateParams, Generation, Inference, ModelInfo,
+    Piece, Prompt, SubmitError,
+};
+use crate::audit::AuditRecord;
+use crate::config::Config;
+use crate::node::{Node, WorkGuard};
+use crate::state::{Actor, NodeState};
+use crate::workers::{self, HostSupport};
+
+/// Why a model could not be loaded; `code()` is stable.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("model {0} is already loaded")]
+    Exists(String),
+    #[error("model {0} is not loaded")]
+    NotLoaded(String),
+    #[error("model {name}: {source}")]
+    Config {
+        name: String,
+        #[source]
+        source: crate::config::ConfigError,
+    },
+    #[error("model {name}: the trust policy {path}: {source}")]
+    Policy {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: ccnode_attest::oms::OmsError,
+    },
+    #[error("model {name}: signature verification failed: {source}")]
+    Verify {
+        name: String,
+        #[source]
+        source: ccnode_attest::oms::OmsError,
+    },
+    #[error("model {name}: {source}")]
+    Worker {
+        name: String,
+        #[source]
+        source: workers::WorkerError,
+    },
+    #[error("model {name}: device {device} is already assigned to {holder}")]
+    DeviceTaken {
+        name: String,
+        device: String,
+        holder: String,
+    },
+    #[error("model {name}: new workers are blocked: {why}")]
+    Blocked { name: String, why: String },
+    #[error("model {name}: cannot hand the model over: {message}")]
+    HandOver { name: String, message: String },
+    #[error("the node is {0}: models are not loaded now")]
+    NodeState(NodeState),
+}
+
+impl LoadError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            LoadError::Exists(_) => "model_exists",
+            LoadError::NotLoaded(_) => "model_not_loaded",
+            LoadError::Config { .. } => "invalid_model_config",
+            LoadError::Policy { .. } => "trust_policy_invalid",
+            LoadError::Verify { .. } => "signature_invalid",
+            LoadError::Worker { .. } => "worker_setup_failed",
+            LoadError::DeviceTaken { .. } => "device_taken",
+            LoadError::Blocked { .. } => "workers_blocked",
+            LoadError::HandOver { .. } => "hand_over_failed",
+            LoadError::NodeState(_) => "node_not_active",
+        }
+    }
+}
+
+/// What `ccnodectl model list` shows of one model.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelStatus {
+    pub name: String,
+    pub dir: PathBuf,
+    pub manifest_digest: String,
+    pub signer: String,
+    pub files: usize,
+    pub bytes: u64,
+    pub loaded_at: u64,
+    pub queue: usize,
+    pub workers: Vec<WorkerStatus>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkerStatus {
+    pub state: &'static str,
+    pub device: Option<String>,
+    pub pid: Option<i32>,
+    pub busy: bool,
+    pub last_exit: Option<String>,
+}
+
+fn state_str(s: WorkerState) -> &'static str {
+    match s {
+        WorkerState::Starting => "starting",
+        WorkerState::Loading => "loading",
+        WorkerState::Ready => "ready",
+        WorkerState::Stopping => "stopping",
+        WorkerState::Exited => "exited",
+    }
+}
+
+/// A generation on its way: where its pieces go, what keeps the node's
+/// drain waiting, and when it was accepted.
+struct Job {
+    id: u64,
+    msg: Value,
+    tx: mpsc::Sender<Piece>,
+    _work: WorkGuard,
+}
+
+struct Replica {
+    index: usize,
+    device: Option<String>,
+    sup: Mutex<Option<Supervisor>>,
+    state: Mutex<WorkerState>,
+    busy: Mutex<Option<Job>>,
+    last_exit: Mutex<Option<String>>,
+}
+
+struct Model {
+    cfg: ModelConfig,
+    manifest_digest: String,
+    signer: String,
+    files: usize,
+    bytes: u64,
+    loaded_at: u64,
+    replicas: Vec<Arc<Replica>>,
+    queue: Mutex<VecDeque<Job>>,
+    manager: Weak<Manager>,
+}
+
+/// The model manager ([`Inference`] for the API).
+pub struct Manager {
+    node: Arc<Node>,
+    config: Arc<Config>,
+    support: HostSupport,
+    jail: PathBuf,
+    metrics: InferenceMetrics,
+    models: Mutex<BTreeMap<String, Arc<Model>>>,
+    next_id: AtomicU64,
+    blocked: Option<Arc<crate::gpu::GpuMonitor>>,
+    /// For audit records written from worker threads.
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The prompt a chat becomes: each message as `<|role|>\n` and its content
+/// on its own line, then `<|assistant|>\n` for the reply.
+pub fn render_chat(messages: &[ChatMessage]) -> String {
+    let mut s = String::new();
+    for m in messages {
+        s.push_str("<|");
+        s.push_str(&m.role);
+        s.push_str("|>\n");
+        s.push_str(&m.content);
+        s.push('\n');
+    }
+    s.push_str("<|assistant|>\n");
+    s
+}
+
+impl Manager {
+    /// A manager for `config`'s models (none loaded yet: see
+    /// [`Manager::load_configured`]). `jail` is ccnoded's own executable.
+    /// Call inside the tokio runtime.
+    pub fn new(
+        node: Arc<Node>,
+        config: Arc<Config>,
+        jail: PathBuf,
+        metrics: &crate::metrics::Metrics,
+        gpu: Option<Arc<crate::gpu::GpuMonitor>>,
+    ) -> Arc<Manager> {
+        let support = HostSupport::probe(&config.sandbox);
+        Arc::new(Manager {
+            node,
+            support,
+            jail,
+            metrics: InferenceMetrics::new(metrics.registry()),
+            models: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(1),
+            blocked: gpu,
+            config,
+            runtime: tokio::runtime::Handle::current(),
+        })
+    }
+
+    fn inference(&self) -> &InferenceConfig {
+        &self.config.inference
+    }
+
+    /// Loads every model in the config; failures are logged, audited and
+    /// returned, and do not stop the others.
+    pub fn load_configured(self: &Arc<Self>) -> Vec<LoadError> {
+        let mut errors = Vec::new();
+        for m in self.inference().models.clone() {
+            if let Err(e) = self.load(m) {
+                errors.push(e);
+            }
+        }
+        errors
+    }
+
+    fn audit(&self, command: &str, reason: String, result: &str) {
+        let node = self.node.clone();
+        let record = AuditRecord {
+            ts: SystemTime::now(),
+            actor: Actor::system("inference"),
+            command: command.to_owned(),
+            reason: Some(reason),
+            result: result.to_owned(),
+            from: None,
+            to: None,
+        };
+        self.runtime.spawn(async move { node.audit(record).await });
+    }
+
+    /// Verify → grant → spawn → hand over. Blocking (hashing, spawning):
+    /// call from a blocking thread. A failed verification spawns nothing.
+    pub fn load(self: &Arc<Self>, mut cfg: ModelConfig) -> Result<(), LoadError> {
+        let result = self.load_inner(&mut cfg);
+        let (res, reason) = match &result {
+            Ok(()) => ("ok", format!("model {} loading", cfg.name)),
+            Err(e) => (e.code(), e.to_string()),
+        };
+        self.metrics
+            .loads
+            .with_label_values(&[if result.is_ok() { "ok" } else { res }])
+            .inc();
+        match &result {
+            Ok(()) => tracing::info!(model = %cfg.name, "model verified; workers starting"),
+            Err(e) => tracing::error!(model = %cfg.name, code = e.code(), error = %crate::error_chain(e), "model load refused"),
+        }
+        self.audit("model_load", reason, res);
+        result
+    }
+
+    fn load_inner(self: &Arc<Self>, cfg: &mut ModelConfig) -> Result<(), LoadError> {
+        let name = cfg.name.clone();
+        let state = self.node.snapshot().state;
+        if state != NodeState::Active {
+            return Err(LoadError::NodeState(state));
+        }
+        cfg.validate()
+            .map_err(|source| LoadError::Config {
+                name: name.clone(),
+                source,
+            })?;
+        if lock(&self.models).contains_key(&name) {
+            return Err(LoadError::Exists(name));
+        }
+        if let Some(gpu) = &self.blocked {
+            let why = gpu.blocked_reasons();
+            if !why.is_empty() {
+                return Err(LoadError::Blocked {
+                    name,
+                    why: why.join("; "),
+                });
+            }
+        }
+        let policy_path = cfg
+            .trust_policy
+            .clone()
+            .or_else(|| self.inference().trust_policy.clone())
+            .ok_or_else(|| LoadError::Config {
+                name: name.clone(),
+                source: crate::config::ConfigError::Invalid {
+                    key: "inference.models",
+                    message: "no trust_policy for this model".into(),
+                },
+            })?;
+        let policy = ccnode_attest::oms::policy::TrustPolicy::load(&policy_path).map_err(
+            |source| LoadError::Policy {
+                name: name.clone(),
+                path: policy_path.clone(),
+                source,
+            },
+        )?;
+        // The only read of the model: hashed and copied into sealed memfds
+        // in one pass. What workers get is exactly what was verified.
+        let verified = ccnode_attest::oms::verify_model(
+            &cfg.dir,
+            &cfg.signature_path(),
+            &policy,
+            &ccnode_attest::oms::VerifyOptions::new(name.clone()),
+        )
+        .map_err(|source| LoadError::Verify {
+            name: name.clone(),
+            source,
+        })?;
+        // Devices: each replica's, resolved and exclusive node-wide.
+        let mut grants: Vec<Option<(Vec<PathBuf>, String)>> = Vec::new();
+        for r in 0..cfg.replicas as usize {
+            match cfg.gpus.get(r) {
+                None => grants.push(None),
+                Some(target) => {
+                    let g = workers::grant_devices(&self.config.gpu, std::slice::from_ref(target))
+                        .map_err(|source| LoadError::Worker {
+                            name: name.clone(),
+                            source,
+                        })?;
+                    grants.push(Some(g));
+                }
+            }
+        }
+        {
+            let models = lock(&self.models);
+            for (i, g) in grants.iter().enumerate() {
+                let Some((_, uuid)) = g else { continue };
+                let dup_here = grants[..i]
+                    .iter()
+                    .flatten()
+                    .any(|(_, u)| u.eq_ignore_ascii_case(uuid));
+                let holder = models.values().find(|m| {
+                    m.replicas
+                        .iter()
+                        .any(|r| r.device.as_deref().is_some_and(|d| d.eq_ignore_ascii_case(uuid)))
+                });
+                if dup_here || holder.is_some() {
+                    return Err(LoadError::DeviceTaken {
+                        name: name.clone(),
+                        device: uuid.clone(),
+                        holder: holder.map_or(name.clone(), |m| m.cfg.name.clone()),
+                    });
+                }
+            }
+        }
+        let program = workers::resolve_program(&self.inference().worker_binary.to_string_lossy())
+            .map_err(|source| LoadError::Worker {
+                name: name.clone(),
+                source,
+            })?;
+        let files: Vec<wp::ModelFile> = verified
+            .files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| wp::ModelFile {
+                name: f.name.clone(),
+                fd: wp::FIRST_MODEL_FD + i as i32,
+                size: f.size,
+            })
+            .collect();
+        let bytes = verified.bytes_hashed;
+        let file_count = verified.file_count;
+        let fds: Vec<OwnedFd> = verified.files.into_iter().map(|f| f.into_fd()).collect();
+        let model = Arc::new({
+            let replicas = grants
+                .iter()
+                .enumerate()
+                .map(|(index, g)| {
+                    Arc::new(Replica {
+                        index,
+                        device: g.as_ref().map(|(_, u)| u.clone()),
+                        sup: Mutex::new(None),
+                        state: Mutex::new(WorkerState::Starting),
+                        busy: Mutex::new(None),
+                        last_exit: Mutex::new(None),
+                    })
+                })
+                .collect::<Vec<_>>();
+            Model {
+                cfg: cfg.clone(),
+                manifest_digest: verified.manifest_digest.clone(),
+                signer: verified.signer.clone(),
+                files: file_count,
+                bytes,
+                loaded_at: unix_now(),
+                replicas,
+                queue: Mutex::new(VecDeque::new()),
+                manager: Arc::downgrade(self),
+            }
+        });
+        // Start every replica; each gets its own copies of the fds.
+        for (r, g) in model.replicas.iter().zip(&grants) {
+            let extra = fds
+                .iter()
+                .map(|f| f.as_fd().try_clone_to_owned())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| LoadError::HandOver {
+                    name: name.clone(),
+                    message: e.to_string(),
+                })?;
+            let (devices, visible) = g.clone().unwrap_or_default();
+            let mut profile = workers::profile(
+                &self.config.sandbox,
+                &self.support,
+                &format!("worker-{name}-{}", r.index),
+                program.clone(),
+                Vec::new(),
+                devices,
+            )
+            .map_err(|source| LoadError::Worker {
+                name: name.clone(),
+                source,
+            })?;
+            profile.env.retain(|(k, _)| k != "CUDA_VISIBLE_DEVICES");
+            if !visible.is_empty() {
+                profile.env.push(("CUDA_VISIBLE_DEVICES".into(), visible));
+            }
+            let load = wp::Load {
+                model: name.clone(),
+                device: cfg.device.as_str().to_owned(),
+                gpus: r.device.iter().cloned().collect(),
+                files: files.clone(),
+            };
+            let sink = {
+                let model = Arc::downgrade(&model);
+                let replica = r.clone();
+                FrameSink(Arc::new(move |frame: Value| {
+                    if let Some(m) = model.upgrade() {
+                        m.on_frame(&replica, frame);
+                    }
+                }))
+            };
+            let spec = Spec {
+                jail: self.jail.clone(),
+                jail_args: vec![workers::JAIL_ARG.to_owned()],
+                profile,
+                extra_fds: extra,
+                init: Some(wp::with_body("load", &load)),
+                frames: Some(sink),
+            };
+            let policy = Policy {
+                ready_timeout: self.inference().load_timeout,
+                no_restart_codes: vec![i32::from(LOAD_FAILED_EXIT)],
+                ..Policy::default()
+            };
+            let (etx, erx) = std::sync::mpsc::channel();
+            let sup = Supervisor::start(spec, policy, etx);
+            let model_w = Arc::downgrade(&model);
+            let replica = r.clone();
+            std::thread::Builder::new()
+                .name("ccnode-worker-events".into())
+                .spawn(move || {
+                    while let Ok(ev) = erx.recv() {
+                        let Some(m) = model_w.upgrade() else { return };
+                        m.on_event(&replica, ev);
+                    }
+                })
+                .map_err(|e| LoadError::HandOver {
+                    name: name.clone(),
+                    message: e.to_string(),
+                })?;
+            *lock(&r.sup) = Some(sup);
+        }
+        // A worker that became ready before its supervisor was stored.
+        model.pump();
+        self.metrics
+            .queue_depth
+            .with_label_values(&[name.as_str()])
+            .set(0);
+        lock(&self.models).insert(name, model);
+        Ok(())
+    }
+
+    /// Stops a model's workers (letting generations in flight finish) and
+    /// forgets it.
+    pub fn unload(&self, name: &str) -> Result<(), LoadError> {
+        let model = lock(&self.models)
+            .remove(name)
+            .ok_or_else(|| LoadError::NotLoaded(name.to_owned()))?;
+        model.fail_queue("model_unloaded", "the model was unloaded");
+        model.stop_workers(false);
+        let _ = self.metrics.queue_depth.remove_label_values(&[name]);
+        self.audit("model_unload", format!("model {name}"), "ok");
+        Ok(())
+    }
+
+    pub fn status(&self) -> Vec<ModelStatus> {
+        lock(&self.models).values().map(|m| m.status()).collect()
+    }
+
+    /// Follows the node: quarantine kills every worker now (generations
+    /// in flight end with `node_quarantined`); drained stops them;
+    /// active again restarts them.
+    pub async fn follow_node(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let mut rx = self.node.subscribe();
+        let mut last = rx.borrow().state;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = rx.changed() => if changed.is_err() { return },
+            }
+            let now = rx.borrow().state;
+            if now == last {
+                continue;
+            }
+            last = now;
+            let me = self.clone();
+            let _ = tokio::task::spawn_blocking(move || me.apply_state(now)).await;
+        }
+    }
+
+    fn apply_state(&self, state: NodeState) {
+        let models: Vec<Arc<Model>> = lock(&self.models).values().cloned().collect();
+        for m in models {
+            match state {
+                NodeState::Quarantined => {
+                    // Cut off first, so no piece of a generation in flight
+                    // arrives after the node is quarantined.
+                    m.fail_queue("node_quarantined", "the node was quarantined");
+                    m.fail_in_flight("node_quarantined", "the node was quarantined");
+                    m.stop_workers(true);
+                }
+                NodeState::Drained => m.stop_workers(false),
+                NodeState::Active => m.restart_workers(),
+                NodeState::Draining => {
+                    m.fail_queue("node_draining", "the node is draining");
+                }
+            }
+        }
+    }
+
+    /// Stops every worker (drain semantics) at shutdown.
+    pub fn shutdown(&self) {
+        let models: Vec<Arc<Model>> = lock(&self.models).values().cloned().collect();
+        for m in models {
+            m.fail_queue("node_shutting_down", "ccnoded is stopping");
+            m.stop_workers(false);
+        }
+    }
+}
+
+/// The worker's exit code for a model it cannot load (no restart).
+const LOAD_FAILED_EXIT: u8 = 65;
+
+impl Model {
+    fn status(&self) -> ModelStatus {
+        ModelStatus {
+            name: self.cfg.name.clone(),
+            dir: self.cfg.dir.clone(),
+            manifest_digest: self.manifest_digest.clone(),
+            signer: self.signer.clone(),
+            files: self.files,
+            bytes: self.bytes,
+            loaded_at: self.loaded_at,
+            queue: lock(&self.queue).len(),
+            workers: self
+                .replicas
+                .iter()
+                .map(|r| WorkerStatus {
+                    state: state_str(*lock(&r.state)),
+                    device: r.device.clone(),
+                    pid: lock(&r.sup).as_ref().and_then(|s| s.pid()),
+                    busy: lock(&r.busy).is_some(),
+                    last_exit: lock(&r.last_exit).clone(),
+                })
+                .collect(),
+        }
+    }
+
+    fn manager(&self) -> Option<Arc<Manager>> {
+        self.manager.upgrade()
+    }
+
+    fn set_queue_gauge(&self, n: usize) {
+        if let Some(m) = self.manager() {
+            m.metrics
+                .queue_depth
+                .with_label_values(&[self.cfg.name.as_str()])
+                .set(n as i64);
+        }
+    }
+
+    fn sender_of(&self, r: &Replica) -> Option<ControlSender> {
+        lock(&r.sup).as_ref().map(|s| s.sender())
+    }
+
+    /// Hands `job` to replica `r` if it is ready and idle; gives it back
+    /// otherwise.
+    fn try_start(&self, r: &Replica, job: Job) -> Result<(), Job> {
+        if *lock(&r.state) != WorkerState::Ready {
+            return Err(job);
+        }
+        let mut busy = lock(&r.busy);
+        if busy.is_some() {
+            return Err(job);
+        }
+        let Some(sender) = self.sender_of(r) else {
+            return Err(job);
+        };
+        if !sender.send(&job.msg) {
+            return Err(job);
+        }
+        *busy = Some(job);
+        Ok(())
+    }
+
+    /// Starts queued jobs on idle ready replicas.
+    fn pump(&self) {
+        for r in &self.replicas {
+            let job = {
+                let mut q = lock(&self.queue);
+                let Some(job) = q.pop_front() else { break };
+                self.set_queue_gauge(q.len());
+                job
+            };
+            if let Err(job) = self.try_start(r, job) {
+                let mut q = lock(&self.queue);
+                q.push_front(job);
+                self.set_queue_gauge(q.len());
+            }
+        }
+    }
+
+    fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        let any_ready = self
+            .replicas
+            .iter()
+            .any(|r| *lock(&r.state) == WorkerState::Ready);
+        if !any_ready {
+            return Err(SubmitError::NotReady(self.cfg.name.clone()));
+        }
+        let mut job = job;
+        for r in &self.replicas {
+            match self.try_start(r, job) {
+                Ok(()) => return Ok(()),
+                Err(j) => job = j,
+            }
+        }
+        let mut q = lock(&self.queue);
+        if q.len() >= self.cfg.max_queue as usize {
+            return Err(SubmitError::QueueFull {
+                model: self.cfg.name.clone(),
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        q.push_back(job);
+        self.set_queue_gauge(q.len());
+        drop(q);
+        // A worker may have become idle meanwhile.
+        self.pump();
+        Ok(())
+    }
+
+    fn cancel(&self, id: u64) {
+        {
+            let mut q = lock(&self.queue);
+            if let Some(pos) = q.iter().position(|j| j.id == id) {
+                q.remove(pos);
+                self.set_queue_gauge(q.len());
+                return;
+            }
+        }
+        for r in &self.replicas {
+            let running = lock(&r.busy).as_ref().is_some_and(|j| j.id == id);
+            if running {
+                if let Some(s) = self.sender_of(r) {
+                    let mut m = wp::message("cancel");
+                    m["id"] = id.into();
+                    s.send(&m);
+                }
+            }
+        }
+    }
+
+    fn on_frame(&self, r: &Replica, frame: Value) {
+        let id = frame["id"].as_u64();
+        match (frame["type"].as_str().unwrap_or(""), id) {
+            ("ready", _) => {}
+            ("token", Some(id)) => {
+                let busy = lock(&r.busy);
+                if let Some(job) = busy.as_ref().filter(|j| j.id == id) {
+                    let text = frame["text"].as_str().unwrap_or("").to_owned();
+                    // Capacity covers max_tokens pieces: never full.
+                    let _ = job.tx.try_send(Piece::Token { text });
+                }
+            }
+            ("done", Some(id)) => {
+                let job = {
+                    let mut busy = lock(&r.busy);
+                    if busy.as_ref().is_some_and(|j| j.id == id) {
+                        busy.take()
+                    } else {
+                        None
+                    }
+                };
+                if let Some(job) = job {
+                    if let Ok(done) = wp::parse::<wp::Done>(&frame) {
+                        let finish_reason = match done.finish {
+                            Finish::Length => FinishReason::Length,
+                            Finish::Stop | Finish::Cancelled => FinishReason::Stop,
+                        };
+                        let _ = job.tx.try_send(Piece::Done {
+                            finish_reason,
+                            prompt_tokens: done.prompt_tokens,
+                            completion_tokens: done.completion_tokens,
+                        });
+                    }
+                }
+                self.pump();
+            }
+            ("error", Some(id)) => {
+                let job = {
+                    let mut busy = lock(&r.busy);
+                    if busy.as_ref().is_some_and(|j| j.id == id) {
+                        busy.take()
+                    } else {
+                        None
+                    }
+                };
+                if let Some(job) = job {
+                    let code = worker_code(frame["code"].as_str().unwrap_or(""));
+                    let message = frame["message"].as_str().unwrap_or("").to_owned();
+                    let _ = job.tx.try_send(Piece::Error { code, message });
+                }
+                self.pump();
+            }
+            ("error", None) => {
+                let message = frame["message"].as_str().unwrap_or("").to_owned();
+                let code = frame["code"].as_str().unwrap_or("");
+                tracing::error!(model = %self.cfg.name, worker = r.index, code, message, "worker error");
+                *lock(&r.last_exit) = Some(format!("{code}: {message}"));
+            }
+            _ => {}
+        }
+    }
+
+    fn on_event(&self, r: &Replica, ev: SupEvent) {
+        match ev {
+            SupEvent::State(s) => {
+                *lock(&r.state) = s;
+                if let Some(m) = self.manager() {
+                    m.metrics.refresh_workers(&m);
+                }
+                if s == WorkerState::Ready {
+                    tracing::info!(model = %self.cfg.name, worker = r.index, "worker ready");
+                    self.pump();
+                }
+            }
+            SupEvent::Exited { reason, restart_in } => {
+                let job = lock(&r.busy).take();
+                if let Some(job) = job {
+                    let _ = job.tx.try_send(Piece::Error {
+                        code: "worker_failed",
+                        message: format!("the worker ended ({})", reason.label()),
+                    });
+                }
+                let label = reason.label();
+                {
+                    let mut last = lock(&r.last_exit);
+                    if !(matches!(reason, ExitReason::Code(_)) && last.is_some()) {
+                        *last = Some(describe(&reason));
+                    }
+                }
+                if let Some(m) = self.manager() {
+                    m.metrics.exits.with_label_values(&[label]).inc();
+                    let requested = matches!(reason, ExitReason::Stopped | ExitReason::Killed);
+                    if !requested {
+                        tracing::warn!(model = %self.cfg.name, worker = r.index, reason = label, restart_in = ?restart_in, "worker ended");
+                        m.audit(
+                            "worker_exit",
+                            format!(
+                                "model {} worker {}: {}",
+                                self.cfg.name,
+                                r.index,
+                                describe(&reason)
+                            ),
+                            label,
+                        );
+                    }
+                    if reason == ExitReason::Seccomp {
+                        m.metrics.seccomp_violations.inc();
+                    }
+                }
+                // Nobody left to serve the queue.
+                let none_coming = restart_in.is_none()
+                    && self.replicas.iter().all(|x| {
+                        x.index == r.index
+                            || matches!(*lock(&x.state), WorkerState::Exited)
+                    });
+                if none_coming {
+                    self.fail_queue("model_not_ready", "no worker serves this model now");
+                }
+            }
+        }
+    }
+
+    fn fail_queue(&self, code: &'static str, message: &str) {
+        let jobs: Vec<Job> = lock(&self.queue).drain(..).collect();
+        self.set_queue_gauge(0);
+        for j in jobs {
+            let _ = j.tx.try_send(Piece::Error {
+                code,
+                message: message.to_owned(),
+            });
+        }
+    }
+
+    fn fail_in_flight(&self, code: &'static str, message: &str) {
+        for r in &self.replicas {
+            if let Some(j) = lock(&r.busy).take() {
+                let _ = j.tx.try_send(Piece::Error {
+                    code,
+                    message: message.to_owned(),
+                });
+            }
+        }
+    }
+
+    /// Ends every worker: `kill` (quarantine) now, or a graceful stop that
+    /// lets the current generation finish.
+    fn stop_workers(&self, kill: bool) {
+        let sups: Vec<Supervisor> = self
+            .replicas
+            .iter()
+            .filter_map(|r| lock(&r.sup).take())
+            .collect();
+        let handles: Vec<_> = sups
+            .into_iter()
+            .map(|s| {
+                std::thread::spawn(move || {
+                    if kill {
+                        s.kill()
+                    } else {
+                        s.stop()
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+
+    fn restart_workers(&self) {
+        // Workers stopped by a drain are started again from the config:
+        // verification runs again too (the bytes on disk may have changed).
+        let Some(m) = self.manager() else { return };
+        if self.replicas.iter().all(|r| lock(&r.sup).is_some()) {
+            return;
+        }
+        let cfg = self.cfg.clone();
+        let name = cfg.name.clone();
+        lock(&m.models).remove(&name);
+        if let Err(e) = m.load(cfg) {
+            tracing::error!(model = %name, error = %e, "model not reloaded after undrain");
+        }
+    }
+}
+
+fn describe(reason: &ExitReason) -> String {
+    match reason {
+        ExitReason::Code(c) => format!("exited with code {c}"),
+        ExitReason::Signal(s) => format!("killed by signal {s}"),
+        ExitReason::Seccomp => "killed by SIGSYS: a forbidden system call".into(),
+        ExitReason::SetupFailed { stage, message } => {
+            format!("sandbox setup failed at {stage}: {message}")
+        }
+        other => other.label().replace('_', " "),
+    }
+}
+
+/// A worker's error code as a `&'static str` from the closed set (a
+/// worker's own string is never passed on as a label).
+fn worker_code(code: &str) -> &'static str {
+    use wp::codes::*;
+    [
+        CONTEXT_LENGTH_EXCEEDED,
+        INVALID_REQUEST,
+        BUSY,
+        ENGINE,
+        PROTOCOL,
+    ]
+    .into_iter()
+    .find(|c| *c == code)
+    .unwrap_or("worker_error")
+}
+
+impl Inference for Manager {
+    fn models(&self) -> Vec<ModelInfo> {
+        lock(&self.models)
+            .values()
+            .map(|m| ModelInfo {
+                id: m.cfg.name.clone(),
+                created: m.loaded_at,
+                ready_workers: m
+                    .replicas
+                    .iter()
+                    .filter(|r| *lock(&r.state) == WorkerState::Ready)
+                    .count() as u32,
+            })
+            .collect()
+    }
+
+    fn submit(&self, model: &str, params: GenerateParams) -> Result<Generation, SubmitError> {
+        let m = lock(&self.models)
+            .get(model)
+            .cloned()
+            .ok_or_else(|| SubmitError::UnknownModel(model.to_owned()))?;
+        let Some(work) = self.node.begin_work() else {
+            return Err(match self.node.snapshot().state {
+                NodeState::Quarantined => SubmitError::Quarantined,
+                _ => SubmitError::Draining,
+            });
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let prompt = match &params.prompt {
+            Prompt::Text(t) => t.clone(),
+            Prompt::Chat(msgs) => render_chat(msgs),
+        };
+        if prompt.len() > wp::MAX_PROMPT_BYTES {
+            return Err(SubmitError::TooLong(format!(
+                "the prompt is over {} bytes",
+                wp::MAX_PROMPT_BYTES
+            )));
+        }
+        let seed = params.seed.unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+                ^ id.rotate_left(32)
+        });
+        let g = wp::Generate {
+            id,
+            prompt,
+            max_tokens: params.max_tokens,
+            temperature: params.temperature,
+            top_p: params.top_p,
+            seed,
+            stop: params.stop,
+        };
+        // One piece per token at most, plus the end: never full.
+        let (tx, rx) = mpsc::channel(params.max_tokens as usize + 2);
+        let job = Job {
+            id,
+            msg: wp::with_body("generate", &g),
+            tx,
+            _work: work,
+        };
+        m.submit(job)?;
+        let weak = Arc::downgrade(&m);
+        Ok(Generation {
+            pieces: rx,
+            cancel: CancelOnDrop::new(move || {
+                if let Some(m) = weak.upgrade() {
+                    m.cancel(id);
+                }
+            }),
+        })
+    }
+}
+
+/// The model manager's series (docs/metrics.md).
+#[derive(Debug, Clone)]
+pub struct InferenceMetrics {
+    pub queue_depth: prometheus::IntGaugeVec,
+    pub workers: prometheus::IntGaugeVec,
+    pub loads: prometheus::IntCounterVec,
+    pub exits: prometheus::IntCounterVec,
+    pub seccomp_violations: prometheus::IntCounter,
+}
+
+impl InferenceMetrics {
+    fn new(registry: &prometheus::Registry) -> Self {
+        use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts};
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(
+            r: &prometheus::Registry,
+            c: C,
+        ) -> C {
+            // A second manager on the same registry (tests) reuses nothing;
+            // registration errors mean a duplicate and are ignored.
+            let _ = r.register(Box::new(c.clone()));
+            c
+        }
+        InferenceMetrics {
+            queue_depth: reg(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "ccnode_inference_queue_depth",
+                        "Generations waiting for a worker, by model.",
+                    ),
+                    &["model"],
+                )
+                .expect("valid metric"),
+            ),
+            workers: reg(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "ccnode_inference_workers",
+                        "Inference workers by model and state (starting, loading, ready, stopping, exited).",
+                    ),
+                    &["model", "state"],
+                )
+                .expect("valid metric"),
+            ),
+            loads: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ccnode_model_loads_total",
+                        "Model loads by result: ok, or the refusal's code (signature_invalid, ...).",
+                    ),
+                    &["result"],
+                )
+                .expect("valid metric"),
+            ),
+            exits: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ccnode_worker_exits_total",
+                        "Inference worker ends by reason (seccomp_violation, exited_error, killed, ...).",
+                    ),
+                    &["reason"],
+                )
+                .expect("valid metric"),
+            ),
+            seccomp_violations: reg(
+                registry,
+                IntCounter::new(
+                    "ccnode_worker_seccomp_violations_total",
+                    "Workers killed by SIGSYS for a forbidden system call.",
+                )
+                .expect("valid metric"),
+            ),
+        }
+    }
+
+    fn refresh_workers(&self, m: &Manager) {
+        for model in lock(&m.models).values() {
+            for s in ["starting", "loading", "ready", "stopping", "exited"] {
+                let n = model
+                    .replicas
+                    .iter()
+                    .filter(|r| state_str(*lock(&r.state)) == s)
+                    .count();
+                self.workers
+                    .with_label_values(&[model.cfg.name.as_str(), s])
+                    .set(n as i64);
+            }
+        }
+    }
+}
