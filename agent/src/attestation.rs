@@ -81,14 +81,28 @@ impl std::fmt::Debug for Tls {
     }
 }
 
+impl Tls {
+    /// The acceptor, for the other endpoints serving TLS the same way.
+    pub(crate) fn acceptor(&self) -> &tokio_rustls::TlsAcceptor {
+        &self.acceptor
+    }
+}
+
 /// Loads `tls_cert` and `tls_key` when configured. TLS 1.2 and 1.3 with
 /// rustls's safe defaults (ring), HTTP/1.1 by ALPN.
 pub fn load_tls(cfg: &AttestationConfig) -> Result<Option<Tls>, StartError> {
+    match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => load_tls_files(cert, key).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// Loads a certificate chain (PEM, leaf first, at most 1 MiB) and its key
+/// (PEM: PKCS#8, SEC1 or PKCS#1): TLS 1.2 and 1.3 with rustls's safe
+/// defaults (ring), HTTP/1.1 by ALPN.
+pub fn load_tls_files(cert: &std::path::Path, key: &std::path::Path) -> Result<Tls, StartError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else {
-        return Ok(None);
-    };
     let bounded = |p: &std::path::Path| -> Result<Vec<u8>, StartError> {
         use std::io::Read;
         let f = std::fs::File::open(p)
@@ -134,10 +148,10 @@ pub fn load_tls(cfg: &AttestationConfig) -> Result<Option<Tls>, StartError> {
         .with_single_cert(chain, key_der)
         .map_err(|e| StartError::Tls(format!("certificate and key: {e}")))?;
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Some(Tls {
+    Ok(Tls {
         acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
         spki_sha256,
-    }))
+    })
 }
 
 /// The digest of the node policy: the parts of the configuration that decide

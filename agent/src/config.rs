@@ -72,6 +72,8 @@ pub struct Config {
     pub attestation: AttestationConfig,
     #[serde(default)]
     pub inference: crate::inference::InferenceConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
     /// sha256 of the file this was loaded from, `sha256:<hex>` (not a key:
     /// set by [`Config::load`]; the attestation claims carry it).
     #[serde(skip)]
@@ -633,6 +635,91 @@ impl Default for HttpConfig {
     }
 }
 
+/// `[api]`: the OpenAI-compatible inference API (docs/inference.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Serve the API.
+    pub enabled: bool,
+    /// Where `/v1/...` is served (its own listener).
+    pub listen: SocketAddr,
+    /// Serve TLS with this certificate chain (PEM, leaf first) and key
+    /// (PEM: PKCS#8, SEC1 or PKCS#1); both or neither.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Largest request body; a larger declared `Content-Length` is refused
+    /// before reading, a larger chunked body when it passes the limit (413).
+    pub max_body_bytes: u64,
+    /// Largest `max_tokens` a request may ask for (400 past it); also the
+    /// default for chat completions that give none.
+    pub max_tokens_cap: u32,
+    /// Connections served at once; more are closed on accept.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (and the TLS
+    /// handshake); also how long a kept-alive connection may sit idle.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Time a client has to send a request's body (408 past it).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9862)),
+            tls_cert: None,
+            tls_key: None,
+            max_body_bytes: 1024 * 1024,
+            max_tokens_cap: 4096,
+            max_connections: 256,
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ApiConfig {
+    /// Checks the values that the types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::invalid(
+                if self.tls_cert.is_some() {
+                    "api.tls_key"
+                } else {
+                    "api.tls_cert"
+                },
+                "tls_cert and tls_key go together",
+            ));
+        }
+        if !(1024..=API_MAX_BODY_BYTES).contains(&self.max_body_bytes) {
+            return Err(ConfigError::invalid(
+                "api.max_body_bytes",
+                format!(
+                    "must be between 1024 and {API_MAX_BODY_BYTES} (64 MiB), found {}",
+                    self.max_body_bytes
+                ),
+            ));
+        }
+        check_range(
+            "api.max_tokens_cap",
+            self.max_tokens_cap as usize,
+            1,
+            API_MAX_TOKENS_CAP as usize,
+        )?;
+        check_range("api.max_connections", self.max_connections, 1, 65_536)?;
+        check_timeout("api.header_read_timeout", self.header_read_timeout)?;
+        check_timeout("api.request_timeout", self.request_timeout)?;
+        Ok(())
+    }
+}
+
+/// Most `api.max_body_bytes` may be.
+pub const API_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
+/// Most `api.max_tokens_cap` may be.
+pub const API_MAX_TOKENS_CAP: u32 = 1 << 20;
+
 impl Config {
     /// Reads, parses and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -923,6 +1010,7 @@ impl Config {
         gpu.baseline
             .validate()
             .map_err(|e| ConfigError::invalid("gpu.baseline.mig_layout", e))?;
+        self.api.validate()?;
         Ok(())
     }
 
@@ -999,6 +1087,27 @@ mod tests {
         assert_eq!(c.admin.mode_bits().unwrap(), 0o660);
         assert_eq!(c.admin.group, GroupSpec::Name("ccnode-admin".into()));
         assert_eq!(c.http.listen.to_string(), "127.0.0.1:9860");
+        assert!(!c.api.enabled, "the API is off unless asked for");
+        assert_eq!(c.api.listen.to_string(), "127.0.0.1:9862");
+        assert_eq!(c.api.max_body_bytes, 1024 * 1024);
+        assert_eq!(c.api.max_tokens_cap, 4096);
+        assert_eq!(c.api.max_connections, 256);
+        assert_eq!(c.api.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.api.request_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn api_section_parses() {
+        let c = Config::parse(
+            "[api]\nenabled = true\nlisten = \"0.0.0.0:8000\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\nmax_body_bytes = 2048\nmax_tokens_cap = 1\nrequest_timeout = \"5s\"\n",
+        )
+        .unwrap();
+        assert!(c.api.enabled);
+        assert_eq!(c.api.listen.to_string(), "0.0.0.0:8000");
+        assert_eq!(c.api.tls_key.as_deref(), Some(Path::new("/k.pem")));
+        assert_eq!(c.api.max_body_bytes, 2048);
+        assert_eq!(c.api.max_tokens_cap, 1);
+        assert_eq!(c.api.request_timeout, Duration::from_secs(5));
     }
 
     #[test]
@@ -1050,6 +1159,24 @@ mod tests {
                 "[http]\nmax_body_bytes = 1000000000\n",
                 "http.max_body_bytes",
             ),
+            ("[api]\ntls_cert = \"/c.pem\"\n", "api.tls_key"),
+            ("[api]\ntls_key = \"/k.pem\"\n", "api.tls_cert"),
+            ("[api]\nmax_body_bytes = 100\n", "api.max_body_bytes"),
+            (
+                "[api]\nmax_body_bytes = 100000000000\n",
+                "api.max_body_bytes",
+            ),
+            ("[api]\nmax_tokens_cap = 0\n", "api.max_tokens_cap"),
+            ("[api]\nmax_tokens_cap = 2000000\n", "api.max_tokens_cap"),
+            ("[api]\nmax_tokens_cap = -1\n", "api.max_tokens_cap"),
+            ("[api]\nmax_connections = 0\n", "api.max_connections"),
+            (
+                "[api]\nheader_read_timeout = \"0s\"\n",
+                "api.header_read_timeout",
+            ),
+            ("[api]\nrequest_timeout = \"2h\"\n", "api.request_timeout"),
+            ("[api]\nlisten = \"localhost\"\n", "api.listen"),
+            ("[api]\nenable = true\n", "api.enable"),
         ] {
             let err = Config::parse(text).unwrap_err();
             assert_eq!(key_of(err), key, "for {text:?}");

@@ -352,7 +352,6 @@ async fn serve(
     admin_ctx.inference = Some(inference.clone());
     let ctx = Arc::new(admin_ctx);
 
-
     let notifier = Arc::new(notifier);
     let grace = config.node.shutdown_grace;
     let admin_task = tokio::spawn(server::serve(admin, ctx, stop.clone(), tracker.clone()));

@@ -2,7 +2,8 @@
 //!
 //! This crate is deliberately thin. It owns the node's lifecycle (the
 //! [`state`] machine and its [`persist`]ence), the local admin socket
-//! ([`admin`]), the Prometheus and health endpoint ([`http`]) and the systemd
+//! ([`admin`]), the Prometheus and health endpoint ([`http`]), the
+//! OpenAI-compatible inference API ([`openai`]) and the systemd
 //! integration ([`notify`]); the hardware-facing work lives in the library
 //! crates (`ccnode-attest`, `ccnode-sandbox`, `ccnode-gpu`).
 
@@ -18,6 +19,7 @@ pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod notify;
+pub mod openai;
 pub mod persist;
 pub mod state;
 pub mod timefmt;

@@ -5,8 +5,8 @@
 //! from what a peer sent.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::state::NodeState;
@@ -28,6 +28,11 @@ pub struct Metrics {
     pub attestations: IntCounterVec,
     pub attestation_seconds: Histogram,
     pub attestation_batch_size: Histogram,
+    pub api_requests: IntCounterVec,
+    pub api_refused: IntCounter,
+    pub api_time_to_first_token: HistogramVec,
+    pub api_inter_token: HistogramVec,
+    pub api_tokens_generated: IntCounterVec,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -199,6 +204,66 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let api_requests = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "ccnode_api_requests_total",
+                    "OpenAI API requests by model (a configured model id, or unknown), endpoint and status code.",
+                ),
+                &["model", "endpoint", "status"],
+            )
+            .expect("valid metric"),
+        );
+        let api_refused = register(
+            &registry,
+            IntCounter::new(
+                "ccnode_api_refused_connections_total",
+                "OpenAI API connections closed on accept because api.max_connections was reached.",
+            )
+            .expect("valid metric"),
+        );
+        let api_time_to_first_token = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "ccnode_api_time_to_first_token_seconds",
+                    "Time from a generation's acceptance to its first token (queueing and prefill).",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0, 60.0,
+                ]),
+                &["model"],
+            )
+            .expect("valid metric"),
+        );
+        let api_inter_token = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "ccnode_api_inter_token_seconds",
+                    "Time between consecutive token pieces of a generation.",
+                )
+                .buckets(vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0, 2.5,
+                ]),
+                &["model"],
+            )
+            .expect("valid metric"),
+        );
+        let api_tokens_generated = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "ccnode_api_tokens_generated_total",
+                    "Completion tokens of generations that finished, by model.",
+                ),
+                &["model"],
+            )
+            .expect("valid metric"),
+        );
         registry
             .register(Box::new(
                 prometheus::process_collector::ProcessCollector::for_self(),
@@ -219,6 +284,11 @@ impl Metrics {
             attestations,
             attestation_seconds,
             attestation_batch_size,
+            api_requests,
+            api_refused,
+            api_time_to_first_token,
+            api_inter_token,
+            api_tokens_generated,
         }
     }
 

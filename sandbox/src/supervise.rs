@@ -269,13 +269,7 @@ struct Life {
     pid: Arc<Mutex<Option<i32>>>,
 }
 
-fn run(
-    spec: Spec,
-    policy: Policy,
-    commands: Receiver<Command>,
-    events: Sender<Event>,
-    life: Life,
-) {
+fn run(spec: Spec, policy: Policy, commands: Receiver<Command>, events: Sender<Event>, life: Life) {
     let state = &life.state;
     let mut failures = 0u32;
     loop {
@@ -384,7 +378,10 @@ fn run_once(
         if !life.sender.send(init) {
             let _ = jailed.child.kill();
             let _ = jailed.child.wait();
-            return (setup_failed("init frame", "the worker closed its socket"), false);
+            return (
+                setup_failed("init frame", "the worker closed its socket"),
+                false,
+            );
         }
     }
     let jail_pid = nix::unistd::Pid::from_raw(jailed.child.id() as i32);

@@ -280,7 +280,10 @@ impl Engine {
     ) -> Result<Outcome, EngineError> {
         let prompt = self.encode(&req.prompt)?;
         if prompt.is_empty() {
-            return Err(EngineError::new(codes::INVALID_REQUEST, "the prompt is empty"));
+            return Err(EngineError::new(
+                codes::INVALID_REQUEST,
+                "the prompt is empty",
+            ));
         }
         let prompt_tokens = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
         if u64::from(prompt_tokens) + u64::from(req.max_tokens) > u64::from(self.context_length) {
@@ -479,11 +482,23 @@ mod tests {
         c["model_type"] = "gpt2".into();
         let e = parse_config(c.to_string().as_bytes()).unwrap_err();
         assert_eq!(e.code, codes::UNSUPPORTED_ARCHITECTURE, "{e}");
-        assert_eq!(with("torch_dtype", "int8".into()).code, codes::UNSUPPORTED_DTYPE);
+        assert_eq!(
+            with("torch_dtype", "int8".into()).code,
+            codes::UNSUPPORTED_DTYPE
+        );
         assert_eq!(with("hidden_size", 65.into()).code, codes::INVALID_MODEL);
-        assert_eq!(with("num_hidden_layers", 100_000.into()).code, codes::INVALID_MODEL);
-        assert_eq!(with("max_position_embeddings", (1u64 << 40).into()).code, codes::INVALID_MODEL);
-        assert_eq!(with("num_key_value_heads", 3.into()).code, codes::INVALID_MODEL);
+        assert_eq!(
+            with("num_hidden_layers", 100_000.into()).code,
+            codes::INVALID_MODEL
+        );
+        assert_eq!(
+            with("max_position_embeddings", (1u64 << 40).into()).code,
+            codes::INVALID_MODEL
+        );
+        assert_eq!(
+            with("num_key_value_heads", 3.into()).code,
+            codes::INVALID_MODEL
+        );
         assert_eq!(with("rms_norm_eps", 0.0.into()).code, codes::INVALID_MODEL);
         assert_eq!(with("hidden_size", "big".into()).code, codes::INVALID_MODEL);
         assert!(parse_config(b"{not json").is_err());

@@ -5,7 +5,10 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    if std::env::args().nth(1).is_some_and(|a| a == "--help" || a == "-h") {
+    if std::env::args()
+        .nth(1)
+        .is_some_and(|a| a == "--help" || a == "-h")
+    {
         println!(
             "ccnode-worker: ccnode's sandboxed inference worker.\n\n\
              Started by ccnoded only, inside the worker sandbox, with the control\n\

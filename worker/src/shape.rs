@@ -29,7 +29,11 @@ impl Dims {
     pub fn check(&self) -> Result<(), String> {
         let bounded = [
             ("hidden_size", self.hidden_size, MAX_HIDDEN),
-            ("intermediate_size", self.intermediate_size, MAX_INTERMEDIATE),
+            (
+                "intermediate_size",
+                self.intermediate_size,
+                MAX_INTERMEDIATE,
+            ),
             ("vocab_size", self.vocab_size, MAX_VOCAB),
             ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
             ("num_attention_heads", self.num_attention_heads, MAX_HEADS),
@@ -74,7 +78,10 @@ impl Dims {
         let kv = self.num_key_value_heads * self.head_dim();
         let i = self.intermediate_size;
         let mut t = vec![
-            ("model.embed_tokens.weight".to_owned(), vec![self.vocab_size, h]),
+            (
+                "model.embed_tokens.weight".to_owned(),
+                vec![self.vocab_size, h],
+            ),
             ("model.norm.weight".to_owned(), vec![h]),
         ];
         if !self.tie_word_embeddings {

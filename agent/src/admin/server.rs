@@ -409,11 +409,8 @@ async fn model_command(ctx: &AdminContext, req: &Request) -> Response {
             match res {
                 Ok(Ok(())) => Response::ok(id, json!({ "loading": name })),
                 Ok(Err(e)) => {
-                    let mut r = Response::err(
-                        id,
-                        ErrorCode::ModelLoadFailed,
-                        crate::error_chain(&e),
-                    );
+                    let mut r =
+                        Response::err(id, ErrorCode::ModelLoadFailed, crate::error_chain(&e));
                     if let Some(err) = r.error.as_mut() {
                         err.detail = Some(e.code().to_owned());
                     }

@@ -279,7 +279,9 @@ impl Manager {
             .inc();
         match &result {
             Ok(()) => tracing::info!(model = %cfg.name, "model verified; workers starting"),
-            Err(e) => tracing::error!(model = %cfg.name, code = e.code(), error = %crate::error_chain(e), "model load refused"),
+            Err(e) => {
+                tracing::error!(model = %cfg.name, code = e.code(), error = %crate::error_chain(e), "model load refused")
+            }
         }
         self.audit("model_load", reason, res);
         result
@@ -291,11 +293,10 @@ impl Manager {
         if state != NodeState::Active {
             return Err(LoadError::NodeState(state));
         }
-        cfg.validate()
-            .map_err(|source| LoadError::Config {
-                name: name.clone(),
-                source,
-            })?;
+        cfg.validate().map_err(|source| LoadError::Config {
+            name: name.clone(),
+            source,
+        })?;
         if lock(&self.models).contains_key(&name) {
             return Err(LoadError::Exists(name));
         }
@@ -319,13 +320,14 @@ impl Manager {
                     message: "no trust_policy for this model".into(),
                 },
             })?;
-        let policy = ccnode_attest::oms::policy::TrustPolicy::load(&policy_path).map_err(
-            |source| LoadError::Policy {
-                name: name.clone(),
-                path: policy_path.clone(),
-                source,
-            },
-        )?;
+        let policy =
+            ccnode_attest::oms::policy::TrustPolicy::load(&policy_path).map_err(|source| {
+                LoadError::Policy {
+                    name: name.clone(),
+                    path: policy_path.clone(),
+                    source,
+                }
+            })?;
         // The only read of the model: hashed and copied into sealed memfds
         // in one pass. What workers get is exactly what was verified.
         let verified = ccnode_attest::oms::verify_model(
@@ -362,9 +364,11 @@ impl Manager {
                     .flatten()
                     .any(|(_, u)| u.eq_ignore_ascii_case(uuid));
                 let holder = models.values().find(|m| {
-                    m.replicas
-                        .iter()
-                        .any(|r| r.device.as_deref().is_some_and(|d| d.eq_ignore_ascii_case(uuid)))
+                    m.replicas.iter().any(|r| {
+                        r.device
+                            .as_deref()
+                            .is_some_and(|d| d.eq_ignore_ascii_case(uuid))
+                    })
                 });
                 if dup_here || holder.is_some() {
                     return Err(LoadError::DeviceTaken {
@@ -377,9 +381,9 @@ impl Manager {
         }
         let program = workers::resolve_program(&self.inference().worker_binary.to_string_lossy())
             .map_err(|source| LoadError::Worker {
-                name: name.clone(),
-                source,
-            })?;
+            name: name.clone(),
+            source,
+        })?;
         let files: Vec<wp::ModelFile> = verified
             .files
             .iter()
@@ -816,8 +820,7 @@ impl Model {
                 // Nobody left to serve the queue.
                 let none_coming = restart_in.is_none()
                     && self.replicas.iter().all(|x| {
-                        x.index == r.index
-                            || matches!(*lock(&x.state), WorkerState::Exited)
+                        x.index == r.index || matches!(*lock(&x.state), WorkerState::Exited)
                     });
                 if none_coming {
                     self.fail_queue("model_not_ready", "no worker serves this model now");
@@ -858,15 +861,7 @@ impl Model {
             .collect();
         let handles: Vec<_> = sups
             .into_iter()
-            .map(|s| {
-                std::thread::spawn(move || {
-                    if kill {
-                        s.kill()
-                    } else {
-                        s.stop()
-                    }
-                })
-            })
+            .map(|s| std::thread::spawn(move || if kill { s.kill() } else { s.stop() }))
             .collect();
         for h in handles {
             let _ = h.join();

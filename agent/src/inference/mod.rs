@@ -134,7 +134,10 @@ pub enum SubmitError {
     /// Every worker is busy and the queue is full (429, `queue_full`, with
     /// `Retry-After`).
     #[error("the model {model:?} is at capacity; retry later")]
-    QueueFull { model: String, retry_after: Duration },
+    QueueFull {
+        model: String,
+        retry_after: Duration,
+    },
     /// The node is draining or drained (503, `node_draining`).
     #[error("the node is draining and takes no new requests")]
     Draining,
