@@ -48,6 +48,14 @@ pub enum DaemonError {
     GpuThreads(#[source] std::io::Error),
     #[error("attestation unavailable")]
     Attestation(#[source] crate::attestation::StartError),
+    #[error("cannot load the API's TLS certificate or key")]
+    ApiTls(#[source] crate::openai::TlsError),
+    #[error("cannot listen for the API on {addr}")]
+    ApiListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("model {model}: a configured device cannot be assigned")]
     ModelDevice {
         model: String,
@@ -89,7 +97,8 @@ impl DaemonError {
                 source: crate::workers::WorkerError::Backend(_),
                 ..
             } => exit::UNAVAILABLE,
-            DaemonError::ModelDevice { .. } => exit::CONFIG,
+            DaemonError::ModelDevice { .. } | DaemonError::ApiTls(_) => exit::CONFIG,
+            DaemonError::ApiListen { .. } => exit::OSERR,
             DaemonError::Logging(_) | DaemonError::Notify(_) | DaemonError::GpuThreads(_) => {
                 exit::SOFTWARE
             }
@@ -288,6 +297,19 @@ async fn serve(
             Some((l, bound))
         }
     };
+    let api_listener = if config.api.enabled {
+        let tls = crate::openai::load_tls(&config.api).map_err(DaemonError::ApiTls)?;
+        let addr = config.api.listen;
+        let l = crate::openai::ApiListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::ApiListen { addr, source })?;
+        let bound = l
+            .local_addr()
+            .map_err(|source| DaemonError::ApiListen { addr, source })?;
+        Some((l, bound, tls))
+    } else {
+        None
+    };
     let signals = Signals::install().map_err(DaemonError::Runtime)?;
 
     // GPUs: one poll and its policy before READY, so that drift or a sick
@@ -337,6 +359,10 @@ async fn serve(
     let attestation_url = attestation_listener
         .as_ref()
         .map(|(_, a)| format!("{scheme}://{a}/v1/attestation"));
+    let api_url = api_listener.as_ref().map(|(_, a, tls)| {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{a}/v1")
+    });
     let socket_path = admin.path().display().to_string();
     let mut admin_ctx = AdminContext::new(
         node.clone(),
@@ -346,6 +372,7 @@ async fn serve(
             "admin_socket": socket_path,
             "metrics_url": metrics_url,
             "attestation_url": attestation_url,
+            "api_url": api_url,
         }),
         gpu.clone(),
     );
@@ -385,6 +412,17 @@ async fn serve(
         }
         _ => None,
     };
+    let api_task = api_listener.map(|(listener, _, tls)| {
+        tokio::spawn(crate::openai::serve(
+            listener,
+            inference.clone(),
+            config.api.clone(),
+            tls,
+            node.metrics().clone(),
+            stop.clone(),
+            grace,
+        ))
+    });
     let drain_task = tokio::spawn(node.clone().run_drain_watcher(stop.clone()));
     if let Some(interval) = notify::watchdog_interval() {
         // Pinged from the runtime itself: a wedged runtime stops pinging and
@@ -409,6 +447,7 @@ async fn serve(
         admin_socket = %socket_path,
         metrics = %metrics_url,
         attestation = attestation_url.as_deref().unwrap_or("off"),
+        api = api_url.as_deref().unwrap_or("off"),
         "ccnoded ready"
     );
     notifier.ready(&format!(
@@ -444,6 +483,9 @@ async fn serve(
     }
     let _ = http_task.await;
     if let Some(t) = attestation_task {
+        let _ = t.await;
+    }
+    if let Some(t) = api_task {
         let _ = t.await;
     }
     if let Some(gpu) = &gpu {
