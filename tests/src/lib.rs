@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod api;
 pub mod bench;
 pub mod prometheus;
 pub mod swtpm;
@@ -378,6 +379,18 @@ level = "info"
             .as_str()
             .unwrap_or_else(|| panic!("no attestation_url in {s}"))
             .to_owned()
+    }
+
+    /// The OpenAI API's address (the node must have `[api] enabled`).
+    pub fn api_addr(&self) -> SocketAddr {
+        let s = self.request(r#"{"v":1,"cmd":"status"}"#);
+        let url = s["result"]["api_url"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no api_url in {s}"));
+        url.trim_start_matches("http://")
+            .trim_end_matches("/v1")
+            .parse()
+            .expect("API address")
     }
 
     /// `GET path` on the metrics endpoint: (status code, body).

@@ -10,4 +10,6 @@ pub mod shape;
 #[cfg(feature = "engine")]
 pub mod engine;
 #[cfg(feature = "engine")]
+pub mod reference;
+#[cfg(feature = "engine")]
 pub mod serve;

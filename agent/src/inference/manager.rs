@@ -616,6 +616,15 @@ impl Model {
         }
     }
 
+    fn count_generation(&self, finish: &str) {
+        if let Some(m) = self.manager() {
+            m.metrics
+                .generations
+                .with_label_values(&[self.cfg.name.as_str(), finish])
+                .inc();
+        }
+    }
+
     fn sender_of(&self, r: &Replica) -> Option<ControlSender> {
         lock(&r.sup).as_ref().map(|s| s.sender())
     }
@@ -731,6 +740,11 @@ impl Model {
                 };
                 if let Some(job) = job {
                     if let Ok(done) = wp::parse::<wp::Done>(&frame) {
+                        self.count_generation(match done.finish {
+                            Finish::Stop => "stop",
+                            Finish::Length => "length",
+                            Finish::Cancelled => "cancelled",
+                        });
                         let finish_reason = match done.finish {
                             Finish::Length => FinishReason::Length,
                             Finish::Stop | Finish::Cancelled => FinishReason::Stop,
@@ -754,6 +768,7 @@ impl Model {
                     }
                 };
                 if let Some(job) = job {
+                    self.count_generation("error");
                     let code = worker_code(frame["code"].as_str().unwrap_or(""));
                     let message = frame["message"].as_str().unwrap_or("").to_owned();
                     let _ = job.tx.try_send(Piece::Error { code, message });
@@ -995,6 +1010,7 @@ pub struct InferenceMetrics {
     pub loads: prometheus::IntCounterVec,
     pub exits: prometheus::IntCounterVec,
     pub seccomp_violations: prometheus::IntCounter,
+    pub generations: prometheus::IntCounterVec,
 }
 
 impl InferenceMetrics {
@@ -1051,6 +1067,17 @@ impl InferenceMetrics {
                         "Inference worker ends by reason (seccomp_violation, exited_error, killed, ...).",
                     ),
                     &["reason"],
+                )
+                .expect("valid metric"),
+            ),
+            generations: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ccnode_inference_generations_total",
+                        "Generations workers finished, by model and how: stop, length, cancelled, error.",
+                    ),
+                    &["model", "finish"],
                 )
                 .expect("valid metric"),
             ),
