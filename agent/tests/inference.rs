@@ -1,0 +1,496 @@
+//! Inference end to end on CPU: a generated, signed Llama-shaped model;
+//! ccnoded verifies it, starts the sandboxed `ccnode-worker` (the real
+//! jail: namespaces, Landlock, seccomp), hands it the sealed bytes, and
+//! serves the OpenAI API from it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ccnode_testkit::api::{self, Event, Stream};
+use ccnode_testkit::{TestNode, PATIENCE};
+use ccnode_worker::testmodel::{self, Shape};
+use serde_json::{json, Value};
+
+const CCNODED: &str = env!("CARGO_BIN_EXE_ccnoded");
+
+/// A generated model, signed, with its trust policy.
+struct Model {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    sig: PathBuf,
+    policy: PathBuf,
+}
+
+fn small() -> Shape {
+    Shape::tiny()
+}
+
+/// A shape slow enough (in a debug build) that a long generation is still
+/// running when a test acts in the middle of it.
+fn slower() -> Shape {
+    Shape {
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_hidden_layers: 4,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        max_position_embeddings: 1024,
+        shards: 2,
+    }
+}
+
+fn make_model(name: &str, shape: &Shape, seed: u64) -> Model {
+    let tmp = tempfile::Builder::new()
+        .prefix("ccnode-model-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path().join("model");
+    std::fs::create_dir(&dir).unwrap();
+    testmodel::write_model(&dir, shape, seed).unwrap();
+    let key = ccnode_attest::oms::sign::key_from_seed(seed);
+    let bundle = ccnode_attest::oms::sign::sign_dir_p256(&dir, &key, name).unwrap();
+    let sig = tmp.path().join("model.sig");
+    std::fs::write(&sig, bundle).unwrap();
+    let pubkey = tmp.path().join("key.pub.pem");
+    ccnode_attest::oms::sign::write_public_key_pem(&pubkey, &key).unwrap();
+    let policy = tmp.path().join("trust.toml");
+    std::fs::write(
+        &policy,
+        format!("[[signer]]\nmodels = [\"{name}\"]\npublic_keys = [\"key.pub.pem\"]\n"),
+    )
+    .unwrap();
+    // The worker user reads nothing of this: it gets sealed memfds.
+    Model {
+        _dir: tmp,
+        dir,
+        sig,
+        policy,
+    }
+}
+
+fn model_toml(name: &str, m: &Model, extra: &str) -> String {
+    format!(
+        "[[inference.models]]\nname = \"{name}\"\ndir = \"{}\"\nsignature = \"{}\"\ntrust_policy = \"{}\"\n{extra}\n",
+        m.dir.display(),
+        m.sig.display(),
+        m.policy.display()
+    )
+}
+
+fn node_with(models_toml: &str) -> TestNode {
+    let worker = api::workspace_bin("ccnode-worker");
+    TestNode::new(CCNODED)
+        .with_toml(&format!(
+            "[sandbox]\nworker_user = \"nobody\"\n\n[api]\nenabled = true\nlisten = \"127.0.0.1:0\"\nmax_tokens_cap = 1000\n\n[inference]\nworker_binary = \"{}\"\n\n{models_toml}",
+            worker.display()
+        ))
+        .start()
+}
+
+fn models(node: &TestNode) -> Vec<Value> {
+    let r = node.request(r#"{"v":1,"cmd":"models"}"#);
+    r["result"]["models"].as_array().cloned().unwrap_or_default()
+}
+
+/// Waits until `name` has `n` ready workers (panics with the log if not).
+fn wait_ready(node: &TestNode, name: &str, n: usize) {
+    let deadline = Instant::now() + PATIENCE * 4;
+    loop {
+        let ms = models(node);
+        let ready = ms
+            .iter()
+            .filter(|m| m["name"] == name)
+            .flat_map(|m| m["workers"].as_array().cloned().unwrap_or_default())
+            .filter(|w| w["state"] == "ready")
+            .count();
+        if ready >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} not ready: {ms:?}\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_state(node: &TestNode, state: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let s = node.request(r#"{"v":1,"cmd":"status"}"#);
+        if s["result"]["node"]["state"] == state {
+            return;
+        }
+        assert!(Instant::now() < deadline, "node never {state}: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn completion(node: &TestNode, body: Value) -> api::Reply {
+    api::post(node.api_addr(), "/v1/completions", &body)
+}
+
+fn metric(node: &TestNode, series: &str) -> f64 {
+    let (_, body) = node.http_get("/metrics");
+    body.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn stream_text(events: &[Event]) -> String {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Data(v) => v["choices"][0]["text"]
+                .as_str()
+                .or_else(|| v["choices"][0]["delta"]["content"].as_str())
+                .map(str::to_owned),
+            Event::Done => None,
+        })
+        .collect()
+}
+
+#[test]
+fn greedy_completions_through_the_sandbox_equal_direct_candle() {
+    let m = make_model("tiny", &small(), 7);
+    let node = node_with(&model_toml("tiny", &m, ""));
+    wait_ready(&node, "tiny", 1);
+
+    let direct = ccnode_worker::reference::Direct::load(&m.dir).unwrap();
+    for prompt in ["hello", "The quick brown fox", "ünïcödé ✓"] {
+        let want = direct.greedy(prompt, 24).unwrap();
+        let r = completion(
+            &node,
+            json!({"model": "tiny", "prompt": prompt, "max_tokens": 24, "temperature": 0}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.json();
+        assert_eq!(v["object"], "text_completion");
+        assert_eq!(v["model"], "tiny");
+        assert_eq!(v["choices"][0]["text"], want.text.as_str(), "prompt {prompt:?}");
+        assert_eq!(
+            v["usage"]["prompt_tokens"].as_u64(),
+            Some(want.prompt_tokens as u64)
+        );
+        let n = v["usage"]["completion_tokens"].as_u64().unwrap();
+        assert!(n >= want.tokens.len() as u64 && n <= 24, "{v}");
+
+        // The same, streamed: the pieces add up to the same text.
+        let mut s = Stream::open(
+            node.api_addr(),
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": true}),
+        );
+        assert_eq!(s.status, 200);
+        let events = s.rest();
+        assert_eq!(events.last(), Some(&Event::Done), "{events:?}");
+        assert_eq!(stream_text(&events), want.text);
+    }
+
+    // Sampling: a seed makes it repeatable; the worker really samples.
+    let sampled = |seed: u64| {
+        completion(
+            &node,
+            json!({"model": "tiny", "prompt": "abc", "max_tokens": 16, "temperature": 1.5, "seed": seed}),
+        )
+        .json()["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(sampled(1), sampled(1));
+    let distinct: std::collections::HashSet<String> = (1..6).map(sampled).collect();
+    assert!(distinct.len() > 1, "sampling gave one text for 5 seeds");
+
+    // A stop string cuts the text before it.
+    let full = direct.greedy("hello", 24).unwrap().text;
+    if let Some(stop) = full.get(4..6).filter(|s| !s.trim().is_empty()) {
+        let r = completion(
+            &node,
+            json!({"model": "tiny", "prompt": "hello", "max_tokens": 24, "temperature": 0, "stop": [stop]}),
+        )
+        .json();
+        let text = r["choices"][0]["text"].as_str().unwrap();
+        assert!(!text.contains(stop), "{text:?} contains {stop:?}");
+        assert!(full.starts_with(text), "{text:?} vs {full:?}");
+        assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    }
+
+    // Chat: the rendered prompt, completed.
+    let r = api::post(
+        node.api_addr(),
+        "/v1/chat/completions",
+        &json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let want = direct.greedy("<|user|>\nhi\n<|assistant|>\n", 8).unwrap();
+    assert_eq!(r.json()["choices"][0]["message"]["content"], want.text.as_str());
+
+    // /v1/models lists it.
+    let v = api::get(node.api_addr(), "/v1/models").json();
+    assert_eq!(v["data"][0]["id"], "tiny");
+
+    assert!(metric(&node, "ccnode_model_loads_total{result=\"ok\"}") >= 1.0);
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_the_queue_is_bounded() {
+    let m = make_model("tiny", &small(), 3);
+    let node = node_with(&model_toml("tiny", &m, "max_queue = 8\n"));
+    wait_ready(&node, "tiny", 1);
+    let addr = node.api_addr();
+
+    let r = api::request(addr, "POST", "/v1/completions", b"{not json");
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], "invalid_json");
+
+    let r = completion(&node, json!({"model": "nope", "prompt": "x"}));
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"]["code"], "model_not_found");
+
+    let big = format!(r#"{{"model":"tiny","prompt":"{}"}}"#, "a".repeat(2 << 20));
+    let r = api::request(addr, "POST", "/v1/completions", big.as_bytes());
+    assert_eq!(r.status, 413);
+
+    let r = completion(&node, json!({"model": "tiny", "prompt": "x", "max_tokens": 1_000_000}));
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], "max_tokens_too_large");
+
+    // Prompt plus max_tokens beyond the model's context: the worker says so.
+    let r = completion(
+        &node,
+        json!({"model": "tiny", "prompt": "x".repeat(600), "max_tokens": 1000}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
+
+    // 200 at once against one worker and a queue of 8: every answer is a
+    // completion or a 429 with Retry-After, nothing else.
+    let handles: Vec<_> = (0..200)
+        .map(|i| {
+            std::thread::spawn(move || {
+                api::post(
+                    addr,
+                    "/v1/completions",
+                    &json!({"model": "tiny", "prompt": format!("n{i}"), "max_tokens": 24, "temperature": 0}),
+                )
+            })
+        })
+        .collect();
+    let replies: Vec<api::Reply> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let ok = replies.iter().filter(|r| r.status == 200).count();
+    let busy: Vec<_> = replies.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(ok + busy.len(), 200, "{:?}", replies.iter().map(|r| r.status).collect::<Vec<_>>());
+    assert!(ok >= 1 && !busy.is_empty(), "ok {ok}, 429 {}", busy.len());
+    for r in busy {
+        assert_eq!(r.json()["error"]["code"], "queue_full");
+        assert!(r.header("retry-after").is_some_and(|v| v.parse::<u64>().unwrap() >= 1));
+    }
+    // Served afterwards as before.
+    assert_eq!(completion(&node, json!({"model": "tiny", "prompt": "x", "max_tokens": 2})).status, 200);
+}
+
+#[test]
+fn a_client_that_leaves_mid_stream_cancels_its_generation() {
+    let m = make_model("slow", &slower(), 5);
+    let node = node_with(&model_toml("slow", &m, ""));
+    wait_ready(&node, "slow", 1);
+    let mut s = Stream::open(
+        node.api_addr(),
+        "/v1/completions",
+        &json!({"model": "slow", "prompt": "go", "max_tokens": 900, "temperature": 0, "stream": true}),
+    );
+    assert_eq!(s.status, 200);
+    assert!(matches!(s.next_event(), Some(Event::Data(_))));
+    drop(s);
+    let series = "ccnode_inference_generations_total{finish=\"cancelled\",model=\"slow\"}";
+    let deadline = Instant::now() + PATIENCE;
+    while metric(&node, series) < 1.0 {
+        assert!(Instant::now() < deadline, "never cancelled:\n{}", node.http_get("/metrics").1);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The worker is free: the next request is served.
+    assert_eq!(completion(&node, json!({"model": "slow", "prompt": "x", "max_tokens": 2})).status, 200);
+}
+
+#[test]
+fn drain_lets_a_stream_finish_and_refuses_new_requests() {
+    let m = make_model("slow", &slower(), 5);
+    let node = node_with(&model_toml("slow", &m, ""));
+    wait_ready(&node, "slow", 1);
+    let mut s = Stream::open(
+        node.api_addr(),
+        "/v1/completions",
+        &json!({"model": "slow", "prompt": "go", "max_tokens": 600, "temperature": 0, "stream": true}),
+    );
+    assert!(matches!(s.next_event(), Some(Event::Data(_))));
+    let r = node.request(r#"{"v":1,"cmd":"drain","reason":"test"}"#);
+    assert_eq!(r["result"]["to"], "draining", "{r}");
+    let refused = completion(&node, json!({"model": "slow", "prompt": "x", "max_tokens": 2}));
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.json()["error"]["code"], "node_draining");
+    let rest = s.rest();
+    assert_eq!(rest.last(), Some(&Event::Done), "the stream was cut: {rest:?}");
+    wait_state(&node, "drained");
+    // Drained: the workers are stopped.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let ms = models(&node);
+        if ms[0]["workers"][0]["pid"].is_null() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{ms:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Undrain: served again.
+    node.request(r#"{"v":1,"cmd":"undrain","reason":"test"}"#);
+    wait_ready(&node, "slow", 1);
+    assert_eq!(completion(&node, json!({"model": "slow", "prompt": "x", "max_tokens": 2})).status, 200);
+}
+
+#[test]
+fn quarantine_cuts_a_stream_off_and_kills_the_worker() {
+    let m = make_model("slow", &slower(), 5);
+    let node = node_with(&model_toml("slow", &m, ""));
+    wait_ready(&node, "slow", 1);
+    let pid = models(&node)[0]["workers"][0]["pid"].as_i64().unwrap();
+    let mut s = Stream::open(
+        node.api_addr(),
+        "/v1/completions",
+        &json!({"model": "slow", "prompt": "go", "max_tokens": 900, "temperature": 0, "stream": true}),
+    );
+    assert!(matches!(s.next_event(), Some(Event::Data(_))));
+    let r = node.request(r#"{"v":1,"cmd":"quarantine","reason":"test"}"#);
+    assert_eq!(r["result"]["to"], "quarantined", "{r}");
+    let rest = s.rest();
+    assert!(!rest.contains(&Event::Done), "a quarantined stream ended normally");
+    let err = rest
+        .iter()
+        .find_map(|e| match e {
+            Event::Data(v) if v.get("error").is_some() => Some(v.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no error event: {rest:?}"));
+    assert_eq!(err["error"]["code"], "node_quarantined");
+    let deadline = Instant::now() + PATIENCE;
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "worker {pid} still alive");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let refused = completion(&node, json!({"model": "slow", "prompt": "x", "max_tokens": 2}));
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.json()["error"]["code"], "node_quarantined");
+}
+
+#[test]
+fn a_model_that_fails_verification_never_gets_a_worker() {
+    let good = make_model("tiny", &small(), 9);
+    let node = node_with("");
+    // Tamper with a weight after signing.
+    let weights = good.dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let at = bytes.len() - 3;
+    bytes[at] ^= 1;
+    std::fs::write(&weights, bytes).unwrap();
+    let entry = json!({
+        "name": "tiny",
+        "dir": good.dir,
+        "signature": good.sig,
+        "trust_policy": good.policy,
+    });
+    let r = node.request(&json!({"v": 1, "cmd": "model_load", "model": entry}).to_string());
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["error"]["code"], "model_load_failed");
+    assert_eq!(r["error"]["detail"], "signature_invalid");
+    assert!(r["error"]["message"].as_str().unwrap().contains("model.safetensors"), "{r}");
+    assert!(models(&node).is_empty());
+    assert_eq!(
+        metric(&node, "ccnode_model_loads_total{result=\"signature_invalid\"}"),
+        1.0
+    );
+    let r = completion(&node, json!({"model": "tiny", "prompt": "x"}));
+    assert_eq!(r.status, 404);
+
+    // Signed by a key the policy does not trust: refused the same way.
+    let other = make_model("tiny", &small(), 10);
+    let entry = json!({"name": "tiny", "dir": other.dir, "signature": other.sig, "trust_policy": good.policy});
+    let r = node.request(&json!({"v": 1, "cmd": "model_load", "model": entry}).to_string());
+    assert_eq!(r["error"]["detail"], "signature_invalid", "{r}");
+
+    // A good model loads at run time, is served, and unloads.
+    let entry = json!({"name": "tiny", "dir": other.dir, "signature": other.sig, "trust_policy": other.policy});
+    let r = node.request(&json!({"v": 1, "cmd": "model_load", "model": entry}).to_string());
+    assert_eq!(r["ok"], true, "{r}");
+    wait_ready(&node, "tiny", 1);
+    assert_eq!(completion(&node, json!({"model": "tiny", "prompt": "x", "max_tokens": 2})).status, 200);
+    let r = node.request(r#"{"v":1,"cmd":"model_unload","name":"tiny"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(completion(&node, json!({"model": "tiny", "prompt": "x"})).status, 404);
+}
+
+#[test]
+fn the_openai_python_client_lists_completes_and_streams() {
+    let venv = std::env::var("CCNODE_VENV").unwrap_or_else(|_| {
+        format!("{}/../.venv", env!("CARGO_MANIFEST_DIR"))
+    });
+    let python = Path::new(&venv).join("bin/python");
+    assert!(
+        python.is_file(),
+        "no virtual environment at {venv}: run ./scripts/test.sh, which creates it"
+    );
+    let m = make_model("tiny", &small(), 11);
+    let node = node_with(&model_toml("tiny", &m, ""));
+    wait_ready(&node, "tiny", 1);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(format!("http://{}/v1", node.api_addr()))
+        .arg("tiny")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let direct = ccnode_worker::reference::Direct::load(&m.dir).unwrap();
+    assert_eq!(v["models"], json!(["tiny"]));
+    assert_eq!(v["completion"]["object"], "text_completion");
+    assert_eq!(
+        v["completion"]["text"],
+        direct.greedy("hello", 8).unwrap().text.as_str()
+    );
+    let chat_want = direct.greedy("<|user|>\nhi there\n<|assistant|>\n", 8).unwrap().text;
+    assert_eq!(v["chat_stream"]["text"], chat_want.as_str(), "{v}");
+    assert_eq!(v["chat"]["text"], chat_want.as_str());
+    assert_eq!(v["chat"]["role"], "assistant");
+    assert!(v["chat_stream"]["completion_tokens"].as_u64().is_some(), "{v}");
+    assert_eq!(v["unknown_model"], 404);
+}
+
+#[test]
+fn a_configured_device_that_does_not_exist_is_a_config_error_naming_it() {
+    let m = make_model("tiny", &small(), 1);
+    let worker = api::workspace_bin("ccnode-worker");
+    let sim = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/gpus.dev.sim.toml");
+    let mut node = TestNode::new(CCNODED)
+        .with_gpu(&format!("backend = \"sim\"\nsim_file = \"{}\"", sim.display()))
+        .with_toml(&format!(
+            "[inference]\nworker_binary = \"{}\"\n\n{}",
+            worker.display(),
+            model_toml(
+                "tiny",
+                &m,
+                "gpus = [\"MIG-00000000-0000-0000-0000-000000000000\"]"
+            )
+        ));
+    let (status, log) = node.run_to_exit();
+    assert_eq!(status.code(), Some(78), "{log}");
+    assert!(log.contains("MIG-00000000-0000-0000-0000-000000000000"), "{log}");
+}
