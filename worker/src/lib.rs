@@ -6,6 +6,7 @@
 
 pub mod protocol;
 pub mod shape;
+pub mod testmodel;
 
 #[cfg(feature = "engine")]
 pub mod engine;

@@ -1,4 +1,5 @@
-//! ccnodectl: the ccnode admin CLI. Talks to ccnoded over its admin socket.
+//! ccnodectl: the ccnode admin CLI. Talks to ccnoded over its admin socket;
+//! `dev-model` writes a signed test model locally (no daemon involved).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,6 +13,8 @@ use serde_json::Value;
 /// Exit codes scripts can act on.
 mod exit {
     pub const OK: u8 = 0;
+    /// `dev-model`: the model could not be written.
+    pub const FAILED: u8 = 1;
     pub const USAGE: u8 = 2;
     pub const UNREACHABLE: u8 = 3;
     pub const DENIED: u8 = 4;
@@ -21,9 +24,10 @@ mod exit {
 
 /// Drain, quarantine and inspect a ccnode host through ccnoded's admin socket.
 ///
-/// Exit codes: 0 done; 2 usage error; 3 ccnoded unreachable; 4 permission
-/// denied; 5 refused by ccnoded (the node's state does not allow it, or the
-/// request was invalid); 6 protocol error.
+/// Exit codes: 0 done; 1 (dev-model) the model could not be written; 2
+/// usage error; 3 ccnoded unreachable; 4 permission denied; 5 refused by
+/// ccnoded (the node's state does not allow it, or the request was
+/// invalid); 6 protocol error.
 #[derive(Debug, Parser)]
 #[command(name = "ccnodectl", version, about, long_about)]
 struct Cli {
@@ -80,6 +84,51 @@ enum Cmd {
     Gpus,
     /// Compare the driver, firmware and GPU modes with the pinned baseline.
     Drift,
+    /// Write a small signed Llama-shaped model, for development and tests.
+    ///
+    /// FOR DEVELOPMENT AND TESTS ONLY. Writes into DIR: `model/` (an HF
+    /// Llama config.json, a byte-level BPE tokenizer.json and random f32
+    /// safetensors weights: it runs, and talks gibberish), `model.sig` (its
+    /// OpenSSF model-signing signature), `signing-key.pem` (the P-256
+    /// private key, unencrypted, mode 0600), `signing-key.pub.pem` and
+    /// `trust-policy.toml` (trusting that key for this model only). Needs
+    /// no ccnoded and no network. Production models are signed with the
+    /// reference `model_signing` tool, with keys that never sit next to the
+    /// model; never add a development key to a production trust policy.
+    #[command(name = "dev-model")]
+    DevModel(DevModelArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DevModelArgs {
+    /// Directory to write into (created if missing; must be empty unless
+    /// --force).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// tiny: about 0.11 M parameters, for tests; bench: about 166 M
+    /// parameters (663 MB) in two shards, for benchmarks.
+    #[arg(long, value_enum, default_value_t = Size::Tiny)]
+    size: Size,
+    /// Seed for the weights and the signing key: the same seed writes the
+    /// same files. Without it the weights use seed 0 and the key comes
+    /// from the OS random number generator.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// The model's name: the signature's subject and the trust policy's
+    /// model id (letters, digits, `.`, `_`, `-`; at most 64). Default
+    /// ccnode-dev-tiny or ccnode-dev-bench.
+    #[arg(long)]
+    name: Option<String>,
+    /// Write into a non-empty DIR: its model/ directory and the files
+    /// above are replaced, anything else is left alone.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Size {
+    Tiny,
+    Bench,
 }
 
 fn main() -> ExitCode {
@@ -101,6 +150,7 @@ fn main() -> ExitCode {
         }
     };
     let (command, reason, limit) = match &cli.command {
+        Cmd::DevModel(args) => return dev_model::run(args, cli.json),
         Cmd::Status => (Command::Status, None, None),
         Cmd::Drain { reason } => (Command::Drain, Some(reason.as_str()), None),
         Cmd::Undrain { reason } => (Command::Undrain, Some(reason.as_str()), None),
@@ -366,6 +416,224 @@ fn print_drift(result: &Value) {
             s(d, "expected"),
             s(d, "found"),
             s(d, "action")
+        );
+    }
+}
+
+/// `ccnodectl dev-model`: a generated, signed test model.
+mod dev_model {
+    use std::fs;
+    use std::io::Write as _;
+    use std::path::Path;
+    use std::process::ExitCode;
+
+    use ccnode_attest::oms::{self, sign, HandOver, TrustPolicy, VerifyOptions};
+    use ccnode_worker::testmodel::{self, Shape};
+    use serde_json::json;
+
+    use super::{exit, DevModelArgs, Size};
+
+    const MODEL_DIR: &str = "model";
+    const SIGNATURE: &str = "model.sig";
+    const PRIVATE_KEY: &str = "signing-key.pem";
+    const PUBLIC_KEY: &str = "signing-key.pub.pem";
+    const POLICY: &str = "trust-policy.toml";
+    const MAX_NAME: usize = 64;
+
+    pub(super) fn run(args: &DevModelArgs, json: bool) -> ExitCode {
+        match write(args) {
+            Ok(summary) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&summary).unwrap_or_default()
+                    );
+                } else {
+                    print_human(&summary);
+                }
+                ExitCode::from(exit::OK)
+            }
+            Err(message) => {
+                eprintln!("ccnodectl: dev-model: {message}");
+                ExitCode::from(exit::FAILED)
+            }
+        }
+    }
+
+    fn check_name(name: &str) -> Result<(), String> {
+        let ok = !name.is_empty()
+            && name.len() <= MAX_NAME
+            && !name.starts_with(['.', '-'])
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "model name {:?}: use 1 to {MAX_NAME} letters, digits, '.', '_' or '-', not starting with '.' or '-'",
+                name.escape_default().to_string()
+            ))
+        }
+    }
+
+    fn io_err(what: &Path) -> impl Fn(std::io::Error) -> String + '_ {
+        move |e| format!("{}: {e}", what.display())
+    }
+
+    /// Prepares DIR: created if missing; when not empty, refused without
+    /// --force, else the paths this command writes are removed first (so no
+    /// stale file of an earlier model is signed with the new one).
+    fn prepare(out: &Path, force: bool) -> Result<(), String> {
+        fs::create_dir_all(out).map_err(io_err(out))?;
+        let mut entries = fs::read_dir(out).map_err(io_err(out))?;
+        if entries.next().is_none() {
+            return Ok(());
+        }
+        if !force {
+            return Err(format!(
+                "{} is not empty (--force replaces its model/ and the files dev-model writes)",
+                out.display()
+            ));
+        }
+        let model = out.join(MODEL_DIR);
+        match fs::symlink_metadata(&model) {
+            // remove_dir_all removes a symlink itself, never its target.
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&model).map_err(io_err(&model))?,
+            Ok(_) => fs::remove_file(&model).map_err(io_err(&model))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&model)(e)),
+        }
+        for name in [SIGNATURE, PRIVATE_KEY, PUBLIC_KEY, POLICY] {
+            let path = out.join(name);
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&path)(e)),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` to `path` under a temporary name, then renames it.
+    fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+        let tmp = path.with_extension("partial");
+        let result = fs::File::create(&tmp)
+            .and_then(|mut f| {
+                f.write_all(bytes)?;
+                f.sync_all()
+            })
+            .and_then(|()| fs::rename(&tmp, path));
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(io_err(path))
+    }
+
+    fn policy_text(name: &str) -> String {
+        format!(
+            "# Written by `ccnodectl dev-model`, for development and tests:\n\
+             # trusts the development key next to this file for the model\n\
+             # {name:?} only. Never merge this key into a production trust policy.\n\
+             [[signer]]\n\
+             models = [{name:?}]\n\
+             public_keys = [\"{PUBLIC_KEY}\"]\n"
+        )
+    }
+
+    fn write(args: &DevModelArgs) -> Result<serde_json::Value, String> {
+        let (shape, size) = match args.size {
+            Size::Tiny => (Shape::tiny(), "tiny"),
+            Size::Bench => (Shape::bench(), "bench"),
+        };
+        let name = args
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("ccnode-dev-{size}"));
+        check_name(&name)?;
+        let out = &args.out;
+        prepare(out, args.force)?;
+        let model = out.join(MODEL_DIR);
+        let seed = args.seed.unwrap_or(0);
+        testmodel::write_model(&model, &shape, seed).map_err(io_err(&model))?;
+        let key = args
+            .seed
+            .map_or_else(sign::generate_key, sign::key_from_seed);
+        let bundle = sign::sign_dir_p256(&model, &key, &name)
+            .map_err(|e| format!("signing: {}", ccnode_attest::error_chain(&e)))?;
+        let signature = out.join(SIGNATURE);
+        write_atomic(&signature, &bundle)?;
+        let private = out.join(PRIVATE_KEY);
+        sign::write_private_key_pem(&private, &key).map_err(|e| ccnode_attest::error_chain(&e))?;
+        let public = out.join(PUBLIC_KEY);
+        write_atomic(&public, sign::public_key_pem(&key).as_bytes())?;
+        let policy_path = out.join(POLICY);
+        write_atomic(&policy_path, policy_text(&name).as_bytes())?;
+
+        // What was written must verify as written, through the same policy
+        // file a node would load.
+        let policy = TrustPolicy::load(&policy_path)
+            .map_err(|e| format!("checking: {}", ccnode_attest::error_chain(&e)))?;
+        let verified = oms::verify_model_with(
+            &model,
+            &signature,
+            &policy,
+            &VerifyOptions::new(name.clone()),
+            HandOver::VerdictOnly,
+        )
+        .map_err(|e| format!("checking: {}", ccnode_attest::error_chain(&e)))?;
+
+        let shown = |p: &Path| p.display().to_string();
+        Ok(json!({
+            "size": size,
+            "parameters": shape.parameters(),
+            "seed": seed,
+            "key": if args.seed.is_some() { "derived from --seed" } else { "random" },
+            "model_name": name,
+            "model_dir": shown(&model),
+            "model_files": testmodel::model_files(&shape),
+            "signature": shown(&signature),
+            "private_key": shown(&private),
+            "public_key": shown(&public),
+            "key_hint": sign::hint(&key),
+            "trust_policy": shown(&policy_path),
+            "manifest_digest": verified.manifest_digest,
+            "bytes": verified.bytes_hashed,
+        }))
+    }
+
+    fn print_human(v: &serde_json::Value) {
+        let s = |k: &str| v[k].as_str().unwrap_or("-").to_string();
+        let files: Vec<&str> = v["model_files"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|f| f.as_str()).collect())
+            .unwrap_or_default();
+        println!(
+            "development model {} ({}, {} parameters, seed {}); NOT for production",
+            s("model_name"),
+            s("size"),
+            v["parameters"],
+            v["seed"]
+        );
+        println!("  model:        {}/ ({})", s("model_dir"), files.join(", "));
+        println!("  signature:    {}", s("signature"));
+        println!(
+            "  private key:  {} (mode 0600, {})",
+            s("private_key"),
+            s("key")
+        );
+        println!(
+            "  public key:   {} (hint {})",
+            s("public_key"),
+            s("key_hint")
+        );
+        println!("  trust policy: {}", s("trust_policy"));
+        println!("  manifest:     {}", s("manifest_digest"));
+        println!(
+            "check with: ccnode-verify model {} --signature {} --trust-config {} --model-id {}",
+            s("model_dir"),
+            s("signature"),
+            s("trust_policy"),
+            s("model_name")
         );
     }
 }

@@ -26,6 +26,10 @@
 //! The result, [`VerifiedModel`], holds one sealed read-only memfd per file:
 //! what a worker reads from it is what was hashed, whatever happens to the
 //! files on disk afterwards.
+//!
+//! [`sign`] is a minimal signer in the same format (P-256 key, files,
+//! SHA-256) for development and test models; production models are signed
+//! with the reference `model_signing` tool.
 
 pub mod bundle;
 pub mod cert;
@@ -34,6 +38,7 @@ pub mod keys;
 pub mod manifest;
 pub mod policy;
 pub mod safetensors;
+pub mod sign;
 pub mod walk;
 
 use std::fs::File;

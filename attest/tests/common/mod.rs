@@ -121,14 +121,17 @@ pub fn sign_locally(dir: &Path, seed: u8) -> (Vec<u8>, String) {
 
 /// [`sign_locally`], choosing `allow_symlinks` (links are listed under
 /// their own names with their targets' content, as the reference tool does).
+/// Without symlinks this is the library's signer
+/// ([`ccnode_attest::oms::sign::sign_dir_p256`], subject name `local`),
+/// which refuses links; with them, a local variant of it.
 pub fn sign_locally_with(dir: &Path, seed: u8, allow_symlinks: bool) -> (Vec<u8>, String) {
+    use ccnode_attest::oms::sign;
     use p256::ecdsa::signature::Signer as _;
-    use p256::pkcs8::EncodePublicKey as _;
     let key = p256::ecdsa::SigningKey::from_slice(&[seed; 32]).unwrap();
-    let pem = key
-        .verifying_key()
-        .to_public_key_pem(p256::pkcs8::LineEnding::LF)
-        .unwrap();
+    let pem = sign::public_key_pem(&key);
+    if !allow_symlinks {
+        return (sign::sign_dir_p256(dir, &key, "local").unwrap(), pem);
+    }
     let mut files = Vec::new();
     collect(dir, dir, &mut files);
     files.sort();
@@ -146,17 +149,16 @@ pub fn sign_locally_with(dir: &Path, seed: u8, allow_symlinks: bool) -> (Vec<u8>
         "subject": [{"name": "local", "digest": {"sha256": hex::encode(subject.finalize())}}],
         "predicateType": "https://model_signing/signature/v1.0",
         "predicate": {
-            "serialization": {"method": "files", "hash_type": "sha256", "allow_symlinks": allow_symlinks},
+            "serialization": {"method": "files", "hash_type": "sha256", "allow_symlinks": true},
             "resources": resources,
         },
     });
     let payload = serde_json::to_vec_pretty(&statement).unwrap();
     let pae = ccnode_attest::oms::bundle::pae("application/vnd.in-toto+json", &payload);
     let sig: p256::ecdsa::Signature = key.sign(&pae);
-    let hint = hex::encode(Sha256::digest(pem.as_bytes()));
     let bundle = serde_json::json!({
         "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
-        "verificationMaterial": {"publicKey": {"hint": hint}, "tlogEntries": []},
+        "verificationMaterial": {"publicKey": {"hint": sign::hint(&key)}, "tlogEntries": []},
         "dsseEnvelope": {
             "payload": B64.encode(&payload),
             "payloadType": "application/vnd.in-toto+json",
