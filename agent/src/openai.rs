@@ -1349,8 +1349,16 @@ fn ended_early() -> ApiError {
     )
 }
 
+/// A generation's error before anything was sent: the request's fault
+/// (400), the node's or model's state (503), or the server's (500).
 fn piece_error(code: &'static str, message: String) -> ApiError {
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, code, message)
+    let status = match code {
+        "context_length_exceeded" | "invalid_request" => StatusCode::BAD_REQUEST,
+        "node_quarantined" | "node_draining" | "node_shutting_down" | "model_not_ready"
+        | "model_unloaded" => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError::new(status, code, message)
 }
 
 /// A non-streamed response: every piece, then one JSON document. If the

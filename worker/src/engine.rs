@@ -323,8 +323,9 @@ impl Engine {
                 return Ok(outcome(Finish::Cancelled, generated.len()));
             }
             if generated.len() >= req.max_tokens as usize {
-                emit_nonempty(emit, &text.flush());
-                return Ok(outcome(Finish::Length, generated.len()));
+                return Ok(self.finish(&generated, &mut text, emit, || {
+                    outcome(Finish::Length, generated.len())
+                }));
             }
             let x = Tensor::new(input.as_slice(), &self.device)
                 .and_then(|t| t.unsqueeze(0))
@@ -336,11 +337,11 @@ impl Engine {
                 .map_err(engine)?;
             pos += input.len();
             let next = sampler.sample(&logits).map_err(engine)?;
-            generated.push(next);
             if self.eos.contains(&next) {
-                emit_nonempty(emit, &text.flush());
-                return Ok(outcome(Finish::Stop, generated.len()));
+                let n = generated.len() + 1;
+                return Ok(self.finish(&generated, &mut text, emit, || outcome(Finish::Stop, n)));
             }
+            generated.push(next);
             let piece = self.decode_tail(&generated, &mut text.prev, &mut text.cur)?;
             let (out, stopped) = text.push(&piece);
             emit_nonempty(emit, &out);
@@ -348,6 +349,47 @@ impl Engine {
                 return Ok(outcome(Finish::Stop, generated.len()));
             }
             input = vec![next];
+        }
+    }
+
+    /// The end of a generation: what the decoder held back (an incomplete
+    /// character at the very end decodes as U+FFFD, as a whole decode
+    /// would), then what the stop filter held back. A stop string completed
+    /// by the tail still cuts.
+    fn finish(
+        &self,
+        tokens: &[u32],
+        text: &mut TextStream,
+        emit: &mut dyn FnMut(&str),
+        outcome: impl FnOnce() -> Outcome,
+    ) -> Outcome {
+        let mut out = outcome();
+        let tail = self.decode_rest(tokens, text.prev, text.cur);
+        let (piece, stopped) = text.push(&tail);
+        emit_nonempty(emit, &piece);
+        if stopped {
+            out.finish = Finish::Stop;
+        } else {
+            emit_nonempty(emit, &text.flush());
+        }
+        out
+    }
+
+    /// Whatever `tokens[prev..]` decodes to beyond what was emitted of it.
+    fn decode_rest(&self, tokens: &[u32], prev: usize, cur: usize) -> String {
+        let decode = |t: &[u32]| self.tokenizer.decode(t, true).unwrap_or_default();
+        if prev >= tokens.len() {
+            return String::new();
+        }
+        let before = if prev < cur {
+            decode(&tokens[prev..cur])
+        } else {
+            String::new()
+        };
+        let all = decode(&tokens[prev..]);
+        match all.strip_prefix(before.as_str()) {
+            Some(rest) => rest.to_owned(),
+            None => String::new(),
         }
     }
 

@@ -546,6 +546,7 @@ impl Manager {
     }
 
     fn apply_state(&self, state: NodeState) {
+        tracing::debug!(state = %state, "inference follows the node");
         let models: Vec<Arc<Model>> = lock(&self.models).values().cloned().collect();
         for m in models {
             match state {
@@ -869,6 +870,13 @@ impl Model {
     /// Ends every worker: `kill` (quarantine) now, or a graceful stop that
     /// lets the current generation finish.
     fn stop_workers(&self, kill: bool) {
+        // No new generation goes to a worker being stopped.
+        for r in &self.replicas {
+            let mut st = lock(&r.state);
+            if *st != WorkerState::Exited {
+                *st = WorkerState::Stopping;
+            }
+        }
         let sups: Vec<Supervisor> = self
             .replicas
             .iter()
