@@ -587,3 +587,82 @@ fn a_configured_device_that_does_not_exist_is_a_config_error_naming_it() {
         "{log}"
     );
 }
+
+#[test]
+fn ccnodectl_loads_lists_and_unloads_models() {
+    let ctl = env!("CARGO_BIN_EXE_ccnodectl");
+    let node = node_with("");
+    let m = make_model("tiny", &small(), 12);
+    let run = |args: &[&str]| {
+        let out = Command::new(ctl)
+            .arg("--socket")
+            .arg(node.socket())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let dir = m.dir.to_str().unwrap();
+    let sig = m.sig.to_str().unwrap();
+    let policy = m.policy.to_str().unwrap();
+    // Another model's name: the policy trusts the key for "tiny" only.
+    let (code, _, err) = run(&[
+        "model",
+        "load",
+        "--name",
+        "other",
+        "--dir",
+        dir,
+        "--signature",
+        sig,
+        "--trust-policy",
+        policy,
+    ]);
+    assert_eq!(code, Some(5), "{err}");
+    assert!(err.contains("signature_invalid"), "{err}");
+    let (code, out, err) = run(&[
+        "model",
+        "load",
+        "--name",
+        "tiny",
+        "--dir",
+        dir,
+        "--signature",
+        sig,
+        "--trust-policy",
+        policy,
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    wait_ready(&node, "tiny", 1);
+    let (code, out, _) = run(&["model", "list"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("tiny") && out.contains("ready on cpu"),
+        "{out}"
+    );
+    let (code, _, err) = run(&[
+        "model",
+        "load",
+        "--name",
+        "tiny",
+        "--dir",
+        dir,
+        "--signature",
+        sig,
+        "--trust-policy",
+        policy,
+    ]);
+    assert_eq!(code, Some(5), "{err}");
+    assert!(err.contains("model_exists"), "{err}");
+    let (code, _, _) = run(&["model", "unload", "tiny"]);
+    assert_eq!(code, Some(0));
+    let (code, _, err) = run(&["model", "unload", "tiny"]);
+    assert_eq!(code, Some(5));
+    assert!(err.contains("model_not_loaded"), "{err}");
+    let (_, out, _) = run(&["model", "list"]);
+    assert!(out.contains("no models loaded"), "{out}");
+}

@@ -84,6 +84,9 @@ enum Cmd {
     Gpus,
     /// Compare the driver, firmware and GPU modes with the pinned baseline.
     Drift,
+    /// List, load and unload the models ccnoded serves.
+    #[command(subcommand)]
+    Model(ModelCmd),
     /// Write a small signed Llama-shaped model, for development and tests.
     ///
     /// FOR DEVELOPMENT AND TESTS ONLY. Writes into DIR: `model/` (an HF
@@ -97,6 +100,104 @@ enum Cmd {
     /// model; never add a development key to a production trust policy.
     #[command(name = "dev-model")]
     DevModel(DevModelArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelCmd {
+    /// Show each model: its signature digest, signer, queue and workers.
+    List,
+    /// Verify a model's signature and start its sandboxed workers. A model
+    /// whose signature does not verify under the trust policy gets no
+    /// worker. Returns once the workers are starting (`model list` shows
+    /// when they are ready).
+    Load {
+        /// The model's name in the API and the trust policy.
+        #[arg(long)]
+        name: String,
+        /// The model directory (config.json, tokenizer.json, safetensors).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The OMS signature file; default DIR/model.sig.
+        #[arg(long, value_name = "FILE")]
+        signature: Option<PathBuf>,
+        /// The trust policy; default ccnoded's `[inference] trust_policy`.
+        #[arg(long, value_name = "FILE")]
+        trust_policy: Option<PathBuf>,
+        /// Where the workers compute.
+        #[arg(long, value_parser = ["cpu", "cuda"], default_value = "cpu")]
+        device: String,
+        /// A GPU or MIG device for one replica (index, GPU-… or MIG-…);
+        /// repeat once per replica.
+        #[arg(long = "gpu", value_name = "ID")]
+        gpus: Vec<String>,
+        /// Workers serving the model.
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
+        /// Generations waiting for a worker before 429.
+        #[arg(long, default_value_t = 8)]
+        max_queue: u32,
+    },
+    /// Stop a model's workers (generations in flight finish) and forget it.
+    Unload {
+        /// The model's name.
+        name: String,
+    },
+}
+
+/// An absolute path (ccnoded resolves relative ones against its own
+/// working directory, not ours).
+fn absolute(p: &std::path::Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The request line and command for a `model` subcommand.
+fn model_request(cmd: &ModelCmd) -> (Command, Vec<u8>) {
+    use serde_json::{json, Map};
+    match cmd {
+        ModelCmd::List => (
+            Command::Models,
+            ccnode_agent::admin::protocol::Request::to_line(Command::Models, None, None),
+        ),
+        ModelCmd::Unload { name } => {
+            let mut f = Map::new();
+            f.insert("name".into(), json!(name));
+            (
+                Command::ModelUnload,
+                ccnode_agent::admin::protocol::Request::to_line_with(Command::ModelUnload, f),
+            )
+        }
+        ModelCmd::Load {
+            name,
+            dir,
+            signature,
+            trust_policy,
+            device,
+            gpus,
+            replicas,
+            max_queue,
+        } => {
+            let mut model = json!({
+                "name": name,
+                "dir": absolute(dir),
+                "device": device,
+                "gpus": gpus,
+                "replicas": replicas,
+                "max_queue": max_queue,
+            });
+            if let Some(sig) = signature {
+                model["signature"] = json!(absolute(sig));
+            }
+            if let Some(p) = trust_policy {
+                model["trust_policy"] = json!(absolute(p));
+            }
+            let mut f = Map::new();
+            f.insert("model".into(), model);
+            (
+                Command::ModelLoad,
+                ccnode_agent::admin::protocol::Request::to_line_with(Command::ModelLoad, f),
+            )
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -149,8 +250,25 @@ fn main() -> ExitCode {
             });
         }
     };
+    let timeout = Duration::from_secs(cli.timeout.max(1));
+    if let Cmd::Model(m) = &cli.command {
+        let (command, line) = model_request(m);
+        // Loading hashes the whole model before ccnoded answers.
+        let timeout = if command == Command::ModelLoad {
+            timeout.max(Duration::from_secs(600))
+        } else {
+            timeout
+        };
+        let response =
+            AdminClient::connect(&cli.socket, timeout).and_then(|mut c| c.call_raw(&line));
+        return match response {
+            Ok(r) => finish(command, &r, cli.json),
+            Err(err) => client_failure(&err),
+        };
+    }
     let (command, reason, limit) = match &cli.command {
         Cmd::DevModel(args) => return dev_model::run(args, cli.json),
+        Cmd::Model(_) => unreachable!("handled above"),
         Cmd::Status => (Command::Status, None, None),
         Cmd::Drain { reason } => (Command::Drain, Some(reason.as_str()), None),
         Cmd::Undrain { reason } => (Command::Undrain, Some(reason.as_str()), None),
@@ -160,23 +278,33 @@ fn main() -> ExitCode {
         Cmd::Gpus => (Command::Gpus, None, None),
         Cmd::Drift => (Command::Drift, None, None),
     };
-    let timeout = Duration::from_secs(cli.timeout.max(1));
     let response = AdminClient::connect(&cli.socket, timeout)
         .and_then(|mut client| client.call(command, reason, limit));
-    let response = match response {
-        Ok(r) => r,
-        Err(err) => return client_failure(&err),
-    };
-    if cli.json {
+    match response {
+        Ok(r) => finish(command, &r, cli.json),
+        Err(err) => client_failure(&err),
+    }
+}
+
+/// Prints a response and picks the exit code.
+fn finish(
+    command: Command,
+    response: &ccnode_agent::admin::protocol::Response,
+    json: bool,
+) -> ExitCode {
+    if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&response).expect("serialises")
+            serde_json::to_string_pretty(response).expect("serialises")
         );
     }
     match (&response.error, &response.result) {
         (Some(err), _) => {
-            if !cli.json {
-                eprintln!("ccnodectl: {} ({})", err.message, err.code.as_str());
+            if !json {
+                match &err.detail {
+                    Some(d) => eprintln!("ccnodectl: {} ({}: {d})", err.message, err.code.as_str()),
+                    None => eprintln!("ccnodectl: {} ({})", err.message, err.code.as_str()),
+                }
             }
             ExitCode::from(match err.code {
                 ErrorCode::PermissionDenied => exit::DENIED,
@@ -186,12 +314,15 @@ fn main() -> ExitCode {
                 ErrorCode::InvalidTransition
                 | ErrorCode::InvalidRequest
                 | ErrorCode::MissingField
-                | ErrorCode::PersistFailed => exit::REFUSED,
+                | ErrorCode::PersistFailed
+                | ErrorCode::ModelLoadFailed
+                | ErrorCode::ModelNotLoaded
+                | ErrorCode::InferenceUnavailable => exit::REFUSED,
                 _ => exit::PROTOCOL,
             })
         }
         (None, Some(result)) if response.ok => {
-            if !cli.json {
+            if !json {
                 print_human(command, result);
             }
             ExitCode::from(exit::OK)
@@ -199,6 +330,43 @@ fn main() -> ExitCode {
         _ => {
             eprintln!("ccnodectl: ccnoded sent a response with neither result nor error");
             ExitCode::from(exit::PROTOCOL)
+        }
+    }
+}
+
+fn print_models(result: &Value) {
+    let empty = Vec::new();
+    let models = result["models"].as_array().unwrap_or(&empty);
+    if models.is_empty() {
+        println!("no models loaded");
+        return;
+    }
+    for m in models {
+        println!("{}", s(m, "name"));
+        println!("  dir:       {}", s(m, "dir"));
+        println!("  signer:    {}", s(m, "signer"));
+        println!("  manifest:  sha256:{}", s(m, "manifest_digest"));
+        println!("  files:     {} ({} bytes)", m["files"], m["bytes"]);
+        println!("  queue:     {}", m["queue"]);
+        for (i, w) in m["workers"].as_array().unwrap_or(&empty).iter().enumerate() {
+            let device = w.get("device").and_then(Value::as_str).unwrap_or("cpu");
+            let pid = w.get("pid").map_or("-".into(), |p| {
+                if p.is_null() {
+                    "-".into()
+                } else {
+                    p.to_string()
+                }
+            });
+            let busy = if w["busy"] == true { " busy" } else { "" };
+            let last = if w["last_exit"].is_string() {
+                format!(" (last exit: {})", s(w, "last_exit"))
+            } else {
+                String::new()
+            };
+            println!(
+                "  worker {i}:  {} on {device}, pid {pid}{busy}{last}",
+                s(w, "state")
+            );
         }
     }
 }
@@ -288,6 +456,7 @@ fn print_human(command: Command, result: &Value) {
         }
         Command::Gpus => print_gpus(result),
         Command::Drift => print_drift(result),
+        Command::Models => print_models(result),
         _ => {
             println!("{} -> {}", s(result, "from"), s(result, "to"));
         }

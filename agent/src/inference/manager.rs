@@ -576,6 +576,9 @@ impl Manager {
     }
 }
 
+/// Longest worker-sent message kept, in characters.
+const MAX_WORKER_TEXT: usize = 512;
+
 /// The worker's exit code for a model it cannot load (no restart).
 const LOAD_FAILED_EXIT: u8 = 65;
 
@@ -771,14 +774,30 @@ impl Model {
                 if let Some(job) = job {
                     self.count_generation("error");
                     let code = worker_code(frame["code"].as_str().unwrap_or(""));
-                    let message = frame["message"].as_str().unwrap_or("").to_owned();
+                    let message: String = frame["message"]
+                        .as_str()
+                        .unwrap_or("")
+                        .chars()
+                        .take(MAX_WORKER_TEXT)
+                        .collect();
                     let _ = job.tx.try_send(Piece::Error { code, message });
                 }
                 self.pump();
             }
             ("error", None) => {
-                let message = frame["message"].as_str().unwrap_or("").to_owned();
-                let code = frame["code"].as_str().unwrap_or("");
+                // The worker's words: bounded before they are kept or shown.
+                let message: String = frame["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .chars()
+                    .take(MAX_WORKER_TEXT)
+                    .collect();
+                let code: String = frame["code"]
+                    .as_str()
+                    .unwrap_or("")
+                    .chars()
+                    .take(64)
+                    .collect();
                 tracing::error!(model = %self.cfg.name, worker = r.index, code, message, "worker error");
                 *lock(&r.last_exit) = Some(format!("{code}: {message}"));
             }
