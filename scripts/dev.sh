@@ -10,9 +10,15 @@ need_rust
 # libtss2-dev and pkg-config build ccnoded (tss-esapi links libtss2);
 # swtpm is dev mode's TPM, a real TPM 2.0 emulator.
 ensure_debs libtss2-dev pkg-config swtpm swtpm-tools
-say "building ccnoded, ccnodectl and ccnode-verify"
+say "building ccnoded, ccnodectl, ccnode-verify and ccnode-worker"
 cargo build --locked --bins -q
 mkdir -p dev-state/tpm
+# The dev model: tiny, random weights, signed with a development key and
+# trusted by dev-state/model/trust-policy.toml only. Written once.
+if [ ! -f dev-state/model/model.sig ]; then
+    say "writing the signed dev model into dev-state/model"
+    ./target/debug/ccnodectl dev-model --out dev-state/model --seed 1 --name ccnode-dev-tiny --force >/dev/null
+fi
 # The dev TPM: swtpm on 127.0.0.1:2321 (control 2322), its state kept in
 # dev-state/tpm so the attestation key survives restarts. Stopped with
 # ccnoded.
@@ -30,6 +36,7 @@ cat >&2 <<BANNER
   its evidence is well-formed and verifiable, and proves nothing)
     metrics endpoint  http://127.0.0.1:9860/metrics  (also /healthz, /readyz)
     attestation       http://127.0.0.1:9861/v1/attestation  (POST a nonce)
+    OpenAI API        http://127.0.0.1:9862/v1  (model ccnode-dev-tiny, sandboxed worker)
     admin socket      $(pwd)/dev-state/admin.sock
     state and audit   $(pwd)/dev-state/state/
   In another terminal:
@@ -41,6 +48,9 @@ cat >&2 <<BANNER
       (fails policy_ak, policy_models, policy_pcrs and tee until a copy of the
        policy trusts the dev node's AK, printed as ak_spki_sha256 with --json)
     echo '{"gpu": 0, "xid": 31}' >> dev-state/gpu-events.jsonl     (inject an XID)
+    ./target/debug/ccnodectl --socket dev-state/admin.sock model list
+    curl -s http://127.0.0.1:9862/v1/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "ccnode-dev-tiny", "prompt": "Hello", "max_tokens": 16}'
 
 BANNER
 ./target/debug/ccnoded --config systemd/ccnoded.dev.toml
