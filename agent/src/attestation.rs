@@ -392,6 +392,7 @@ struct Source {
     config_digest: String,
     policy_digest: String,
     tls_spki_sha256: Option<String>,
+    models: Option<Arc<crate::inference::Manager>>,
 }
 
 #[derive(Debug)]
@@ -499,6 +500,7 @@ pub async fn serve(
     attester: Arc<Attester>,
     node: Arc<Node>,
     gpu: Option<Arc<GpuMonitor>>,
+    models: Option<Arc<crate::inference::Manager>>,
     tls: Option<Tls>,
     config: &Config,
     stop: CancellationToken,
@@ -506,6 +508,7 @@ pub async fn serve(
 ) {
     let cfg = &config.attestation;
     let source = Arc::new(Source {
+        models,
         tls_spki_sha256: tls.as_ref().map(|t| t.spki_sha256.clone()),
         attester,
         node: node.clone(),
@@ -816,7 +819,7 @@ fn claims(ctx: &Source) -> Claims {
         node_state_reason: Some(record.reason),
         gpu,
         drift,
-        models: Vec::new(),
+        models: ctx.models.as_ref().map(|m| m.claims()).unwrap_or_default(),
         tls_spki_sha256: ctx.tls_spki_sha256.clone(),
         tee_kind: String::new(),
     }

@@ -343,6 +343,7 @@ async fn serve(
         jail,
         node.metrics(),
         gpu.clone(),
+        attester.as_ref().map(|a| a.tpm().clone()),
     );
     {
         let m = inference.clone();
@@ -392,6 +393,7 @@ async fn serve(
     ));
     let attestation_task = match (attestation_listener, attester) {
         (Some((listener, _)), Some(attester)) => {
+            let models = inference.clone();
             let node = node.clone();
             let gpu = gpu.clone();
             let config = config.clone();
@@ -402,6 +404,7 @@ async fn serve(
                     attester,
                     node,
                     gpu,
+                    Some(models),
                     attestation_tls,
                     &config,
                     stop,

@@ -666,3 +666,59 @@ fn ccnodectl_loads_lists_and_unloads_models() {
     let (_, out, _) = run(&["model", "list"]);
     assert!(out.contains("no models loaded"), "{out}");
 }
+
+#[test]
+fn a_served_model_is_measured_and_in_the_attestation_claims() {
+    use ccnode_attest::{verify, Evidence, VerifierPolicy};
+    let tpm = ccnode_testkit::swtpm::Swtpm::start();
+    let m = make_model("tiny", &small(), 13);
+    let worker = api::workspace_bin("ccnode-worker");
+    let node = TestNode::new(CCNODED)
+        .with_attestation(&format!(
+            "enabled = true\nlisten = \"127.0.0.1:0\"\ntcti = \"{}\"\ntee = \"simulated\"\nfirmware_log = \"\"",
+            tpm.tcti()
+        ))
+        .with_toml(&format!(
+            "[sandbox]\nworker_user = \"nobody\"\n\n[inference]\nworker_binary = \"{}\"\n\n{}",
+            worker.display(),
+            model_toml("tiny", &m, "")
+        ))
+        .start();
+    wait_ready(&node, "tiny", 1);
+    let digest = format!(
+        "sha256:{}",
+        models(&node)[0]["manifest_digest"].as_str().unwrap()
+    );
+    let nonce = [7u8; 32];
+    let bytes =
+        ccnode_attest::client::fetch_evidence(&node.attestation_url(), &nonce, PATIENCE).unwrap();
+    let e = Evidence::from_json(&bytes).unwrap();
+    assert_eq!(e.claims.models.len(), 1);
+    assert_eq!(e.claims.models[0].name, "tiny");
+    assert_eq!(e.claims.models[0].digest, digest);
+    // Measured into the ccnode PCR before the worker got the bytes.
+    let load = e
+        .tpm
+        .ccnode_event_log
+        .events
+        .iter()
+        .find(|ev| ev.event_type == "model_load")
+        .expect("a model_load event");
+    assert_eq!(load.data["digest"], digest.as_str());
+    assert_eq!(load.data["name"], "tiny");
+
+    let key = ccnode_attest::tpm::key::AkPublicKey::from_pem(&e.tpm.ak.public_pem).unwrap();
+    let ak = hex::encode(key.spki_sha256().unwrap());
+    let policy = |allowed: &str| {
+        VerifierPolicy::from_toml(&format!(
+            "allowed_aks = [\"{ak}\"]\nallow_simulated_tee = true\nallowed_models = [\"{allowed}\"]\n"
+        ))
+        .unwrap()
+    };
+    let now = std::time::SystemTime::now();
+    assert!(verify(&e, &nonce, &policy(&digest), now).passed());
+    assert_eq!(
+        verify(&e, &nonce, &policy("sha256:00"), now).failed(),
+        ["policy_models"]
+    );
+}

@@ -492,10 +492,55 @@ mod tests {
         for c in Command::ALL {
             let reason = c.needs_reason().then_some("because");
             let limit = (c == Command::Audit).then_some(3);
-            let line = Request::to_line(c, reason, limit);
+            let line = match c {
+                Command::ModelLoad => {
+                    let mut f = Map::new();
+                    f.insert("model".into(), serde_json::json!({"name": "m"}));
+                    Request::to_line_with(c, f)
+                }
+                Command::ModelUnload => {
+                    let mut f = Map::new();
+                    f.insert("name".into(), "m".into());
+                    Request::to_line_with(c, f)
+                }
+                _ => Request::to_line(c, reason, limit),
+            };
             let r = parse_request(&line[..line.len() - 1]).unwrap();
             assert_eq!(r.command, c);
         }
+    }
+
+    #[test]
+    fn model_commands_take_their_fields_only() {
+        let load = br#"{"v":1,"cmd":"model_load","model":{"name":"m"}}"#;
+        let r = parse_request(load).unwrap();
+        assert_eq!(r.model.unwrap()["name"], "m");
+        assert_eq!(
+            code(r#"{"v":1,"cmd":"model_load"}"#),
+            ErrorCode::MissingField
+        );
+        assert_eq!(
+            code(r#"{"v":1,"cmd":"model_load","model":"m"}"#),
+            ErrorCode::InvalidRequest
+        );
+        assert_eq!(
+            code(r#"{"v":1,"cmd":"status","model":{"name":"m"}}"#),
+            ErrorCode::InvalidRequest
+        );
+        assert_eq!(
+            code(r#"{"v":1,"cmd":"model_unload"}"#),
+            ErrorCode::MissingField
+        );
+        assert_eq!(
+            code(r#"{"v":1,"cmd":"model_unload","name":3}"#),
+            ErrorCode::InvalidRequest
+        );
+        assert_eq!(
+            code(r#"{"v":1,"cmd":"models","name":"m"}"#),
+            ErrorCode::InvalidRequest
+        );
+        assert!(Command::Models.is_read_only());
+        assert!(!Command::ModelLoad.is_read_only() && !Command::ModelUnload.is_read_only());
     }
 
     #[test]

@@ -82,6 +82,12 @@ pub enum LoadError {
     HandOver { name: String, message: String },
     #[error("the node is {0}: models are not loaded now")]
     NodeState(NodeState),
+    #[error("model {name}: cannot measure it into the TPM")]
+    Measure {
+        name: String,
+        #[source]
+        source: ccnode_attest::tpm::TpmError,
+    },
 }
 
 impl LoadError {
@@ -97,6 +103,7 @@ impl LoadError {
             LoadError::Blocked { .. } => "workers_blocked",
             LoadError::HandOver { .. } => "hand_over_failed",
             LoadError::NodeState(_) => "node_not_active",
+            LoadError::Measure { .. } => "measure_failed",
         }
     }
 }
@@ -176,6 +183,9 @@ pub struct Manager {
     blocked: Option<Arc<crate::gpu::GpuMonitor>>,
     /// For audit records written from worker threads.
     runtime: tokio::runtime::Handle,
+    /// Where each verified model is measured (the ccnode PCR and its event
+    /// log) before any worker gets its bytes; `None` without attestation.
+    tpm: Option<Arc<ccnode_attest::tpm::TpmService>>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -220,6 +230,7 @@ impl Manager {
         jail: PathBuf,
         metrics: &crate::metrics::Metrics,
         gpu: Option<Arc<crate::gpu::GpuMonitor>>,
+        tpm: Option<Arc<ccnode_attest::tpm::TpmService>>,
     ) -> Arc<Manager> {
         let support = HostSupport::probe(&config.sandbox);
         Arc::new(Manager {
@@ -232,6 +243,7 @@ impl Manager {
             blocked: gpu,
             config,
             runtime: tokio::runtime::Handle::current(),
+            tpm,
         })
     }
 
@@ -379,6 +391,23 @@ impl Manager {
                 }
             }
         }
+        // Measured before any worker sees a byte: a verifier replaying the
+        // event log learns every model this node has served since boot.
+        if let Some(tpm) = &self.tpm {
+            let signer: String = verified.signer.chars().take(256).collect();
+            tpm.measure(
+                ccnode_attest::eventlog::ccnode::event_type::MODEL_LOAD,
+                serde_json::json!({
+                    "name": name,
+                    "digest": format!("sha256:{}", verified.manifest_digest),
+                    "signer": signer,
+                }),
+            )
+            .map_err(|source| LoadError::Measure {
+                name: name.clone(),
+                source,
+            })?;
+        }
         let program = workers::resolve_program(&self.inference().worker_binary.to_string_lossy())
             .map_err(|source| LoadError::Worker {
             name: name.clone(),
@@ -518,6 +547,18 @@ impl Manager {
         let _ = self.metrics.queue_depth.remove_label_values(&[name]);
         self.audit("model_unload", format!("model {name}"), "ok");
         Ok(())
+    }
+
+    /// The attestation claims' `models`: each loaded model and its
+    /// verified manifest digest.
+    pub fn claims(&self) -> Vec<ccnode_attest::evidence::ModelClaim> {
+        lock(&self.models)
+            .values()
+            .map(|m| ccnode_attest::evidence::ModelClaim {
+                name: m.cfg.name.clone(),
+                digest: format!("sha256:{}", m.manifest_digest),
+            })
+            .collect()
     }
 
     pub fn status(&self) -> Vec<ModelStatus> {
