@@ -722,3 +722,41 @@ fn a_served_model_is_measured_and_in_the_attestation_claims() {
         ["policy_models"]
     );
 }
+
+#[test]
+fn a_worker_killed_by_seccomp_is_counted_audited_and_quarantines_when_told() {
+    // Debug builds of ccnode-worker make a forbidden system call after
+    // `ready` when CCNODE_WORKER_TEST_FAULT=seccomp reaches them.
+    let m = make_model("tiny", &small(), 14);
+    let worker = api::workspace_bin("ccnode-worker");
+    let node = TestNode::new(CCNODED)
+        .with_env("CCNODE_WORKER_TEST_FAULT", "seccomp")
+        .with_toml(&format!(
+            "[sandbox]\nworker_user = \"nobody\"\nenv_allow = [\"CCNODE_WORKER_TEST_FAULT\"]\n\n\
+             [inference]\nworker_binary = \"{}\"\nquarantine_on_seccomp_violation = true\n\n{}",
+            worker.display(),
+            model_toml("tiny", &m, "")
+        ))
+        .start();
+    wait_state(&node, "quarantined");
+    assert!(metric(&node, "ccnode_worker_seccomp_violations_total") >= 1.0);
+    assert!(
+        metric(
+            &node,
+            "ccnode_worker_exits_total{reason=\"seccomp_violation\"}"
+        ) >= 1.0
+    );
+    let audit = node.request(r#"{"v":1,"cmd":"audit","limit":50}"#);
+    let records = audit["result"]["records"].as_array().unwrap();
+    assert!(
+        records
+            .iter()
+            .any(|r| r["command"] == "worker_exit" && r["result"] == "seccomp_violation"),
+        "{audit}"
+    );
+    let s = node.request(r#"{"v":1,"cmd":"status"}"#);
+    assert!(
+        s["result"]["reason"].as_str().unwrap().contains("SIGSYS"),
+        "{s}"
+    );
+}

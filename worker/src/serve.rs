@@ -238,6 +238,24 @@ fn load_engine(load: &Load, fd_min: RawFd) -> Result<Engine, EngineError> {
     Engine::load(&files, &device)
 }
 
+/// Test hook, debug builds only: `CCNODE_WORKER_TEST_FAULT=seccomp` makes
+/// a forbidden system call right after `ready` (the sandbox kills the
+/// worker with SIGSYS), `exit` exits with code 1. Release builds ignore it.
+fn test_fault_after_ready() {
+    #[cfg(debug_assertions)]
+    match std::env::var("CCNODE_WORKER_TEST_FAULT").as_deref() {
+        Ok("seccomp") => {
+            // SAFETY: unshare(CLONE_NEWUSER) touches no memory of ours; the
+            // worker's seccomp filter answers it with SIGSYS.
+            unsafe {
+                libc::unshare(libc::CLONE_NEWUSER);
+            }
+        }
+        Ok("exit") => std::process::exit(1),
+        _ => {}
+    }
+}
+
 enum Work {
     Generate(Generate),
     Shutdown,
@@ -304,6 +322,7 @@ pub fn run(sock: UnixStream, fd_min: RawFd) -> ExitCode {
     if !shared.send(&protocol::with_body("ready", &ready)) {
         return ExitCode::from(EXIT_PROTOCOL);
     }
+    test_fault_after_ready();
     let (tx, rx) = mpsc::channel::<Work>();
     let r_shared = shared.clone();
     std::thread::spawn(move || read_loop(reader, r_shared, tx));

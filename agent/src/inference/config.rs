@@ -20,6 +20,10 @@ pub struct InferenceConfig {
     /// Trust policy for models that name none (OMS trust policy TOML,
     /// docs/model-signing.md).
     pub trust_policy: Option<PathBuf>,
+    /// Quarantine the node when a worker is killed for a forbidden system
+    /// call (SIGSYS from seccomp). Off: the worker is restarted per policy;
+    /// the violation is always counted and audited.
+    pub quarantine_on_seccomp_violation: bool,
     /// Models loaded at start.
     pub models: Vec<ModelConfig>,
 }
@@ -30,6 +34,7 @@ impl Default for InferenceConfig {
             worker_binary: PathBuf::from("/usr/libexec/ccnode/ccnode-worker"),
             load_timeout: Duration::from_secs(300),
             trust_policy: None,
+            quarantine_on_seccomp_violation: false,
             models: Vec::new(),
         }
     }

@@ -891,6 +891,27 @@ impl Model {
                     }
                     if reason == ExitReason::Seccomp {
                         m.metrics.seccomp_violations.inc();
+                        if m.inference().quarantine_on_seccomp_violation {
+                            let node = m.node.clone();
+                            let why = format!(
+                                "worker of model {} made a forbidden system call (SIGSYS)",
+                                self.cfg.name
+                            );
+                            m.runtime.spawn(async move {
+                                if node.snapshot().state != NodeState::Quarantined {
+                                    if let Err(e) = node
+                                        .transition(
+                                            crate::state::Event::Quarantine,
+                                            Actor::system("sandbox"),
+                                            why,
+                                        )
+                                        .await
+                                    {
+                                        tracing::error!(error = %e, "quarantine after a seccomp violation failed");
+                                    }
+                                }
+                            });
+                        }
                     }
                 }
                 // Nobody left to serve the queue.
