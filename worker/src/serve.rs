@@ -454,3 +454,215 @@ pub unsafe fn inherited_socket() -> Option<UnixStream> {
     // nobody else in this process.
     Some(unsafe { UnixStream::from_raw_fd(3) })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::fd::IntoRawFd;
+
+    use super::*;
+    use crate::testmodel::{self, Shape};
+
+    /// A sealed memfd holding `bytes`, as ccnoded hands it over.
+    fn sealed(bytes: &[u8]) -> RawFd {
+        let fd = nix::sys::memfd::memfd_create(
+            c"t",
+            nix::sys::memfd::MemFdCreateFlag::MFD_ALLOW_SEALING,
+        )
+        .unwrap();
+        let mut f = std::fs::File::from(fd);
+        f.write_all(bytes).unwrap();
+        let seals =
+            libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+        // SAFETY: F_ADD_SEALS on our own open memfd.
+        assert_eq!(
+            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) },
+            0
+        );
+        f.into_raw_fd()
+    }
+
+    /// A plain file (writable by whoever holds it): never accepted.
+    fn unsealed(bytes: &[u8]) -> RawFd {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(bytes).unwrap();
+        f.into_raw_fd()
+    }
+
+    fn model_files(sealed_fds: bool) -> Vec<ModelFile> {
+        let dir = tempfile::tempdir().unwrap();
+        testmodel::write_model(dir.path(), &Shape::tiny(), 1).unwrap();
+        ["config.json", "tokenizer.json", "model.safetensors"]
+            .iter()
+            .map(|n| {
+                let b = std::fs::read(dir.path().join(n)).unwrap();
+                ModelFile {
+                    name: (*n).to_owned(),
+                    fd: if sealed_fds { sealed(&b) } else { unsealed(&b) },
+                    size: b.len() as u64,
+                }
+            })
+            .collect()
+    }
+
+    fn load(files: Vec<ModelFile>) -> Load {
+        Load {
+            model: "t".into(),
+            device: "cpu".into(),
+            gpus: vec![],
+            files,
+        }
+    }
+
+    #[test]
+    fn sealed_model_fds_load_and_serve() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let worker = std::thread::spawn(move || run(theirs, 3));
+        let mut w = ours.try_clone().unwrap();
+        control::write_frame(
+            &mut w,
+            &protocol::with_body("load", &load(model_files(true))),
+        )
+        .unwrap();
+        let mut r = FrameReader::new(ours, MAX_FRAME);
+        let ready = r.next_frame().unwrap();
+        assert_eq!(ready["type"], "ready", "{ready}");
+        assert_eq!(ready["context_length"], 512);
+        control::write_frame(&mut w, &control::message("health")).unwrap();
+        assert_eq!(r.next_frame().unwrap()["type"], "healthy");
+        let g = Generate {
+            id: 5,
+            prompt: "hi".into(),
+            max_tokens: 3,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            stop: vec![],
+        };
+        control::write_frame(&mut w, &protocol::with_body("generate", &g)).unwrap();
+        let done = loop {
+            let f = r.next_frame().unwrap();
+            if f["type"] != "token" {
+                break f;
+            }
+            assert_eq!(f["id"], 5);
+        };
+        assert_eq!(done["type"], "done", "{done}");
+        assert!(done["completion_tokens"].as_u64().unwrap() <= 3);
+        // Out of bounds, and an id 0: refused, the worker goes on.
+        let bad = Generate {
+            max_tokens: 0,
+            ..g.clone()
+        };
+        control::write_frame(&mut w, &protocol::with_body("generate", &bad)).unwrap();
+        let e = r.next_frame().unwrap();
+        assert_eq!(
+            (e["type"].as_str(), e["code"].as_str()),
+            (Some("error"), Some(codes::INVALID_REQUEST))
+        );
+        control::write_frame(&mut w, &control::message("nonsense")).unwrap();
+        assert_eq!(r.next_frame().unwrap()["code"], codes::PROTOCOL);
+        control::write_frame(&mut w, &control::message("shutdown")).unwrap();
+        assert_eq!(worker.join().unwrap(), ExitCode::from(EXIT_OK));
+    }
+
+    fn refused(l: Load) -> Value {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let worker = std::thread::spawn(move || run(theirs, 3));
+        let mut w = ours.try_clone().unwrap();
+        control::write_frame(&mut w, &protocol::with_body("load", &l)).unwrap();
+        let mut r = FrameReader::new(ours, MAX_FRAME);
+        let e = r.next_frame().unwrap();
+        assert_eq!(worker.join().unwrap(), ExitCode::from(EXIT_LOAD_FAILED));
+        e
+    }
+
+    #[test]
+    fn fds_that_are_not_sealed_memfds_of_the_declared_size_are_refused() {
+        let e = refused(load(model_files(false)));
+        assert_eq!(e["code"], codes::UNSEALED_INPUT, "{e}");
+        assert!(e["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a sealed memfd"));
+
+        let mut files = model_files(true);
+        files[2].size += 1;
+        let e = refused(load(files));
+        assert_eq!(e["code"], codes::UNSEALED_INPUT, "{e}");
+
+        let mut files = model_files(true);
+        files[1].fd = files[0].fd;
+        let e = refused(load(files));
+        assert_eq!(e["code"], codes::UNSEALED_INPUT, "{e}");
+        assert!(e["message"].as_str().unwrap().contains("named twice"));
+
+        let mut files = model_files(true);
+        files[0].fd = 2;
+        let e = refused(load(files));
+        assert!(e["message"].as_str().unwrap().contains("reserved"), "{e}");
+
+        let mut files = model_files(true);
+        files[0].fd = 100_000;
+        let e = refused(load(files));
+        assert!(e["message"].as_str().unwrap().contains("not open"), "{e}");
+    }
+
+    #[test]
+    fn a_model_missing_a_tensor_or_of_another_kind_is_refused_not_a_panic() {
+        // The tokenizer where the weights should be: no safetensors.
+        let mut files = model_files(true);
+        files.truncate(2);
+        let e = refused(load(files));
+        assert_eq!(e["code"], codes::INVALID_MODEL, "{e}");
+
+        // config.json promising a layer the weights do not hold.
+        let mut files = model_files(true);
+        let mut cfg: Value = serde_json::from_slice(
+            &std::fs::read(format!("/proc/self/fd/{}", files[0].fd)).unwrap(),
+        )
+        .unwrap();
+        cfg["num_hidden_layers"] = 3.into();
+        let bytes = serde_json::to_vec(&cfg).unwrap();
+        files[0] = ModelFile {
+            name: "config.json".into(),
+            fd: sealed(&bytes),
+            size: bytes.len() as u64,
+        };
+        let e = refused(load(files));
+        assert_eq!(e["code"], codes::INVALID_MODEL, "{e}");
+        assert!(
+            e["message"].as_str().unwrap().contains("model.layers.2"),
+            "{e}"
+        );
+
+        let mut files = model_files(true);
+        let bytes = br#"{"architectures":["MistralForCausalLM"]}"#;
+        files[0] = ModelFile {
+            name: "config.json".into(),
+            fd: sealed(bytes),
+            size: bytes.len() as u64,
+        };
+        assert_eq!(
+            refused(load(files))["code"],
+            codes::UNSUPPORTED_ARCHITECTURE
+        );
+
+        let e = refused(Load {
+            device: "cuda".into(),
+            ..load(model_files(true))
+        });
+        assert_eq!(e["code"], codes::DEVICE_UNAVAILABLE, "{e}");
+    }
+
+    #[test]
+    fn the_first_frame_must_be_a_load() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let worker = std::thread::spawn(move || run(theirs, 3));
+        let mut w = ours.try_clone().unwrap();
+        control::write_frame(&mut w, &control::message("generate")).unwrap();
+        let mut r = FrameReader::new(ours, MAX_FRAME);
+        assert_eq!(r.next_frame().unwrap()["code"], codes::PROTOCOL);
+        assert_eq!(worker.join().unwrap(), ExitCode::from(EXIT_PROTOCOL));
+    }
+}
