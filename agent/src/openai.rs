@@ -54,6 +54,10 @@ use crate::metrics::Metrics;
 const MAX_HEAD: usize = 16 * 1024;
 /// `max_tokens` of a completion that gives none (OpenAI's default).
 const COMPLETION_DEFAULT_MAX_TOKENS: u32 = 16;
+/// `max_tokens` of a chat completion that gives none. OpenAI's default is
+/// "up to the context"; a fixed default keeps a short-context model from
+/// refusing every such request (`context_length_exceeded`).
+const CHAT_DEFAULT_MAX_TOKENS: u32 = 256;
 /// Most stop strings a request may give (OpenAI's limit).
 const MAX_STOP: usize = 4;
 /// Longest stop string, in bytes.
@@ -1155,7 +1159,7 @@ fn parse_chat(map: &Map<String, Value>, cap: u32) -> Result<Parsed, ApiError> {
                 "`max_tokens` and `max_completion_tokens` differ; give one of them",
             ))
         }
-        (a, b) => a.or(b).unwrap_or(cap),
+        (a, b) => a.or(b).unwrap_or(CHAT_DEFAULT_MAX_TOKENS.min(cap)),
     };
     let common = parse_common(&f)?;
     refuse_unsupported(&f, CHAT_UNSUPPORTED)?;

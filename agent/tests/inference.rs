@@ -281,6 +281,16 @@ fn bad_requests_get_openai_errors_and_the_queue_is_bounded() {
     assert_eq!(r.status, 400, "{}", r.body);
     assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
 
+    // A prompt that grows sixfold when JSON-escaped still reaches the
+    // worker (it does not fit the context); the worker goes on serving.
+    let quotes = "\u{1}".repeat(150_000);
+    let r = completion(
+        &node,
+        json!({"model": "tiny", "prompt": quotes, "max_tokens": 4}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
+
     // 200 at once against one worker and a queue of 8: every answer is a
     // completion or a 429 with Retry-After, nothing else.
     let handles: Vec<_> = (0..200)
@@ -759,4 +769,23 @@ fn a_worker_killed_by_seccomp_is_counted_audited_and_quarantines_when_told() {
         s["result"]["reason"].as_str().unwrap().contains("SIGSYS"),
         "{s}"
     );
+}
+
+#[test]
+fn a_node_that_starts_drained_loads_its_models_when_it_becomes_active() {
+    let m = make_model("tiny", &small(), 15);
+    let mut node = node_with(&model_toml("tiny", &m, ""));
+    wait_ready(&node, "tiny", 1);
+    node.request(r#"{"v":1,"cmd":"drain","reason":"test"}"#);
+    wait_state(&node, "drained");
+    node.restart();
+    wait_state(&node, "drained");
+    assert!(models(&node).is_empty(), "{:?}", models(&node));
+    node.request(r#"{"v":1,"cmd":"undrain","reason":"test"}"#);
+    wait_ready(&node, "tiny", 1);
+    let r = completion(
+        &node,
+        json!({"model": "tiny", "prompt": "x", "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
 }

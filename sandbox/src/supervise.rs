@@ -100,7 +100,8 @@ pub struct Policy {
     pub health_timeout: Duration,
     pub max_frame: usize,
     pub max_frames_per_sec: u32,
-    /// Restarts after unexpected ends before giving up.
+    /// Restarts after unexpected ends before giving up; the count starts
+    /// again after a life longer than `backoff_max`.
     pub max_restarts: u32,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
@@ -274,7 +275,13 @@ fn run(spec: Spec, policy: Policy, commands: Receiver<Command>, events: Sender<E
     let mut failures = 0u32;
     loop {
         set(state, &events, WorkerState::Starting);
+        let began = Instant::now();
         let (reason, requested) = run_once(&spec, &policy, &commands, &events, &life);
+        // A worker that ran longer than the longest backoff was not
+        // crash-looping: its earlier failures no longer count.
+        if began.elapsed() > policy.backoff_max {
+            failures = 0;
+        }
         life.sender.set(None);
         *life.pid.lock().unwrap_or_else(|e| e.into_inner()) = None;
         set(state, &events, WorkerState::Exited);

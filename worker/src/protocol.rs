@@ -23,11 +23,24 @@ pub use ccnode_sandbox::control::{message, CONTROL_VERSION};
 /// 4, 5, ... in the order the `load` message lists them.
 pub const FIRST_MODEL_FD: i32 = 4;
 
-/// Most model files one worker takes (config, tokenizer, shards).
-pub const MAX_MODEL_FILES: usize = 128;
+/// Most model files one worker takes (config, tokenizer, shards): the jail
+/// passes at most 64 fds, and the control socket is one of them.
+pub const MAX_MODEL_FILES: usize = 63;
 
 /// Largest prompt text accepted in a `generate`, bytes.
 pub const MAX_PROMPT_BYTES: usize = 512 * 1024;
+
+/// Largest frame the worker reads: a `generate` with the longest prompt,
+/// JSON-escaped at worst 6 bytes per byte (`\u0000`), and its other
+/// fields. ccnoded checks each encoded `generate` against it.
+pub const MAX_FRAME_TO_WORKER: usize = 6 * MAX_PROMPT_BYTES + 64 * 1024;
+
+/// Largest frame ccnoded reads from a worker: tokens, `done` and errors
+/// are small; a worker that sends more is killed (protocol violation).
+pub const MAX_FRAME_FROM_WORKER: usize = 64 * 1024;
+
+/// Longest text one `token` frame may carry, bytes.
+pub const MAX_TOKEN_TEXT: usize = 4096;
 
 /// Most stop strings, and the longest one, in bytes.
 pub const MAX_STOPS: usize = 4;

@@ -25,7 +25,7 @@ pub const EXIT_LOAD_FAILED: u8 = 65;
 pub const EXIT_PROTOCOL: u8 = 76;
 
 /// Largest frame the worker reads (a `generate` carries the prompt).
-pub const MAX_FRAME: usize = protocol::MAX_PROMPT_BYTES + 64 * 1024;
+pub const MAX_FRAME: usize = protocol::MAX_FRAME_TO_WORKER;
 
 /// The sealed fd's mapping, read-only, for the engine's whole life.
 struct Mapped {
@@ -475,10 +475,8 @@ mod tests {
         let seals =
             libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
         // SAFETY: F_ADD_SEALS on our own open memfd.
-        assert_eq!(
-            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) },
-            0
-        );
+        let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+        assert_eq!(rc, 0);
         f.into_raw_fd()
     }
 

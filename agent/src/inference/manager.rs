@@ -179,6 +179,8 @@ pub struct Manager {
     jail: PathBuf,
     metrics: InferenceMetrics,
     models: Mutex<BTreeMap<String, Arc<Model>>>,
+    /// Configured models an admin unloaded: not loaded again on undrain.
+    unloaded: Mutex<std::collections::BTreeSet<String>>,
     next_id: AtomicU64,
     blocked: Option<Arc<crate::gpu::GpuMonitor>>,
     /// For audit records written from worker threads.
@@ -239,6 +241,7 @@ impl Manager {
             jail,
             metrics: InferenceMetrics::new(metrics.registry()),
             models: Mutex::new(BTreeMap::new()),
+            unloaded: Mutex::new(std::collections::BTreeSet::new()),
             next_id: AtomicU64::new(1),
             blocked: gpu,
             config,
@@ -251,11 +254,23 @@ impl Manager {
         &self.config.inference
     }
 
-    /// Loads every model in the config; failures are logged, audited and
-    /// returned, and do not stop the others.
+    /// Loads every model in the config that is not loaded (and was not
+    /// unloaded by an admin); failures are logged, audited and returned,
+    /// and do not stop the others. A node that is not active loads nothing
+    /// now: its models load when it becomes active.
     pub fn load_configured(self: &Arc<Self>) -> Vec<LoadError> {
+        let state = self.node.snapshot().state;
+        if state != NodeState::Active {
+            tracing::info!(state = %state, "models not loaded until the node is active");
+            return Vec::new();
+        }
         let mut errors = Vec::new();
         for m in self.inference().models.clone() {
+            let skip =
+                lock(&self.models).contains_key(&m.name) || lock(&self.unloaded).contains(&m.name);
+            if skip {
+                continue;
+            }
             if let Err(e) = self.load(m) {
                 errors.push(e);
             }
@@ -312,6 +327,7 @@ impl Manager {
         if lock(&self.models).contains_key(&name) {
             return Err(LoadError::Exists(name));
         }
+        lock(&self.unloaded).remove(&name);
         if let Some(gpu) = &self.blocked {
             let why = gpu.blocked_reasons();
             if !why.is_empty() {
@@ -423,6 +439,16 @@ impl Manager {
                 size: f.size,
             })
             .collect();
+        if files.len() > wp::MAX_MODEL_FILES {
+            return Err(LoadError::HandOver {
+                name: name.clone(),
+                message: format!(
+                    "{} files; a worker takes at most {}",
+                    files.len(),
+                    wp::MAX_MODEL_FILES
+                ),
+            });
+        }
         let bytes = verified.bytes_hashed;
         let file_count = verified.file_count;
         let fds: Vec<OwnedFd> = verified.files.into_iter().map(|f| f.into_fd()).collect();
@@ -506,6 +532,10 @@ impl Manager {
             let policy = Policy {
                 ready_timeout: self.inference().load_timeout,
                 no_restart_codes: vec![i32::from(LOAD_FAILED_EXIT)],
+                // One frame per token: a fast model sends thousands a
+                // second. The cap still stops a worker spinning on frames.
+                max_frames_per_sec: 100_000,
+                max_frame: wp::MAX_FRAME_FROM_WORKER,
                 ..Policy::default()
             };
             let (etx, erx) = std::sync::mpsc::channel();
@@ -542,9 +572,13 @@ impl Manager {
         let model = lock(&self.models)
             .remove(name)
             .ok_or_else(|| LoadError::NotLoaded(name.to_owned()))?;
+        lock(&self.unloaded).insert(name.to_owned());
         model.fail_queue("model_unloaded", "the model was unloaded");
         model.stop_workers(false);
         let _ = self.metrics.queue_depth.remove_label_values(&[name]);
+        for s in ["starting", "loading", "ready", "stopping", "exited"] {
+            let _ = self.metrics.workers.remove_label_values(&[name, s]);
+        }
         self.audit("model_unload", format!("model {name}"), "ok");
         Ok(())
     }
@@ -586,7 +620,7 @@ impl Manager {
         }
     }
 
-    fn apply_state(&self, state: NodeState) {
+    fn apply_state(self: &Arc<Self>, state: NodeState) {
         tracing::debug!(state = %state, "inference follows the node");
         let models: Vec<Arc<Model>> = lock(&self.models).values().cloned().collect();
         for m in models {
@@ -604,6 +638,11 @@ impl Manager {
                     m.fail_queue("node_draining", "the node is draining");
                 }
             }
+        }
+        // Configured models not loaded yet (the node started drained or
+        // quarantined, or a load failed before): now.
+        if state == NodeState::Active {
+            self.load_configured();
         }
     }
 
@@ -767,11 +806,27 @@ impl Model {
         match (frame["type"].as_str().unwrap_or(""), id) {
             ("ready", _) => {}
             ("token", Some(id)) => {
-                let busy = lock(&r.busy);
-                if let Some(job) = busy.as_ref().filter(|j| j.id == id) {
-                    let text = frame["text"].as_str().unwrap_or("").to_owned();
+                let mut busy = lock(&r.busy);
+                let text = frame["text"].as_str().unwrap_or("");
+                if text.len() > wp::MAX_TOKEN_TEXT {
+                    // Not what a tokenizer produces: end the generation
+                    // rather than pass it on.
+                    if let Some(job) = busy.take_if(|j| j.id == id) {
+                        let _ = job.tx.try_send(Piece::Error {
+                            code: "worker_error",
+                            message: "the worker sent an oversized token".into(),
+                        });
+                        if let Some(s) = self.sender_of(r) {
+                            let mut m = wp::message("cancel");
+                            m["id"] = id.into();
+                            s.send(&m);
+                        }
+                    }
+                } else if let Some(job) = busy.as_ref().filter(|j| j.id == id) {
                     // Capacity covers max_tokens pieces: never full.
-                    let _ = job.tx.try_send(Piece::Token { text });
+                    let _ = job.tx.try_send(Piece::Token {
+                        text: text.to_owned(),
+                    });
                 }
             }
             ("done", Some(id)) => {
@@ -1036,7 +1091,7 @@ impl Inference for Manager {
         let m = lock(&self.models)
             .get(model)
             .cloned()
-            .ok_or_else(|| SubmitError::UnknownModel(model.to_owned()))?;
+            .ok_or_else(|| SubmitError::UnknownModel(model.chars().take(64).collect()))?;
         let Some(work) = self.node.begin_work() else {
             return Err(match self.node.snapshot().state {
                 NodeState::Quarantined => SubmitError::Quarantined,
@@ -1070,11 +1125,17 @@ impl Inference for Manager {
             seed,
             stop: params.stop,
         };
+        let msg = wp::with_body("generate", &g);
+        if serde_json::to_vec(&msg).map_or(usize::MAX, |v| v.len() + 4) > wp::MAX_FRAME_TO_WORKER {
+            return Err(SubmitError::TooLong(
+                "the request, encoded for the worker, is too large".into(),
+            ));
+        }
         // One piece per token at most, plus the end: never full.
         let (tx, rx) = mpsc::channel(params.max_tokens as usize + 2);
         let job = Job {
             id,
-            msg: wp::with_body("generate", &g),
+            msg,
             tx,
             _work: work,
         };
