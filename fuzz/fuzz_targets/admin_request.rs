@@ -53,7 +53,20 @@ fuzz_target!(|data: &[u8]| {
             check_id(&req.id);
 
             let limit = (req.command == Command::Audit).then_some(req.limit);
-            let line = Request::to_line(req.command, req.reason.as_deref(), limit);
+            let mut fields = serde_json::Map::new();
+            if let Some(m) = &req.model {
+                assert!(m.is_object() && req.command == Command::ModelLoad);
+                fields.insert("model".into(), m.clone());
+            }
+            if let Some(n) = &req.name {
+                assert_eq!(req.command, Command::ModelUnload);
+                fields.insert("name".into(), n.clone().into());
+            }
+            let line = if fields.is_empty() {
+                Request::to_line(req.command, req.reason.as_deref(), limit)
+            } else {
+                Request::to_line_with(req.command, fields)
+            };
             let back = parse_request(one_line(&line)).unwrap_or_else(|e| {
                 panic!(
                     "re-encoded {:?} does not parse: {e:?}",
@@ -63,6 +76,8 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(back.command, req.command);
             assert_eq!(back.reason, req.reason);
             assert_eq!(back.limit, req.limit);
+            assert_eq!(back.model, req.model);
+            assert_eq!(back.name, req.name);
             assert_eq!(back.id, None);
 
             // A null result would come back as no result (serde reads
