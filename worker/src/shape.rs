@@ -71,35 +71,35 @@ impl Dims {
         self.hidden_size / self.num_attention_heads
     }
 
-    /// Every tensor the weights must hold, with its shape, in HF Llama
-    /// naming (what candle's Llama loads).
+    /// Every tensor the weights must hold, with its shape (`[out, in]` for
+    /// projections), in HF Llama naming (what candle's Llama loads), in
+    /// checkpoint order: embeddings, each layer, final norm, output head
+    /// (absent with tied embeddings).
     pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
         let h = self.hidden_size;
         let kv = self.num_key_value_heads * self.head_dim();
         let i = self.intermediate_size;
-        let mut t = vec![
-            (
-                "model.embed_tokens.weight".to_owned(),
-                vec![self.vocab_size, h],
-            ),
-            ("model.norm.weight".to_owned(), vec![h]),
-        ];
-        if !self.tie_word_embeddings {
-            t.push(("lm_head.weight".to_owned(), vec![self.vocab_size, h]));
-        }
+        let mut t = vec![(
+            "model.embed_tokens.weight".to_owned(),
+            vec![self.vocab_size, h],
+        )];
         for l in 0..self.num_hidden_layers {
             let p = |s: &str| format!("model.layers.{l}.{s}.weight");
             t.extend([
                 (p("input_layernorm"), vec![h]),
-                (p("post_attention_layernorm"), vec![h]),
                 (p("self_attn.q_proj"), vec![h, h]),
                 (p("self_attn.k_proj"), vec![kv, h]),
                 (p("self_attn.v_proj"), vec![kv, h]),
                 (p("self_attn.o_proj"), vec![h, h]),
+                (p("post_attention_layernorm"), vec![h]),
                 (p("mlp.gate_proj"), vec![i, h]),
                 (p("mlp.up_proj"), vec![i, h]),
                 (p("mlp.down_proj"), vec![h, i]),
             ]);
+        }
+        t.push(("model.norm.weight".to_owned(), vec![h]));
+        if !self.tie_word_embeddings {
+            t.push(("lm_head.weight".to_owned(), vec![self.vocab_size, h]));
         }
         t
     }

@@ -200,38 +200,17 @@ pub fn expected_names(shape: &Shape) -> Vec<(String, Vec<usize>)> {
 /// order [`write_model`] writes them: embeddings, each layer, final norm,
 /// output head. `shape.shards` plays no part.
 pub fn expected_tensors(shape: &Shape, vocab_size: usize) -> Vec<(String, Vec<usize>)> {
-    let h = shape.hidden_size;
-    let q = shape.head_dim() * shape.num_attention_heads;
-    let kv = shape.head_dim() * shape.num_key_value_heads;
-    let i = shape.intermediate_size;
-    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![vocab_size, h])];
-    for layer in 0..shape.num_hidden_layers {
-        out.extend(layer_tensors(layer, h, q, kv, i));
+    crate::shape::Dims {
+        hidden_size: shape.hidden_size,
+        intermediate_size: shape.intermediate_size,
+        vocab_size,
+        num_hidden_layers: shape.num_hidden_layers,
+        num_attention_heads: shape.num_attention_heads,
+        num_key_value_heads: shape.num_key_value_heads,
+        max_position_embeddings: shape.max_position_embeddings,
+        tie_word_embeddings: false,
     }
-    out.push(("model.norm.weight".into(), vec![h]));
-    out.push(("lm_head.weight".into(), vec![vocab_size, h]));
-    out
-}
-
-fn layer_tensors(
-    layer: usize,
-    h: usize,
-    q: usize,
-    kv: usize,
-    i: usize,
-) -> Vec<(String, Vec<usize>)> {
-    let p = format!("model.layers.{layer}");
-    vec![
-        (format!("{p}.input_layernorm.weight"), vec![h]),
-        (format!("{p}.self_attn.q_proj.weight"), vec![q, h]),
-        (format!("{p}.self_attn.k_proj.weight"), vec![kv, h]),
-        (format!("{p}.self_attn.v_proj.weight"), vec![kv, h]),
-        (format!("{p}.self_attn.o_proj.weight"), vec![h, q]),
-        (format!("{p}.post_attention_layernorm.weight"), vec![h]),
-        (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
-        (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
-        (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
-    ]
+    .tensors()
 }
 
 fn total_bytes(shape: &Shape, vocab: usize) -> Option<u64> {
