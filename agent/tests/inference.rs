@@ -789,3 +789,75 @@ fn a_node_that_starts_drained_loads_its_models_when_it_becomes_active() {
     );
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+#[test]
+fn each_worker_gets_its_own_mig_device_and_no_device_is_shared() {
+    let gpus = ccnode_testkit::SimGpus::new();
+    let sim = ccnode_gpu::sim::SimBackend::open(&gpus.sim).unwrap();
+    let inv = ccnode_gpu::GpuBackend::inventory(&sim).unwrap();
+    let migs: Vec<String> = inv.gpus[1]
+        .mig_devices
+        .iter()
+        .map(|m| m.uuid.clone())
+        .collect();
+    let m = make_model("tiny", &small(), 16);
+    let worker = api::workspace_bin("ccnode-worker");
+    let node = TestNode::new(CCNODED)
+        .with_gpu(&gpus.gpu_toml())
+        .with_toml(&format!(
+            "[sandbox]\nworker_user = \"nobody\"\n\n[api]\nenabled = true\nlisten = \"127.0.0.1:0\"\n\n\
+             [inference]\nworker_binary = \"{}\"\n\n{}",
+            worker.display(),
+            model_toml(
+                "tiny",
+                &m,
+                &format!("replicas = 2\ngpus = [\"{}\", \"{}\"]", migs[0], migs[2])
+            )
+        ))
+        .start();
+    wait_ready(&node, "tiny", 2);
+    let g = node.request(r#"{"v":1,"cmd":"gpus"}"#);
+    let held: Vec<(String, u64)> = g["result"]["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            assert_eq!(a["model"], "tiny");
+            (
+                a["device"].as_str().unwrap().to_owned(),
+                a["worker"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(held, [(migs[0].clone(), 0), (migs[2].clone(), 1)], "{g}");
+    assert_eq!(
+        completion(
+            &node,
+            json!({"model": "tiny", "prompt": "x", "max_tokens": 2})
+        )
+        .status,
+        200
+    );
+
+    // A second model on a device a worker holds: refused, nothing started.
+    let other = make_model("other", &small(), 17);
+    let entry = json!({
+        "name": "other", "dir": other.dir, "signature": other.sig,
+        "trust_policy": other.policy, "gpus": [migs[2]],
+    });
+    let r = node.request(&json!({"v": 1, "cmd": "model_load", "model": entry}).to_string());
+    assert_eq!(r["error"]["detail"], "device_taken", "{r}");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains(&migs[2]),
+        "{r}"
+    );
+    assert_eq!(models(&node).len(), 1);
+    // A free one: fine.
+    let entry = json!({
+        "name": "other", "dir": other.dir, "signature": other.sig,
+        "trust_policy": other.policy, "gpus": [migs[1]],
+    });
+    let r = node.request(&json!({"v": 1, "cmd": "model_load", "model": entry}).to_string());
+    assert_eq!(r["ok"], true, "{r}");
+    wait_ready(&node, "other", 1);
+}

@@ -106,42 +106,20 @@ fn the_daemon_reports_sandbox_support_in_metrics() {
     assert!(node.log().contains("without cgroup memory and pids limits"));
 }
 
-/// A simulated host: its GPUs, and their device tree under /dev (the jail
-/// binds device nodes at their own paths inside its /dev); removed on drop.
+/// A simulated host: its GPUs and their device tree ([`SimGpus`]).
 struct SimHost {
-    _dir: tempfile::TempDir,
-    _devtree: tempfile::TempDir,
+    _gpus: ccnode_testkit::SimGpus,
     sim: std::path::PathBuf,
     devtree: std::path::PathBuf,
 }
 
 impl SimHost {
     fn new() -> SimHost {
-        let dir = tempfile::tempdir().unwrap();
-        let tree = tempfile::Builder::new()
-            .prefix("ccnode-test-sim-")
-            .tempdir_in("/dev")
-            .unwrap();
-        let devtree = tree.path().to_owned();
-        let sim = dir.path().join("gpus.toml");
-        std::fs::write(
-            &sim,
-            format!(
-                "driver_version = \"550.127.05\"\ncuda_driver_version = \"12.4\"\n\
-                 device_root = \"{}\"\n\
-                 [[gpus]]\nname = \"NVIDIA H100 80GB HBM3\"\nmemory_gib = 80\n\
-                 vbios_version = \"96.00.99.00.01\"\n\
-                 [[gpus]]\nname = \"NVIDIA H100 80GB HBM3\"\nmemory_gib = 80\n\
-                 vbios_version = \"96.00.99.00.01\"\nmig = {{ \"1g.10gb\" = 3 }}\n",
-                devtree.display()
-            ),
-        )
-        .unwrap();
+        let gpus = ccnode_testkit::SimGpus::new();
         SimHost {
-            _dir: dir,
-            _devtree: tree,
-            sim,
-            devtree,
+            sim: gpus.sim.clone(),
+            devtree: gpus.devtree.clone(),
+            _gpus: gpus,
         }
     }
 

@@ -485,3 +485,59 @@ pub fn tool(name: &str) -> PathBuf {
     }
     panic!("`{name}` is not installed; run ./scripts/test.sh, which installs what the tests need");
 }
+
+/// A simulated GPU host for `gpu.backend = "sim"`: two H100s, the second
+/// with three `1g.10gb` MIG devices, and their device tree under /dev (the
+/// jail binds device nodes at their own paths inside its /dev). Both
+/// directories are removed on drop.
+#[derive(Debug)]
+pub struct SimGpus {
+    _dir: tempfile::TempDir,
+    _devtree: tempfile::TempDir,
+    /// The simulation file (`gpu.sim_file`).
+    pub sim: PathBuf,
+    /// The device tree's root (`device_root` in the file).
+    pub devtree: PathBuf,
+}
+
+impl SimGpus {
+    pub fn new() -> SimGpus {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let tree = tempfile::Builder::new()
+            .prefix("ccnode-test-sim-")
+            .tempdir_in("/dev")
+            .expect("temp dir under /dev");
+        let devtree = tree.path().to_owned();
+        let sim = dir.path().join("gpus.toml");
+        std::fs::write(
+            &sim,
+            format!(
+                "driver_version = \"550.127.05\"\ncuda_driver_version = \"12.4\"\n\
+                 device_root = \"{}\"\n\
+                 [[gpus]]\nname = \"NVIDIA H100 80GB HBM3\"\nmemory_gib = 80\n\
+                 vbios_version = \"96.00.99.00.01\"\n\
+                 [[gpus]]\nname = \"NVIDIA H100 80GB HBM3\"\nmemory_gib = 80\n\
+                 vbios_version = \"96.00.99.00.01\"\nmig = {{ \"1g.10gb\" = 3 }}\n",
+                devtree.display()
+            ),
+        )
+        .expect("write the sim file");
+        SimGpus {
+            _dir: dir,
+            _devtree: tree,
+            sim,
+            devtree,
+        }
+    }
+
+    /// The `[gpu]` keys that select it.
+    pub fn gpu_toml(&self) -> String {
+        format!("backend = \"sim\"\nsim_file = \"{}\"", self.sim.display())
+    }
+}
+
+impl Default for SimGpus {
+    fn default() -> Self {
+        SimGpus::new()
+    }
+}

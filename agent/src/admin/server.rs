@@ -444,10 +444,17 @@ async fn run(ctx: &AdminContext, peer: &Peer, access: Access, req: Request) -> R
             return Response::ok(id, json!({ "records": records }));
         }
         Command::Gpus => {
-            let v = ctx.gpu.as_ref().map_or_else(
+            let mut v = ctx.gpu.as_ref().map_or_else(
                 || json!({ "backend": "none", "simulated": false, "inventory": null }),
                 |g| g.gpus_json(),
             );
+            // Which of ccnoded's workers holds which device.
+            let assignments = ctx
+                .inference
+                .as_ref()
+                .map(|m| m.assignments())
+                .unwrap_or_default();
+            v["assignments"] = json!(assignments);
             return Response::ok(id, v);
         }
         Command::Drift => {

@@ -521,6 +521,21 @@ fn print_gpus(result: &Value) {
             });
         println!();
         println!("gpu {index}: {}  {}", s(g, "name"), s(g, "uuid"));
+        let held_by = |uuid: &str| {
+            result
+                .get("assignments")
+                .and_then(Value::as_array)
+                .and_then(|a| {
+                    a.iter()
+                        .find(|x| x.get("device").and_then(Value::as_str) == Some(uuid))
+                })
+                .map(|x| format!("  -> model {} worker {}", s(x, "model"), num(x, "worker")))
+                .unwrap_or_default()
+        };
+        let whole = held_by(&s(g, "uuid"));
+        if !whole.is_empty() {
+            println!("  assigned:{whole}");
+        }
         println!(
             "  pci bus id: {}  minor: {}  memory: {mem_gib}",
             s(g, "pci_bus_id"),
@@ -544,11 +559,12 @@ fn print_gpus(result: &Value) {
             .unwrap_or(&empty)
         {
             println!(
-                "  mig gi {} ci {}  {:<10} {}",
+                "  mig gi {} ci {}  {:<10} {}{}",
                 num(m, "gpu_instance_id"),
                 num(m, "compute_instance_id"),
                 s(m, "profile"),
-                s(m, "uuid")
+                s(m, "uuid"),
+                held_by(&s(m, "uuid"))
             );
         }
     }

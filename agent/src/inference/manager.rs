@@ -595,6 +595,20 @@ impl Manager {
             .collect()
     }
 
+    /// Each device granted to a worker: `{device, model, worker}`.
+    pub fn assignments(&self) -> Vec<serde_json::Value> {
+        lock(&self.models)
+            .values()
+            .flat_map(|m| {
+                m.replicas.iter().filter_map(|r| {
+                    r.device.as_ref().map(|d| {
+                        serde_json::json!({"device": d, "model": m.cfg.name, "worker": r.index})
+                    })
+                })
+            })
+            .collect()
+    }
+
     pub fn status(&self) -> Vec<ModelStatus> {
         lock(&self.models).values().map(|m| m.status()).collect()
     }
