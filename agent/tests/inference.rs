@@ -861,3 +861,66 @@ fn each_worker_gets_its_own_mig_device_and_no_device_is_shared() {
     assert_eq!(r["ok"], true, "{r}");
     wait_ready(&node, "other", 1);
 }
+
+/// ccnoded with `ccnode-test-worker` in `mode` as a model's worker.
+fn misbehaving(mode: &str) -> (TestNode, Model) {
+    let m = make_model("tiny", &small(), 18);
+    let worker = api::workspace_bin("ccnode-test-worker");
+    let node = TestNode::new(CCNODED)
+        .with_env("CCNODE_TEST_WORKER_MODE", mode)
+        .with_toml(&format!(
+            "[sandbox]\nworker_user = \"nobody\"\nenv_allow = [\"CCNODE_TEST_WORKER_MODE\"]\n\n\
+             [inference]\nworker_binary = \"{}\"\nload_timeout = \"2s\"\n\n{}",
+            worker.display(),
+            model_toml("tiny", &m, "")
+        ))
+        .start();
+    (node, m)
+}
+
+#[test]
+fn misbehaving_workers_are_ended_for_it_while_ccnoded_keeps_answering() {
+    for (mode, reason) in [
+        ("flood", "control_flood"),
+        ("oversize", "protocol_violation"),
+        ("malformed", "protocol_violation"),
+        ("silent", "ready_timeout"),
+    ] {
+        let (node, _m) = misbehaving(mode);
+        let series = format!("ccnode_worker_exits_total{{reason=\"{reason}\"}}");
+        let deadline = Instant::now() + PATIENCE * 2;
+        // While the worker misbehaves, the admin socket and /metrics answer
+        // every time (each call has its own timeout; none may fail).
+        loop {
+            let s = node.request(r#"{"v":1,"cmd":"status"}"#);
+            assert_eq!(s["ok"], true, "{mode}: {s}");
+            let (code, _) = node.http_get("/metrics");
+            assert_eq!(code, 200, "{mode}");
+            if metric(&node, &series) >= 1.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{mode}: no {reason} exit:\n{}\n{}",
+                node.http_get("/metrics").1,
+                node.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Audited too (written just after the count).
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let audit = node.request(r#"{"v":1,"cmd":"audit","limit":100}"#);
+            let found = audit["result"]["records"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["command"] == "worker_exit" && r["result"] == reason);
+            if found {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{mode}: {audit}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

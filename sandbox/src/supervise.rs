@@ -145,9 +145,11 @@ pub struct Spec {
     pub frames: Option<FrameSink>,
 }
 
-/// A receiver of worker frames (see [`Spec::frames`]).
+/// A receiver of worker frames (see [`Spec::frames`]). It returns whether
+/// the frame was expected (an answer to something asked): those do not
+/// count against `Policy::max_frames_per_sec`.
 #[derive(Clone)]
-pub struct FrameSink(pub Arc<dyn Fn(Value) + Send + Sync>);
+pub struct FrameSink(pub Arc<dyn Fn(Value) -> bool + Send + Sync>);
 
 impl std::fmt::Debug for FrameSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -514,14 +516,11 @@ fn converse(
         }
         match reader.next_frame() {
             Ok(frame) => {
-                if now.duration_since(window.0) >= Duration::from_secs(1) {
-                    window = (now, 0);
-                }
-                window.1 += 1;
-                if window.1 > policy.max_frames_per_sec {
-                    return (Some(ExitReason::ControlFlood), false);
-                }
-                match frame["type"].as_str() {
+                // Every frame counts against the rate limit except those
+                // the sink takes as asked for (a token of a running
+                // generation): a model may stream thousands a second, a
+                // worker may not send noise.
+                let counted = match frame["type"].as_str() {
                     Some("ready") if !ready && stopping.is_none() => {
                         ready = true;
                         if let Some(sink) = frames {
@@ -529,16 +528,23 @@ fn converse(
                         }
                         set(state, events, WorkerState::Ready);
                         next_health = Instant::now() + policy.health_interval;
+                        true
                     }
                     Some("healthy") => {
                         health_due = None;
                         next_health = Instant::now() + policy.health_interval;
+                        true
                     }
                     // Other messages belong to the inference protocol.
-                    _ => {
-                        if let Some(sink) = frames {
-                            (sink.0)(frame);
-                        }
+                    _ => !frames.is_some_and(|sink| (sink.0)(frame)),
+                };
+                if counted {
+                    if now.duration_since(window.0) >= Duration::from_secs(1) {
+                        window = (now, 0);
+                    }
+                    window.1 += 1;
+                    if window.1 > policy.max_frames_per_sec {
+                        return (Some(ExitReason::ControlFlood), false);
                     }
                 }
             }

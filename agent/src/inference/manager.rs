@@ -146,6 +146,9 @@ fn state_str(s: WorkerState) -> &'static str {
 struct Job {
     id: u64,
     msg: Value,
+    /// Tokens asked for, and token frames received so far.
+    max_tokens: u32,
+    tokens: u32,
     tx: mpsc::Sender<Piece>,
     _work: WorkGuard,
 }
@@ -516,9 +519,7 @@ impl Manager {
                 let model = Arc::downgrade(&model);
                 let replica = r.clone();
                 FrameSink(Arc::new(move |frame: Value| {
-                    if let Some(m) = model.upgrade() {
-                        m.on_frame(&replica, frame);
-                    }
+                    model.upgrade().is_some_and(|m| m.on_frame(&replica, frame))
                 }))
             };
             let spec = Spec {
@@ -532,9 +533,6 @@ impl Manager {
             let policy = Policy {
                 ready_timeout: self.inference().load_timeout,
                 no_restart_codes: vec![i32::from(LOAD_FAILED_EXIT)],
-                // One frame per token: a fast model sends thousands a
-                // second. The cap still stops a worker spinning on frames.
-                max_frames_per_sec: 100_000,
                 max_frame: wp::MAX_FRAME_FROM_WORKER,
                 ..Policy::default()
             };
@@ -815,84 +813,88 @@ impl Model {
         }
     }
 
-    fn on_frame(&self, r: &Replica, frame: Value) {
+    /// Takes one frame from replica `r`; true when it was asked for (a
+    /// token, `done` or `error` of the generation `r` runs, within its
+    /// `max_tokens`): everything else counts as noise against the
+    /// worker's frame rate.
+    fn on_frame(&self, r: &Replica, frame: Value) -> bool {
         let id = frame["id"].as_u64();
         match (frame["type"].as_str().unwrap_or(""), id) {
-            ("ready", _) => {}
+            ("ready", _) => true,
             ("token", Some(id)) => {
                 let mut busy = lock(&r.busy);
+                let Some(job) = busy.as_mut().filter(|j| j.id == id) else {
+                    return false;
+                };
+                job.tokens += 1;
                 let text = frame["text"].as_str().unwrap_or("");
-                if text.len() > wp::MAX_TOKEN_TEXT {
-                    // Not what a tokenizer produces: end the generation
-                    // rather than pass it on.
-                    if let Some(job) = busy.take_if(|j| j.id == id) {
+                // One frame per token at most, and two at the end (the
+                // decoder's and the stop filter's held-back text).
+                if text.len() > wp::MAX_TOKEN_TEXT || job.tokens > job.max_tokens + 2 {
+                    if let Some(job) = busy.take() {
                         let _ = job.tx.try_send(Piece::Error {
                             code: "worker_error",
-                            message: "the worker sent an oversized token".into(),
+                            message: "the worker sent more or larger tokens than asked for".into(),
                         });
-                        if let Some(s) = self.sender_of(r) {
-                            let mut m = wp::message("cancel");
-                            m["id"] = id.into();
-                            s.send(&m);
-                        }
                     }
-                } else if let Some(job) = busy.as_ref().filter(|j| j.id == id) {
-                    // Capacity covers max_tokens pieces: never full.
-                    let _ = job.tx.try_send(Piece::Token {
-                        text: text.to_owned(),
-                    });
+                    drop(busy);
+                    if let Some(s) = self.sender_of(r) {
+                        let mut m = wp::message("cancel");
+                        m["id"] = id.into();
+                        s.send(&m);
+                    }
+                    return false;
                 }
+                // Capacity covers max_tokens pieces: never full.
+                let _ = job.tx.try_send(Piece::Token {
+                    text: text.to_owned(),
+                });
+                true
             }
             ("done", Some(id)) => {
-                let job = {
-                    let mut busy = lock(&r.busy);
-                    if busy.as_ref().is_some_and(|j| j.id == id) {
-                        busy.take()
-                    } else {
-                        None
-                    }
-                };
-                if let Some(job) = job {
-                    if let Ok(done) = wp::parse::<wp::Done>(&frame) {
-                        self.count_generation(match done.finish {
-                            Finish::Stop => "stop",
-                            Finish::Length => "length",
-                            Finish::Cancelled => "cancelled",
-                        });
-                        let finish_reason = match done.finish {
-                            Finish::Length => FinishReason::Length,
-                            Finish::Stop | Finish::Cancelled => FinishReason::Stop,
-                        };
-                        let _ = job.tx.try_send(Piece::Done {
-                            finish_reason,
-                            prompt_tokens: done.prompt_tokens,
-                            completion_tokens: done.completion_tokens,
-                        });
-                    }
+                let job = lock(&r.busy).take_if(|j| j.id == id);
+                let Some(job) = job else { return false };
+                if let Ok(done) = wp::parse::<wp::Done>(&frame) {
+                    self.count_generation(match done.finish {
+                        Finish::Stop => "stop",
+                        Finish::Length => "length",
+                        Finish::Cancelled => "cancelled",
+                    });
+                    let finish_reason = match done.finish {
+                        Finish::Length => FinishReason::Length,
+                        Finish::Stop | Finish::Cancelled => FinishReason::Stop,
+                    };
+                    let _ = job.tx.try_send(Piece::Done {
+                        finish_reason,
+                        prompt_tokens: done.prompt_tokens,
+                        completion_tokens: done.completion_tokens,
+                    });
+                } else {
+                    self.count_generation("error");
+                    let _ = job.tx.try_send(Piece::Error {
+                        code: "worker_error",
+                        message: "the worker's done frame is malformed".into(),
+                    });
                 }
+                drop(job);
                 self.pump();
+                true
             }
             ("error", Some(id)) => {
-                let job = {
-                    let mut busy = lock(&r.busy);
-                    if busy.as_ref().is_some_and(|j| j.id == id) {
-                        busy.take()
-                    } else {
-                        None
-                    }
-                };
-                if let Some(job) = job {
-                    self.count_generation("error");
-                    let code = worker_code(frame["code"].as_str().unwrap_or(""));
-                    let message: String = frame["message"]
-                        .as_str()
-                        .unwrap_or("")
-                        .chars()
-                        .take(MAX_WORKER_TEXT)
-                        .collect();
-                    let _ = job.tx.try_send(Piece::Error { code, message });
-                }
+                let job = lock(&r.busy).take_if(|j| j.id == id);
+                let Some(job) = job else { return false };
+                self.count_generation("error");
+                let code = worker_code(frame["code"].as_str().unwrap_or(""));
+                let message: String = frame["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .chars()
+                    .take(MAX_WORKER_TEXT)
+                    .collect();
+                let _ = job.tx.try_send(Piece::Error { code, message });
+                drop(job);
                 self.pump();
+                true
             }
             ("error", None) => {
                 // The worker's words: bounded before they are kept or shown.
@@ -910,8 +912,9 @@ impl Model {
                     .collect();
                 tracing::error!(model = %self.cfg.name, worker = r.index, code, message, "worker error");
                 *lock(&r.last_exit) = Some(format!("{code}: {message}"));
+                false
             }
-            _ => {}
+            _ => false,
         }
     }
 
@@ -1145,11 +1148,14 @@ impl Inference for Manager {
                 "the request, encoded for the worker, is too large".into(),
             ));
         }
-        // One piece per token at most, plus the end: never full.
-        let (tx, rx) = mpsc::channel(params.max_tokens as usize + 2);
+        // What on_frame lets through (max_tokens + 2 token pieces) plus the
+        // end: never full.
+        let (tx, rx) = mpsc::channel(params.max_tokens as usize + 3);
         let job = Job {
             id,
             msg,
+            max_tokens: params.max_tokens,
+            tokens: 0,
             tx,
             _work: work,
         };

@@ -3,7 +3,8 @@
 //! benchmark. `ccnode-test-worker [MODE]`, MODE one of:
 //! `well` (default: ready, answer health, exit 0 on shutdown),
 //! `exit N`, `sigsys`, `silent`, `flood`, `oversize`, `malformed`,
-//! `ignore-shutdown`, `fork-bomb`.
+//! `ignore-shutdown`, `fork-bomb`; without arguments, MODE is read from
+//! `CCNODE_TEST_WORKER_MODE`.
 
 use std::io::Write;
 use std::os::fd::FromRawFd;
@@ -12,7 +13,14 @@ use std::os::unix::net::UnixStream;
 use ccnode_sandbox::control::{message, read_frame, write_frame, DEFAULT_MAX_FRAME};
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    // Started by ccnoded as an inference worker it gets no arguments: the
+    // mode then comes from the environment (tests allow it through).
+    if args.is_empty() {
+        if let Ok(m) = std::env::var("CCNODE_TEST_WORKER_MODE") {
+            args = m.split_whitespace().map(str::to_owned).collect();
+        }
+    }
     let mode = args.first().map(String::as_str).unwrap_or("well");
     // SAFETY: fd 3 is the control socket the supervisor hands every worker.
     let mut sock = unsafe { UnixStream::from_raw_fd(3) };
