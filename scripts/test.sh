@@ -33,6 +33,11 @@ say "cargo fmt --check"
 cargo fmt --all -- --check
 say "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The end-to-end tests start other packages' binaries (ccnode-worker,
+# ccnode-test-worker, ccnode-verify) from target/debug; cargo builds only a
+# test's own package's binaries for it, so build them all first.
+say "binaries the end-to-end tests start"
+cargo build --workspace --bins --locked
 say "tests"
 cargo nextest run --workspace --locked --no-fail-fast --profile "${NEXTEST_PROFILE:-default}"
 

@@ -1769,7 +1769,10 @@ mod tests {
                 want("assistant", "ok")
             ])
         );
-        assert_eq!(p.params.max_tokens, 4096, "no limit given: the cap");
+        assert_eq!(
+            p.params.max_tokens, CHAT_DEFAULT_MAX_TOKENS,
+            "no limit given: the chat default"
+        );
         let m = json!([{"role": "user", "content": "hi"}]);
         let p = chat(json!({"model": "m", "messages": m, "max_completion_tokens": 7})).unwrap();
         assert_eq!(p.params.max_tokens, 7);
@@ -2692,7 +2695,7 @@ mod http_tests {
                 },
             ])
         );
-        // No limit given: the cap.
+        // No limit given: the chat default.
         let r = post(
             s.addr,
             "/v1/chat/completions",
@@ -2700,7 +2703,7 @@ mod http_tests {
         )
         .await;
         assert_eq!(r.status(), 200);
-        assert_eq!(s.seen.last().1.max_tokens, 4096);
+        assert_eq!(s.seen.last().1.max_tokens, CHAT_DEFAULT_MAX_TOKENS);
     }
 
     #[tokio::test]
