@@ -1783,7 +1783,7 @@ mod tests {
                 .unwrap();
         assert_eq!(p.params.max_tokens, 9);
         let p = chat(json!({"model": "m", "messages": m, "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "logprobs": false})).unwrap();
-        assert_eq!(p.params.max_tokens, 4096);
+        assert_eq!(p.params.max_tokens, CHAT_DEFAULT_MAX_TOKENS);
     }
 
     #[test]
