@@ -3,9 +3,11 @@
 //! served by the real `ccnoded` through its sandboxed `ccnode-worker`
 //! (namespaces, Landlock, seccomp, sealed memfds) and streamed over
 //! `POST /v1/completions`, against the same model directory run directly
-//! with candle in this process ([`Direct`]): time to first token, decode
-//! tokens per second and the time ccnoded adds per token, side by side in
-//! one run.
+//! with candle in this process ([`Direct`]), and against the worker's own
+//! [`Engine`] loaded from the same bytes in this process (the same
+//! generation code as the worker, without the sandbox, the socket and the
+//! HTTP path): time to first token, decode tokens per second and the time
+//! ccnoded adds per token, side by side in one run.
 //!
 //! Run (cargo builds a bench's own package's binaries, so `ccnoded`, but
 //! not `ccnode-worker`, which is another package's; the release build puts
@@ -20,19 +22,20 @@
 //!
 //! | variable                   | default | meaning                                          |
 //! |----------------------------|---------|--------------------------------------------------|
-//! | `CCNODE_BENCH_ROUNDS`      | 5       | timed rounds on the bench model (one served and one direct generation each) |
+//! | `CCNODE_BENCH_ROUNDS`      | 5       | timed rounds on the bench model (one served, one direct, one engine generation each) |
 //! | `CCNODE_BENCH_WARMUP`      | 1       | untimed rounds first (each model)                |
 //! | `CCNODE_BENCH_TOKENS`      | 64      | `max_tokens` of every generation                 |
 //! | `CCNODE_BENCH_TINY_ROUNDS` | 40      | timed rounds on the tiny model (0: skip it)      |
 //! | `CCNODE_BENCH_SEED`        | 1       | the first model seed tried (see below)           |
 //! | `CCNODE_BENCH_JSON`        | unset   | also write the JSON figures to this file         |
 //!
-//! Each round runs one greedy generation through ccnoded and one directly,
-//! never at the same time, with the same prompt (108 tokens, a realistic
-//! prefill) and length; the order alternates between rounds so that a drift
-//! of the machine falls on both sides. Both texts must be equal (same
-//! weights, greedy). The "added" figures are medians of the per-round
-//! differences (served minus direct), shown with their interquartile range:
+//! Each round runs one greedy generation through ccnoded, one directly and
+//! one on the in-process engine, never at the same time, with the same
+//! prompt (108 tokens, a realistic prefill) and length; the order rotates
+//! between rounds so that a drift of the machine falls on every side. All
+//! texts must be equal (same weights, greedy). The "added" figures are
+//! medians of the per-round differences (served minus peer), shown with
+//! their interquartile range:
 //! on a shared 2-vCPU machine the compute itself varies by several percent
 //! from one generation to the next, far more than the goals' margins.
 //!
@@ -76,6 +79,7 @@ use std::time::{Duration, Instant};
 
 use ccnode_testkit::bench::{count, env_f64, loadavg, Summary};
 use ccnode_testkit::{TestNode, PATIENCE};
+use ccnode_worker::engine::{Engine, Request};
 use ccnode_worker::reference::{Direct, Run};
 use ccnode_worker::testmodel::{self, Shape};
 use serde_json::{json, Value};
@@ -125,6 +129,9 @@ struct Model {
     seed: u64,
     shape: Shape,
     direct: Direct,
+    /// The worker's own engine, loaded the way the worker loads it (from
+    /// the files' bytes), in this process.
+    engine: Engine,
 }
 
 fn write_model(name: &str, shape: &Shape, seed: u64) -> (tempfile::TempDir, PathBuf) {
@@ -162,7 +169,21 @@ fn make_model(name: &'static str, shape: Shape, seed: u64) -> Model {
         let direct = Direct::load(&dir).expect("direct load");
         let first = direct.greedy(PROMPT, 1).expect("direct run").tokens;
         if first.first().is_some_and(|&t| whole_character(t)) {
+            let bytes: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+                .expect("model dir")
+                .map(|e| {
+                    let e = e.expect("dir entry");
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    (name, std::fs::read(e.path()).expect("read model file"))
+                })
+                .collect();
+            let files: Vec<(&str, &[u8])> = bytes
+                .iter()
+                .map(|(n, b)| (n.as_str(), b.as_slice()))
+                .collect();
+            let engine = Engine::load(&files, &candle_core::Device::Cpu).expect("engine load");
             return Model {
+                engine,
                 name,
                 sig: tmp.path().join("model.sig"),
                 policy: tmp.path().join("trust.toml"),
@@ -226,16 +247,40 @@ fn wait_ready(node: &TestNode, name: &str) -> u32 {
     }
 }
 
-/// CPU time of every thread of `pid` so far (ns; 0 if it is gone).
-fn process_cpu_ns(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .filter_map(|t| t.ok())
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
+/// CPU time of every thread of some processes at one moment, ns by
+/// thread id (`/proc/PID/task/TID/schedstat`).
+#[derive(Debug, Default)]
+struct CpuSnap(std::collections::HashMap<u32, u64>);
+
+impl CpuSnap {
+    fn take(pids: &[u32]) -> CpuSnap {
+        let mut m = std::collections::HashMap::new();
+        for pid in pids {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                continue;
+            };
+            for t in tasks.filter_map(|t| t.ok()) {
+                let tid = t.file_name().to_str().and_then(|n| n.parse().ok());
+                let ns = std::fs::read_to_string(t.path().join("schedstat"))
+                    .ok()
+                    .and_then(|s| s.split_whitespace().next()?.parse().ok());
+                if let (Some(tid), Some(ns)) = (tid, ns) {
+                    m.insert(tid, ns);
+                }
+            }
+        }
+        CpuSnap(m)
+    }
+
+    /// CPU time since `earlier`, ns: threads started since count from
+    /// zero; threads that ended meanwhile are not counted (a thread of a
+    /// pool that ends after idling has nothing to add).
+    fn since(&self, earlier: &CpuSnap) -> u64 {
+        self.0
+            .iter()
+            .map(|(tid, &ns)| ns.saturating_sub(earlier.0.get(tid).copied().unwrap_or(0)))
+            .sum()
+    }
 }
 
 /// `pid` and every process below it (the jail, its init, the worker).
@@ -343,8 +388,8 @@ struct Pids {
 }
 
 impl Pids {
-    fn worker_cpu_ns(&self) -> u64 {
-        self.worker.iter().map(|&p| process_cpu_ns(p)).sum()
+    fn snap(&self) -> (CpuSnap, CpuSnap) {
+        (CpuSnap::take(&[self.ccnoded]), CpuSnap::take(&self.worker))
     }
 }
 
@@ -377,11 +422,7 @@ fn served(addr: SocketAddr, model: &str, max_tokens: usize, pids: &Pids) -> Serv
         cpu_worker: 0,
         cpu_client: 0,
     };
-    let cpu0 = (
-        process_cpu_ns(pids.ccnoded),
-        pids.worker_cpu_ns(),
-        thread_cpu_ns(),
-    );
+    let cpu0 = (pids.snap(), thread_cpu_ns());
     let start = Instant::now();
     sock.write_all(request.as_bytes()).expect("send request");
     let (status, chunked) = read_head(&mut r);
@@ -412,9 +453,10 @@ fn served(addr: SocketAddr, model: &str, max_tokens: usize, pids: &Pids) -> Serv
             }
             if data == "[DONE]" {
                 out.total = now - start;
-                out.cpu_client = thread_cpu_ns() - cpu0.2;
-                out.cpu_ccnoded = process_cpu_ns(pids.ccnoded).saturating_sub(cpu0.0);
-                out.cpu_worker = pids.worker_cpu_ns().saturating_sub(cpu0.1);
+                out.cpu_client = thread_cpu_ns().saturating_sub(cpu0.1);
+                let (ccnoded, worker) = pids.snap();
+                out.cpu_ccnoded = ccnoded.since(&cpu0.0 .0);
+                out.cpu_worker = worker.since(&cpu0.0 .1);
                 return out;
             }
             let v: Value = serde_json::from_str(&data)
@@ -490,75 +532,143 @@ impl Spread {
     }
 }
 
+/// One generation in this process: [`Direct`] or the worker's [`Engine`].
+#[derive(Debug)]
+struct Local {
+    first_token: Duration,
+    total: Duration,
+    tokens: u64,
+    text: String,
+    /// CPU time of this process over the generation, ns.
+    cpu: u64,
+}
+
+impl Local {
+    fn per_token_ms(&self) -> f64 {
+        per_token_ms(self.first_token, self.total, self.tokens)
+    }
+}
+
+fn run_direct(m: &Model, max_tokens: usize) -> (Local, usize) {
+    let me = std::process::id();
+    let c = CpuSnap::take(&[me]);
+    let r: Run = m.direct.greedy(PROMPT, max_tokens).expect("direct run");
+    let cpu = CpuSnap::take(&[me]).since(&c);
+    let local = Local {
+        first_token: r.first_token,
+        total: r.total,
+        tokens: r.tokens.len() as u64,
+        text: r.text,
+        cpu,
+    };
+    (local, r.prompt_tokens)
+}
+
+/// The worker's engine, called as the worker calls it (greedy, no stop
+/// strings), timed like [`Direct::greedy`]: the first token is the first
+/// piece of text (the seed makes it a whole character).
+fn run_engine(m: &Model, max_tokens: usize) -> Local {
+    let me = std::process::id();
+    let req = Request {
+        prompt: PROMPT.to_owned(),
+        max_tokens: max_tokens as u32,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+        stop: Vec::new(),
+    };
+    let c = CpuSnap::take(&[me]);
+    let start = Instant::now();
+    let mut first = None;
+    let mut text = String::new();
+    let out = m
+        .engine
+        .generate(&req, &|| false, &mut |piece| {
+            first.get_or_insert_with(|| start.elapsed());
+            text.push_str(piece);
+        })
+        .expect("engine run");
+    let total = start.elapsed();
+    Local {
+        first_token: first.unwrap_or(total),
+        total,
+        tokens: u64::from(out.completion_tokens),
+        text,
+        cpu: CpuSnap::take(&[me]).since(&c),
+    }
+}
+
+/// The in-process peers, in the order the figures list them.
+const PEERS: [&str; 2] = ["direct", "engine"];
+
 /// One round's figures.
 #[derive(Debug)]
 struct Round {
     served: Served,
-    direct: Run,
-    /// CPU time of this process over the direct generation, ns.
-    direct_cpu: u64,
-    served_first: bool,
+    /// [`PEERS`], in that order.
+    peers: [Local; 2],
+    prompt_tokens: usize,
+    /// Which ran first, second, third.
+    order: [&'static str; 3],
 }
 
 impl Round {
-    fn direct_tokens(&self) -> u64 {
-        self.direct.tokens.len() as u64
-    }
     fn served_per_token_ms(&self) -> f64 {
         per_token_ms(self.served.ttft, self.served.total, self.served.tokens)
     }
-    fn direct_per_token_ms(&self) -> f64 {
-        per_token_ms(
-            self.direct.first_token,
-            self.direct.total,
-            self.direct_tokens(),
-        )
+    fn ttft_added_ms(&self, p: usize) -> f64 {
+        ms(self.served.ttft) - ms(self.peers[p].first_token)
     }
-    fn ttft_added_ms(&self) -> f64 {
-        ms(self.served.ttft) - ms(self.direct.first_token)
+    fn added_us(&self, p: usize) -> f64 {
+        (self.served_per_token_ms() - self.peers[p].per_token_ms()) * 1e3
     }
-    fn added_us(&self) -> f64 {
-        (self.served_per_token_ms() - self.direct_per_token_ms()) * 1e3
-    }
-    /// 1 − served rate / direct rate, in %.
-    fn overhead_pct(&self) -> f64 {
-        (1.0 - self.direct_per_token_ms() / self.served_per_token_ms()) * 100.0
+    /// 1 − served rate / peer rate, in %.
+    fn overhead_pct(&self, p: usize) -> f64 {
+        (1.0 - self.peers[p].per_token_ms() / self.served_per_token_ms()) * 100.0
     }
     fn equal(&self) -> bool {
-        self.served.text == self.direct.text
+        self.peers.iter().all(|l| l.text == self.served.text)
     }
 }
 
+/// One round: ccnoded, [`Direct`] and the engine one after the other, in
+/// an order that rotates with `i`.
 fn run_round(
     addr: SocketAddr,
     m: &Model,
     max_tokens: usize,
     pids: &Pids,
-    served_first: bool,
+    i: usize,
     pause: Duration,
 ) -> Round {
-    let me = std::process::id();
-    let run_direct = || {
-        let c = process_cpu_ns(me);
-        let d = m.direct.greedy(PROMPT, max_tokens).expect("direct run");
-        (d, process_cpu_ns(me).saturating_sub(c))
-    };
-    let (s, (d, direct_cpu)) = if served_first {
-        let s = served(addr, m.name, max_tokens, pids);
+    let mut order = ["ccnoded", "direct", "engine"];
+    order.rotate_left(i % 3);
+    let mut served_run = None;
+    let mut direct = None;
+    let mut engine = None;
+    for who in order {
+        match who {
+            "ccnoded" => served_run = Some(served(addr, m.name, max_tokens, pids)),
+            "direct" => direct = Some(run_direct(m, max_tokens)),
+            _ => engine = Some(run_engine(m, max_tokens)),
+        }
         std::thread::sleep(pause);
-        (s, run_direct())
-    } else {
-        let d = run_direct();
-        std::thread::sleep(pause);
-        (served(addr, m.name, max_tokens, pids), d)
-    };
-    std::thread::sleep(pause);
-    Round {
-        served: s,
-        direct: d,
-        direct_cpu,
-        served_first,
     }
+    let (direct, prompt_tokens) = direct.expect("ran");
+    Round {
+        served: served_run.expect("ran"),
+        peers: [direct, engine.expect("ran")],
+        prompt_tokens,
+        order,
+    }
+}
+
+/// The goals, judged against one peer.
+#[derive(Debug, Clone, Copy)]
+struct Verdicts {
+    ttft: bool,
+    per_token: bool,
+    tps: bool,
 }
 
 /// One model's rounds, summarised.
@@ -575,17 +685,25 @@ impl Case<'_> {
         Spread::of(self.rounds.iter().map(f).collect())
     }
 
+    /// ccnoded's CPU over a served generation, idle rate subtracted, µs.
+    fn ccnoded_cpu_us(&self, r: &Round) -> f64 {
+        let idle = self.idle_ns_per_s * r.served.total.as_secs_f64();
+        (r.served.cpu_ccnoded as f64 - idle).max(0.0) / 1e3
+    }
+
     fn print_rounds(&self) {
         println!(
-            "{:>5} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>7} {:>6} {:>9} {:>9} {:>6}",
+            "{:>5} {:>24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>7} {:>6} {:>8} {:>8} {:>5}",
             "round",
-            "first",
+            "order",
             "ttft ccn",
             "ttft dir",
-            "+ttft ms",
+            "ttft eng",
             "ms/t ccn",
             "ms/t dir",
-            "+µs/token",
+            "ms/t eng",
+            "+µs/t dir",
+            "+µs/t eng",
             "tokens",
             "events",
             "ccn µs/t",
@@ -595,16 +713,18 @@ impl Case<'_> {
         for (i, r) in self.rounds.iter().enumerate() {
             let n = r.served.tokens.max(1) as f64;
             println!(
-                "{:>5} {:>7} {:>9.2} {:>9.2} {:>+9.3} {:>9.3} {:>9.3} {:>+10.1} {:>7} {:>6} {:>9.1} {:>9.1} {:>6}",
+                "{:>5} {:>24} {:>9.2} {:>9.2} {:>9.2} {:>9.3} {:>9.3} {:>9.3} {:>+10.1} {:>+10.1} {:>7} {:>6} {:>8.1} {:>8.1} {:>5}",
                 i + 1,
-                if r.served_first { "ccnoded" } else { "direct" },
+                r.order.join(","),
                 ms(r.served.ttft),
-                ms(r.direct.first_token),
-                r.ttft_added_ms(),
+                ms(r.peers[0].first_token),
+                ms(r.peers[1].first_token),
                 r.served_per_token_ms(),
-                r.direct_per_token_ms(),
-                r.added_us(),
-                format!("{}/{}", r.served.tokens, r.direct_tokens()),
+                r.peers[0].per_token_ms(),
+                r.peers[1].per_token_ms(),
+                r.added_us(0),
+                r.added_us(1),
+                format!("{}/{}", r.served.tokens, r.peers[0].tokens),
                 r.served.text_events,
                 self.ccnoded_cpu_us(r) / n,
                 r.served.cpu_client as f64 / 1e3 / n,
@@ -613,29 +733,16 @@ impl Case<'_> {
         }
     }
 
-    /// ccnoded's CPU over a served generation, idle rate subtracted, µs.
-    fn ccnoded_cpu_us(&self, r: &Round) -> f64 {
-        let idle = self.idle_ns_per_s * r.served.total.as_secs_f64();
-        (r.served.cpu_ccnoded as f64 - idle).max(0.0) / 1e3
-    }
-
     fn report(&self, goals: bool) -> Value {
         let r0 = &self.rounds[0];
         let n = self.rounds.len();
         let ttft_s = self.spread(|r| ms(r.served.ttft));
-        let ttft_d = self.spread(|r| ms(r.direct.first_token));
-        let ttft_add = self.spread(Round::ttft_added_ms);
         let pt_s = self.spread(Round::served_per_token_ms);
-        let pt_d = self.spread(Round::direct_per_token_ms);
-        let added = self.spread(Round::added_us);
-        let overhead = self.spread(Round::overhead_pct);
         let total_s = self.spread(|r| ms(r.served.total));
-        let total_d = self.spread(|r| ms(r.direct.total));
-        let per = |r: &Round, ns: u64| ns as f64 / 1e3 / r.served.tokens.max(1) as f64;
-        let cpu_ccn = self.spread(|r| self.ccnoded_cpu_us(r) / r.served.tokens.max(1) as f64);
-        let cpu_cli = self.spread(|r| per(r, r.served.cpu_client));
-        let cpu_wrk = self.spread(|r| per(r, r.served.cpu_worker) / 1e3);
-        let cpu_dir = self.spread(|r| r.direct_cpu as f64 / 1e6 / r.direct_tokens().max(1) as f64);
+        let per_token = |r: &Round, ns: f64| ns / r.served.tokens.max(1) as f64;
+        let cpu_ccn = self.spread(|r| per_token(r, self.ccnoded_cpu_us(r)));
+        let cpu_cli = self.spread(|r| per_token(r, r.served.cpu_client as f64 / 1e3));
+        let cpu_wrk = self.spread(|r| per_token(r, r.served.cpu_worker as f64 / 1e6));
         let mut gaps: Vec<Duration> = self
             .rounds
             .iter()
@@ -646,75 +753,90 @@ impl Case<'_> {
         let full_length = self.rounds.iter().all(|r| {
             r.served.finish == "length"
                 && r.served.tokens == self.max_tokens as u64
-                && r.direct_tokens() == self.max_tokens as u64
+                && r.peers.iter().all(|l| l.tokens == self.max_tokens as u64)
         });
-
-        let goal_ttft = ttft_add.p50 < GOAL_ADDED_TTFT_MS;
-        let goal_tps = overhead.p50 < GOAL_TPS_OVERHEAD_PCT;
-        let goal_pt = added.p50 < GOAL_ADDED_PER_TOKEN_US;
-        let slow_enough = pt_d.p50 >= MIN_TOKEN_MS;
-        let verdict = |met: bool| match (goals, met) {
+        let mark = |met: bool| match (goals, met) {
             (false, _) => "",
             (true, true) => "met",
             (true, false) => "MISSED",
         };
 
         println!(
-            "{}: medians over {n} rounds (added: median of the per-round differences [p25 .. p75])",
+            "{}: medians over {n} rounds; added = median of the per-round differences, ccnoded minus peer [p25 .. p75]",
             self.model.name
         );
         println!(
-            "  {:<30} {:>10} {:>10} {:>30}  {:<10} verdict",
-            "figure", "ccnoded", "direct", "added", "goal"
-        );
-        println!(
-            "  {:<30} {:>10.3} {:>10.3} {:>+11.3} ms [{:+.3} .. {:+.3}]  {:<10} {}",
-            "time to first token, ms",
+            "  ccnoded: time to first token {:.3} ms, {:.3} ms per token ({:.3} tokens/s), whole generation {:.1} ms",
             ttft_s.p50,
-            ttft_d.p50,
-            ttft_add.p50,
-            ttft_add.p25,
-            ttft_add.p75,
-            "< +2 ms",
-            verdict(goal_ttft)
-        );
-        println!(
-            "  {:<30} {:>10.3} {:>10.3} {:>+11.1} µs [{:+.1} .. {:+.1}]  {:<10} {}",
-            "decode ms per token",
             pt_s.p50,
-            pt_d.p50,
-            added.p50,
-            added.p25,
-            added.p75,
-            "< +100 µs",
-            verdict(goal_pt)
-        );
-        println!(
-            "  {:<30} {:>10.3} {:>10.3} {:>+12.2}% [{:+.2} .. {:+.2}]  {:<10} {}",
-            "decode tokens/s (overhead)",
             1e3 / pt_s.p50,
-            1e3 / pt_d.p50,
-            overhead.p50,
-            overhead.p25,
-            overhead.p75,
-            "< 5%",
-            verdict(goal_tps)
+            total_s.p50
         );
+        let mut peers_json = serde_json::Map::new();
+        let mut verdicts = Vec::new();
+        for (p, name) in PEERS.iter().enumerate() {
+            let ttft = self.spread(|r| ms(r.peers[p].first_token));
+            let pt = self.spread(|r| r.peers[p].per_token_ms());
+            let total = self.spread(|r| ms(r.peers[p].total));
+            let cpu =
+                self.spread(|r| r.peers[p].cpu as f64 / 1e6 / r.peers[p].tokens.max(1) as f64);
+            let ttft_add = self.spread(|r| r.ttft_added_ms(p));
+            let added = self.spread(|r| r.added_us(p));
+            let overhead = self.spread(|r| r.overhead_pct(p));
+            let v = Verdicts {
+                ttft: ttft_add.p50 < GOAL_ADDED_TTFT_MS,
+                per_token: added.p50 < GOAL_ADDED_PER_TOKEN_US,
+                tps: overhead.p50 < GOAL_TPS_OVERHEAD_PCT,
+            };
+            verdicts.push(v);
+            println!(
+                "  vs {name}: TTFT {:.3} ms, {:.3} ms per token ({:.3} tokens/s), whole {:.1} ms, CPU {:.3} ms per token",
+                ttft.p50,
+                pt.p50,
+                1e3 / pt.p50,
+                total.p50,
+                cpu.p50
+            );
+            println!(
+                "    added TTFT {:+.3} ms [{:+.3} .. {:+.3}] (goal < +2 ms) {}; added per token {:+.1} µs [{:+.1} .. {:+.1}] \
+                 (goal < +100 µs) {}; tokens/s overhead {:+.2}% [{:+.2} .. {:+.2}] (goal < 5%) {}",
+                ttft_add.p50,
+                ttft_add.p25,
+                ttft_add.p75,
+                mark(v.ttft),
+                added.p50,
+                added.p25,
+                added.p75,
+                mark(v.per_token),
+                overhead.p50,
+                overhead.p25,
+                overhead.p75,
+                mark(v.tps)
+            );
+            peers_json.insert(
+                (*name).to_owned(),
+                json!({
+                    "ttft_ms": ttft.p50, "ms_per_token": pt.p50, "tokens_per_s": 1e3 / pt.p50,
+                    "total_ms": total.p50, "cpu_ms_per_token": cpu.p50,
+                    "added_ttft_ms": ttft_add.json(), "added_us_per_token": added.json(),
+                    "tps_overhead_pct": overhead.json(),
+                    "goals": goals.then(|| json!({
+                        "added_ttft_under_2ms": v.ttft,
+                        "added_per_token_under_100us": v.per_token,
+                        "tps_overhead_under_5pct": v.tps,
+                    })),
+                }),
+            );
+        }
         println!(
-            "  {:<30} {:>10.1} {:>10.1} {:>+11.1} ms",
-            "whole generation, ms",
-            total_s.p50,
-            total_d.p50,
-            total_s.p50 - total_d.p50
-        );
-        println!(
-            "  CPU per token: ccnoded {:.1} µs (idle {:.1} µs/s subtracted), client {:.1} µs, \
-             worker {:.3} ms; direct (this process) {:.3} ms",
+            "  CPU per token over ccnoded's generations: ccnoded {:.1} µs [{:.1} .. {:.1}] (its idle {:.1} µs/s \
+             subtracted), client {:.1} µs, worker {:.3} ms",
             cpu_ccn.p50,
+            cpu_ccn.p25,
+            cpu_ccn.p75,
             self.idle_ns_per_s / 1e3,
             cpu_cli.p50,
-            cpu_wrk.p50,
-            cpu_dir.p50
+            cpu_wrk.p50
         );
         if let Some(g) = &gap {
             println!(
@@ -731,22 +853,24 @@ impl Case<'_> {
              max_tokens: {full_length}; texts equal in {equal} of {n} rounds",
             self.model.seed,
             self.model.shape.parameters(),
-            r0.direct.prompt_tokens,
+            r0.prompt_tokens,
             r0.served.prompt_tokens,
         );
+        let direct_pt = self.spread(|r| r.peers[0].per_token_ms()).p50;
+        let slow_enough = direct_pt >= MIN_TOKEN_MS;
         if goals {
             println!(
-                "  one token takes {:.2} ms in the direct run: {} the {MIN_TOKEN_MS} ms the issue asks for",
-                pt_d.p50,
+                "  one token takes {direct_pt:.2} ms in the direct run: {} the {MIN_TOKEN_MS} ms the issue asks for",
                 if slow_enough { "at least" } else { "LESS than" }
             );
         }
         for (i, r) in self.rounds.iter().enumerate().filter(|(_, r)| !r.equal()) {
             println!(
-                "  round {}: TEXTS DIFFER\n    ccnoded {:?}\n    direct  {:?}",
+                "  round {}: TEXTS DIFFER\n    ccnoded {:?}\n    direct  {:?}\n    engine  {:?}",
                 i + 1,
                 r.served.text,
-                r.direct.text
+                r.peers[0].text,
+                r.peers[1].text
             );
         }
 
@@ -754,8 +878,14 @@ impl Case<'_> {
             .rounds
             .iter()
             .map(|r| {
+                let local = |l: &Local| {
+                    json!({
+                        "ttft_ms": ms(l.first_token), "total_ms": ms(l.total), "tokens": l.tokens,
+                        "ms_per_token": l.per_token_ms(), "cpu_ms": l.cpu as f64 / 1e6,
+                    })
+                };
                 json!({
-                    "first": if r.served_first { "ccnoded" } else { "direct" },
+                    "order": r.order,
                     "ccnoded": {
                         "ttft_ms": ms(r.served.ttft), "total_ms": ms(r.served.total),
                         "tokens": r.served.tokens, "text_events": r.served.text_events,
@@ -764,46 +894,36 @@ impl Case<'_> {
                         "cpu_worker_ms": r.served.cpu_worker as f64 / 1e6,
                         "cpu_client_us": r.served.cpu_client as f64 / 1e3,
                     },
-                    "direct": {
-                        "ttft_ms": ms(r.direct.first_token), "total_ms": ms(r.direct.total),
-                        "tokens": r.direct_tokens(), "ms_per_token": r.direct_per_token_ms(),
-                        "cpu_ms": r.direct_cpu as f64 / 1e6,
-                    },
+                    "direct": local(&r.peers[0]),
+                    "engine": local(&r.peers[1]),
                     "texts_equal": r.equal(),
                 })
             })
             .collect();
-        let mut v = json!({
+        json!({
             "model": self.model.name,
             "seed": self.model.seed,
             "parameters": self.model.shape.parameters(),
-            "prompt_tokens": r0.direct.prompt_tokens,
+            "prompt_tokens": r0.prompt_tokens,
             "max_tokens": self.max_tokens,
             "rounds": rows,
-            "ttft_ms": {"ccnoded": ttft_s.p50, "direct": ttft_d.p50, "added": ttft_add.json()},
-            "ms_per_token": {"ccnoded": pt_s.p50, "direct": pt_d.p50, "added_us": added.json()},
-            "decode_tokens_per_s": {"ccnoded": 1e3 / pt_s.p50, "direct": 1e3 / pt_d.p50, "overhead_pct": overhead.json()},
-            "total_ms": {"ccnoded": total_s.p50, "direct": total_d.p50},
+            "ccnoded": {
+                "ttft_ms": ttft_s.p50, "ms_per_token": pt_s.p50, "tokens_per_s": 1e3 / pt_s.p50,
+                "total_ms": total_s.p50,
+            },
+            "peers": peers_json,
             "cpu_per_token": {
                 "ccnoded_us": cpu_ccn.json(), "client_us": cpu_cli.json(),
-                "worker_ms": cpu_wrk.json(), "direct_ms": cpu_dir.json(),
+                "worker_ms": cpu_wrk.json(),
                 "ccnoded_idle_us_per_s": self.idle_ns_per_s / 1e3,
             },
             "ccnoded_event_gaps": gap.map(|g| g.json()),
+            "one_token_at_least_10ms": goals.then_some(slow_enough),
             "texts_equal": equal == n,
             "full_length": full_length,
             "text_events": text_events_note(&self.rounds),
-            "text": r0.direct.text,
-        });
-        if goals {
-            v["goals"] = json!({
-                "added_ttft_under_2ms": goal_ttft,
-                "added_per_token_under_100us": goal_pt,
-                "tps_overhead_under_5pct": goal_tps,
-                "one_token_at_least_10ms": slow_enough,
-            });
-        }
-        v
+            "text": r0.served.text,
+        })
     }
 }
 
@@ -816,9 +936,9 @@ fn text_events_note(rounds: &[Round]) -> Value {
 
 /// ccnoded's CPU per second over `d` of idleness, ns.
 fn idle_rate(pid: u32, d: Duration) -> f64 {
-    let c = process_cpu_ns(pid);
+    let c = CpuSnap::take(&[pid]);
     std::thread::sleep(d);
-    (process_cpu_ns(pid) - c) as f64 / d.as_secs_f64()
+    CpuSnap::take(&[pid]).since(&c) as f64 / d.as_secs_f64()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -842,12 +962,12 @@ fn measure<'a>(
         pids.worker[0]
     );
     for i in 0..warmup {
-        let _ = run_round(addr, m, max_tokens, &pids, i % 2 == 0, pause);
+        let _ = run_round(addr, m, max_tokens, &pids, i, pause);
     }
     // ccnoded's idle CPU rate, right before the timed rounds.
     let idle_ns_per_s = idle_rate(pids.ccnoded, idle);
     let rounds = (0..rounds)
-        .map(|i| run_round(addr, m, max_tokens, &pids, i % 2 == 0, pause))
+        .map(|i| run_round(addr, m, max_tokens, &pids, i, pause))
         .collect();
     Case {
         model: m,
