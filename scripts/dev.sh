@@ -10,7 +10,7 @@ need_rust
 # libtss2-dev and pkg-config build ccnoded (tss-esapi links libtss2);
 # swtpm is dev mode's TPM, a real TPM 2.0 emulator.
 ensure_debs libtss2-dev pkg-config swtpm swtpm-tools
-say "building ccnoded, ccnodectl, ccnode-verify and ccnode-worker"
+say "building ccnoded, ccnodectl, ccnode-verify, ccnode-worker and ccnode-scrub"
 cargo build --locked --bins -q
 mkdir -p dev-state/tpm
 # The dev model: tiny, random weights, signed with a development key and

@@ -820,6 +820,11 @@ fn claims(ctx: &Source) -> Claims {
         gpu,
         drift,
         models: ctx.models.as_ref().map(|m| m.claims()).unwrap_or_default(),
+        vram_scrub: ctx
+            .models
+            .as_ref()
+            .and_then(|m| m.scrubber())
+            .map(|s| s.claims()),
         tls_spki_sha256: ctx.tls_spki_sha256.clone(),
         tee_kind: String::new(),
     }

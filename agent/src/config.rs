@@ -403,6 +403,102 @@ pub struct GpuConfig {
     /// "quarantine"`); fields not listed get `alert`, except `mig_layout`,
     /// which gets `block`.
     pub drift_action: std::collections::BTreeMap<ccnode_gpu::drift::DriftField, DriftAction>,
+    /// `[gpu.scrub]`: VRAM scrubbing between tenants.
+    pub scrub: ScrubPolicy,
+}
+
+/// What ccnoded does with a device whose scrub failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScrubAction {
+    /// Keep the device out of service (no worker gets it).
+    Block,
+    /// Also quarantine the node.
+    Quarantine,
+}
+
+impl ScrubAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScrubAction::Block => "block",
+            ScrubAction::Quarantine => "quarantine",
+        }
+    }
+}
+
+/// `[gpu.scrub]`: when and how each GPU or MIG device's memory is scrubbed
+/// (docs/gpu-isolation.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScrubPolicy {
+    /// Scrub at start, when a worker's device is released, and on
+    /// quarantine. Off: devices change hands unscrubbed (a warning at
+    /// start, `ccnode_scrub_enabled 0`, and the attestation claims say so).
+    pub enabled: bool,
+    /// The scrub program (`ccnode-scrub`), an absolute path or looked up on
+    /// PATH.
+    pub binary: PathBuf,
+    /// Longest one device's scrub may take; then it is killed and failed.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Least share of the device's memory a scrub must cover (0 to 1).
+    pub min_coverage: f64,
+    /// What a failed scrub, or one below `min_coverage`, does.
+    pub on_failure: ScrubAction,
+    /// Largest allocation of the scrub, MiB.
+    pub chunk_mib: u64,
+    /// Scrubs run at once (one process per device).
+    pub parallel: usize,
+}
+
+impl Default for ScrubPolicy {
+    fn default() -> Self {
+        ScrubPolicy {
+            enabled: true,
+            binary: PathBuf::from("ccnode-scrub"),
+            timeout: Duration::from_secs(600),
+            min_coverage: 0.95,
+            on_failure: ScrubAction::Block,
+            chunk_mib: 1024,
+            parallel: 8,
+        }
+    }
+}
+
+impl ScrubPolicy {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.min_coverage > 0.0 && self.min_coverage <= 1.0) {
+            return Err(ConfigError::invalid(
+                "gpu.scrub.min_coverage",
+                format!("must be above 0 and at most 1, found {}", self.min_coverage),
+            ));
+        }
+        if self.timeout < Duration::from_millis(100) || self.timeout > Duration::from_secs(3600) {
+            return Err(ConfigError::invalid(
+                "gpu.scrub.timeout",
+                "must be between 100ms and 1h",
+            ));
+        }
+        if !(2..=65536).contains(&self.chunk_mib) {
+            return Err(ConfigError::invalid(
+                "gpu.scrub.chunk_mib",
+                format!("must be between 2 and 65536, found {}", self.chunk_mib),
+            ));
+        }
+        if !(1..=64).contains(&self.parallel) {
+            return Err(ConfigError::invalid(
+                "gpu.scrub.parallel",
+                format!("must be between 1 and 64, found {}", self.parallel),
+            ));
+        }
+        if self.binary.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(
+                "gpu.scrub.binary",
+                "must not be empty",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for GpuConfig {
@@ -414,6 +510,7 @@ impl Default for GpuConfig {
             health: GpuHealthPolicy::default(),
             baseline: ccnode_gpu::drift::Baseline::default(),
             drift_action: std::collections::BTreeMap::new(),
+            scrub: ScrubPolicy::default(),
         }
     }
 }
@@ -796,6 +893,7 @@ impl Config {
     /// Checks the values that the types alone do not.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.inference.validate()?;
+        self.gpu.scrub.validate()?;
         if let Some(id) = &self.node.id {
             validate_node_id(id)?;
         }

@@ -314,6 +314,15 @@ async fn serve(
 
     // GPUs: one poll and its policy before READY, so that drift or a sick
     // GPU found at start has taken effect when systemd hears we are up.
+    // The device ledger and VRAM scrubs, over the same backend.
+    let scrubber = gpu_backend.as_ref().map(|b| {
+        crate::gpu::scrub::Scrubber::new(
+            b.clone(),
+            config.gpu.scrub.clone(),
+            node.clone(),
+            node.metrics().registry(),
+        )
+    });
     let gpu = match gpu_backend {
         None => None,
         Some(backend) => {
@@ -344,10 +353,19 @@ async fn serve(
         node.metrics(),
         gpu.clone(),
         attester.as_ref().map(|a| a.tpm().clone()),
+        scrubber.clone(),
     );
     {
+        // Every device is scrubbed before its first worker: whatever the
+        // last process left in VRAM (before a crash or a reboot of
+        // ccnoded) does not reach a tenant.
         let m = inference.clone();
-        tokio::task::spawn_blocking(move || m.load_configured());
+        tokio::task::spawn_blocking(move || {
+            if let Some(s) = m.scrubber() {
+                s.scrub_all("start");
+            }
+            m.load_configured();
+        });
     }
     let follow_task = tokio::spawn(inference.clone().follow_node(stop.clone()));
 

@@ -17,6 +17,7 @@
 //! `stop` ends are closed, cancelling their generations. Errors are
 //! OpenAI error objects with stable codes.
 
+use crate::timefmt::unix_now;
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::hash::{BuildHasher, Hasher};
@@ -435,13 +436,6 @@ fn json_response(status: StatusCode, body: &Value) -> Resp {
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// A response id: `prefix` and 32 hex digits, unique in this process and

@@ -3,24 +3,19 @@
 //! jail: namespaces, Landlock, seccomp), hands it the sealed bytes, and
 //! serves the OpenAI API from it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ccnode_testkit::api::{self, Event, Stream};
 use ccnode_testkit::{TestNode, PATIENCE};
-use ccnode_worker::testmodel::{self, Shape};
+use ccnode_worker::testmodel::Shape;
 use serde_json::{json, Value};
 
-const CCNODED: &str = env!("CARGO_BIN_EXE_ccnoded");
+mod common;
+use common::{make_model, Model};
 
-/// A generated model, signed, with its trust policy.
-struct Model {
-    _dir: tempfile::TempDir,
-    dir: PathBuf,
-    sig: PathBuf,
-    policy: PathBuf,
-}
+const CCNODED: &str = env!("CARGO_BIN_EXE_ccnoded");
 
 fn small() -> Shape {
     Shape::tiny()
@@ -37,35 +32,6 @@ fn slower() -> Shape {
         num_key_value_heads: 2,
         max_position_embeddings: 1024,
         shards: 2,
-    }
-}
-
-fn make_model(name: &str, shape: &Shape, seed: u64) -> Model {
-    let tmp = tempfile::Builder::new()
-        .prefix("ccnode-model-")
-        .tempdir()
-        .unwrap();
-    let dir = tmp.path().join("model");
-    std::fs::create_dir(&dir).unwrap();
-    testmodel::write_model(&dir, shape, seed).unwrap();
-    let key = ccnode_attest::oms::sign::key_from_seed(seed);
-    let bundle = ccnode_attest::oms::sign::sign_dir_p256(&dir, &key, name).unwrap();
-    let sig = tmp.path().join("model.sig");
-    std::fs::write(&sig, bundle).unwrap();
-    let pubkey = tmp.path().join("key.pub.pem");
-    ccnode_attest::oms::sign::write_public_key_pem(&pubkey, &key).unwrap();
-    let policy = tmp.path().join("trust.toml");
-    std::fs::write(
-        &policy,
-        format!("[[signer]]\nmodels = [\"{name}\"]\npublic_keys = [\"key.pub.pem\"]\n"),
-    )
-    .unwrap();
-    // The worker user reads nothing of this: it gets sealed memfds.
-    Model {
-        _dir: tmp,
-        dir,
-        sig,
-        policy,
     }
 }
 

@@ -70,6 +70,10 @@ pub struct Claims {
     /// Models loaded, with their digests.
     #[serde(default)]
     pub models: Vec<ModelClaim>,
+    /// VRAM scrubbing: whether it is on, and each device's latest scrub
+    /// (from the agent; opaque here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vram_scrub: Option<serde_json::Value>,
     /// sha256 of the SubjectPublicKeyInfo of the node's TLS key, hex, when
     /// the endpoint serves TLS (lets a verifier pin the connection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -453,6 +457,7 @@ pub(crate) mod tests {
                 name: "m".into(),
                 digest: format!("sha256:{}", "33".repeat(32)),
             }],
+            vram_scrub: None,
             tls_spki_sha256: None,
             tee_kind: "simulated".into(),
         }

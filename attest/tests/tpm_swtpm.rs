@@ -46,6 +46,7 @@ fn claims() -> Claims {
             name: "tiny".into(),
             digest: format!("sha256:{}", "cc".repeat(32)),
         }],
+        vram_scrub: None,
         tls_spki_sha256: None,
         tee_kind: String::new(),
     }

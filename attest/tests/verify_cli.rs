@@ -31,6 +31,7 @@ fn claims() -> Claims {
         gpu: None,
         drift: None,
         models: vec![],
+        vram_scrub: None,
         tls_spki_sha256: None,
         tee_kind: String::new(),
     }

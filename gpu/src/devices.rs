@@ -36,6 +36,9 @@ pub struct DeviceRoots {
     pub dev: PathBuf,
     /// `/proc/driver/nvidia-caps/mig-minors`.
     pub mig_minors: PathBuf,
+    /// The simulated VRAM files ([`crate::scrub`]), on the sim backend
+    /// only; each device's is granted with its nodes.
+    pub sim_vram: Option<PathBuf>,
 }
 
 impl Default for DeviceRoots {
@@ -43,6 +46,7 @@ impl Default for DeviceRoots {
         DeviceRoots {
             dev: PathBuf::from("/dev"),
             mig_minors: PathBuf::from("/proc/driver/nvidia-caps/mig-minors"),
+            sim_vram: None,
         }
     }
 }
@@ -53,6 +57,7 @@ impl DeviceRoots {
         DeviceRoots {
             dev: root.join("dev"),
             mig_minors: root.join("proc/driver/nvidia-caps/mig-minors"),
+            sim_vram: Some(root.join(crate::scrub::SIM_VRAM_DIR)),
         }
     }
 }
@@ -225,6 +230,15 @@ pub fn grant(inv: &Inventory, target: &str, roots: &DeviceRoots) -> Result<Grant
             nodes.push(p);
         }
     }
+    // The sim's stand-in for the device's memory, which its worker may
+    // write like VRAM (and which is scrubbed after it).
+    if let Some(p) = roots
+        .sim_vram
+        .as_deref()
+        .and_then(|d| crate::scrub::sim_vram_path(d, &uuid))
+    {
+        nodes.push(existing(p)?);
+    }
     Ok(Grant {
         cuda_visible_devices: uuid.clone(),
         uuid,
@@ -309,12 +323,16 @@ mod tests {
                 dev("nvidiactl"),
                 dev("nvidia-uvm"),
                 dev("nvidia-uvm-tools"),
+                // The sim's stand-in for its memory, its own only.
+                root.path().join("sim-vram/MIG-1-8-0"),
             ]
         );
-        // Its siblings' capabilities are not among them.
+        // Its siblings' capabilities and memory are not among them.
         for other in ["gpu3/gi7/access", "gpu3/gi9/ci0/access"] {
             assert!(!g.nodes.contains(&cap(other)), "{other}");
         }
+        assert!(root.path().join("sim-vram/MIG-1-7-0").is_file());
+        assert!(!g.nodes.iter().any(|n| n.ends_with("MIG-1-7-0")));
         // A whole GPU with MIG off, by index or UUID: its node, no caps.
         let whole = grant(&inv, "0", &roots).unwrap();
         assert_eq!(whole.cuda_visible_devices, inv.gpus[0].uuid);

@@ -12,11 +12,13 @@
 //! Every backend call may block (NVML does): callers run them on their own
 //! threads, never on an async runtime. [`drift`] compares an inventory with
 //! a pinned baseline; it is pure. [`devices`] resolves what a worker given
-//! one GPU or MIG device may open.
+//! one GPU or MIG device may open. [`scrub`] is what a VRAM scrub reports
+//! and the simulated VRAM.
 
 pub mod devices;
 pub mod drift;
 pub mod nvml;
+pub mod scrub;
 pub mod sim;
 mod types;
 

@@ -560,8 +560,10 @@ impl GpuBackend for SimBackend {
 /// `dev/nvidia<minor>` per GPU, the shared driver nodes,
 /// `dev/nvidia-caps/nvidia-cap<N>` and `proc/driver/nvidia-caps/mig-minors`
 /// with one GPU-instance and one compute-instance capability per MIG device
-/// (after the driver's `config 1` and `monitor 2`). Existing files are
-/// replaced, so a test can restore a tree it broke.
+/// (after the driver's `config 1` and `monitor 2`), and each device's sim
+/// VRAM under `sim-vram/` ([`crate::scrub`]). Existing nodes are replaced,
+/// so a test can restore a tree it broke; existing VRAM of the right size
+/// is kept (what a tenant left there stays until a scrub).
 /// [`crate::devices::grant`] resolves against such a tree as against the
 /// real one; only plain files stand in for the nodes.
 pub fn write_device_tree(inv: &crate::Inventory, root: &Path) -> std::io::Result<()> {
@@ -598,6 +600,16 @@ pub fn write_device_tree(inv: &crate::Inventory, root: &Path) -> std::io::Result
                 ),
                 &mut table,
             )?;
+        }
+    }
+    let vram = root.join(crate::scrub::SIM_VRAM_DIR);
+    for g in inv.gpus.iter().filter(|g| !g.lost) {
+        if g.mig_mode == MigMode::Enabled {
+            for m in &g.mig_devices {
+                crate::scrub::ensure_sim_vram(&vram, &m.uuid, m.memory_total_bytes)?;
+            }
+        } else {
+            crate::scrub::ensure_sim_vram(&vram, &g.uuid, g.memory_total_bytes)?;
         }
     }
     let minors = root.join("proc/driver/nvidia-caps");

@@ -455,6 +455,14 @@ async fn run(ctx: &AdminContext, peer: &Peer, access: Access, req: Request) -> R
                 .map(|m| m.assignments())
                 .unwrap_or_default();
             v["assignments"] = json!(assignments);
+            // Each device's scrub state and latest scrub.
+            let scrub = ctx
+                .inference
+                .as_ref()
+                .and_then(|m| m.scrubber())
+                .map(|s| s.status_json())
+                .unwrap_or_default();
+            v["scrub"] = json!(scrub);
             return Response::ok(id, v);
         }
         Command::Drift => {

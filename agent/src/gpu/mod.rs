@@ -10,6 +10,7 @@
 //! says so, quarantines the node. A scrape never calls the backend.
 
 pub mod render;
+pub mod scrub;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -36,6 +36,7 @@ use crate::audit::AuditRecord;
 use crate::config::Config;
 use crate::node::{Node, WorkGuard};
 use crate::state::{Actor, NodeState};
+use crate::timefmt::unix_now;
 use crate::workers::{self, HostSupport};
 
 /// Why a model could not be loaded; `code()` is stable.
@@ -76,6 +77,12 @@ pub enum LoadError {
         device: String,
         holder: String,
     },
+    #[error("model {name}: {source}")]
+    Device {
+        name: String,
+        #[source]
+        source: crate::gpu::scrub::ClaimError,
+    },
     #[error("model {name}: new workers are blocked: {why}")]
     Blocked { name: String, why: String },
     #[error("model {name}: cannot hand the model over: {message}")]
@@ -100,6 +107,7 @@ impl LoadError {
             LoadError::Verify { .. } => "signature_invalid",
             LoadError::Worker { .. } => "worker_setup_failed",
             LoadError::DeviceTaken { .. } => "device_taken",
+            LoadError::Device { source, .. } => source.code(),
             LoadError::Blocked { .. } => "workers_blocked",
             LoadError::HandOver { .. } => "hand_over_failed",
             LoadError::NodeState(_) => "node_not_active",
@@ -156,6 +164,8 @@ struct Job {
 struct Replica {
     index: usize,
     device: Option<String>,
+    /// The scrub ledger's token for `device` while this replica holds it.
+    claim: Mutex<Option<u64>>,
     sup: Mutex<Option<Supervisor>>,
     state: Mutex<WorkerState>,
     busy: Mutex<Option<Job>>,
@@ -191,6 +201,9 @@ pub struct Manager {
     /// Where each verified model is measured (the ccnode PCR and its event
     /// log) before any worker gets its bytes; `None` without attestation.
     tpm: Option<Arc<ccnode_attest::tpm::TpmService>>,
+    /// Who holds which device, and the scrub before it changes hands;
+    /// `None` without a GPU backend.
+    scrubber: Option<Arc<crate::gpu::scrub::Scrubber>>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -201,13 +214,6 @@ impl std::fmt::Debug for Manager {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// The prompt a chat becomes: each message as `<|role|>\n` and its content
@@ -236,6 +242,7 @@ impl Manager {
         metrics: &crate::metrics::Metrics,
         gpu: Option<Arc<crate::gpu::GpuMonitor>>,
         tpm: Option<Arc<ccnode_attest::tpm::TpmService>>,
+        scrubber: Option<Arc<crate::gpu::scrub::Scrubber>>,
     ) -> Arc<Manager> {
         let support = HostSupport::probe(&config.sandbox);
         Arc::new(Manager {
@@ -250,7 +257,13 @@ impl Manager {
             config,
             runtime: tokio::runtime::Handle::current(),
             tpm,
+            scrubber,
         })
+    }
+
+    /// The device ledger and scrubs, when there is a GPU backend.
+    pub fn scrubber(&self) -> Option<&Arc<crate::gpu::scrub::Scrubber>> {
+        self.scrubber.as_ref()
     }
 
     fn inference(&self) -> &InferenceConfig {
@@ -463,6 +476,7 @@ impl Manager {
                     Arc::new(Replica {
                         index,
                         device: g.as_ref().map(|(_, u)| u.clone()),
+                        claim: Mutex::new(None),
                         sup: Mutex::new(None),
                         state: Mutex::new(WorkerState::Starting),
                         busy: Mutex::new(None),
@@ -482,78 +496,105 @@ impl Manager {
                 manager: Arc::downgrade(self),
             }
         });
-        // Start every replica; each gets its own copies of the fds.
-        for (r, g) in model.replicas.iter().zip(&grants) {
-            let extra = fds
-                .iter()
-                .map(|f| f.as_fd().try_clone_to_owned())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| LoadError::HandOver {
-                    name: name.clone(),
-                    message: e.to_string(),
-                })?;
-            let (devices, visible) = g.clone().unwrap_or_default();
-            let mut profile = workers::profile(
-                &self.config.sandbox,
-                &self.support,
-                &format!("worker-{name}-{}", r.index),
-                program.clone(),
-                Vec::new(),
-                devices,
-            )
-            .map_err(|source| LoadError::Worker {
-                name: name.clone(),
-                source,
-            })?;
-            profile.env.retain(|(k, _)| k != "CUDA_VISIBLE_DEVICES");
-            if !visible.is_empty() {
-                profile.env.push(("CUDA_VISIBLE_DEVICES".into(), visible));
-            }
-            let load = wp::Load {
-                model: name.clone(),
-                device: cfg.device.as_str().to_owned(),
-                gpus: r.device.iter().cloned().collect(),
-                files: files.clone(),
-            };
-            let sink = {
-                let model = Arc::downgrade(&model);
-                let replica = r.clone();
-                FrameSink(Arc::new(move |frame: Value| {
-                    model.upgrade().is_some_and(|m| m.on_frame(&replica, frame))
-                }))
-            };
-            let spec = Spec {
-                jail: self.jail.clone(),
-                jail_args: vec![workers::JAIL_ARG.to_owned()],
-                profile,
-                extra_fds: extra,
-                init: Some(wp::with_body("load", &load)),
-                frames: Some(sink),
-            };
-            let policy = Policy {
-                ready_timeout: self.inference().load_timeout,
-                no_restart_codes: vec![i32::from(LOAD_FAILED_EXIT)],
-                max_frame: wp::MAX_FRAME_FROM_WORKER,
-                ..Policy::default()
-            };
-            let (etx, erx) = std::sync::mpsc::channel();
-            let sup = Supervisor::start(spec, policy, etx);
-            let model_w = Arc::downgrade(&model);
-            let replica = r.clone();
-            std::thread::Builder::new()
-                .name("ccnode-worker-events".into())
-                .spawn(move || {
-                    while let Ok(ev) = erx.recv() {
-                        let Some(m) = model_w.upgrade() else { return };
-                        m.on_event(&replica, ev);
+        // Each device from the ledger: free, and scrubbed since its last
+        // tenant (this waits for a scrub in progress).
+        if let Some(scrubber) = &self.scrubber {
+            for r in &model.replicas {
+                let Some(device) = &r.device else { continue };
+                match scrubber.claim(device, &format!("{name}/{}", r.index)) {
+                    Ok(token) => *lock(&r.claim) = Some(token),
+                    Err(source) => {
+                        model.release_devices();
+                        return Err(LoadError::Device {
+                            name: name.clone(),
+                            source,
+                        });
                     }
-                })
-                .map_err(|e| LoadError::HandOver {
-                    name: name.clone(),
-                    message: e.to_string(),
-                })?;
-            *lock(&r.sup) = Some(sup);
+                }
+            }
         }
+        // Start every replica; each gets its own copies of the fds. If one
+        // cannot start, those started are killed and the devices go back
+        // (scrubbed).
+        let started = (|| -> Result<(), LoadError> {
+            for (r, g) in model.replicas.iter().zip(&grants) {
+                let extra = fds
+                    .iter()
+                    .map(|f| f.as_fd().try_clone_to_owned())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| LoadError::HandOver {
+                        name: name.clone(),
+                        message: e.to_string(),
+                    })?;
+                let (devices, visible) = g.clone().unwrap_or_default();
+                let mut profile = workers::profile(
+                    &self.config.sandbox,
+                    &self.support,
+                    &format!("worker-{name}-{}", r.index),
+                    program.clone(),
+                    Vec::new(),
+                    devices,
+                )
+                .map_err(|source| LoadError::Worker {
+                    name: name.clone(),
+                    source,
+                })?;
+                profile.env.retain(|(k, _)| k != "CUDA_VISIBLE_DEVICES");
+                if !visible.is_empty() {
+                    profile.env.push(("CUDA_VISIBLE_DEVICES".into(), visible));
+                }
+                let load = wp::Load {
+                    model: name.clone(),
+                    device: cfg.device.as_str().to_owned(),
+                    gpus: r.device.iter().cloned().collect(),
+                    files: files.clone(),
+                };
+                let sink = {
+                    let model = Arc::downgrade(&model);
+                    let replica = r.clone();
+                    FrameSink(Arc::new(move |frame: Value| {
+                        model.upgrade().is_some_and(|m| m.on_frame(&replica, frame))
+                    }))
+                };
+                let spec = Spec {
+                    jail: self.jail.clone(),
+                    jail_args: vec![workers::JAIL_ARG.to_owned()],
+                    profile,
+                    extra_fds: extra,
+                    init: Some(wp::with_body("load", &load)),
+                    frames: Some(sink),
+                };
+                let policy = Policy {
+                    ready_timeout: self.inference().load_timeout,
+                    no_restart_codes: vec![i32::from(LOAD_FAILED_EXIT)],
+                    max_frame: wp::MAX_FRAME_FROM_WORKER,
+                    ..Policy::default()
+                };
+                let (etx, erx) = std::sync::mpsc::channel();
+                let sup = Supervisor::start(spec, policy, etx);
+                let model_w = Arc::downgrade(&model);
+                let replica = r.clone();
+                std::thread::Builder::new()
+                    .name("ccnode-worker-events".into())
+                    .spawn(move || {
+                        while let Ok(ev) = erx.recv() {
+                            let Some(m) = model_w.upgrade() else { return };
+                            m.on_event(&replica, ev);
+                        }
+                    })
+                    .map_err(|e| LoadError::HandOver {
+                        name: name.clone(),
+                        message: e.to_string(),
+                    })?;
+                *lock(&r.sup) = Some(sup);
+            }
+            Ok(())
+        })();
+        if let Err(e) = started {
+            model.stop_workers(true);
+            return Err(e);
+        }
+
         // A worker that became ready before its supervisor was stored.
         model.pump();
         self.metrics
@@ -649,6 +690,13 @@ impl Manager {
                 NodeState::Draining => {
                     m.fail_queue("node_draining", "the node is draining");
                 }
+            }
+        }
+        // Quarantine scrubs every device no worker holds any more (the
+        // killed workers' devices are being scrubbed already).
+        if state == NodeState::Quarantined {
+            if let Some(s) = &self.scrubber {
+                s.scrub_all("quarantine");
             }
         }
         // Configured models not loaded yet (the node started drained or
@@ -994,6 +1042,11 @@ impl Model {
                 if none_coming {
                     self.fail_queue("model_not_ready", "no worker serves this model now");
                 }
+                // This worker is gone for good: its device is scrubbed
+                // before it serves anyone else.
+                if restart_in.is_none() {
+                    self.release_device(r);
+                }
             }
         }
     }
@@ -1041,6 +1094,25 @@ impl Model {
             .collect();
         for h in handles {
             let _ = h.join();
+        }
+        self.release_devices();
+    }
+
+    /// Gives every replica's device back to the ledger, which scrubs it
+    /// before anyone else may have it. Only for workers that are gone.
+    fn release_devices(&self) {
+        for r in &self.replicas {
+            self.release_device(r);
+        }
+    }
+
+    fn release_device(&self, r: &Replica) {
+        let Some(m) = self.manager() else { return };
+        let (Some(scrubber), Some(device)) = (&m.scrubber, &r.device) else {
+            return;
+        };
+        if let Some(token) = lock(&r.claim).take() {
+            scrubber.release(device, token);
         }
     }
 

@@ -3,14 +3,43 @@
 //! benchmark. `ccnode-test-worker [MODE]`, MODE one of:
 //! `well` (default: ready, answer health, exit 0 on shutdown),
 //! `exit N`, `sigsys`, `silent`, `flood`, `oversize`, `malformed`,
-//! `ignore-shutdown`, `fork-bomb`; without arguments, MODE is read from
-//! `CCNODE_TEST_WORKER_MODE`.
+//! `ignore-shutdown`, `fork-bomb`, `plant DIR` (reads its sim VRAM,
+//! `DIR/$CUDA_VISIBLE_DEVICES`, exits 66 if a previous tenant's [`SECRET`]
+//! is in it, else writes the secret over all of it and behaves well);
+//! without arguments, MODE is read from `CCNODE_TEST_WORKER_MODE`.
 
 use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 
 use ccnode_sandbox::control::{message, read_frame, write_frame, DEFAULT_MAX_FRAME};
+
+/// What `plant` writes, over and over, into the worker's sim VRAM.
+const SECRET: &[u8] = b"CCNODE-TENANT-SECRET-";
+
+fn plant(dir: &str) {
+    let device = std::env::var("CUDA_VISIBLE_DEVICES").expect("a device");
+    let path = std::path::Path::new(dir).join(device);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut before = Vec::new();
+    std::io::Read::read_to_end(&mut f, &mut before).expect("read the VRAM");
+    if before.windows(SECRET.len()).any(|w| w == SECRET) {
+        eprintln!(
+            "ccnode-test-worker: a previous tenant's secret is in {}",
+            path.display()
+        );
+        std::process::exit(66);
+    }
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0)).expect("seek");
+    let len = before.len();
+    let bytes: Vec<u8> = SECRET.iter().copied().cycle().take(len).collect();
+    f.write_all(&bytes).expect("plant the secret");
+    f.sync_all().expect("sync");
+}
 
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -37,6 +66,9 @@ fn main() {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         }
         _ => {}
+    }
+    if mode == "plant" {
+        plant(args.get(1).map(String::as_str).unwrap_or("."));
     }
     write_frame(&mut sock, &message("ready")).expect("send ready");
     match mode {

@@ -1,0 +1,724 @@
+//! VRAM scrubbing between tenants: which device is whose, and the scrub
+//! that runs before a device changes hands.
+//!
+//! Every GPU (MIG off) or MIG device is in one state: `unscrubbed` (found,
+//! not scrubbed since ccnoded started), `free` (its last scrub passed),
+//! `claimed` by one worker replica, `scrubbing`, or `out_of_service` (its
+//! last scrub failed or fell below the policy's coverage). A worker gets a
+//! device only from `free`: [`Scrubber::claim`] waits for a scrub in
+//! progress and scrubs an unscrubbed device first. [`Scrubber::release`]
+//! (the worker is gone for good: unloaded, drained, killed, or ended
+//! without a restart) scrubs it before anyone else can claim it. A
+//! supervisor's restart of the same replica keeps the claim: the same
+//! verified model, for the same tenant, on the same device.
+//!
+//! A scrub is one `ccnode-scrub` child per device (one CUDA process sees
+//! one MIG device), with a cleared environment, `CUDA_VISIBLE_DEVICES` set
+//! to the device, its own process group (killed whole at the timeout) and
+//! a bounded report. A child that crashes, hangs or reports figures that do
+//! not add up ([`ScrubReport::check`]) is a failed scrub.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use ccnode_gpu::scrub::{ScrubFailure, ScrubReport, MAX_REPORT_BYTES};
+use ccnode_gpu::{BackendKind, GpuBackend};
+use serde::Serialize;
+
+use super::lock;
+use crate::audit::AuditRecord;
+use crate::config::{ScrubAction, ScrubPolicy};
+use crate::node::Node;
+use crate::state::{Actor, Event, NodeState};
+use crate::timefmt::unix_now;
+
+/// Longest stderr kept from a scrub child, for the log.
+const MAX_STDERR: usize = 4096;
+
+/// The scrub program: `binary` itself if it is a path; a bare name is
+/// looked for next to ccnoded's own executable first (an install puts
+/// both in one directory, and so does cargo), then on PATH.
+fn scrub_program(binary: &std::path::Path) -> Result<std::path::PathBuf, String> {
+    let name = binary.to_string_lossy();
+    if !name.contains('/') {
+        let beside = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join(binary)));
+        if let Some(p) = beside.filter(|p| p.is_file()) {
+            return Ok(p);
+        }
+    }
+    crate::workers::resolve_program(&name).map_err(|e| e.to_string())
+}
+
+/// Where a device stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    Unscrubbed,
+    Free,
+    Claimed { token: u64, holder: String },
+    Scrubbing,
+    OutOfService(String),
+}
+
+impl State {
+    fn label(&self) -> &'static str {
+        match self {
+            State::Unscrubbed => "unscrubbed",
+            State::Free => "free",
+            State::Claimed { .. } => "claimed",
+            State::Scrubbing => "scrubbing",
+            State::OutOfService(_) => "out_of_service",
+        }
+    }
+}
+
+/// The latest scrub of a device.
+#[derive(Debug, Clone, Serialize)]
+pub struct LastScrub {
+    /// `ok`, `low_coverage`, `timeout`, `crashed`, `bad_report`,
+    /// `child_error`, `spawn_failed`.
+    pub result: &'static str,
+    /// Why the scrub ran: `start`, `release`, `quarantine`, `claim`.
+    pub trigger: String,
+    /// Unix seconds when it ended.
+    pub at: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report: Option<ScrubReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug)]
+struct Dev {
+    state: State,
+    last: Option<LastScrub>,
+}
+
+/// Why a device cannot be claimed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error("device {device} is out of service: {why}")]
+    OutOfService { device: String, why: String },
+    #[error("device {device} is held by {holder}")]
+    Taken { device: String, holder: String },
+    #[error("device {device} is still being scrubbed")]
+    Busy { device: String },
+}
+
+impl ClaimError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ClaimError::OutOfService { .. } => "device_out_of_service",
+            ClaimError::Taken { .. } => "device_taken",
+            ClaimError::Busy { .. } => "device_busy",
+        }
+    }
+}
+
+/// A scrub's outcome, before the policy.
+struct Outcome {
+    result: &'static str,
+    report: Option<ScrubReport>,
+    error: Option<String>,
+}
+
+/// The scrub metrics (docs/metrics.md).
+#[derive(Debug, Clone)]
+struct ScrubMetrics {
+    scrubs: prometheus::IntCounterVec,
+    bytes: prometheus::IntCounterVec,
+    duration: prometheus::Histogram,
+    coverage: prometheus::GaugeVec,
+    out_of_service: prometheus::IntGaugeVec,
+    enabled: prometheus::IntGauge,
+}
+
+impl ScrubMetrics {
+    fn new(r: &prometheus::Registry) -> ScrubMetrics {
+        use prometheus::{
+            GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+        };
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(
+            r: &prometheus::Registry,
+            c: C,
+        ) -> C {
+            let _ = r.register(Box::new(c.clone()));
+            c
+        }
+        ScrubMetrics {
+            scrubs: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ccnode_scrubs_total",
+                        "VRAM scrubs by device and result (ok, low_coverage, timeout, crashed, bad_report, child_error, spawn_failed).",
+                    ),
+                    &["device", "result"],
+                )
+                .expect("valid metric"),
+            ),
+            bytes: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new("ccnode_scrub_bytes_total", "VRAM bytes zeroed and verified, by device."),
+                    &["device"],
+                )
+                .expect("valid metric"),
+            ),
+            duration: reg(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "ccnode_scrub_duration_seconds",
+                        "Time one device's scrub took, child start to report (failed ones too).",
+                    )
+                    .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0]),
+                )
+                .expect("valid metric"),
+            ),
+            coverage: reg(
+                r,
+                GaugeVec::new(
+                    Opts::new(
+                        "ccnode_scrub_coverage_ratio",
+                        "Share of the device's memory the last passing report covered (0 after a failed scrub).",
+                    ),
+                    &["device"],
+                )
+                .expect("valid metric"),
+            ),
+            out_of_service: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "ccnode_scrub_device_out_of_service",
+                        "1 while a device is kept from workers because its last scrub failed.",
+                    ),
+                    &["device"],
+                )
+                .expect("valid metric"),
+            ),
+            enabled: reg(
+                r,
+                IntGauge::new("ccnode_scrub_enabled", "1 when VRAM is scrubbed between tenants (gpu.scrub.enabled).")
+                    .expect("valid metric"),
+            ),
+        }
+    }
+}
+
+/// The device ledger and the scrubs.
+pub struct Scrubber {
+    backend: Arc<dyn GpuBackend>,
+    policy: ScrubPolicy,
+    devices: Mutex<BTreeMap<String, Dev>>,
+    changed: Condvar,
+    next_token: std::sync::atomic::AtomicU64,
+    metrics: ScrubMetrics,
+    node: Arc<Node>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for Scrubber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scrubber").finish_non_exhaustive()
+    }
+}
+
+impl Scrubber {
+    /// A ledger of `backend`'s devices, none scrubbed yet. Call inside the
+    /// tokio runtime.
+    pub fn new(
+        backend: Arc<dyn GpuBackend>,
+        policy: ScrubPolicy,
+        node: Arc<Node>,
+        registry: &prometheus::Registry,
+    ) -> Arc<Scrubber> {
+        let metrics = ScrubMetrics::new(registry);
+        metrics.enabled.set(i64::from(policy.enabled));
+        if !policy.enabled {
+            tracing::warn!("VRAM scrubbing is DISABLED (gpu.scrub.enabled = false): devices change tenants unscrubbed");
+        }
+        Arc::new(Scrubber {
+            backend,
+            policy,
+            devices: Mutex::new(BTreeMap::new()),
+            changed: Condvar::new(),
+            next_token: std::sync::atomic::AtomicU64::new(1),
+            metrics,
+            node,
+            runtime: tokio::runtime::Handle::current(),
+        })
+    }
+
+    fn fresh_state(&self) -> State {
+        if self.policy.enabled {
+            State::Unscrubbed
+        } else {
+            State::Free
+        }
+    }
+
+    /// The host's devices now (blocking: reads the inventory).
+    fn host_devices(&self) -> Vec<String> {
+        match self.backend.inventory() {
+            Ok(inv) => ccnode_gpu::scrub::devices(&inv),
+            Err(e) => {
+                tracing::error!(error = %e, "no GPU inventory for the scrub");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Scrubs every device that no worker holds and none is scrubbing
+    /// (free, unscrubbed and out-of-service ones: a passing scrub brings
+    /// those back), at most `gpu.scrub.parallel` at once. Blocking; returns
+    /// when all are done.
+    pub fn scrub_all(self: &Arc<Self>, trigger: &str) {
+        let found = self.host_devices();
+        let todo: Vec<String> = {
+            let mut devs = lock(&self.devices);
+            for d in &found {
+                devs.entry(d.clone()).or_insert_with(|| Dev {
+                    state: self.fresh_state(),
+                    last: None,
+                });
+            }
+            if !self.policy.enabled {
+                return;
+            }
+            let todo: Vec<String> = devs
+                .iter()
+                .filter(|(_, d)| {
+                    matches!(
+                        d.state,
+                        State::Free | State::Unscrubbed | State::OutOfService(_)
+                    )
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in &todo {
+                if let Some(d) = devs.get_mut(k) {
+                    d.state = State::Scrubbing;
+                }
+            }
+            todo
+        };
+        if todo.is_empty() {
+            return;
+        }
+        tracing::info!(devices = todo.len(), trigger, "scrubbing VRAM");
+        let queue = Mutex::new(todo.into_iter());
+        std::thread::scope(|s| {
+            for _ in 0..self.policy.parallel {
+                s.spawn(|| loop {
+                    let Some(dev) = lock(&queue).next() else {
+                        return;
+                    };
+                    self.scrub_now(&dev, trigger);
+                });
+            }
+        });
+    }
+
+    /// Takes `device` for `holder` (`model/replica`), waiting for a scrub in
+    /// progress and scrubbing it first if it never was. Blocking. The token
+    /// goes back to [`Scrubber::release`].
+    pub fn claim(self: &Arc<Self>, device: &str, holder: &str) -> Result<u64, ClaimError> {
+        let deadline = Instant::now() + self.policy.timeout + Duration::from_secs(5);
+        let mut devs = lock(&self.devices);
+        loop {
+            let d = devs.entry(device.to_owned()).or_insert_with(|| Dev {
+                state: self.fresh_state(),
+                last: None,
+            });
+            match d.state.clone() {
+                State::Free => {
+                    let token = self
+                        .next_token
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    d.state = State::Claimed {
+                        token,
+                        holder: holder.to_owned(),
+                    };
+                    return Ok(token);
+                }
+                State::Claimed { holder: h, .. } => {
+                    return Err(ClaimError::Taken {
+                        device: device.to_owned(),
+                        holder: h,
+                    })
+                }
+                State::OutOfService(why) => {
+                    return Err(ClaimError::OutOfService {
+                        device: device.to_owned(),
+                        why,
+                    })
+                }
+                State::Unscrubbed => {
+                    d.state = State::Scrubbing;
+                    drop(devs);
+                    self.scrub_now(device, "claim");
+                    devs = lock(&self.devices);
+                }
+                State::Scrubbing => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(ClaimError::Busy {
+                            device: device.to_owned(),
+                        });
+                    }
+                    devs = self
+                        .changed
+                        .wait_timeout(devs, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+
+    /// Gives back a device no worker will touch again (`token` from
+    /// [`Scrubber::claim`]) and scrubs it in the background before anyone
+    /// else may claim it. A stale token does nothing.
+    pub fn release(self: &Arc<Self>, device: &str, token: u64) {
+        {
+            let mut devs = lock(&self.devices);
+            let Some(d) = devs.get_mut(device) else {
+                return;
+            };
+            if !matches!(d.state, State::Claimed { token: t, .. } if t == token) {
+                return;
+            }
+            if !self.policy.enabled {
+                d.state = State::Free;
+                self.changed.notify_all();
+                return;
+            }
+            d.state = State::Scrubbing;
+        }
+        let me = self.clone();
+        let device = device.to_owned();
+        let spawned = std::thread::Builder::new()
+            .name("ccnode-scrub".into())
+            .spawn(move || me.scrub_now(&device, "release"));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "no thread for a scrub");
+        }
+    }
+
+    /// Runs one scrub of `device` (already marked scrubbing), records it
+    /// and applies the policy.
+    fn scrub_now(&self, device: &str, trigger: &str) {
+        let started = Instant::now();
+        let out = self.run_child(device);
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .scrubs
+            .with_label_values(&[device, out.result])
+            .inc();
+        let passed = out.result == "ok";
+        if let Some(r) = &out.report {
+            self.metrics
+                .bytes
+                .with_label_values(&[device])
+                .inc_by(r.bytes_scrubbed);
+        }
+        self.metrics
+            .coverage
+            .with_label_values(&[device])
+            .set(match (&out.report, passed) {
+                (Some(r), true) => r.coverage,
+                _ => 0.0,
+            });
+        self.metrics
+            .out_of_service
+            .with_label_values(&[device])
+            .set(i64::from(!passed));
+        let why = out.error.clone().unwrap_or_default();
+        if passed {
+            let r = out.report.as_ref().expect("a passing scrub has a report");
+            tracing::info!(
+                device,
+                trigger,
+                coverage = r.coverage,
+                bytes = r.bytes_scrubbed,
+                ms = r.duration_ms,
+                "VRAM scrubbed"
+            );
+        } else {
+            tracing::error!(device, trigger, result = out.result, error = %why, "VRAM scrub FAILED: device out of service");
+        }
+        {
+            let mut devs = lock(&self.devices);
+            let d = devs.entry(device.to_owned()).or_insert_with(|| Dev {
+                state: State::Scrubbing,
+                last: None,
+            });
+            d.state = if passed {
+                State::Free
+            } else {
+                State::OutOfService(format!("scrub {}: {why}", out.result))
+            };
+            d.last = Some(LastScrub {
+                result: out.result,
+                trigger: trigger.to_owned(),
+                at: unix_now(),
+                report: out.report,
+                error: out.error,
+            });
+        }
+        self.changed.notify_all();
+        if !passed {
+            self.fail(device, out.result, why);
+        }
+    }
+
+    /// Audits a failed scrub and, under `on_failure = "quarantine"`,
+    /// quarantines the node.
+    fn fail(&self, device: &str, result: &'static str, why: String) {
+        let node = self.node.clone();
+        let action = self.policy.on_failure;
+        let reason = format!("VRAM scrub of {device} failed ({result}): {why}");
+        self.runtime.spawn(async move {
+            node.audit(AuditRecord {
+                ts: SystemTime::now(),
+                actor: Actor::system("scrub"),
+                command: "scrub".into(),
+                reason: Some(reason.clone()),
+                result: result.into(),
+                from: None,
+                to: None,
+            })
+            .await;
+            if action == ScrubAction::Quarantine && node.snapshot().state != NodeState::Quarantined
+            {
+                if let Err(e) = node
+                    .transition(Event::Quarantine, Actor::system("scrub"), reason)
+                    .await
+                {
+                    tracing::error!(error = %e, "quarantine after a failed scrub failed");
+                }
+            }
+        });
+    }
+
+    /// One child: spawn, bounded read, timeout, judge.
+    fn run_child(&self, device: &str) -> Outcome {
+        let fail = |result: &'static str, e: String| Outcome {
+            result,
+            report: None,
+            error: Some(e),
+        };
+        let program = match scrub_program(&self.policy.binary) {
+            Ok(p) => p,
+            Err(e) => return fail("spawn_failed", e),
+        };
+        let mut cmd = Command::new(&program);
+        cmd.arg("--device")
+            .arg(device)
+            .arg("--chunk-mib")
+            .arg(self.policy.chunk_mib.to_string())
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("CUDA_VISIBLE_DEVICES", device)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        if self.backend.kind() == BackendKind::Sim {
+            let Some(path) = self
+                .backend
+                .device_roots()
+                .sim_vram
+                .and_then(|d| ccnode_gpu::scrub::sim_vram_path(&d, device))
+            else {
+                return fail(
+                    "spawn_failed",
+                    "the sim backend has no device tree (device_root), so no sim VRAM".into(),
+                );
+            };
+            cmd.arg("--sim-vram").arg(path);
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => return fail("spawn_failed", format!("{}: {e}", program.display())),
+        };
+        let pid = child.id() as i32;
+        let read_bounded = |r: Option<Box<dyn Read + Send>>, max: usize| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(r) = r {
+                    let mut r = r.take(max as u64 + 1);
+                    let _ = r.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let out = read_bounded(
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            MAX_REPORT_BYTES,
+        );
+        let err = read_bounded(
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            MAX_STDERR,
+        );
+        let deadline = Instant::now() + self.policy.timeout;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(s)) => break Some(s),
+                Ok(None) if Instant::now() >= deadline => break None,
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => return fail("crashed", format!("wait: {e}")),
+            }
+        };
+        // The whole group: a child's own children hold the pipes open.
+        // SAFETY: kill(2) on our child's process group; harmless if empty.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        let status = match status {
+            Some(s) => s,
+            None => {
+                let _ = child.wait();
+                let _ = out.join();
+                let _ = err.join();
+                return fail(
+                    "timeout",
+                    format!(
+                        "no report within {}",
+                        humantime::format_duration(self.policy.timeout)
+                    ),
+                );
+            }
+        };
+        let stdout = out.join().unwrap_or_default();
+        let stderr = err.join().unwrap_or_default();
+        let stderr = String::from_utf8_lossy(&stderr[..stderr.len().min(MAX_STDERR)])
+            .trim()
+            .to_owned();
+        if stdout.len() > MAX_REPORT_BYTES {
+            return fail(
+                "bad_report",
+                format!("report larger than {MAX_REPORT_BYTES} bytes"),
+            );
+        }
+        let line = String::from_utf8_lossy(&stdout);
+        let line = line.trim();
+        if !status.success() {
+            if let Ok(f) = serde_json::from_str::<ScrubFailure>(line) {
+                return fail("child_error", format!("{}: {}", f.error, f.message));
+            }
+            let how = match std::os::unix::process::ExitStatusExt::signal(&status) {
+                Some(sig) => format!("killed by signal {sig}"),
+                None => format!("exited with {status}"),
+            };
+            let tail: String = stderr.chars().take(512).collect();
+            return fail("crashed", format!("{how}; stderr: {tail:?}"));
+        }
+        let report: ScrubReport = match serde_json::from_str(line) {
+            Ok(r) => r,
+            Err(e) => {
+                let shown: String = line.chars().take(200).collect();
+                return fail("bad_report", format!("{e}: {shown:?}"));
+            }
+        };
+        if let Err(e) = report.check(device) {
+            return fail("bad_report", e);
+        }
+        if report.coverage < self.policy.min_coverage {
+            let e = format!(
+                "covered {:.4} of the memory, the policy asks for {}",
+                report.coverage, self.policy.min_coverage
+            );
+            return Outcome {
+                result: "low_coverage",
+                report: Some(report),
+                error: Some(e),
+            };
+        }
+        Outcome {
+            result: "ok",
+            report: Some(report),
+            error: None,
+        }
+    }
+
+    /// Every known device: `{device, state, holder?, reason?, last?}`.
+    pub fn status_json(&self) -> Vec<serde_json::Value> {
+        lock(&self.devices)
+            .iter()
+            .map(|(k, d)| {
+                let mut v = serde_json::json!({"device": k, "state": d.state.label()});
+                match &d.state {
+                    State::Claimed { holder, .. } => v["holder"] = holder.clone().into(),
+                    State::OutOfService(why) => v["reason"] = why.clone().into(),
+                    _ => {}
+                }
+                if let Some(l) = &d.last {
+                    v["last_scrub"] = serde_json::to_value(l).unwrap_or_default();
+                }
+                v
+            })
+            .collect()
+    }
+
+    /// The attestation claims' `vram_scrub`: whether scrubbing is on, and
+    /// each device's latest scrub (result, coverage, bytes, time).
+    pub fn claims(&self) -> serde_json::Value {
+        let devices: Vec<serde_json::Value> = lock(&self.devices)
+            .iter()
+            .map(|(k, d)| {
+                let last = d.last.as_ref().map(|l| {
+                    serde_json::json!({
+                        "result": l.result,
+                        "trigger": l.trigger,
+                        "at": l.at,
+                        "coverage": l.report.as_ref().map(|r| r.coverage),
+                        "bytes_scrubbed": l.report.as_ref().map(|r| r.bytes_scrubbed),
+                        "bytes_total": l.report.as_ref().map(|r| r.bytes_total),
+                        "backend": l.report.as_ref().map(|r| r.backend.clone()),
+                    })
+                });
+                serde_json::json!({"device": k, "state": d.state.label(), "last_scrub": last})
+            })
+            .collect();
+        serde_json::json!({
+            "enabled": self.policy.enabled,
+            "min_coverage": self.policy.min_coverage,
+            "devices": devices,
+        })
+    }
+
+    /// Blocks until no device is being scrubbed (at most `timeout`); for
+    /// orderly shutdown and tests.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut devs = lock(&self.devices);
+        loop {
+            if !devs.values().any(|d| d.state == State::Scrubbing) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            devs = self
+                .changed
+                .wait_timeout(devs, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! VRAM scrubbing end to end on the sim backend, where a device's VRAM is
+//! a file the worker's sandbox is granted: a tenant's worker plants a
+//! secret, ccnoded scrubs the device with the real `ccnode-scrub` when the
+//! worker is gone, and the next tenant's worker, reading all of its VRAM
+//! from inside its own sandbox, finds no trace. Failed scrubs (a crash, a
+//! hang, a report that does not add up, too little coverage) keep the
+//! device from every worker and follow the policy.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ccnode_testkit::{api, SimGpus, TestNode, PATIENCE};
+use serde_json::{json, Value};
+
+mod common;
+use common::Model;
+
+const CCNODED: &str = env!("CARGO_BIN_EXE_ccnoded");
+/// What ccnode-test-worker's `plant` mode writes.
+const SECRET: &[u8] = b"CCNODE-TENANT-SECRET-";
+
+fn model(name: &str, seed: u64) -> Model {
+    common::make_model(name, &ccnode_worker::testmodel::Shape::tiny(), seed)
+}
+
+fn entry(name: &str, m: &Model, device: &str) -> Value {
+    json!({"name": name, "dir": m.dir, "signature": m.sig, "trust_policy": m.policy, "gpus": [device]})
+}
+
+/// The sim's MIG devices of GPU 1.
+fn migs(gpus: &SimGpus) -> Vec<String> {
+    let sim = ccnode_gpu::sim::SimBackend::open(&gpus.sim).unwrap();
+    let inv = ccnode_gpu::GpuBackend::inventory(&sim).unwrap();
+    inv.gpus[1]
+        .mig_devices
+        .iter()
+        .map(|m| m.uuid.clone())
+        .collect()
+}
+
+fn vram(gpus: &SimGpus, device: &str) -> PathBuf {
+    gpus.devtree.join("sim-vram").join(device)
+}
+
+/// ccnoded on `gpus` with ccnode-test-worker planting secrets as every
+/// model's worker, and `scrub` in `[gpu.scrub]`.
+fn node(gpus: &SimGpus, scrub: &str) -> TestNode {
+    let worker = api::workspace_bin("ccnode-test-worker");
+    TestNode::new(CCNODED)
+        .with_gpu(&gpus.gpu_toml())
+        .with_env(
+            "CCNODE_TEST_WORKER_MODE",
+            &format!("plant {}", gpus.devtree.join("sim-vram").display()),
+        )
+        .with_toml(&format!(
+            "[gpu.scrub]\n{scrub}\n\n[sandbox]\nworker_user = \"nobody\"\n\
+             env_allow = [\"CCNODE_TEST_WORKER_MODE\"]\n\n\
+             [inference]\nworker_binary = \"{}\"\nload_timeout = \"20s\"\n",
+            worker.display()
+        ))
+        .start()
+}
+
+fn metric(node: &TestNode, series: &str) -> f64 {
+    let (_, body) = node.http_get("/metrics");
+    body.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn wait_metric(node: &TestNode, series: &str, at_least: f64) {
+    let deadline = Instant::now() + PATIENCE * 2;
+    while metric(node, series) < at_least {
+        assert!(
+            Instant::now() < deadline,
+            "{series} never reached {at_least}:\n{}\n{}",
+            node.http_get("/metrics").1,
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn scrub_state(node: &TestNode, device: &str) -> Value {
+    let g = node.request(r#"{"v":1,"cmd":"gpus"}"#);
+    g["result"]["scrub"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no scrub states: {g}"))
+        .iter()
+        .find(|d| d["device"] == device)
+        .cloned()
+        .unwrap_or_else(|| panic!("{device} not in {g}"))
+}
+
+/// The model's one worker: `(state, last_exit)`.
+fn worker(node: &TestNode, name: &str) -> Option<(String, Option<String>)> {
+    let r = node.request(r#"{"v":1,"cmd":"models"}"#);
+    let m = r["result"]["models"]
+        .as_array()?
+        .iter()
+        .find(|m| m["name"] == name)?
+        .clone();
+    let w = &m["workers"][0];
+    Some((
+        w["state"].as_str()?.to_owned(),
+        w["last_exit"].as_str().map(str::to_owned),
+    ))
+}
+
+fn wait_worker(node: &TestNode, name: &str, f: impl Fn(&str, Option<&str>) -> bool) {
+    let deadline = Instant::now() + PATIENCE * 2;
+    loop {
+        if let Some((s, e)) = worker(node, name) {
+            if f(&s, e.as_deref()) {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: {:?}\n{}",
+            worker(node, name),
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn holds_secret(path: &Path) -> bool {
+    let bytes = std::fs::read(path).unwrap();
+    bytes.windows(SECRET.len()).any(|w| w == SECRET)
+}
+
+fn load(node: &TestNode, e: Value) -> Value {
+    node.request(&json!({"v": 1, "cmd": "model_load", "model": e}).to_string())
+}
+
+#[test]
+fn a_tenant_s_secret_is_scrubbed_before_the_next_tenant_gets_the_device() {
+    let gpus = SimGpus::new();
+    let dev = migs(&gpus)[0].clone();
+    let node = node(&gpus, "");
+    // At start every device is scrubbed, by the real ccnode-scrub.
+    wait_metric(
+        &node,
+        &format!("ccnode_scrubs_total{{device=\"{dev}\",result=\"ok\"}}"),
+        1.0,
+    );
+    assert_eq!(scrub_state(&node, &dev)["state"], "free");
+
+    let a = model("tenant-a", 1);
+    assert_eq!(load(&node, entry("tenant-a", &a, &dev))["ok"], true);
+    wait_worker(&node, "tenant-a", |s, _| s == "ready");
+    assert!(
+        holds_secret(&vram(&gpus, &dev)),
+        "the worker planted nothing"
+    );
+    assert_eq!(scrub_state(&node, &dev)["state"], "claimed");
+
+    // The tenant leaves: the device is scrubbed before anyone may have it.
+    let r = node.request(r#"{"v":1,"cmd":"model_unload","name":"tenant-a"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    wait_metric(
+        &node,
+        &format!("ccnode_scrubs_total{{device=\"{dev}\",result=\"ok\"}}"),
+        2.0,
+    );
+    let bytes = std::fs::read(vram(&gpus, &dev)).unwrap();
+    assert!(
+        bytes.iter().all(|&b| b == 0),
+        "VRAM not zero after the scrub"
+    );
+    let s = scrub_state(&node, &dev);
+    assert_eq!(s["state"], "free", "{s}");
+    assert_eq!(s["last_scrub"]["trigger"], "release", "{s}");
+    assert_eq!(s["last_scrub"]["report"]["coverage"], 1.0, "{s}");
+    assert_eq!(
+        s["last_scrub"]["report"]["bytes_scrubbed"].as_u64(),
+        Some(bytes.len() as u64),
+        "{s}"
+    );
+    assert_eq!(
+        metric(
+            &node,
+            &format!("ccnode_scrub_coverage_ratio{{device=\"{dev}\"}}")
+        ),
+        1.0
+    );
+    assert!(
+        metric(
+            &node,
+            &format!("ccnode_scrub_bytes_total{{device=\"{dev}\"}}")
+        ) >= 2.0 * bytes.len() as f64
+    );
+
+    // The next tenant's worker reads all of its VRAM first: no trace (it
+    // would exit 66 on one), so it plants its own and becomes ready.
+    let b = model("tenant-b", 2);
+    assert_eq!(load(&node, entry("tenant-b", &b, &dev))["ok"], true);
+    wait_worker(&node, "tenant-b", |s, _| s == "ready");
+}
+
+#[test]
+fn without_scrubbing_the_next_tenant_finds_the_secret() {
+    // The control: the same sequence with scrubbing off shows what the
+    // scrub prevents (and that the next tenant's check can fail).
+    let gpus = SimGpus::new();
+    let dev = migs(&gpus)[1].clone();
+    let node = node(&gpus, "enabled = false");
+    assert_eq!(metric(&node, "ccnode_scrub_enabled"), 0.0);
+    let a = model("tenant-a", 3);
+    assert_eq!(load(&node, entry("tenant-a", &a, &dev))["ok"], true);
+    wait_worker(&node, "tenant-a", |s, _| s == "ready");
+    node.request(r#"{"v":1,"cmd":"model_unload","name":"tenant-a"}"#);
+    let b = model("tenant-b", 4);
+    // The device is free at once, unscrubbed.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let r = load(&node, entry("tenant-b", &b, &dev));
+        if r["ok"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{r}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    wait_worker(&node, "tenant-b", |_, e| {
+        e.is_some_and(|e| e.contains("66"))
+    });
+    assert!(holds_secret(&vram(&gpus, &dev)));
+}
+
+#[test]
+fn a_worker_killed_by_quarantine_still_gets_its_device_scrubbed() {
+    let gpus = SimGpus::new();
+    let dev = migs(&gpus)[2].clone();
+    let node = node(&gpus, "");
+    let ok = format!("ccnode_scrubs_total{{device=\"{dev}\",result=\"ok\"}}");
+    wait_metric(&node, &ok, 1.0);
+    let a = model("tenant-a", 5);
+    assert_eq!(load(&node, entry("tenant-a", &a, &dev))["ok"], true);
+    wait_worker(&node, "tenant-a", |s, _| s == "ready");
+    assert!(holds_secret(&vram(&gpus, &dev)));
+    let r = node.request(r#"{"v":1,"cmd":"quarantine","reason":"test"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    // Killed, released, scrubbed; the other devices are scrubbed again too.
+    wait_metric(&node, &ok, 2.0);
+    assert!(std::fs::read(vram(&gpus, &dev))
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0));
+    let other = &migs(&gpus)[0];
+    wait_metric(
+        &node,
+        &format!("ccnode_scrubs_total{{device=\"{other}\",result=\"ok\"}}"),
+        2.0,
+    );
+    let s = scrub_state(&node, other);
+    assert_eq!(s["last_scrub"]["trigger"], "quarantine", "{s}");
+}
+
+/// A scrub program that is a shell script.
+fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+#[test]
+fn failed_scrubs_keep_the_device_from_every_worker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nonsense = r#"echo '{"version":1,"device":"'"$2"'","backend":"cuda","bytes_total":100,"bytes_free":100,"bytes_scrubbed":200,"coverage":2.0,"chunks":1,"nonzero_bytes":0,"sampled_bytes":0,"sampled_nonzero":0,"duration_ms":1.0,"throughput_bytes_per_s":1.0}'"#;
+    let cases = [
+        ("crashed", script(tmp.path(), "crash", "kill -SEGV $$"), ""),
+        (
+            "timeout",
+            script(tmp.path(), "hang", "sleep 600"),
+            "timeout = \"1s\"\n",
+        ),
+        ("bad_report", script(tmp.path(), "nonsense", nonsense), ""),
+        (
+            "child_error",
+            script(
+                tmp.path(),
+                "refuse",
+                r#"echo '{"version":1,"device":"x","error":"no_driver","message":"no libcuda"}'; exit 1"#,
+            ),
+            "",
+        ),
+        ("low_coverage", PathBuf::new(), ""),
+    ];
+    for (result, binary, extra) in cases {
+        let gpus = SimGpus::new();
+        let dev = migs(&gpus)[0].clone();
+        let scrub = if binary.as_os_str().is_empty() {
+            // The real scrub, on a device whose "driver" keeps most of it.
+            std::fs::create_dir_all(gpus.devtree.join("sim-vram")).unwrap();
+            std::fs::write(
+                gpus.devtree
+                    .join("sim-vram")
+                    .join(format!("{dev}.reserved")),
+                "1000000000",
+            )
+            .unwrap();
+            String::new()
+        } else {
+            format!("binary = \"{}\"\n{extra}", binary.display())
+        };
+        let node = node(&gpus, &scrub);
+        wait_metric(
+            &node,
+            &format!("ccnode_scrubs_total{{device=\"{dev}\",result=\"{result}\"}}"),
+            1.0,
+        );
+        assert_eq!(
+            metric(
+                &node,
+                &format!("ccnode_scrub_device_out_of_service{{device=\"{dev}\"}}")
+            ),
+            1.0,
+            "{result}"
+        );
+        assert_eq!(
+            scrub_state(&node, &dev)["state"],
+            "out_of_service",
+            "{result}"
+        );
+        let m = model("tenant", 6);
+        let r = load(&node, entry("tenant", &m, &dev));
+        assert_eq!(
+            r["error"]["detail"], "device_out_of_service",
+            "{result}: {r}"
+        );
+        assert!(
+            worker(&node, "tenant").is_none(),
+            "{result}: a worker was started"
+        );
+        // Audited; the node stays active under `block`.
+        let audit = node.request(r#"{"v":1,"cmd":"audit","limit":200}"#);
+        assert!(
+            audit["result"]["records"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["command"] == "scrub" && r["result"] == result),
+            "{result}: {audit}"
+        );
+        let s = node.request(r#"{"v":1,"cmd":"status"}"#);
+        assert_eq!(s["result"]["state"], "active", "{result}: {s}");
+    }
+}
+
+#[test]
+fn a_failed_scrub_quarantines_the_node_when_the_policy_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let crash = script(tmp.path(), "crash", "kill -SEGV $$");
+    let gpus = SimGpus::new();
+    let node = node(
+        &gpus,
+        &format!(
+            "binary = \"{}\"\non_failure = \"quarantine\"",
+            crash.display()
+        ),
+    );
+    let deadline = Instant::now() + PATIENCE * 2;
+    loop {
+        let s = node.request(r#"{"v":1,"cmd":"status"}"#);
+        if s["result"]["state"] == "quarantined" {
+            assert!(
+                s["result"]["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("VRAM scrub"),
+                "{s}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{s}\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
