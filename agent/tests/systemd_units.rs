@@ -398,6 +398,10 @@ fn hardware_problems(unit: &str) -> Vec<String> {
         allows("char-nvidiactl", "rw", "/dev/nvidiactl, current drivers");
         allows("char-nvidia-frontend", "rw", "major 195, older drivers");
         allows("char-nvidia-caps", "r", "MIG capabilities");
+        if defaults.gpu.scrub.enabled {
+            // ccnode-scrub, a CUDA process in this unit's device cgroup.
+            allows("char-nvidia-uvm", "rw", "/dev/nvidia-uvm, the VRAM scrub");
+        }
         paths.push(PathBuf::from(ccnode_gpu::nvml::PARAMS_PATH));
         paths.push(PathBuf::from("/proc/devices"));
     }
@@ -488,6 +492,7 @@ fn hardware_checks_catch_a_tightened_unit() {
         (without("DeviceAllow=/dev/tpmrm0"), "/dev/tpmrm0"),
         (without("DeviceAllow=char-nvidia rw"), "char-nvidia rw"),
         (without("DeviceAllow=char-nvidia-caps"), "char-nvidia-caps"),
+        (without("DeviceAllow=char-nvidia-uvm"), "char-nvidia-uvm"),
         (
             unit.replace("DeviceAllow=/dev/tpmrm0 rw", "DeviceAllow=/dev/tpmrm0 r"),
             "/dev/tpmrm0 rw",
