@@ -28,6 +28,7 @@
 //! | `CCNODE_BENCH_TINY_ROUNDS` | 40      | timed rounds on the tiny model (0: skip it)      |
 //! | `CCNODE_BENCH_SEED`        | 1       | the first model seed tried (see below)           |
 //! | `CCNODE_BENCH_JSON`        | unset   | also write the JSON figures to this file         |
+//! | `GLIBC_TUNABLES`           | unset   | passed on to ccnoded and its workers too (allocator experiments) |
 //!
 //! Each round runs one greedy generation through ccnoded, one directly and
 //! one on the in-process engine, never at the same time, with the same
@@ -211,14 +212,22 @@ fn start_node(models: &[&Model], worker: &Path) -> TestNode {
             )
         })
         .collect();
-    TestNode::new(CCNODED)
-        .with_toml(&format!(
-            "[sandbox]\nworker_user = \"nobody\"\n\n\
+    // For experiments on the worker's allocator: GLIBC_TUNABLES set for
+    // the bench reaches ccnoded and, through the allow-list, the worker.
+    let tunables = std::env::var("GLIBC_TUNABLES").ok();
+    let mut node = TestNode::new(CCNODED);
+    let mut allow = "";
+    if let Some(t) = &tunables {
+        node = node.with_env("GLIBC_TUNABLES", t);
+        allow = "env_allow = [\"GLIBC_TUNABLES\"]\n";
+    }
+    node.with_toml(&format!(
+        "[sandbox]\nworker_user = \"nobody\"\n{allow}\n\
              [api]\nenabled = true\nlisten = \"127.0.0.1:0\"\nmax_tokens_cap = 4096\n\n\
              [inference]\nworker_binary = \"{}\"\nload_timeout = \"10m\"\n\n{entries}",
-            worker.display(),
-        ))
-        .start()
+        worker.display(),
+    ))
+    .start()
 }
 
 /// Waits until `name` has a ready worker and returns its pid (exits with
