@@ -517,7 +517,20 @@ async fn serve(
     let _ = follow_task.await;
     {
         let m = inference.clone();
-        let _ = tokio::task::spawn_blocking(move || m.shutdown()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            m.shutdown();
+            // The stopped workers' devices are being scrubbed: let those
+            // scrubs finish within the grace (the next start scrubs every
+            // device anyway, so one cut short loses nothing).
+            if let Some(s) = m.scrubber() {
+                if !s.wait_idle(grace) {
+                    tracing::warn!(
+                        "scrubs still running at exit; the next start scrubs every device"
+                    );
+                }
+            }
+        })
+        .await;
     }
     // Every transition was persisted before it was acknowledged and every
     // audit record synced before that; nothing is left to flush.

@@ -272,7 +272,11 @@ fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
 fn failed_scrubs_keep_the_device_from_every_worker() {
     let tmp = tempfile::tempdir().unwrap();
     let nonsense = r#"echo '{"version":1,"device":"'"$2"'","backend":"cuda","bytes_total":100,"bytes_free":100,"bytes_scrubbed":200,"coverage":2.0,"chunks":1,"nonzero_bytes":0,"sampled_bytes":0,"sampled_nonzero":0,"duration_ms":1.0,"throughput_bytes_per_s":1.0}'"#;
+    // Consistent in itself, but not the device's size: a scrub that did
+    // a few KiB and says that was all.
+    let liar = r#"echo '{"version":1,"device":"'"$2"'","backend":"sim","bytes_total":4096,"bytes_free":4096,"bytes_scrubbed":4096,"coverage":1.0,"chunks":1,"nonzero_bytes":0,"sampled_bytes":4096,"sampled_nonzero":0,"duration_ms":1.0,"throughput_bytes_per_s":4096000.0}'"#;
     let cases = [
+        ("bad_report", script(tmp.path(), "liar", liar), ""),
         ("crashed", script(tmp.path(), "crash", "kill -SEGV $$"), ""),
         (
             "timeout",
@@ -380,4 +384,29 @@ fn a_failed_scrub_quarantines_the_node_when_the_policy_says_so() {
         assert!(Instant::now() < deadline, "{s}\n{}", node.log());
         std::thread::sleep(Duration::from_millis(25));
     }
+}
+
+#[test]
+fn a_mig_layout_change_makes_a_scrubbed_device_unscrubbed_again() {
+    // A scrub is good for the layout it ran under: after the GPU is
+    // repartitioned, a device's memory may have been another's.
+    let gpus = SimGpus::new();
+    let dev = migs(&gpus)[0].clone();
+    let node = node(&gpus, "");
+    let ok = format!("ccnode_scrubs_total{{device=\"{dev}\",result=\"ok\"}}");
+    wait_metric(&node, &ok, 1.0);
+    let spec = std::fs::read_to_string(&gpus.sim).unwrap();
+    let changed = spec.replace("\"1g.10gb\" = 3", "\"1g.10gb\" = 2");
+    assert_ne!(spec, changed);
+    let tmp = gpus.sim.with_extension("new");
+    std::fs::write(&tmp, changed).unwrap();
+    std::fs::rename(&tmp, &gpus.sim).unwrap();
+    assert_eq!(migs(&gpus)[0], dev, "the first MIG device keeps its UUID");
+    let a = model("tenant-a", 7);
+    assert_eq!(load(&node, entry("tenant-a", &a, &dev))["ok"], true);
+    wait_worker(&node, "tenant-a", |s, _| s == "ready");
+    // Scrubbed again before the worker got it.
+    assert_eq!(metric(&node, &ok), 2.0);
+    let s = scrub_state(&node, &dev);
+    assert_eq!(s["last_scrub"]["trigger"], "claim", "{s}");
 }

@@ -114,8 +114,8 @@ impl ScrubReport {
                 self.coverage
             ));
         }
-        if self.bytes_scrubbed > 0 && self.chunks == 0 {
-            return Err("bytes scrubbed in no chunk".into());
+        if self.bytes_scrubbed > 0 && (self.chunks == 0 || self.sampled_bytes == 0) {
+            return Err("bytes scrubbed in no chunk, or none sampled".into());
         }
         if self.sampled_bytes > self.bytes_scrubbed || self.sampled_nonzero > self.sampled_bytes {
             return Err("sampled figures exceed what was scrubbed".into());
@@ -163,6 +163,11 @@ pub fn sim_vram_path(vram_dir: &Path, uuid: &str) -> Option<PathBuf> {
     ok.then(|| vram_dir.join(uuid))
 }
 
+/// The size of the sim VRAM of a device of `memory_bytes`.
+pub fn sim_vram_size(memory_bytes: u64) -> u64 {
+    (memory_bytes / SIM_SCALE).clamp(4096, MAX_SIM_VRAM)
+}
+
 /// Creates `uuid`'s sim VRAM of `memory_bytes / SIM_SCALE` bytes (at
 /// least 4 KiB) if it is missing or of another size, mode 0666 like the
 /// driver's device nodes (`NVreg_DeviceFileMode`), so an unprivileged
@@ -172,7 +177,7 @@ pub fn ensure_sim_vram(vram_dir: &Path, uuid: &str, memory_bytes: u64) -> std::i
     let Some(path) = sim_vram_path(vram_dir, uuid) else {
         return Ok(());
     };
-    let size = (memory_bytes / SIM_SCALE).clamp(4096, MAX_SIM_VRAM);
+    let size = sim_vram_size(memory_bytes);
     if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file() && m.len() == size) {
         return Ok(());
     }

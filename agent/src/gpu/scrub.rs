@@ -55,6 +55,39 @@ fn scrub_program(binary: &std::path::Path) -> Result<std::path::PathBuf, String>
     crate::workers::resolve_program(&name).map_err(|e| e.to_string())
 }
 
+/// The memory of `device` (a GPU or MIG UUID) in `inv`.
+fn device_memory(inv: &ccnode_gpu::Inventory, device: &str) -> Option<u64> {
+    inv.gpus.iter().find_map(|g| {
+        if g.uuid.eq_ignore_ascii_case(device) {
+            Some(g.memory_total_bytes)
+        } else {
+            g.mig_devices
+                .iter()
+                .find(|m| m.uuid.eq_ignore_ascii_case(device))
+                .map(|m| m.memory_total_bytes)
+        }
+    })
+}
+
+/// The layout of the GPU that holds `device`: its MIG mode and MIG
+/// devices. A scrub is only good for the layout it ran under: memory that
+/// was a MIG device's, or outside every MIG device, is the whole GPU's
+/// again when MIG goes off.
+fn layout_of(inv: &ccnode_gpu::Inventory, device: &str) -> Option<String> {
+    inv.gpus
+        .iter()
+        .find(|g| {
+            g.uuid.eq_ignore_ascii_case(device)
+                || g.mig_devices
+                    .iter()
+                    .any(|m| m.uuid.eq_ignore_ascii_case(device))
+        })
+        .map(|g| {
+            let migs: Vec<&str> = g.mig_devices.iter().map(|m| m.uuid.as_str()).collect();
+            format!("{:?}/{}", g.mig_mode, migs.join(","))
+        })
+}
+
 /// Where a device stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
@@ -97,6 +130,8 @@ pub struct LastScrub {
 struct Dev {
     state: State,
     last: Option<LastScrub>,
+    /// The parent GPU's layout when the device last became free.
+    layout: Option<String>,
 }
 
 /// Why a device cannot be claimed.
@@ -287,6 +322,7 @@ impl Scrubber {
                 devs.entry(d.clone()).or_insert_with(|| Dev {
                     state: self.fresh_state(),
                     last: None,
+                    layout: None,
                 });
             }
             if !self.policy.enabled {
@@ -330,13 +366,36 @@ impl Scrubber {
     /// progress and scrubbing it first if it never was. Blocking. The token
     /// goes back to [`Scrubber::release`].
     pub fn claim(self: &Arc<Self>, device: &str, holder: &str) -> Result<u64, ClaimError> {
-        let deadline = Instant::now() + self.policy.timeout + Duration::from_secs(5);
+        // The layout now, to tell whether the device's last scrub still
+        // covers it (a MIG change since makes it unscrubbed again).
+        let layout = self
+            .backend
+            .inventory()
+            .ok()
+            .and_then(|inv| layout_of(&inv, device));
         let mut devs = lock(&self.devices);
+        // Long enough for every device queued before this one (a start-up
+        // scrub runs `parallel` at a time).
+        let rounds = devs.len().div_ceil(self.policy.parallel) as u32 + 1;
+        let deadline = Instant::now() + self.policy.timeout * rounds + Duration::from_secs(5);
         loop {
             let d = devs.entry(device.to_owned()).or_insert_with(|| Dev {
                 state: self.fresh_state(),
                 last: None,
+                layout: None,
             });
+            if self.policy.enabled
+                && d.state == State::Free
+                && d.layout.is_some()
+                && layout.is_some()
+                && d.layout != layout
+            {
+                tracing::warn!(
+                    device,
+                    "the GPU's MIG layout changed since the device's last scrub: scrubbing again"
+                );
+                d.state = State::Unscrubbed;
+            }
             match d.state.clone() {
                 State::Free => {
                     let token = self
@@ -403,12 +462,14 @@ impl Scrubber {
             d.state = State::Scrubbing;
         }
         let me = self.clone();
-        let device = device.to_owned();
+        let dev = device.to_owned();
         let spawned = std::thread::Builder::new()
             .name("ccnode-scrub".into())
-            .spawn(move || me.scrub_now(&device, "release"));
+            .spawn(move || me.scrub_now(&dev, "release"));
         if let Err(e) = spawned {
-            tracing::error!(error = %e, "no thread for a scrub");
+            // Never leave a device `scrubbing` with nothing running.
+            tracing::error!(error = %e, "no thread for a scrub: scrubbing on this one");
+            self.scrub_now(device, "release");
         }
     }
 
@@ -417,6 +478,11 @@ impl Scrubber {
     fn scrub_now(&self, device: &str, trigger: &str) {
         let started = Instant::now();
         let out = self.run_child(device);
+        let layout = self
+            .backend
+            .inventory()
+            .ok()
+            .and_then(|inv| layout_of(&inv, device));
         self.metrics
             .duration
             .observe(started.elapsed().as_secs_f64());
@@ -461,7 +527,9 @@ impl Scrubber {
             let d = devs.entry(device.to_owned()).or_insert_with(|| Dev {
                 state: State::Scrubbing,
                 last: None,
+                layout: None,
             });
+            d.layout = layout;
             d.state = if passed {
                 State::Free
             } else {
@@ -552,15 +620,19 @@ impl Scrubber {
             Err(e) => return fail("spawn_failed", format!("{}: {e}", program.display())),
         };
         let pid = child.id() as i32;
+        // Readers on threads of their own, answering over channels: a
+        // descendant holding a pipe open cannot make ccnoded wait on it.
         let read_bounded = |r: Option<Box<dyn Read + Send>>, max: usize| {
+            let (tx, rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
                 let mut buf = Vec::new();
                 if let Some(r) = r {
                     let mut r = r.take(max as u64 + 1);
                     let _ = r.read_to_end(&mut buf);
                 }
-                buf
-            })
+                let _ = tx.send(buf);
+            });
+            rx
         };
         let out = read_bounded(
             child
@@ -585,15 +657,18 @@ impl Scrubber {
                 Err(e) => return fail("crashed", format!("wait: {e}")),
             }
         };
-        // The whole group: a child's own children hold the pipes open.
-        // SAFETY: kill(2) on our child's process group; harmless if empty.
-        unsafe { libc::kill(-pid, libc::SIGKILL) };
         let status = match status {
             Some(s) => s,
             None => {
-                let _ = child.wait();
-                let _ = out.join();
-                let _ = err.join();
+                // The whole group (not yet reaped, so its id is still
+                // ours): a child's own children hold the pipes open.
+                // SAFETY: kill(2) on our unreaped child's process group.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+                // A process stuck in the driver may not die at once: reap
+                // it on a thread of its own, and fail the scrub now.
+                std::thread::spawn(move || {
+                    let _ = child.wait();
+                });
                 return fail(
                     "timeout",
                     format!(
@@ -603,8 +678,16 @@ impl Scrubber {
                 );
             }
         };
-        let stdout = out.join().unwrap_or_default();
-        let stderr = err.join().unwrap_or_default();
+        // The child is gone; its output follows at once unless something
+        // it started still holds the pipes.
+        let grace = Duration::from_secs(5);
+        let Ok(stdout) = out.recv_timeout(grace) else {
+            return fail(
+                "bad_report",
+                "the report pipe was held open after the scrub exited".into(),
+            );
+        };
+        let stderr = err.recv_timeout(grace).unwrap_or_default();
         let stderr = String::from_utf8_lossy(&stderr[..stderr.len().min(MAX_STDERR)])
             .trim()
             .to_owned();
@@ -637,6 +720,9 @@ impl Scrubber {
         if let Err(e) = report.check(device) {
             return fail("bad_report", e);
         }
+        if let Err(e) = self.check_against_inventory(device, &report) {
+            return fail("bad_report", e);
+        }
         if report.coverage < self.policy.min_coverage {
             let e = format!(
                 "covered {:.4} of the memory, the policy asks for {}",
@@ -653,6 +739,40 @@ impl Scrubber {
             report: Some(report),
             error: None,
         }
+    }
+
+    /// What the child cannot be taken at its word on: the device's size
+    /// (from the driver's inventory: exactly the sim VRAM's size on the sim
+    /// backend; within 10% below to 1% above NVML's figure with CUDA, whose
+    /// `cuMemGetInfo` total may differ slightly) and the backend.
+    fn check_against_inventory(&self, device: &str, r: &ScrubReport) -> Result<(), String> {
+        let sim = self.backend.kind() == BackendKind::Sim;
+        let want_backend = if sim { "sim" } else { "cuda" };
+        if r.backend != want_backend {
+            return Err(format!(
+                "a {} report for a {want_backend} device",
+                r.backend
+            ));
+        }
+        let inv = self
+            .backend
+            .inventory()
+            .map_err(|e| format!("no inventory to check the report against: {e}"))?;
+        let memory = device_memory(&inv, device)
+            .ok_or_else(|| format!("{device} is no longer in the inventory"))?;
+        let ok = if sim {
+            r.bytes_total == ccnode_gpu::scrub::sim_vram_size(memory)
+        } else {
+            let (t, m) = (r.bytes_total as f64, memory as f64);
+            t >= 0.9 * m && t <= 1.01 * m
+        };
+        if !ok {
+            return Err(format!(
+                "bytes_total {} does not fit the device's {memory} bytes",
+                r.bytes_total
+            ));
+        }
+        Ok(())
     }
 
     /// Every known device: `{device, state, holder?, reason?, last?}`.

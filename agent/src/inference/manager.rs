@@ -601,7 +601,21 @@ impl Manager {
             .queue_depth
             .with_label_values(&[name.as_str()])
             .set(0);
-        lock(&self.models).insert(name, model);
+        // Another load of the same name may have finished meanwhile: keep
+        // that one, and end this one's workers (their devices go back).
+        let raced = {
+            let mut models = lock(&self.models);
+            if models.contains_key(&name) {
+                true
+            } else {
+                models.insert(name.clone(), model.clone());
+                false
+            }
+        };
+        if raced {
+            model.stop_workers(true);
+            return Err(LoadError::Exists(name));
+        }
         Ok(())
     }
 
