@@ -73,13 +73,13 @@
 //! run on the tiny shape only, 1 round of 8 tokens, labelled as no
 //! measurement.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ccnode_testkit::bench::{count, env_f64, loadavg, Summary};
-use ccnode_testkit::{TestNode, PATIENCE};
+use ccnode_testkit::{api, TestNode, PATIENCE};
 use ccnode_worker::engine::{Engine, Request};
 use ccnode_worker::reference::{Direct, Run};
 use ccnode_worker::testmodel::{self, Shape};
@@ -346,48 +346,6 @@ struct Served {
     cpu_client: u64,
 }
 
-fn read_head(r: &mut BufReader<TcpStream>) -> (u16, bool) {
-    let mut line = String::new();
-    r.read_line(&mut line).expect("status line");
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let mut chunked = false;
-    loop {
-        line.clear();
-        if r.read_line(&mut line).expect("header") == 0 {
-            break;
-        }
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = l.split_once(':') {
-            if k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked") {
-                chunked = true;
-            }
-        }
-    }
-    (status, chunked)
-}
-
-fn next_chunk(r: &mut BufReader<TcpStream>) -> Option<Vec<u8>> {
-    let mut line = String::new();
-    if r.read_line(&mut line).ok()? == 0 {
-        return None;
-    }
-    let size = usize::from_str_radix(line.trim().split(';').next()?, 16).ok()?;
-    if size == 0 {
-        return None;
-    }
-    let mut buf = vec![0u8; size + 2];
-    r.read_exact(&mut buf).ok()?;
-    buf.truncate(size);
-    Some(buf)
-}
-
 /// The pids whose CPU time a served generation accounts.
 #[derive(Debug, Clone)]
 struct Pids {
@@ -434,7 +392,8 @@ fn served(addr: SocketAddr, model: &str, max_tokens: usize, pids: &Pids) -> Serv
     let cpu0 = (pids.snap(), thread_cpu_ns());
     let start = Instant::now();
     sock.write_all(request.as_bytes()).expect("send request");
-    let (status, chunked) = read_head(&mut r);
+    let (status, headers) = api::read_head(&mut r);
+    let chunked = api::is_chunked(&headers);
     if status != 200 {
         let mut rest = Vec::new();
         let _ = r.read_to_end(&mut rest);
@@ -446,7 +405,7 @@ fn served(addr: SocketAddr, model: &str, max_tokens: usize, pids: &Pids) -> Serv
     assert!(chunked, "the stream is not chunked");
     let mut pending = String::new();
     let mut last: Option<Instant> = None;
-    while let Some(chunk) = next_chunk(&mut r) {
+    while let Some(chunk) = api::next_chunk(&mut r) {
         let now = Instant::now();
         pending.push_str(std::str::from_utf8(&chunk).expect("UTF-8 events"));
         while let Some(at) = pending.find("\n\n") {

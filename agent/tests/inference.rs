@@ -13,7 +13,7 @@ use ccnode_worker::testmodel::Shape;
 use serde_json::{json, Value};
 
 mod common;
-use common::{make_model, Model};
+use common::{make_model, metric, Model};
 
 const CCNODED: &str = env!("CARGO_BIN_EXE_ccnoded");
 
@@ -99,15 +99,6 @@ fn wait_state(node: &TestNode, state: &str) {
 
 fn completion(node: &TestNode, body: Value) -> api::Reply {
     api::post(node.api_addr(), "/v1/completions", &body)
-}
-
-fn metric(node: &TestNode, series: &str) -> f64 {
-    let (_, body) = node.http_get("/metrics");
-    body.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 fn stream_text(events: &[Event]) -> String {

@@ -13,7 +13,7 @@ use ccnode_testkit::{api, SimGpus, TestNode, PATIENCE};
 use serde_json::{json, Value};
 
 mod common;
-use common::Model;
+use common::{metric, Model};
 
 const CCNODED: &str = env!("CARGO_BIN_EXE_ccnoded");
 /// What ccnode-test-worker's `plant` mode writes.
@@ -59,15 +59,6 @@ fn node(gpus: &SimGpus, scrub: &str) -> TestNode {
             worker.display()
         ))
         .start()
-}
-
-fn metric(node: &TestNode, series: &str) -> f64 {
-    let (_, body) = node.http_get("/metrics");
-    body.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 fn wait_metric(node: &TestNode, series: &str, at_least: f64) {

@@ -55,6 +55,24 @@ fn scrub_program(binary: &std::path::Path) -> Result<std::path::PathBuf, String>
     crate::workers::resolve_program(&name).map_err(|e| e.to_string())
 }
 
+/// Reads at most `max + 1` bytes of `r` on a thread of its own and sends
+/// them when `r` ends: a descendant holding the pipe open cannot make the
+/// caller wait on it (the caller waits on the channel, with a timeout).
+fn read_bounded<R: Read + Send + 'static>(
+    r: Option<R>,
+    max: usize,
+) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(r) = r {
+            let _ = r.take(max as u64 + 1).read_to_end(&mut buf);
+        }
+        let _ = tx.send(buf);
+    });
+    rx
+}
+
 /// The memory of `device` (a GPU or MIG UUID) in `inv`.
 fn device_memory(inv: &ccnode_gpu::Inventory, device: &str) -> Option<u64> {
     inv.gpus.iter().find_map(|g| {
@@ -622,32 +640,8 @@ impl Scrubber {
         let pid = child.id() as i32;
         // Readers on threads of their own, answering over channels: a
         // descendant holding a pipe open cannot make ccnoded wait on it.
-        let read_bounded = |r: Option<Box<dyn Read + Send>>, max: usize| {
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                if let Some(r) = r {
-                    let mut r = r.take(max as u64 + 1);
-                    let _ = r.read_to_end(&mut buf);
-                }
-                let _ = tx.send(buf);
-            });
-            rx
-        };
-        let out = read_bounded(
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-            MAX_REPORT_BYTES,
-        );
-        let err = read_bounded(
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-            MAX_STDERR,
-        );
+        let out = read_bounded(child.stdout.take(), MAX_REPORT_BYTES);
+        let err = read_bounded(child.stderr.take(), MAX_STDERR);
         let deadline = Instant::now() + self.policy.timeout;
         let status = loop {
             match child.try_wait() {

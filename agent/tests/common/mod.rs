@@ -1,9 +1,11 @@
-//! What several end-to-end test files share: a generated, signed model.
+//! What several end-to-end test files share: a generated, signed model,
+//! and reading one series from a node's /metrics.
 
 #![allow(dead_code)]
 
 use std::path::PathBuf;
 
+use ccnode_testkit::TestNode;
 use ccnode_worker::testmodel::{self, Shape};
 
 /// A generated model, signed, with its trust policy.
@@ -43,4 +45,11 @@ pub fn make_model(name: &str, shape: &Shape, seed: u64) -> Model {
         sig,
         policy,
     }
+}
+
+/// One sample of `series` (name and labels) from `node`'s /metrics; 0 if
+/// it is not there (yet).
+pub fn metric(node: &TestNode, series: &str) -> f64 {
+    let (_, body) = node.http_get("/metrics");
+    ccnode_testkit::bench::metric(&body, series).unwrap_or(0.0)
 }
