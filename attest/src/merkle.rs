@@ -80,7 +80,21 @@ pub fn root_from_path(
     size: u64,
     path: &[[u8; 32]],
 ) -> Option<[u8; 32]> {
-    if index >= size || path.len() > MAX_PATH {
+    if path.len() > MAX_PATH {
+        return None;
+    }
+    root_from_audit_path(leaf, index, size, path)
+}
+
+/// [`root_from_path`] for trees of any size (a transparency log's): the
+/// path is bounded only by the 64 levels a `u64` size allows.
+pub fn root_from_audit_path(
+    leaf: &[u8; 32],
+    index: u64,
+    size: u64,
+    path: &[[u8; 32]],
+) -> Option<[u8; 32]> {
+    if index >= size || path.len() > 64 {
         return None;
     }
     let (mut fn_, mut sn) = (index, size - 1);

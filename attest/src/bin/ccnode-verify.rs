@@ -155,6 +155,8 @@ struct ModelArgs {
     signature: PathBuf,
     #[command(flatten)]
     trust: Trust,
+    #[command(flatten)]
+    keyless: KeylessIdentity,
     /// The model's id in the trust configuration (default: the directory's name).
     #[arg(long)]
     model_id: Option<String>,
@@ -180,6 +182,21 @@ struct Trust {
     /// Trust what this trust configuration file allows.
     #[arg(long, value_name = "FILE")]
     trust_config: Option<PathBuf>,
+    /// Trust Sigstore keyless signatures under this trust root (a Sigstore
+    /// trusted_root.json, or a client trust config holding one), by the
+    /// identity given with --identity and --identity-provider.
+    #[arg(long, value_name = "FILE", requires_all = ["identity", "identity_provider"])]
+    sigstore_trust_root: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct KeylessIdentity {
+    /// Keyless: the signer's identity (the certificate's SAN email or URI).
+    #[arg(long, requires = "sigstore_trust_root")]
+    identity: Option<String>,
+    /// Keyless: the OIDC issuer that vouched for --identity.
+    #[arg(long, requires = "sigstore_trust_root")]
+    identity_provider: Option<String>,
 }
 
 fn exit_code(err: &OmsError) -> u8 {
@@ -196,6 +213,7 @@ fn exit_code(err: &OmsError) -> u8 {
         | OmsError::KeyHint { .. }
         | OmsError::BadSignature
         | OmsError::Certificate(_)
+        | OmsError::TransparencyLog(_)
         | OmsError::Untrusted { .. }
         | OmsError::UnsupportedMethod(_) => 3,
         OmsError::Io { .. }
@@ -205,7 +223,22 @@ fn exit_code(err: &OmsError) -> u8 {
     }
 }
 
-fn policy_of(trust: &Trust) -> Result<TrustPolicy, OmsError> {
+fn policy_of(trust: &Trust, keyless: &KeylessIdentity) -> Result<TrustPolicy, OmsError> {
+    if let Some(root) = &trust.sigstore_trust_root {
+        let (Some(identity), Some(issuer)) = (&keyless.identity, &keyless.identity_provider) else {
+            return Err(OmsError::TrustMaterial {
+                what: "--sigstore-trust-root".into(),
+                reason: "needs --identity and --identity-provider".into(),
+            });
+        };
+        return Ok(TrustPolicy::global_sigstore(
+            oms::sigstore::TrustedRoot::load(root)?,
+            vec![oms::sigstore::Identity {
+                identity: identity.clone(),
+                issuer: issuer.clone(),
+            }],
+        ));
+    }
     if let Some(key) = &trust.public_key {
         return Ok(TrustPolicy::global_key(policy::load_public_key(key)?));
     }
@@ -220,7 +253,7 @@ fn policy_of(trust: &Trust) -> Result<TrustPolicy, OmsError> {
 }
 
 fn run_model(args: &ModelArgs) -> Result<(oms::VerifiedModel, f64), OmsError> {
-    let policy = policy_of(&args.trust)?;
+    let policy = policy_of(&args.trust, &args.keyless)?;
     let model_id = args.model_id.clone().unwrap_or_else(|| {
         args.dir
             .canonicalize()

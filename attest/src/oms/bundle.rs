@@ -27,9 +27,53 @@ pub enum Material {
     PublicKey { hint: Option<String> },
     /// Certificate signing: DER certificates, signing certificate first.
     CertificateChain(Vec<Vec<u8>>),
-    /// Sigstore keyless: a single DER certificate (plus transparency log
-    /// entries this module does not verify).
-    Certificate(Vec<u8>),
+    /// Sigstore keyless: a short-lived DER certificate and the
+    /// transparency-log entries that prove when it signed (checked in
+    /// [`super::sigstore`]).
+    Keyless {
+        certificate: Vec<u8>,
+        entries: Vec<TlogEntry>,
+    },
+}
+
+/// Most transparency-log entries accepted in a bundle.
+pub const MAX_TLOG_ENTRIES: usize = 8;
+/// Largest canonicalized log entry body accepted (decoded).
+pub const MAX_TLOG_BODY: usize = 64 << 10;
+/// Most hashes in an inclusion proof (a tree of 2^64 leaves needs 64).
+pub const MAX_PROOF_HASHES: usize = 64;
+/// Largest checkpoint (signed note) accepted.
+pub const MAX_CHECKPOINT: usize = 4096;
+
+/// One Rekor (v1) transparency-log entry, as the bundle carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlogEntry {
+    /// The entry's index in the whole log (what the signed entry timestamp
+    /// covers).
+    pub log_index: u64,
+    /// The log's key id: SHA-256 of its DER public key.
+    pub key_id: Vec<u8>,
+    pub kind: String,
+    pub version: String,
+    /// Seconds since the epoch at which the log integrated the entry.
+    pub integrated_time: u64,
+    /// The log's signature over the entry (the inclusion promise).
+    pub signed_entry_timestamp: Option<Vec<u8>>,
+    pub inclusion_proof: Option<InclusionProof>,
+    /// The canonicalized entry body, decoded.
+    pub body: Vec<u8>,
+}
+
+/// An RFC 6962 inclusion proof with the log's signed checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InclusionProof {
+    /// The entry's index in the tree the proof is for (a log shard).
+    pub log_index: u64,
+    pub root_hash: [u8; 32],
+    pub tree_size: u64,
+    pub hashes: Vec<[u8; 32]>,
+    /// The signed note (checkpoint) committing to `tree_size` and `root_hash`.
+    pub checkpoint: String,
 }
 
 /// A parsed bundle.
@@ -59,6 +103,142 @@ struct RawMaterial {
     public_key: Option<RawPublicKey>,
     x509_certificate_chain: Option<RawChain>,
     certificate: Option<RawCertificate>,
+    #[serde(default)]
+    tlog_entries: Vec<RawTlogEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawTlogEntry {
+    #[serde(deserialize_with = "int64")]
+    log_index: u64,
+    log_id: RawLogId,
+    kind_version: RawKindVersion,
+    #[serde(deserialize_with = "int64")]
+    integrated_time: u64,
+    inclusion_promise: Option<RawPromise>,
+    inclusion_proof: Option<RawProof>,
+    canonicalized_body: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct RawLogId {
+    pub(crate) key_id: String,
+}
+
+#[derive(Deserialize)]
+struct RawKindVersion {
+    kind: String,
+    version: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawPromise {
+    signed_entry_timestamp: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawProof {
+    #[serde(deserialize_with = "int64")]
+    log_index: u64,
+    root_hash: String,
+    #[serde(deserialize_with = "int64")]
+    tree_size: u64,
+    hashes: Vec<String>,
+    checkpoint: RawCheckpoint,
+}
+
+#[derive(Deserialize)]
+struct RawCheckpoint {
+    envelope: String,
+}
+
+/// A protobuf JSON int64: a decimal string (what Sigstore writes) or a
+/// number.
+fn int64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Int {
+        Text(String),
+        Number(u64),
+    }
+    match Int::deserialize(d)? {
+        Int::Number(n) => Ok(n),
+        Int::Text(t) => t.parse().map_err(serde::de::Error::custom),
+    }
+}
+
+fn hash32(field: &str, text: &str) -> Result<[u8; 32], OmsError> {
+    b64(field, text)?
+        .try_into()
+        .map_err(|_| bad(format!("{field} is not 32 bytes")))
+}
+
+impl RawTlogEntry {
+    fn decode(self) -> Result<TlogEntry, OmsError> {
+        let short = |s: &str, what: &str| {
+            if s.len() > 64 {
+                Err(bad(format!("tlog entry {what} too long")))
+            } else {
+                Ok(())
+            }
+        };
+        short(&self.kind_version.kind, "kind")?;
+        short(&self.kind_version.version, "version")?;
+        let key_id = b64("tlog entry logId", &self.log_id.key_id)?;
+        if key_id.is_empty() || key_id.len() > 64 {
+            return Err(bad("tlog entry logId length out of range"));
+        }
+        if self.canonicalized_body.len() > MAX_TLOG_BODY * 4 / 3 + 4 {
+            return Err(bad("tlog entry body too large"));
+        }
+        let body = b64("tlog entry body", &self.canonicalized_body)?;
+        let signed_entry_timestamp = match self.inclusion_promise {
+            Some(p) => {
+                let set = b64("signed entry timestamp", &p.signed_entry_timestamp)?;
+                if set.is_empty() || set.len() > 256 {
+                    return Err(bad("signed entry timestamp length out of range"));
+                }
+                Some(set)
+            }
+            None => None,
+        };
+        let inclusion_proof = match self.inclusion_proof {
+            Some(p) => {
+                if p.hashes.len() > MAX_PROOF_HASHES {
+                    return Err(bad("inclusion proof too long"));
+                }
+                if p.checkpoint.envelope.len() > MAX_CHECKPOINT {
+                    return Err(bad("checkpoint too large"));
+                }
+                Some(InclusionProof {
+                    log_index: p.log_index,
+                    root_hash: hash32("inclusion proof root hash", &p.root_hash)?,
+                    tree_size: p.tree_size,
+                    hashes: p
+                        .hashes
+                        .iter()
+                        .map(|h| hash32("inclusion proof hash", h))
+                        .collect::<Result<_, _>>()?,
+                    checkpoint: p.checkpoint.envelope,
+                })
+            }
+            None => None,
+        };
+        Ok(TlogEntry {
+            log_index: self.log_index,
+            key_id,
+            kind: self.kind_version.kind,
+            version: self.kind_version.version,
+            integrated_time: self.integrated_time,
+            signed_entry_timestamp,
+            inclusion_proof,
+            body,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -145,6 +325,9 @@ impl Bundle {
             return Err(bad("signature length out of range"));
         }
         let vm = raw.verification_material;
+        if vm.tlog_entries.len() > MAX_TLOG_ENTRIES {
+            return Err(bad("too many transparency log entries"));
+        }
         let material = match (vm.public_key, vm.x509_certificate_chain, vm.certificate) {
             (Some(key), None, None) => {
                 let _ = key.raw_bytes;
@@ -166,7 +349,14 @@ impl Bundle {
                     .collect::<Result<Vec<_>, _>>()?;
                 Material::CertificateChain(certs)
             }
-            (None, None, Some(cert)) => Material::Certificate(b64("certificate", &cert.raw_bytes)?),
+            (None, None, Some(cert)) => Material::Keyless {
+                certificate: b64("certificate", &cert.raw_bytes)?,
+                entries: vm
+                    .tlog_entries
+                    .into_iter()
+                    .map(RawTlogEntry::decode)
+                    .collect::<Result<_, _>>()?,
+            },
             _ => return Err(bad("verification material must hold exactly one of publicKey, x509CertificateChain, certificate")),
         };
         Ok(Bundle {

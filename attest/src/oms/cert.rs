@@ -67,7 +67,7 @@ pub fn parse_pem_bundle(text: &str) -> Result<Vec<Certificate>, String> {
     Ok(out)
 }
 
-fn extension<'a, T: Decode<'a>>(
+pub(crate) fn extension<'a, T: Decode<'a>>(
     cert: &'a Certificate,
     oid: der::asn1::ObjectIdentifier,
 ) -> Result<Option<T>, OmsError> {
@@ -113,7 +113,7 @@ fn key_of(cert: &Certificate) -> Result<PublicKey, OmsError> {
         .map_err(|e| refuse(format!("{}: {e}", cert.tbs_certificate.subject)))
 }
 
-fn signed_by(child: &Certificate, issuer: &Certificate) -> bool {
+pub(crate) fn signed_by(child: &Certificate, issuer: &Certificate) -> bool {
     if child.tbs_certificate.issuer != issuer.tbs_certificate.subject {
         return false;
     }

@@ -39,6 +39,7 @@ pub mod manifest;
 pub mod policy;
 pub mod safetensors;
 pub mod sign;
+pub mod sigstore;
 pub mod walk;
 
 use std::fs::File;
@@ -91,6 +92,11 @@ pub enum OmsError {
     /// The signing certificate is not acceptable.
     #[error("signing certificate refused: {0}")]
     Certificate(String),
+    /// A keyless signature's transparency-log entry does not prove what it
+    /// must (log not trusted, signed entry timestamp, inclusion proof,
+    /// checkpoint, or a body about another signature).
+    #[error("transparency log entry refused: {0}")]
+    TransparencyLog(String),
     /// No trust policy entry covers this model and signer.
     #[error("no trust policy entry allows signer {signer} for model {model}")]
     Untrusted { model: String, signer: String },
@@ -152,6 +158,7 @@ impl OmsError {
             OmsError::KeyHint { .. } => "key_hint",
             OmsError::BadSignature => "bad_signature",
             OmsError::Certificate(_) => "certificate",
+            OmsError::TransparencyLog(_) => "transparency_log",
             OmsError::Untrusted { .. } => "untrusted",
             OmsError::UnsupportedMethod(_) => "unsupported_method",
             OmsError::Symlink(_) => "symlink",

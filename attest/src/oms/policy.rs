@@ -14,6 +14,13 @@
 //! models = ["llama-3-8b"]
 //! ca_roots = ["ca/root.pem"]
 //! identities = ["release@example.com"] # SAN email/URI/DNS or subject CN; empty = any
+//!
+//! [[signer]]
+//! models = ["*"]
+//! sigstore_trust_root = "sigstore/trusted_root.json" # Sigstore keyless
+//! sigstore_identities = [
+//!     { identity = "release@example.com", issuer = "https://accounts.google.com" },
+//! ]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -23,6 +30,7 @@ use x509_cert::Certificate;
 
 use super::bundle::{pae, Bundle, Material, IN_TOTO_PAYLOAD_TYPE};
 use super::keys::{check_hint, PublicKey};
+use super::sigstore::{self, Identity, TrustedRoot};
 use super::{cert, read_bounded, OmsError, VerifyOptions};
 
 /// Largest trust configuration, key or certificate file.
@@ -40,6 +48,11 @@ pub struct PolicyEntry {
     /// Allowed certificate identities; empty allows any certificate that
     /// chains to `ca_roots`.
     pub identities: Vec<String>,
+    /// Sigstore keyless: the trust root (Fulcio CAs, Rekor and CT logs)...
+    pub sigstore_root: Option<TrustedRoot>,
+    /// ...and the (SAN, OIDC issuer) pairs allowed to sign; never empty
+    /// when `sigstore_root` is set.
+    pub sigstore_identities: Vec<Identity>,
 }
 
 impl PolicyEntry {
@@ -71,6 +84,9 @@ struct RawEntry {
     ca_roots: Vec<PathBuf>,
     #[serde(default)]
     identities: Vec<String>,
+    sigstore_trust_root: Option<PathBuf>,
+    #[serde(default)]
+    sigstore_identities: Vec<Identity>,
 }
 
 fn material(what: impl Into<String>, reason: impl Into<String>) -> OmsError {
@@ -119,6 +135,19 @@ impl TrustPolicy {
         }
     }
 
+    /// A policy trusting keyless signatures under `root` by `identities`,
+    /// for every model.
+    pub fn global_sigstore(root: TrustedRoot, identities: Vec<Identity>) -> TrustPolicy {
+        TrustPolicy {
+            entries: vec![PolicyEntry {
+                models: vec!["*".into()],
+                sigstore_root: Some(root),
+                sigstore_identities: identities,
+                ..Default::default()
+            }],
+        }
+    }
+
     /// Loads a trust configuration file; relative paths in it are relative
     /// to the file's directory.
     pub fn load(path: &Path) -> Result<TrustPolicy, OmsError> {
@@ -151,12 +180,36 @@ impl TrustPolicy {
                     "empty: name models or \"*\"",
                 ));
             }
-            if e.public_keys.is_empty() && e.ca_roots.is_empty() {
+            if e.public_keys.is_empty() && e.ca_roots.is_empty() && e.sigstore_trust_root.is_none()
+            {
                 return Err(material(
                     format!("signer[{i}]"),
-                    "neither public_keys nor ca_roots",
+                    "none of public_keys, ca_roots, sigstore_trust_root",
                 ));
             }
+            // Keyless without identities would trust anyone with an account
+            // at any OIDC provider the CA accepts.
+            if e.sigstore_trust_root.is_some() == e.sigstore_identities.is_empty() {
+                return Err(material(
+                    format!("signer[{i}]"),
+                    "sigstore_trust_root and sigstore_identities go together",
+                ));
+            }
+            if e.sigstore_identities.len() > MAX_TRUST_ITEMS
+                || e.sigstore_identities
+                    .iter()
+                    .any(|id| id.identity.is_empty() || id.issuer.is_empty())
+            {
+                return Err(material(
+                    format!("signer[{i}].sigstore_identities"),
+                    "each needs a non-empty identity and issuer",
+                ));
+            }
+            let sigstore_root = e
+                .sigstore_trust_root
+                .as_ref()
+                .map(|p| TrustedRoot::load(&base.join(p)))
+                .transpose()?;
             if e.public_keys.len() + e.ca_roots.len() > MAX_TRUST_ITEMS {
                 return Err(material(format!("signer[{i}]"), "too many keys or roots"));
             }
@@ -174,6 +227,8 @@ impl TrustPolicy {
                 public_keys,
                 ca_roots,
                 identities: e.identities,
+                sigstore_root,
+                sigstore_identities: e.sigstore_identities,
             });
         }
         Ok(TrustPolicy { entries })
@@ -199,29 +254,54 @@ impl TrustPolicy {
         match &bundle.material {
             Material::PublicKey { hint } => {
                 let signer = format!("key {}", hint.as_deref().unwrap_or("(no hint)"));
-                let keys: Vec<&PublicKey> = applicable.iter().flat_map(|e| e.public_keys.iter()).collect();
-                let all: Vec<&PublicKey> = self.entries.iter().flat_map(|e| e.public_keys.iter()).collect();
+                let keys: Vec<&PublicKey> = applicable
+                    .iter()
+                    .flat_map(|e| e.public_keys.iter())
+                    .collect();
+                let all: Vec<&PublicKey> = self
+                    .entries
+                    .iter()
+                    .flat_map(|e| e.public_keys.iter())
+                    .collect();
                 if keys.is_empty() {
-                    return Err(OmsError::Untrusted { model: model.clone(), signer });
+                    return Err(OmsError::Untrusted {
+                        model: model.clone(),
+                        signer,
+                    });
                 }
-                let candidates: Vec<&PublicKey> =
-                    keys.iter().copied().filter(|k| check_hint(k, hint.as_deref()).is_ok()).collect();
+                let candidates: Vec<&PublicKey> = keys
+                    .iter()
+                    .copied()
+                    .filter(|k| check_hint(k, hint.as_deref()).is_ok())
+                    .collect();
                 if candidates.is_empty() {
                     // Named a key: one trusted for another model, or an unknown one.
                     if all.iter().any(|k| check_hint(k, hint.as_deref()).is_ok()) {
-                        return Err(OmsError::Untrusted { model: model.clone(), signer });
+                        return Err(OmsError::Untrusted {
+                            model: model.clone(),
+                            signer,
+                        });
                     }
                     return check_hint(keys[0], hint.as_deref()).map(|_| signer);
                 }
-                if candidates.iter().any(|k| k.verify(&message, &bundle.signature)) {
+                if candidates
+                    .iter()
+                    .any(|k| k.verify(&message, &bundle.signature))
+                {
                     return Ok(signer);
                 }
                 Err(OmsError::BadSignature)
             }
             Material::CertificateChain(chain) => {
-                let with_roots: Vec<&&PolicyEntry> = applicable.iter().filter(|e| !e.ca_roots.is_empty()).collect();
+                let with_roots: Vec<&&PolicyEntry> = applicable
+                    .iter()
+                    .filter(|e| !e.ca_roots.is_empty())
+                    .collect();
                 if with_roots.is_empty() {
-                    return Err(OmsError::Untrusted { model: model.clone(), signer: "certificate".into() });
+                    return Err(OmsError::Untrusted {
+                        model: model.clone(),
+                        signer: "certificate".into(),
+                    });
                 }
                 let mut last = None;
                 for entry in with_roots {
@@ -229,9 +309,15 @@ impl TrustPolicy {
                         Ok(signing) => {
                             let signer = format!("certificate {}", signing.subject);
                             if !entry.identities.is_empty()
-                                && !signing.identities.iter().any(|id| entry.identities.contains(id))
+                                && !signing
+                                    .identities
+                                    .iter()
+                                    .any(|id| entry.identities.contains(id))
                             {
-                                last = Some(OmsError::Untrusted { model: model.clone(), signer });
+                                last = Some(OmsError::Untrusted {
+                                    model: model.clone(),
+                                    signer,
+                                });
                                 continue;
                             }
                             if signing.key.verify(&message, &bundle.signature) {
@@ -244,9 +330,50 @@ impl TrustPolicy {
                 }
                 Err(last.unwrap_or(OmsError::BadSignature))
             }
-            Material::Certificate(_) => Err(OmsError::UnsupportedMethod(
-                "sigstore keyless (transparency log and timestamp checks are not implemented offline)".into(),
-            )),
+            Material::Keyless {
+                certificate,
+                entries,
+            } => {
+                let with_root: Vec<(&TrustedRoot, &[Identity])> = applicable
+                    .iter()
+                    .filter_map(|e| {
+                        e.sigstore_root
+                            .as_ref()
+                            .map(|r| (r, &e.sigstore_identities[..]))
+                    })
+                    .collect();
+                if with_root.is_empty() {
+                    return Err(OmsError::Untrusted {
+                        model: model.clone(),
+                        signer: "sigstore keyless".into(),
+                    });
+                }
+                let mut last = None;
+                for (root, allowed) in with_root {
+                    match sigstore::verify(bundle, certificate, entries, root, &message) {
+                        Ok(who) => {
+                            let signer = format!(
+                                "sigstore {} ({}), {} entry {}",
+                                who.identities.join(", "),
+                                who.issuer,
+                                who.log_url,
+                                who.log_index
+                            );
+                            if allowed.iter().any(|a| {
+                                a.issuer == who.issuer && who.identities.contains(&a.identity)
+                            }) {
+                                return Ok(signer);
+                            }
+                            last = Some(OmsError::Untrusted {
+                                model: model.clone(),
+                                signer,
+                            });
+                        }
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.unwrap_or(OmsError::BadSignature))
+            }
         }
     }
 }

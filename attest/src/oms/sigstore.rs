@@ -1,0 +1,797 @@
+//! Sigstore keyless signatures, verified offline against a trust root
+//! supplied as a file.
+//!
+//! A keyless bundle carries a short-lived certificate (Fulcio) binding an
+//! OIDC identity to a key, and a transparency-log entry (Rekor v1) proving
+//! that the signature existed while the certificate was valid. Offline, with
+//! a Sigstore trusted root (`trusted_root.json`, or a client trust config
+//! holding one), ccnode checks:
+//!
+//! 1. the log entry: its log is in the trust root; the log's signed entry
+//!    timestamp over (body, integrated time, log id, log index); the RFC 6962
+//!    inclusion proof up to the root hash; the checkpoint (signed note)
+//!    committing to that root and tree size, signed by the same log key;
+//!    the entry's body (kind `dsse` 0.0.1) records this envelope's payload
+//!    hash, its signature and this certificate;
+//! 2. the certificate, at the entry's integrated time (the only trusted
+//!    time: Fulcio certificates live ten minutes): it chains to a
+//!    certificate authority of the trust root whose validity covers that
+//!    time, every link valid then; it allows code signing; it carries an
+//!    embedded SCT signed by a CT log of the trust root over the
+//!    precertificate;
+//! 3. the identity: the certificate's SAN (email or URI) and its OIDC
+//!    issuer extension, which the trust policy matches as pairs;
+//! 4. the DSSE signature over the payload with the certificate's key.
+//!
+//! Not done: RFC 3161 timestamps (`timestampVerificationData`) are not
+//! verified and never count as a time source; Rekor v2 entries and Ed25519
+//! log keys are refused; certificate revocation does not exist in Sigstore
+//! and is not checked.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use const_oid::db::rfc5280::{
+    ID_CE_EXT_KEY_USAGE, ID_CE_KEY_USAGE, ID_CE_SUBJECT_ALT_NAME, ID_KP_CODE_SIGNING,
+};
+use der::asn1::ObjectIdentifier;
+use der::{Decode, Encode};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use x509_cert::ext::pkix::name::GeneralName;
+use x509_cert::ext::pkix::{ExtendedKeyUsage, KeyUsage, SubjectAltName};
+use x509_cert::Certificate;
+
+use super::bundle::{b64, Bundle, TlogEntry};
+use super::keys::PublicKey;
+use super::{cert, read_bounded, OmsError};
+
+/// Largest trust root file accepted.
+pub const MAX_TRUST_ROOT: u64 = 1 << 20;
+/// Most logs or authorities read from a trust root.
+const MAX_ROOT_ITEMS: usize = 64;
+/// Most SCTs read from a certificate.
+const MAX_SCTS: usize = 16;
+
+/// The embedded SCT list (RFC 6962, 3.3).
+const OID_SCT_LIST: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.4.1.11129.2.4.2");
+/// Fulcio's OIDC issuer extension (DER UTF8String).
+const OID_ISSUER_V2: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.4.1.57264.1.8");
+/// Fulcio's older OIDC issuer extension (raw bytes).
+const OID_ISSUER_V1: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.4.1.57264.1.1");
+
+/// A validity window from the trust root (`validFor`); an absent end is open.
+#[derive(Debug, Clone, Copy, Default)]
+struct Window {
+    start: Option<SystemTime>,
+    end: Option<SystemTime>,
+}
+
+impl Window {
+    fn covers(&self, t: SystemTime) -> bool {
+        self.start.is_none_or(|s| t >= s) && self.end.is_none_or(|e| t <= e)
+    }
+}
+
+/// A transparency or CT log's key.
+#[derive(Debug, Clone)]
+struct LogKey {
+    key_id: Vec<u8>,
+    /// `None` for a key type ccnode does not verify (Ed25519, RSA): entries
+    /// from that log are refused with a clear reason.
+    key: Option<PublicKey>,
+    window: Window,
+    url: String,
+}
+
+/// A certificate authority: its chain, issuing certificate first, root last.
+#[derive(Debug, Clone)]
+struct Authority {
+    chain: Vec<Certificate>,
+    chain_der: Vec<Vec<u8>>,
+    window: Window,
+}
+
+/// A Sigstore trust root: the CAs, transparency logs and CT logs trusted.
+#[derive(Debug, Clone)]
+pub struct TrustedRoot {
+    tlogs: Vec<LogKey>,
+    ctlogs: Vec<LogKey>,
+    authorities: Vec<Authority>,
+}
+
+/// Who signed, as a verified keyless bundle says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeylessSigner {
+    /// The certificate's SAN email addresses and URIs.
+    pub identities: Vec<String>,
+    /// The OIDC issuer that vouched for the identity.
+    pub issuer: String,
+    /// When the log integrated the signature (seconds since the epoch).
+    pub integrated_time: u64,
+    /// The entry's index in the log, and the log's URL.
+    pub log_index: u64,
+    pub log_url: String,
+}
+
+/// An identity a policy allows to sign keyless: the certificate's SAN and
+/// the OIDC issuer, both exact.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    pub identity: String,
+    pub issuer: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawTrustFile {
+    media_type: String,
+    // A trusted root:
+    #[serde(default)]
+    tlogs: Vec<RawLog>,
+    #[serde(default)]
+    ctlogs: Vec<RawLog>,
+    #[serde(default)]
+    certificate_authorities: Vec<RawAuthority>,
+    // A client trust config:
+    trusted_root: Option<Box<RawTrustFile>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawLog {
+    #[serde(default)]
+    base_url: String,
+    public_key: RawKey,
+    log_id: super::bundle::RawLogId,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawKey {
+    raw_bytes: Option<String>,
+    #[serde(default)]
+    key_details: String,
+    valid_for: Option<RawWindow>,
+}
+
+#[derive(Deserialize)]
+struct RawWindow {
+    start: Option<String>,
+    end: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawAuthority {
+    cert_chain: RawCertChain,
+    valid_for: Option<RawWindow>,
+}
+
+#[derive(Deserialize)]
+struct RawCertChain {
+    certificates: Vec<RawCert>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawCert {
+    raw_bytes: String,
+}
+
+const TRUSTED_ROOT_MEDIA_TYPE: &str = "application/vnd.dev.sigstore.trustedroot";
+const CLIENT_TRUST_CONFIG_MEDIA_TYPE: &str = "application/vnd.dev.sigstore.clienttrustconfig";
+
+fn window(raw: Option<&RawWindow>, what: &str) -> Result<Window, String> {
+    let time = |s: &Option<String>| -> Result<Option<SystemTime>, String> {
+        s.as_deref()
+            .map(|t| humantime::parse_rfc3339(t).map_err(|e| format!("{what}: time {t:?}: {e}")))
+            .transpose()
+    };
+    match raw {
+        None => Ok(Window::default()),
+        Some(w) => Ok(Window {
+            start: time(&w.start)?,
+            end: time(&w.end)?,
+        }),
+    }
+}
+
+fn log_key(raw: &RawLog, what: &str) -> Result<LogKey, String> {
+    let key_id = b64(what, &raw.log_id.key_id).map_err(|e| e.to_string())?;
+    if key_id.len() != 32 {
+        return Err(format!("{what}: log id is not 32 bytes"));
+    }
+    let key = match &raw.public_key.raw_bytes {
+        Some(bytes) => {
+            let der = b64(what, bytes).map_err(|e| e.to_string())?;
+            match PublicKey::from_spki_der(&der) {
+                Ok(k) => Some(k),
+                // Only ECDSA keys are verified; a log with another key
+                // type (Rekor v2's Ed25519) stays known but unusable.
+                Err(_) if !raw.public_key.key_details.starts_with("PKIX_ECDSA") => None,
+                Err(e) => return Err(format!("{what} ({}): {e}", raw.base_url)),
+            }
+        }
+        None => None,
+    };
+    Ok(LogKey {
+        key_id,
+        key,
+        window: window(raw.public_key.valid_for.as_ref(), what)?,
+        url: raw.base_url.chars().take(200).collect(),
+    })
+}
+
+impl TrustedRoot {
+    /// Parses a Sigstore trusted root (`trusted_root.json`), or a client
+    /// trust config (what `model_signing --trust_config` takes) holding one.
+    pub fn parse(bytes: &[u8]) -> Result<TrustedRoot, String> {
+        if bytes.len() as u64 > MAX_TRUST_ROOT {
+            return Err("trust root too large".into());
+        }
+        let mut raw: RawTrustFile =
+            serde_json::from_slice(bytes).map_err(|e| format!("not a Sigstore trust root: {e}"))?;
+        if raw.media_type.starts_with(CLIENT_TRUST_CONFIG_MEDIA_TYPE) {
+            raw = *raw
+                .trusted_root
+                .ok_or("client trust config without trustedRoot")?;
+        }
+        if !raw.media_type.starts_with(TRUSTED_ROOT_MEDIA_TYPE) {
+            return Err(format!(
+                "media type {:?} is not a Sigstore trusted root",
+                raw.media_type.chars().take(80).collect::<String>()
+            ));
+        }
+        if raw.tlogs.len() + raw.ctlogs.len() + raw.certificate_authorities.len() > MAX_ROOT_ITEMS {
+            return Err("too many logs or authorities".into());
+        }
+        let tlogs = raw
+            .tlogs
+            .iter()
+            .map(|l| log_key(l, "tlog"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ctlogs = raw
+            .ctlogs
+            .iter()
+            .map(|l| log_key(l, "ctlog"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut authorities = Vec::new();
+        for ca in &raw.certificate_authorities {
+            let certs = &ca.cert_chain.certificates;
+            if certs.is_empty() || certs.len() > super::bundle::MAX_CHAIN {
+                return Err("certificate authority chain length out of range".into());
+            }
+            let chain_der = certs
+                .iter()
+                .map(|c| b64("certificate authority", &c.raw_bytes).map_err(|e| e.to_string()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let chain = chain_der
+                .iter()
+                .map(|d| cert::parse(d))
+                .collect::<Result<Vec<_>, _>>()?;
+            authorities.push(Authority {
+                chain,
+                chain_der,
+                window: window(ca.valid_for.as_ref(), "certificate authority")?,
+            });
+        }
+        if tlogs.is_empty() || ctlogs.is_empty() || authorities.is_empty() {
+            return Err(
+                "a trust root for keyless signatures needs tlogs, ctlogs and certificateAuthorities"
+                    .into(),
+            );
+        }
+        Ok(TrustedRoot {
+            tlogs,
+            ctlogs,
+            authorities,
+        })
+    }
+
+    /// Loads a trust root file.
+    pub fn load(path: &Path) -> Result<TrustedRoot, OmsError> {
+        let bytes = read_bounded(path, "sigstore trust root", MAX_TRUST_ROOT)?;
+        Self::parse(&bytes).map_err(|reason| OmsError::TrustMaterial {
+            what: path.display().to_string(),
+            reason,
+        })
+    }
+}
+
+fn log_err(reason: impl Into<String>) -> OmsError {
+    OmsError::TransparencyLog(reason.into())
+}
+
+fn cert_err(reason: impl Into<String>) -> OmsError {
+    OmsError::Certificate(reason.into())
+}
+
+fn epoch(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+/// Verifies a keyless bundle under `root`: log entry, certificate, SCT and
+/// the DSSE signature over `message` (the envelope's PAE). Identity policy
+/// is the caller's: the result says who signed.
+pub fn verify(
+    bundle: &Bundle,
+    certificate: &[u8],
+    entries: &[TlogEntry],
+    root: &TrustedRoot,
+    message: &[u8],
+) -> Result<KeylessSigner, OmsError> {
+    let leaf = cert::parse(certificate).map_err(cert_err)?;
+    if entries.is_empty() {
+        return Err(log_err(
+            "no transparency log entry: a keyless signature needs one to prove when it was made",
+        ));
+    }
+    let mut logged = Err(log_err("no entry verified"));
+    for entry in entries {
+        logged = verify_entry(entry, root, bundle, certificate);
+        if logged.is_ok() {
+            break;
+        }
+    }
+    let (entry, log) = logged?;
+    let at = epoch(entry.integrated_time);
+
+    // The certificate, at the time the log vouches for.
+    let mut last = cert_err("no certificate authority of the trust root covers the signing time");
+    let mut chained = None;
+    for ca in root.authorities.iter().filter(|ca| ca.window.covers(at)) {
+        let mut chain = vec![certificate.to_vec()];
+        chain.extend(ca.chain_der[..ca.chain_der.len() - 1].iter().cloned());
+        let anchor = &ca.chain[ca.chain.len() - 1..];
+        match cert::verify_chain(&chain, anchor, at) {
+            Ok(signing) => {
+                chained = Some((signing, ca));
+                break;
+            }
+            Err(e) => last = e,
+        }
+    }
+    let (signing, ca) = chained.ok_or(last)?;
+    // Fulcio issues both; Sigstore's clients require both.
+    let eku = cert::extension::<ExtendedKeyUsage>(&leaf, ID_CE_EXT_KEY_USAGE)?;
+    if !eku.is_some_and(|e| e.0.contains(&ID_KP_CODE_SIGNING)) {
+        return Err(cert_err("keyless signing certificate lacks codeSigning"));
+    }
+    let ku = cert::extension::<KeyUsage>(&leaf, ID_CE_KEY_USAGE)?;
+    if !ku.is_some_and(|k| k.digital_signature()) {
+        return Err(cert_err(
+            "keyless signing certificate lacks digitalSignature",
+        ));
+    }
+    let issuer_cert = ca
+        .chain
+        .iter()
+        .find(|c| cert::signed_by(&leaf, c))
+        .ok_or_else(|| cert_err("issuing certificate not found in the authority's chain"))?;
+    verify_sct(&leaf, issuer_cert, &root.ctlogs)?;
+
+    let identities = san_identities(&leaf)?;
+    let issuer = oidc_issuer(&leaf)?;
+    if !signing.key.verify(message, &bundle.signature) {
+        return Err(OmsError::BadSignature);
+    }
+    Ok(KeylessSigner {
+        identities,
+        issuer,
+        integrated_time: entry.integrated_time,
+        log_index: entry.log_index,
+        log_url: log.url.clone(),
+    })
+}
+
+/// Checks one log entry; returns it and its log.
+fn verify_entry<'a>(
+    entry: &'a TlogEntry,
+    root: &'a TrustedRoot,
+    bundle: &Bundle,
+    certificate: &[u8],
+) -> Result<(&'a TlogEntry, &'a LogKey), OmsError> {
+    let log = root
+        .tlogs
+        .iter()
+        .find(|l| l.key_id == entry.key_id)
+        .ok_or_else(|| log_err("entry from a log that is not in the trust root"))?;
+    let key = log.key.as_ref().ok_or_else(|| {
+        log_err(format!(
+            "log {} has a key type ccnode does not verify",
+            log.url
+        ))
+    })?;
+    if (entry.kind.as_str(), entry.version.as_str()) != ("dsse", "0.0.1") {
+        return Err(log_err(format!(
+            "entry kind {} {} is not supported (dsse 0.0.1 is)",
+            entry.kind, entry.version
+        )));
+    }
+    let at = epoch(entry.integrated_time);
+    if !log.window.covers(at) {
+        return Err(log_err("log key not valid at the entry's integrated time"));
+    }
+
+    // The inclusion promise: the log's signature over the entry as logged.
+    let set = entry
+        .signed_entry_timestamp
+        .as_ref()
+        .ok_or_else(|| log_err("no signed entry timestamp (inclusion promise)"))?;
+    let promised = serde_json::json!({
+        "body": base64::engine::general_purpose::STANDARD.encode(&entry.body),
+        "integratedTime": entry.integrated_time,
+        "logID": hex::encode(&entry.key_id),
+        "logIndex": entry.log_index,
+    });
+    let promised = crate::jcs::canonicalize(&promised).map_err(|e| log_err(e.to_string()))?;
+    if !key.verify(&promised, set) {
+        return Err(log_err("signed entry timestamp does not verify"));
+    }
+
+    // The inclusion proof and its checkpoint.
+    let proof = entry
+        .inclusion_proof
+        .as_ref()
+        .ok_or_else(|| log_err("no inclusion proof"))?;
+    let mut h = Sha256::new();
+    h.update([0u8]);
+    h.update(&entry.body);
+    let leaf_hash: [u8; 32] = h.finalize().into();
+    let computed = crate::merkle::root_from_audit_path(
+        &leaf_hash,
+        proof.log_index,
+        proof.tree_size,
+        &proof.hashes,
+    );
+    if computed != Some(proof.root_hash) {
+        return Err(log_err("inclusion proof does not lead to the root hash"));
+    }
+    verify_checkpoint(&proof.checkpoint, &entry.key_id, key, proof)?;
+
+    check_body(entry, bundle, certificate)?;
+    Ok((entry, log))
+}
+
+/// A checkpoint is a signed note: `origin\nsize\nbase64(root)\n[extra]\n\n`
+/// then lines `— name base64(key hint[4] || signature)`, the signature over
+/// everything before the blank line.
+fn verify_checkpoint(
+    note: &str,
+    key_id: &[u8],
+    key: &PublicKey,
+    proof: &super::bundle::InclusionProof,
+) -> Result<(), OmsError> {
+    let (text, signatures) = note
+        .split_once("\n\n")
+        .ok_or_else(|| log_err("checkpoint is not a signed note"))?;
+    let mut lines = text.split('\n');
+    let origin = lines.next().unwrap_or_default();
+    let size = lines.next().and_then(|s| s.parse::<u64>().ok());
+    let root = lines.next().and_then(|r| b64("checkpoint root", r).ok());
+    if origin.is_empty()
+        || size != Some(proof.tree_size)
+        || root.as_deref() != Some(&proof.root_hash[..])
+    {
+        return Err(log_err(
+            "checkpoint does not commit to the proof's tree size and root hash",
+        ));
+    }
+    let signed = format!("{text}\n");
+    for line in signatures.lines() {
+        let Some(rest) = line.strip_prefix("\u{2014} ") else {
+            continue;
+        };
+        let Some((_name, sig)) = rest.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(sig) = b64("checkpoint signature", sig) else {
+            continue;
+        };
+        if sig.len() > 4 && sig[..4] == key_id[..4] && key.verify(signed.as_bytes(), &sig[4..]) {
+            return Ok(());
+        }
+    }
+    Err(log_err("checkpoint is not signed by the log's key"))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DsseBody {
+    api_version: String,
+    kind: String,
+    spec: DsseSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DsseSpec {
+    payload_hash: HashValue,
+    signatures: Vec<DsseBodySignature>,
+}
+
+#[derive(Deserialize)]
+struct HashValue {
+    algorithm: String,
+    value: String,
+}
+
+#[derive(Deserialize)]
+struct DsseBodySignature {
+    signature: String,
+    verifier: String,
+}
+
+/// The logged body must be about this envelope and this certificate.
+fn check_body(entry: &TlogEntry, bundle: &Bundle, certificate: &[u8]) -> Result<(), OmsError> {
+    let body: DsseBody = serde_json::from_slice(&entry.body)
+        .map_err(|e| log_err(format!("entry body is not a dsse entry: {e}")))?;
+    if body.kind != entry.kind || body.api_version != entry.version {
+        return Err(log_err("entry body kind differs from the entry's kind"));
+    }
+    if body.spec.payload_hash.algorithm != "sha256"
+        || !body
+            .spec
+            .payload_hash
+            .value
+            .eq_ignore_ascii_case(&hex::encode(Sha256::digest(&bundle.payload)))
+    {
+        return Err(log_err("logged payload hash is not this payload's"));
+    }
+    let [logged] = body.spec.signatures.as_slice() else {
+        return Err(log_err("logged entry does not hold exactly one signature"));
+    };
+    if b64("logged signature", &logged.signature)? != bundle.signature {
+        return Err(log_err("logged signature is not this envelope's"));
+    }
+    let pem = b64("logged verifier", &logged.verifier)?;
+    let pem = std::str::from_utf8(&pem).map_err(|_| log_err("logged verifier is not PEM"))?;
+    let (label, der) = der::pem::decode_vec(pem.trim().as_bytes())
+        .map_err(|_| log_err("logged verifier is not PEM"))?;
+    if label != "CERTIFICATE" || der != certificate {
+        return Err(log_err("logged certificate is not this bundle's"));
+    }
+    Ok(())
+}
+
+/// Checks that a CT log of the trust root signed an SCT for the leaf's
+/// precertificate (RFC 6962, 3.2: the TBS without the SCT list, and the
+/// issuer's key hash).
+fn verify_sct(leaf: &Certificate, issuer: &Certificate, ctlogs: &[LogKey]) -> Result<(), OmsError> {
+    let exts = leaf
+        .tbs_certificate
+        .extensions
+        .as_deref()
+        .unwrap_or_default();
+    let mut found = exts.iter().filter(|e| e.extn_id == OID_SCT_LIST);
+    let ext = found
+        .next()
+        .ok_or_else(|| cert_err("certificate has no embedded SCT"))?;
+    if found.next().is_some() {
+        return Err(cert_err("duplicate SCT extension"));
+    }
+    let list = der::asn1::OctetString::from_der(ext.extn_value.as_bytes())
+        .map_err(|_| cert_err("malformed SCT extension"))?;
+    let scts = parse_sct_list(list.as_bytes()).ok_or_else(|| cert_err("malformed SCT list"))?;
+
+    let mut tbs = leaf.tbs_certificate.clone();
+    tbs.extensions = tbs.extensions.map(|e| {
+        e.into_iter()
+            .filter(|x| x.extn_id != OID_SCT_LIST)
+            .collect()
+    });
+    let tbs = tbs.to_der().map_err(|e| cert_err(e.to_string()))?;
+    if tbs.len() >= 1 << 24 {
+        return Err(cert_err("certificate too large"));
+    }
+    let issuer_spki = issuer
+        .tbs_certificate
+        .subject_public_key_info
+        .to_der()
+        .map_err(|e| cert_err(e.to_string()))?;
+    let issuer_key_hash = Sha256::digest(&issuer_spki);
+
+    for sct in &scts {
+        let Some(log) = ctlogs.iter().find(|l| l.key_id == sct.log_id) else {
+            continue;
+        };
+        let Some(key) = &log.key else { continue };
+        let at = UNIX_EPOCH + Duration::from_millis(sct.timestamp);
+        if !log.window.covers(at) {
+            continue;
+        }
+        // SHA-256 with ECDSA on P-256, SHA-384 on P-384: the hash the key's
+        // curve implies, which PublicKey::verify uses.
+        let hash_ok = matches!((sct.hash_alg, key.curve()), (4, "P-256") | (5, "P-384"));
+        if !hash_ok || sct.sig_alg != 3 {
+            continue;
+        }
+        let mut msg = Vec::with_capacity(tbs.len() + 64);
+        msg.extend_from_slice(&[0, 0]); // v1, certificate_timestamp
+        msg.extend_from_slice(&sct.timestamp.to_be_bytes());
+        msg.extend_from_slice(&[0, 1]); // precert_entry
+        msg.extend_from_slice(&issuer_key_hash);
+        msg.extend_from_slice(&(tbs.len() as u32).to_be_bytes()[1..]);
+        msg.extend_from_slice(&tbs);
+        msg.extend_from_slice(&(sct.extensions.len() as u16).to_be_bytes());
+        msg.extend_from_slice(sct.extensions);
+        if key.verify(&msg, sct.signature) {
+            return Ok(());
+        }
+    }
+    Err(cert_err(
+        "no SCT from a CT log of the trust root verifies for this certificate",
+    ))
+}
+
+struct Sct<'a> {
+    log_id: &'a [u8],
+    timestamp: u64,
+    extensions: &'a [u8],
+    hash_alg: u8,
+    sig_alg: u8,
+    signature: &'a [u8],
+}
+
+/// Splits `n` bytes off the front of `buf`.
+fn take<'a>(buf: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if buf.len() < n {
+        return None;
+    }
+    let (head, tail) = buf.split_at(n);
+    *buf = tail;
+    Some(head)
+}
+
+fn take_u16(buf: &mut &[u8]) -> Option<usize> {
+    take(buf, 2).map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
+}
+
+/// The TLS-encoded SignedCertificateTimestampList; `None` when malformed.
+fn parse_sct_list(bytes: &[u8]) -> Option<Vec<Sct<'_>>> {
+    let mut buf = bytes;
+    let total = take_u16(&mut buf)?;
+    if total != buf.len() {
+        return None;
+    }
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        if out.len() == MAX_SCTS {
+            return None;
+        }
+        let len = take_u16(&mut buf)?;
+        let mut sct = take(&mut buf, len)?;
+        let version = take(&mut sct, 1)?[0];
+        let log_id = take(&mut sct, 32)?;
+        let ts = take(&mut sct, 8)?;
+        let ext_len = take_u16(&mut sct)?;
+        let extensions = take(&mut sct, ext_len)?;
+        let algs = take(&mut sct, 2)?;
+        let sig_len = take_u16(&mut sct)?;
+        let signature = take(&mut sct, sig_len)?;
+        if version != 0 || !sct.is_empty() {
+            return None;
+        }
+        out.push(Sct {
+            log_id,
+            timestamp: u64::from_be_bytes(ts.try_into().ok()?),
+            extensions,
+            hash_alg: algs[0],
+            sig_alg: algs[1],
+            signature,
+        });
+    }
+    Some(out)
+}
+
+/// The SAN email addresses and URIs (Fulcio puts the OIDC subject there).
+fn san_identities(leaf: &Certificate) -> Result<Vec<String>, OmsError> {
+    let mut out = Vec::new();
+    if let Some(san) = cert::extension::<SubjectAltName>(leaf, ID_CE_SUBJECT_ALT_NAME)? {
+        for name in san.0 {
+            match name {
+                GeneralName::Rfc822Name(s) => out.push(s.to_string()),
+                GeneralName::UniformResourceIdentifier(s) => out.push(s.to_string()),
+                _ => {}
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(cert_err("keyless certificate has no email or URI identity"));
+    }
+    Ok(out)
+}
+
+/// The OIDC issuer: Fulcio's DER extension and its older raw one, which
+/// must agree when both are present (sigstore-python reads only the older
+/// one, sigstore-go prefers the newer: a certificate on which they differ is
+/// refused rather than read one way).
+fn oidc_issuer(leaf: &Certificate) -> Result<String, OmsError> {
+    let v2 = cert::extension::<der::asn1::Utf8StringRef<'_>>(leaf, OID_ISSUER_V2)?
+        .map(|s| s.to_string());
+    let exts = leaf
+        .tbs_certificate
+        .extensions
+        .as_deref()
+        .unwrap_or_default();
+    let mut v1s = exts.iter().filter(|e| e.extn_id == OID_ISSUER_V1);
+    let v1 = v1s
+        .next()
+        .map(|ext| {
+            std::str::from_utf8(ext.extn_value.as_bytes())
+                .map(str::to_owned)
+                .map_err(|_| cert_err("OIDC issuer extension is not UTF-8"))
+        })
+        .transpose()?;
+    if v1s.next().is_some() {
+        return Err(cert_err("duplicate OIDC issuer extension"));
+    }
+    match (v2, v1) {
+        (Some(a), Some(b)) if a != b => Err(cert_err("the two OIDC issuer extensions differ")),
+        (Some(a), _) | (None, Some(a)) => Ok(a),
+        (None, None) => Err(cert_err("keyless certificate names no OIDC issuer")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sct_list_parser_refuses_truncation_and_trailing_bytes() {
+        // One SCT: version, log id, timestamp, no extensions, algs, 2-byte sig.
+        let mut sct = vec![0u8];
+        sct.extend([7u8; 32]);
+        sct.extend(1234u64.to_be_bytes());
+        sct.extend([0, 0, 4, 3, 0, 2, 0xaa, 0xbb]);
+        let mut list = ((sct.len() + 2) as u16).to_be_bytes().to_vec();
+        list.extend((sct.len() as u16).to_be_bytes());
+        list.extend(&sct);
+        let parsed = parse_sct_list(&list).expect("well-formed list");
+        assert_eq!(parsed.len(), 1);
+        assert_eq!(parsed[0].timestamp, 1234);
+        assert_eq!(parsed[0].signature, &[0xaa, 0xbb]);
+        for cut in 0..list.len() {
+            assert!(parse_sct_list(&list[..cut]).is_none(), "cut at {cut}");
+        }
+        let mut trailing = list.clone();
+        trailing.push(0);
+        assert!(parse_sct_list(&trailing).is_none());
+        let mut v2 = list.clone();
+        v2[4] = 1;
+        assert!(parse_sct_list(&v2).is_none());
+    }
+
+    #[test]
+    fn trust_root_parser_refuses_wrong_shapes() {
+        for bad in [
+            &b"{}"[..],
+            b"[]",
+            br#"{"mediaType":"application/json"}"#,
+            br#"{"mediaType":"application/vnd.dev.sigstore.clienttrustconfig.v0.1+json"}"#,
+            br#"{"mediaType":"application/vnd.dev.sigstore.trustedroot+json;version=0.1"}"#,
+        ] {
+            assert!(TrustedRoot::parse(bad).is_err());
+        }
+    }
+
+    #[test]
+    fn windows_are_inclusive_and_open_ended() {
+        let w = Window {
+            start: Some(epoch(10)),
+            end: None,
+        };
+        assert!(!w.covers(epoch(9)));
+        assert!(w.covers(epoch(10)));
+        assert!(w.covers(epoch(u32::MAX as u64)));
+        let w = Window {
+            start: None,
+            end: Some(epoch(10)),
+        };
+        assert!(w.covers(epoch(10)));
+        assert!(!w.covers(epoch(11)));
+    }
+}

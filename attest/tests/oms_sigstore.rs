@@ -1,0 +1,632 @@
+//! Sigstore keyless model signatures, verified offline.
+//!
+//! Two sources of signatures:
+//! - a genuine one: a model signed by model_signing against the public-good
+//!   Sigstore instance (Fulcio, Rekor, CT log), verified with the production
+//!   trust root embedded in sigstore-python (tests/fixtures/sigstore/README.md
+//!   gives the provenance of both); every byte of every signed field, flipped,
+//!   is refused;
+//! - a private instance (tests/interop/sigstore_instance.py) that plays Fulcio,
+//!   the CT log and Rekor, so each single defect can be made on purpose; on
+//!   every one, the reference verifier (model_signing verify sigstore) and
+//!   ccnode give the same verdict.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use ccnode_attest::oms::bundle::Bundle;
+use ccnode_attest::oms::sigstore::{Identity, TrustedRoot};
+use ccnode_attest::oms::{self, HandOver, OmsError, TrustPolicy, VerifyOptions};
+use common::{copy_dir, flip_byte, make_model, run};
+use serde_json::Value;
+
+const ID: &str = "stefanb@us.ibm.com";
+const ISSUER: &str = "https://sigstore.verify.ibm.com/oauth2";
+const MODEL: &str = "v1.1.0-sigstore";
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sigstore")
+}
+
+fn production_root_json() -> Value {
+    serde_json::from_slice(&fs::read(fixtures().join("production-trusted_root.json")).unwrap())
+        .unwrap()
+}
+
+fn root_from(v: &Value) -> Result<TrustedRoot, String> {
+    TrustedRoot::parse(&serde_json::to_vec(v).unwrap())
+}
+
+fn policy(root: TrustedRoot, identity: &str, issuer: &str) -> TrustPolicy {
+    TrustPolicy::global_sigstore(
+        root,
+        vec![Identity {
+            identity: identity.into(),
+            issuer: issuer.into(),
+        }],
+    )
+}
+
+fn production_policy() -> TrustPolicy {
+    policy(root_from(&production_root_json()).unwrap(), ID, ISSUER)
+}
+
+fn genuine() -> Value {
+    serde_json::from_slice(&fs::read(fixtures().join("v1.1.0-sigstore.sig")).unwrap()).unwrap()
+}
+
+/// The signature layer alone (bundle, log entry, certificate, identity).
+fn check(bundle: &Value, policy: &TrustPolicy) -> Result<String, OmsError> {
+    let parsed = Bundle::parse(&serde_json::to_vec(bundle).unwrap())?;
+    policy.verify_bundle(&parsed, &VerifyOptions::new(MODEL))
+}
+
+const ENTRY: &str = "/verificationMaterial/tlogEntries/0";
+
+/// Replaces the base64 field at `pointer` with `f` applied to its bytes.
+fn edit_b64(bundle: &Value, pointer: &str, f: impl FnOnce(&mut Vec<u8>)) -> Value {
+    let mut v = bundle.clone();
+    let field = v
+        .pointer_mut(pointer)
+        .unwrap_or_else(|| panic!("{pointer}"));
+    let mut bytes = STANDARD.decode(field.as_str().unwrap()).unwrap();
+    f(&mut bytes);
+    *field = Value::String(STANDARD.encode(bytes));
+    v
+}
+
+fn b64_len(bundle: &Value, pointer: &str) -> usize {
+    STANDARD
+        .decode(bundle.pointer(pointer).unwrap().as_str().unwrap())
+        .unwrap()
+        .len()
+}
+
+#[test]
+fn genuine_keyless_model_verifies_offline() {
+    let model = oms::verify_model_with(
+        &fixtures().join(MODEL),
+        &fixtures().join("v1.1.0-sigstore.sig"),
+        &production_policy(),
+        &VerifyOptions::new(MODEL),
+        HandOver::SealedCopy,
+    )
+    .expect("the genuine keyless signature verifies");
+    assert_eq!(model.model_name, MODEL);
+    assert_eq!(model.file_count, 2);
+    assert!(model.signer.contains(ID), "{}", model.signer);
+    assert!(model.signer.contains(ISSUER), "{}", model.signer);
+    assert!(
+        model.signer.contains("rekor.sigstore.dev"),
+        "{}",
+        model.signer
+    );
+    assert!(model.signer.contains("598151086"), "{}", model.signer);
+}
+
+#[test]
+fn genuine_keyless_model_refused_when_a_file_changes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(MODEL);
+    copy_dir(&fixtures().join(MODEL), &dir);
+    flip_byte(&dir.join("signme-2"), 0);
+    let err = oms::verify_model(
+        &dir,
+        &fixtures().join("v1.1.0-sigstore.sig"),
+        &production_policy(),
+        &VerifyOptions::new(MODEL),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, OmsError::Mismatch { mismatched, .. } if mismatched == &["signme-2"]),
+        "{err}"
+    );
+}
+
+#[test]
+fn identity_policy_is_matched_as_pairs() {
+    let b = genuine();
+    check(&b, &production_policy()).unwrap();
+    let root = || root_from(&production_root_json()).unwrap();
+    for (identity, issuer) in [
+        ("stefan@us.ibm.com", ISSUER),
+        (ID, "https://accounts.google.com"),
+        ("stefanb@us.ibm.com ", ISSUER),
+        ("", ""),
+    ] {
+        let err = check(&b, &policy(root(), identity, issuer)).unwrap_err();
+        assert!(
+            matches!(err, OmsError::Untrusted { .. }),
+            "{identity} {issuer}: {err}"
+        );
+    }
+    // The right pair for another model only.
+    let mut other = policy(root(), ID, ISSUER);
+    other.entries[0].models = vec!["another-model".into()];
+    assert!(matches!(
+        check(&b, &other).unwrap_err(),
+        OmsError::Untrusted { .. }
+    ));
+    // Keys and CA roots do not admit a keyless signature.
+    let key_only = TrustPolicy::global_roots(vec![]);
+    assert!(matches!(
+        check(&b, &key_only).unwrap_err(),
+        OmsError::Untrusted { .. }
+    ));
+}
+
+#[test]
+fn trust_root_decides_what_is_trusted() {
+    let b = genuine();
+    let p = |root: Value| policy(root_from(&root).unwrap(), ID, ISSUER);
+    let base = production_root_json();
+
+    // Without the Rekor key the entry proves nothing.
+    let mut root = base.clone();
+    root["tlogs"].as_array_mut().unwrap().remove(0);
+    assert!(matches!(
+        check(&b, &p(root)),
+        Err(OmsError::TransparencyLog(_))
+    ));
+
+    // The Rekor key's validity must cover the integrated time (2025-10-10).
+    let mut root = base.clone();
+    root["tlogs"][0]["publicKey"]["validFor"] =
+        serde_json::json!({"start": "2021-01-12T11:53:27Z", "end": "2025-10-01T00:00:00Z"});
+    assert!(matches!(
+        check(&b, &p(root)),
+        Err(OmsError::TransparencyLog(_))
+    ));
+
+    // Without the current Fulcio CA, or with its window closed before the
+    // signing time, the certificate does not chain.
+    let mut root = base.clone();
+    root["certificateAuthorities"]
+        .as_array_mut()
+        .unwrap()
+        .remove(1);
+    assert!(matches!(check(&b, &p(root)), Err(OmsError::Certificate(_))));
+    let mut root = base.clone();
+    root["certificateAuthorities"][1]["validFor"]["end"] = "2025-01-01T00:00:00Z".into();
+    assert!(matches!(check(&b, &p(root)), Err(OmsError::Certificate(_))));
+
+    // Without the CT log that signed the SCT.
+    let mut root = base.clone();
+    root["ctlogs"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|l| l["baseUrl"] != "https://ctfe.sigstore.dev/2022");
+    let err = check(&b, &p(root)).unwrap_err();
+    assert!(
+        matches!(&err, OmsError::Certificate(m) if m.contains("SCT")),
+        "{err}"
+    );
+
+    // The client trust config form holds the same root.
+    let config = serde_json::json!({
+        "mediaType": "application/vnd.dev.sigstore.clienttrustconfig.v0.1+json",
+        "trustedRoot": base,
+        "signingConfig": {},
+    });
+    check(&b, &p(config)).unwrap();
+}
+
+#[test]
+fn every_byte_of_every_signed_field_is_checked() {
+    let b = genuine();
+    let p = production_policy();
+    check(&b, &p).unwrap();
+    let mut fields: Vec<String> = [
+        "/verificationMaterial/certificate/rawBytes",
+        "/dsseEnvelope/payload",
+        "/dsseEnvelope/signatures/0/sig",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for f in [
+        "inclusionPromise/signedEntryTimestamp",
+        "canonicalizedBody",
+        "inclusionProof/rootHash",
+        "logId/keyId",
+    ] {
+        fields.push(format!("{ENTRY}/{f}"));
+    }
+    let hashes = b
+        .pointer(&format!("{ENTRY}/inclusionProof/hashes"))
+        .unwrap();
+    for i in 0..hashes.as_array().unwrap().len() {
+        fields.push(format!("{ENTRY}/inclusionProof/hashes/{i}"));
+    }
+    let mut checked = 0;
+    for field in &fields {
+        for at in 0..b64_len(&b, field) {
+            let tampered = edit_b64(&b, field, |bytes| bytes[at] ^= 0x01);
+            assert!(
+                check(&tampered, &p).is_err(),
+                "{field} byte {at} flipped: accepted"
+            );
+            checked += 1;
+        }
+    }
+    // The checkpoint: every byte of the signed text, and of the signature.
+    let pointer = format!("{ENTRY}/inclusionProof/checkpoint/envelope");
+    let note = b.pointer(&pointer).unwrap().as_str().unwrap().to_string();
+    let (text, sig_line) = note.split_once("\n\n").unwrap();
+    for at in 0..text.len() {
+        let mut bytes = note.clone().into_bytes();
+        bytes[at] ^= 0x01;
+        let Ok(changed) = String::from_utf8(bytes) else {
+            continue;
+        };
+        let mut tampered = b.clone();
+        *tampered.pointer_mut(&pointer).unwrap() = Value::String(changed);
+        assert!(
+            check(&tampered, &p).is_err(),
+            "checkpoint byte {at}: accepted"
+        );
+        checked += 1;
+    }
+    let (prefix, sig) = sig_line.trim_end().rsplit_once(' ').unwrap();
+    let sig = STANDARD.decode(sig).unwrap();
+    for at in 0..sig.len() {
+        let mut s = sig.clone();
+        s[at] ^= 0x01;
+        let changed = format!("{text}\n\n{prefix} {}\n", STANDARD.encode(s));
+        let mut tampered = b.clone();
+        *tampered.pointer_mut(&pointer).unwrap() = Value::String(changed);
+        assert!(
+            check(&tampered, &p).is_err(),
+            "checkpoint signature byte {at}: accepted"
+        );
+        checked += 1;
+    }
+    assert!(checked > 4000, "{checked}");
+}
+
+#[test]
+fn log_entry_numbers_and_shape_are_checked() {
+    let b = genuine();
+    let p = production_policy();
+    let set = |pointer: &str, value: Value| {
+        let mut v = b.clone();
+        *v.pointer_mut(&format!("{ENTRY}/{pointer}")).unwrap() = value;
+        v
+    };
+    let log = |v: &Value| matches!(check(v, &p), Err(OmsError::TransparencyLog(_)));
+    assert!(log(&set("integratedTime", "1760062341".into())));
+    assert!(log(&set("logIndex", "598151087".into())));
+    assert!(log(&set("inclusionProof/logIndex", "476246823".into())));
+    assert!(log(&set("inclusionProof/treeSize", "476246826".into())));
+    assert!(log(&set("kindVersion/kind", "intoto".into())));
+    assert!(log(&set("kindVersion/version", "0.0.2".into())));
+    let mut v = b.clone();
+    v.pointer_mut(ENTRY)
+        .unwrap()
+        .as_object_mut()
+        .unwrap()
+        .remove("inclusionPromise");
+    assert!(log(&v));
+    let mut v = b.clone();
+    v.pointer_mut(ENTRY)
+        .unwrap()
+        .as_object_mut()
+        .unwrap()
+        .remove("inclusionProof");
+    assert!(log(&v));
+    let mut v = b.clone();
+    v["verificationMaterial"]["tlogEntries"] = Value::Array(vec![]);
+    assert!(log(&v));
+    // A proof one hash short or long.
+    let mut v = b.clone();
+    v.pointer_mut(&format!("{ENTRY}/inclusionProof/hashes"))
+        .unwrap()
+        .as_array_mut()
+        .unwrap()
+        .pop();
+    assert!(log(&v));
+    let mut v = b.clone();
+    v.pointer_mut(&format!("{ENTRY}/inclusionProof/hashes"))
+        .unwrap()
+        .as_array_mut()
+        .unwrap()
+        .push(Value::String(STANDARD.encode([0u8; 32])));
+    assert!(log(&v));
+    // Bounds: more entries than allowed is a malformed bundle.
+    let mut v = b.clone();
+    let entry = v.pointer(ENTRY).unwrap().clone();
+    v["verificationMaterial"]["tlogEntries"] = Value::Array(vec![entry; 9]);
+    assert!(matches!(check(&v, &p), Err(OmsError::Bundle(_))));
+}
+
+#[test]
+fn trust_config_file_names_sigstore_signers() {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::copy(
+        fixtures().join("production-trusted_root.json"),
+        tmp.path().join("root.json"),
+    )
+    .unwrap();
+    let good = format!(
+        "[[signer]]\nmodels = [\"{MODEL}\"]\nsigstore_trust_root = \"root.json\"\n\
+         sigstore_identities = [{{ identity = \"{ID}\", issuer = \"{ISSUER}\" }}]\n"
+    );
+    let p = TrustPolicy::parse(&good, tmp.path()).unwrap();
+    check(&genuine(), &p).unwrap();
+    for bad in [
+        // Keyless without identities would trust any account anywhere.
+        "[[signer]]\nmodels = [\"*\"]\nsigstore_trust_root = \"root.json\"\n".to_string(),
+        format!("[[signer]]\nmodels = [\"*\"]\nsigstore_identities = [{{ identity = \"{ID}\", issuer = \"{ISSUER}\" }}]\n"),
+        "[[signer]]\nmodels = [\"*\"]\nsigstore_trust_root = \"root.json\"\nsigstore_identities = [{ identity = \"\", issuer = \"x\" }]\n".to_string(),
+        "[[signer]]\nmodels = [\"*\"]\nsigstore_trust_root = \"missing.json\"\nsigstore_identities = [{ identity = \"a\", issuer = \"b\" }]\n".to_string(),
+        "[[signer]]\nmodels = [\"*\"]\nsigstore_trust_root = \"root.json\"\nsigstore_identities = [{ identity = \"a\" }]\n".to_string(),
+    ] {
+        assert!(TrustPolicy::parse(&bad, tmp.path()).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn ccnode_verify_cli_keyless() {
+    let cli = |identity: &str| {
+        Command::new(env!("CARGO_BIN_EXE_ccnode-verify"))
+            .args(["model"])
+            .arg(fixtures().join(MODEL))
+            .arg("--signature")
+            .arg(fixtures().join("v1.1.0-sigstore.sig"))
+            .arg("--sigstore-trust-root")
+            .arg(fixtures().join("production-trusted_root.json"))
+            .args([
+                "--identity",
+                identity,
+                "--identity-provider",
+                ISSUER,
+                "--json",
+            ])
+            .output()
+            .unwrap()
+    };
+    let ok = cli(ID);
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let out: Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert!(out.to_string().contains(ID), "{out}");
+    let refused = cli("someone@example.com");
+    assert_eq!(refused.status.code(), Some(3));
+    // The identity is required with a trust root, and meaningless without.
+    let missing = Command::new(env!("CARGO_BIN_EXE_ccnode-verify"))
+        .args(["model"])
+        .arg(fixtures().join(MODEL))
+        .arg("--signature")
+        .arg(fixtures().join("v1.1.0-sigstore.sig"))
+        .arg("--sigstore-trust-root")
+        .arg(fixtures().join("production-trusted_root.json"))
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+}
+
+// --- The private instance, judged by the reference verifier as well ---
+
+fn venv() -> Option<PathBuf> {
+    let dir = std::env::var_os("CCNODE_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv"));
+    if dir.join("bin/model_signing").exists() {
+        return Some(dir);
+    }
+    let msg = format!(
+        "no model_signing in the virtual environment {} (scripts/test.sh creates it; or set CCNODE_VENV)",
+        dir.display()
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg}");
+    }
+    eprintln!("SKIPPED: {msg}");
+    None
+}
+
+struct Instance {
+    venv: PathBuf,
+    dir: PathBuf,
+}
+
+const ALICE: &str = "alice@example.com";
+const TEST_ISSUER: &str = "https://issuer.test";
+
+impl Instance {
+    fn script(&self) -> Command {
+        let mut c = Command::new(self.venv.join("bin/python"));
+        c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/sigstore_instance.py"));
+        c
+    }
+
+    fn new(venv: PathBuf, dir: PathBuf) -> Instance {
+        let i = Instance { venv, dir };
+        run(i.script().arg("instance").arg(&i.dir));
+        i
+    }
+
+    fn sign(&self, model: &Path, sig: &Path, variant: &str, hash: &str) {
+        run(self
+            .script()
+            .arg("sign")
+            .arg(&self.dir)
+            .arg(model)
+            .arg(sig)
+            .args(["--identity", ALICE, "--issuer", TEST_ISSUER])
+            .args(["--variant", variant, "--hash", hash])
+            .args(["--log-index-offset", "1000"]));
+    }
+
+    /// The reference verdict: Ok(()) verified, Err(message) refused.
+    fn reference(
+        &self,
+        model: &Path,
+        sig: &Path,
+        identity: &str,
+        issuer: &str,
+        api: bool,
+    ) -> Result<(), String> {
+        let mut c = self.script();
+        c.arg("verify").arg(&self.dir).arg(model).arg(sig).args([
+            "--identity",
+            identity,
+            "--issuer",
+            issuer,
+        ]);
+        if api {
+            c.arg("--api");
+        }
+        let out = c.output().unwrap();
+        match out.status.code() {
+            Some(0) => Ok(()),
+            Some(1) => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+            _ => panic!(
+                "reference misbehaved: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
+    }
+
+    fn ours(&self, model: &Path, sig: &Path, identity: &str, issuer: &str) -> Result<(), OmsError> {
+        // The client trust config form, as the reference takes it.
+        let root = TrustedRoot::load(&self.dir.join("trust_config.json")).unwrap();
+        oms::verify_model(
+            model,
+            sig,
+            &policy(root, identity, issuer),
+            &VerifyOptions::new("m"),
+        )
+        .map(|_| ())
+    }
+}
+
+#[test]
+fn private_instance_verdicts_agree_with_the_reference() {
+    let Some(venv) = venv() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let inst = Instance::new(venv, tmp.path().join("instance"));
+    let model = tmp.path().join("m");
+    make_model(&model);
+
+    type Kind = fn(&OmsError) -> bool;
+    let cert: Kind = |e| matches!(e, OmsError::Certificate(_));
+    let log: Kind = |e| matches!(e, OmsError::TransparencyLog(_));
+    let sig: Kind = |e| matches!(e, OmsError::BadSignature);
+    let cases: [(&str, Option<Kind>); 13] = [
+        ("ok", None),
+        ("expired", Some(cert)),
+        ("not_yet_valid", Some(cert)),
+        ("no_codesigning", Some(cert)),
+        ("no_sct", Some(cert)),
+        ("bad_sct", Some(cert)),
+        ("untrusted_ca", Some(cert)),
+        ("bad_set", Some(log)),
+        ("bad_proof", Some(log)),
+        ("bad_checkpoint", Some(log)),
+        ("body_mismatch", Some(log)),
+        ("wrong_payload_hash", Some(log)),
+        ("wrong_key", Some(sig)),
+    ];
+    for (variant, expected) in cases {
+        let s = tmp.path().join(format!("{variant}.sig"));
+        inst.sign(&model, &s, variant, "sha256");
+        let ours = inst.ours(&model, &s, ALICE, TEST_ISSUER);
+        let reference = inst.reference(&model, &s, ALICE, TEST_ISSUER, false);
+        match expected {
+            None => {
+                ours.unwrap_or_else(|e| panic!("{variant}: ccnode refused: {e}"));
+                reference.unwrap_or_else(|e| panic!("{variant}: reference refused: {e}"));
+            }
+            Some(kind) => {
+                let e = ours.expect_err(variant);
+                assert!(
+                    kind(&e),
+                    "{variant}: ccnode refused for another reason: {e}"
+                );
+                assert!(reference.is_err(), "{variant}: the reference accepted it");
+            }
+        }
+    }
+
+    // Identity and issuer, each wrong on its own.
+    let good = tmp.path().join("ok.sig");
+    for (identity, issuer) in [
+        ("bob@example.com", TEST_ISSUER),
+        (ALICE, "https://other.test"),
+    ] {
+        assert!(matches!(
+            inst.ours(&model, &good, identity, issuer),
+            Err(OmsError::Untrusted { .. })
+        ));
+        assert!(inst
+            .reference(&model, &good, identity, issuer, false)
+            .is_err());
+    }
+
+    // The model itself, changed after signing: both refuse.
+    let changed = tmp.path().join("changed");
+    copy_dir(&model, &changed);
+    fs::write(changed.join("extra.json"), b"{}").unwrap();
+    assert!(matches!(
+        inst.ours(&changed, &good, ALICE, TEST_ISSUER),
+        Err(OmsError::Mismatch { .. })
+    ));
+    assert!(inst
+        .reference(&changed, &good, ALICE, TEST_ISSUER, false)
+        .is_err());
+
+    // The genuine signature, judged by both under the production root (the
+    // instance's client trust config with its trusted root replaced).
+    let mut config: Value =
+        serde_json::from_slice(&fs::read(inst.dir.join("trust_config.json")).unwrap()).unwrap();
+    config["trustedRoot"] = production_root_json();
+    let production = Instance {
+        venv: inst.venv.clone(),
+        dir: tmp.path().join("production"),
+    };
+    fs::create_dir(&production.dir).unwrap();
+    fs::write(
+        production.dir.join("trust_config.json"),
+        serde_json::to_vec(&config).unwrap(),
+    )
+    .unwrap();
+    let genuine_dir = tmp.path().join(MODEL);
+    copy_dir(&fixtures().join(MODEL), &genuine_dir);
+    let genuine_sig = fixtures().join("v1.1.0-sigstore.sig");
+    production
+        .ours(&genuine_dir, &genuine_sig, ID, ISSUER)
+        .unwrap();
+    production
+        .reference(&genuine_dir, &genuine_sig, ID, ISSUER, false)
+        .unwrap();
+    let forged = tmp.path().join("forged.sig");
+    let payload = edit_b64(&genuine(), "/dsseEnvelope/payload", |p| p[20] ^= 1);
+    fs::write(&forged, serde_json::to_vec(&payload).unwrap()).unwrap();
+    assert!(production.ours(&genuine_dir, &forged, ID, ISSUER).is_err());
+    assert!(production
+        .reference(&genuine_dir, &forged, ID, ISSUER, false)
+        .is_err());
+    assert!(production
+        .ours(&genuine_dir, &genuine_sig, ALICE, ISSUER)
+        .is_err());
+    assert!(production
+        .reference(&genuine_dir, &genuine_sig, ALICE, ISSUER, false)
+        .is_err());
+
+    // BLAKE3 (the reference's API: its CLI re-hashes with SHA-256).
+    let b3 = tmp.path().join("blake3.sig");
+    inst.sign(&model, &b3, "ok", "blake3");
+    inst.ours(&model, &b3, ALICE, TEST_ISSUER).unwrap();
+    inst.reference(&model, &b3, ALICE, TEST_ISSUER, true)
+        .unwrap();
+}
