@@ -103,5 +103,14 @@ plain=$(secs cat "$M"/*)
 # verification plus a sealed memfd copy of every file, versus plain reading.
 sealed=$(secs "$BIN" model "$M" --signature "$WORK/files.sig" --public-key "$K.pub" --sealed-copy)
 printf '\nverified load (sha256 files, sealed memfd copy): %s GB/s, %.2fx plain read\n' "$(gbs "$sealed")" "$(echo "$sealed / $plain" | bc -l)"
+sealed_b3=$(secs "$BIN" model "$M" --signature "$WORK/blake3.sig" --public-key "$K.pub" --sealed-copy)
+printf 'verified load (blake3 files, sealed memfd copy): %s GB/s, %.2fx plain read\n' "$(gbs "$sealed_b3")" "$(echo "$sealed_b3 / $plain" | bc -l)"
+# Memory bandwidth, for BLAKE3's goal: mbw's memcpy of 1 GiB arrays (one
+# thread; a copy both reads and writes each byte), best of 5, and two at once.
+command -v mbw > /dev/null || apt-get install -y -qq mbw > /dev/null
+membw() { mbw -q -n 5 -t0 1024 | awk '/^AVG/ {print $(NF-1)}'; }
+one_bw=$(membw)
+two_bw=$( (membw & membw; wait) | awk '{s += $1} END {print s}')
+printf 'memory bandwidth (mbw memcpy, 1 GiB): one thread %.2f GB/s, two threads %.2f GB/s in all\n' "$(echo "$one_bw * 1048576 / 1000000000" | bc -l)" "$(echo "$two_bw * 1048576 / 1000000000" | bc -l)"
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 printf '\nplain read (cat > /dev/null): %s GB/s; one core SHA-256: %s GB/s; cores: %s; model: %s bytes\n' "$(gbs "$plain")" "$one_gbs" "$cores" "$total"

@@ -1,0 +1,51 @@
+//! Sigstore keyless verification: `oms::sigstore::TrustedRoot::parse` on
+//! arbitrary bytes, and `oms::sigstore::verify` on any bundle that parses as
+//! keyless, against the production trust root (the test fixture). The
+//! second reaches the parsers of the log entry body, the checkpoint, the
+//! certificate's SCT list and its identity extensions with attacker bytes.
+//!
+//! Beyond "no panic": no input verifies (nobody here holds Rekor's key), and
+//! every refusal is one of the keyless path's own error variants.
+#![no_main]
+
+use std::sync::OnceLock;
+
+use ccnode_attest::oms::bundle::{pae, Bundle, Material};
+use ccnode_attest::oms::sigstore::{self, TrustedRoot};
+use ccnode_attest::oms::OmsError;
+use libfuzzer_sys::fuzz_target;
+
+fn production() -> &'static TrustedRoot {
+    static ROOT: OnceLock<TrustedRoot> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        TrustedRoot::parse(include_bytes!(
+            "../../attest/tests/fixtures/sigstore/production-trusted_root.json"
+        ))
+        .expect("the fixture parses")
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let _ = TrustedRoot::parse(data);
+    let Ok(bundle) = Bundle::parse(data) else {
+        return;
+    };
+    let Material::Keyless {
+        certificate,
+        entries,
+    } = &bundle.material
+    else {
+        return;
+    };
+    let message = pae(&bundle.payload_type, &bundle.payload);
+    match sigstore::verify(&bundle, certificate, entries, production(), &message) {
+        Ok(who) => panic!("forged keyless signature verified: {who:?}"),
+        Err(e) => assert!(
+            matches!(
+                e,
+                OmsError::TransparencyLog(_) | OmsError::Certificate(_) | OmsError::BadSignature
+            ),
+            "{e:?}"
+        ),
+    }
+});
