@@ -298,6 +298,10 @@ pub struct SandboxConfig {
     /// A delegated cgroup v2 directory for worker cgroups; none: no cgroup
     /// limits (said in metrics and logs).
     pub cgroup_parent: Option<PathBuf>,
+    /// A directory of the cgroup v1 `devices` hierarchy under which each
+    /// worker gets a group allowing only its own device nodes; none or
+    /// unusable: no device cgroup (said in metrics and logs).
+    pub device_cgroup_parent: Option<PathBuf>,
     pub memory_max_bytes: u64,
     pub pids_max: u64,
     /// Environment variables passed from ccnoded's environment to workers;
@@ -318,6 +322,7 @@ impl Default for SandboxConfig {
             max_file_size_bytes: 1024 * 1024 * 1024,
             max_locked_memory_bytes: 64 * 1024 * 1024,
             cgroup_parent: None,
+            device_cgroup_parent: None,
             memory_max_bytes: 64 * 1024 * 1024 * 1024,
             pids_max: 512,
             env_allow: vec!["LANG".to_owned(), "RUST_LOG".to_owned()],
@@ -999,6 +1004,14 @@ impl Config {
             if !p.is_absolute() {
                 return Err(ConfigError::invalid(
                     "sandbox.cgroup_parent",
+                    "must be an absolute path",
+                ));
+            }
+        }
+        if let Some(p) = &sb.device_cgroup_parent {
+            if !p.is_absolute() {
+                return Err(ConfigError::invalid(
+                    "sandbox.device_cgroup_parent",
                     "must be an absolute path",
                 ));
             }

@@ -210,6 +210,15 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     if let Some(why) = &support.cgroup_unavailable {
         tracing::warn!(reason = %why, "workers will run without cgroup memory and pids limits");
     }
+    m.sandbox
+        .with_label_values(&["device_cgroup"])
+        .set(i64::from(support.device_cgroup_unavailable.is_none()));
+    if let Some(why) = &support.device_cgroup_unavailable {
+        tracing::warn!(
+            reason = %why,
+            "workers will run without a device cgroup (Landlock and their own /dev still confine them to their devices)"
+        );
+    }
     if !support.landlock_ok(&config.sandbox) {
         tracing::error!(
             kernel_abi = support.landlock_abi,

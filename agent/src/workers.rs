@@ -19,6 +19,8 @@ pub struct HostSupport {
     pub landlock_abi: i32,
     /// Why workers get no cgroup limits, if they do not.
     pub cgroup_unavailable: Option<String>,
+    /// Why workers get no device cgroup, if they do not.
+    pub device_cgroup_unavailable: Option<String>,
 }
 
 impl HostSupport {
@@ -28,6 +30,10 @@ impl HostSupport {
             cgroup_unavailable: match &cfg.cgroup_parent {
                 None => Some("sandbox.cgroup_parent is not set".to_owned()),
                 Some(p) => ccnode_sandbox::cgroup::unavailable_reason(p),
+            },
+            device_cgroup_unavailable: match &cfg.device_cgroup_parent {
+                None => Some("sandbox.device_cgroup_parent is not set".to_owned()),
+                Some(p) => ccnode_sandbox::cgroup::devices_unavailable_reason(p),
             },
         }
     }
@@ -157,6 +163,16 @@ pub fn profile(
         }),
         _ => None,
     };
+    p.device_cgroup = match (
+        &cfg.device_cgroup_parent,
+        &support.device_cgroup_unavailable,
+    ) {
+        (Some(parent), None) => Some(ccnode_sandbox::profile::DeviceCgroup {
+            parent: parent.clone(),
+            name: name.to_owned(),
+        }),
+        _ => None,
+    };
     Ok(p)
 }
 
@@ -182,6 +198,9 @@ pub fn sandbox_exec(
     let support = HostSupport::probe(cfg);
     if let Some(why) = &support.cgroup_unavailable {
         eprintln!("sandbox: no cgroup limits: {why}");
+    }
+    if let Some(why) = &support.device_cgroup_unavailable {
+        eprintln!("sandbox: no device cgroup: {why}");
     }
     let mut profile = profile(
         cfg,

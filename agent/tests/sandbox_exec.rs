@@ -106,6 +106,51 @@ fn the_daemon_reports_sandbox_support_in_metrics() {
     assert!(node.log().contains("without cgroup memory and pids limits"));
 }
 
+#[test]
+fn a_device_cgroup_holds_the_worker_where_the_host_has_one() {
+    let root = std::path::Path::new("/sys/fs/cgroup/devices");
+    if let Some(why) = ccnode_sandbox::cgroup::devices_unavailable_reason(root) {
+        eprintln!("SKIPPED: no cgroup v1 devices controller here: {why}");
+        return;
+    }
+    let config = format!("{NOBODY}device_cgroup_parent = \"{}\"\n", root.display());
+    // (cat calls fadvise64, which the worker's seccomp allow-list refuses.)
+    let out = sandbox_exec(
+        &config,
+        &[
+            "--",
+            "sh",
+            "-c",
+            "while read -r l; do echo \"$l\"; done < /proc/self/cgroup",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let group = stdout
+        .lines()
+        .find_map(|l| l.split_once(":devices:").map(|(_, g)| g.to_owned()))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(group.starts_with("/sandbox-exec-"), "{group}");
+    assert!(
+        !root.join(group.trim_start_matches('/')).exists(),
+        "left behind"
+    );
+    assert!(!text(&out.stderr).contains("no device cgroup"));
+
+    // Not a devices directory: said, and the command still runs confined
+    // by Landlock and its own /dev.
+    let out = sandbox_exec(
+        &format!("{NOBODY}device_cgroup_parent = \"/tmp\"\n"),
+        &["--", "true"],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("no device cgroup"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 /// A simulated host: its GPUs and their device tree ([`SimGpus`]).
 struct SimHost {
     _gpus: ccnode_testkit::SimGpus,

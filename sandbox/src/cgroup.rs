@@ -1,9 +1,13 @@
-//! cgroup v2 limits for workers, when ccnoded has a delegated subtree.
+//! cgroup limits for workers: memory and pids (cgroup v2, when ccnoded has
+//! a delegated subtree) and the device allow-list (the cgroup v1 `devices`
+//! controller, where the host has it).
 
 use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use crate::profile::CgroupLimits;
+use crate::profile::{CgroupLimits, DeviceCgroup};
 
 /// Why workers run without cgroup limits, or `None` when a delegated
 /// cgroup v2 subtree with the memory and pids controllers is available at
@@ -65,9 +69,119 @@ pub fn place(cg: &CgroupLimits, pid: i32) -> io::Result<PathBuf> {
     Ok(dir)
 }
 
+/// Why workers run without a device cgroup, or `None` when `parent` is a
+/// directory of the cgroup v1 `devices` hierarchy.
+pub fn devices_unavailable_reason(parent: &Path) -> Option<String> {
+    for file in ["devices.allow", "devices.deny", "cgroup.procs"] {
+        if let Err(e) = std::fs::metadata(parent.join(file)) {
+            return Some(format!(
+                "{} is not a cgroup v1 devices directory (no {file}: {e})",
+                parent.display()
+            ));
+        }
+    }
+    None
+}
+
+/// The `devices.allow` line for a device node (following symlinks, as an
+/// open would), or `None` for something that is not a device node (the sim
+/// GPU backend's regular files, which the controller does not govern).
+pub fn allow_line(node: &Path) -> io::Result<Option<String>> {
+    let meta = std::fs::metadata(node)?;
+    let kind = if meta.file_type().is_char_device() {
+        'c'
+    } else if meta.file_type().is_block_device() {
+        'b'
+    } else {
+        return Ok(None);
+    };
+    let rdev = meta.rdev();
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    Ok(Some(format!("{kind} {major}:{minor} rw")))
+}
+
+/// A worker's device group, removable after the jail's mount namespace
+/// has pivoted away from the host's /sys (the parent directory is held open).
+#[derive(Debug)]
+pub struct DeviceGroup {
+    parent: std::fs::File,
+    name: String,
+    pub path: PathBuf,
+}
+
+impl DeviceGroup {
+    /// Removes the group once its processes are gone; best effort (a group
+    /// still in use, or already removed, stays as it is, and is reset when a
+    /// worker of the same name is placed in it). The kernel releases a
+    /// reaped task's hold on its group a moment after `waitpid` returns, so
+    /// a busy group is retried for up to a second.
+    pub fn remove(&self) {
+        use std::os::fd::AsFd;
+        for _ in 0..100 {
+            match nix::unistd::unlinkat(
+                Some(self.parent.as_fd().as_raw_fd()),
+                self.name.as_str(),
+                nix::unistd::UnlinkatFlags::RemoveDir,
+            ) {
+                Err(nix::errno::Errno::EBUSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                _ => return,
+            }
+        }
+    }
+}
+
+/// Creates (or resets) the worker's device group: every device denied,
+/// then read and write allowed on exactly `nodes`; moves `pid` into it.
+/// No mknod (`m`) is granted: the worker has no CAP_MKNOD anyway.
+pub fn place_devices(dc: &DeviceCgroup, pid: i32, nodes: &[PathBuf]) -> io::Result<DeviceGroup> {
+    let parent = std::fs::File::open(&dc.parent)?;
+    let dir = dc.parent.join(&dc.name);
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    // "a" clears whatever a previous worker of this name was allowed.
+    std::fs::write(dir.join("devices.deny"), "a")?;
+    for node in nodes {
+        let line = allow_line(node)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", node.display())))?;
+        if let Some(line) = line {
+            std::fs::write(dir.join("devices.allow"), &line)
+                .map_err(|e| io::Error::new(e.kind(), format!("devices.allow {line:?}: {e}")))?;
+        }
+    }
+    std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
+    Ok(DeviceGroup {
+        parent,
+        name: dc.name.clone(),
+        path: dir,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_allow_lines() {
+        assert_eq!(
+            allow_line(Path::new("/dev/null")).unwrap().as_deref(),
+            Some("c 1:3 rw")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("nvidia0");
+        std::fs::write(&file, "").unwrap();
+        assert_eq!(allow_line(&file).unwrap(), None);
+        assert!(allow_line(&dir.path().join("missing")).is_err());
+        let reason = devices_unavailable_reason(dir.path()).unwrap();
+        assert!(
+            reason.contains("not a cgroup v1 devices directory"),
+            "{reason}"
+        );
+    }
 
     #[test]
     fn a_plain_directory_is_not_a_cgroup() {

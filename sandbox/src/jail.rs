@@ -63,6 +63,16 @@ pub const FIRST_PASSED_FD: RawFd = 5;
 pub const EXIT_SETUP_FAILED: i32 = 125;
 
 /// Device nodes every worker gets (read and write, no ioctl).
+/// Removes the worker's device cgroup on every way out of the parent once
+/// the worker was placed in it (best effort: see `DeviceGroup::remove`).
+struct RemoveOnDrop(crate::cgroup::DeviceGroup);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        self.0.remove();
+    }
+}
+
 const BASIC_DEVICES: &[&str] = &[
     "/dev/null",
     "/dev/zero",
@@ -417,6 +427,32 @@ fn parent(
         }
         None => report.send(&json!({"event": "cgroup", "path": null})),
     }
+    let device_cgroup = match &profile.device_cgroup {
+        Some(dc) => {
+            let nodes: Vec<PathBuf> = BASIC_DEVICES
+                .iter()
+                .map(PathBuf::from)
+                .chain(profile.devices.iter().cloned())
+                .collect();
+            match crate::cgroup::place_devices(dc, child.as_raw(), &nodes) {
+                Ok(group) => {
+                    report.send(&json!({"event": "device_cgroup", "path": group.path}));
+                    Some(RemoveOnDrop(group))
+                }
+                Err(e) => {
+                    kill_child();
+                    return Err(SetupError {
+                        stage: "device_cgroup",
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        None => {
+            report.send(&json!({"event": "device_cgroup", "path": null}));
+            None
+        }
+    };
     let mut go = File::from(go_w);
     if go.write_all(&[1]).is_err() {
         kill_child();
@@ -460,6 +496,8 @@ fn parent(
             Err(e) => return Err(fail("wait")(e)),
         }
     }
+    // Before any exit below (some do not return).
+    drop(device_cgroup);
     let Some(ended) = ended else {
         // The init died without a word: killed from outside, or setup
         // failed before it could say so.

@@ -50,6 +50,19 @@ pub struct CgroupLimits {
     pub pids_max: u64,
 }
 
+/// A cgroup v1 `devices` controller group for the worker: every device
+/// node is denied except the ones the worker was given (its GPU or MIG
+/// slice and the basic nodes), whatever file system path reaches them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceCgroup {
+    /// A directory of the v1 `devices` hierarchy (it holds `devices.allow`)
+    /// under which the worker's group is created.
+    pub parent: PathBuf,
+    /// Name of the worker's group under `parent`.
+    pub name: String,
+}
+
 /// Everything the jail needs to start one worker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,6 +95,10 @@ pub struct Profile {
     /// jail reports the degradation.
     pub landlock_allow_degraded: bool,
     pub cgroup: Option<CgroupLimits>,
+    /// The device allow-list in the v1 `devices` controller, when there is
+    /// one (cgroup v1 or hybrid hosts).
+    #[serde(default)]
+    pub device_cgroup: Option<DeviceCgroup>,
     /// How many fds ccnoded hands over; they arrive in the jail at
     /// [`crate::jail::FIRST_PASSED_FD`] and reach the worker at 3, 4, ...
     pub passed_fds: u32,
@@ -112,6 +129,7 @@ impl Profile {
             landlock_min_abi: DEFAULT_LANDLOCK_ABI,
             landlock_allow_degraded: false,
             cgroup: None,
+            device_cgroup: None,
             passed_fds: 0,
             hostname: "ccnode-worker".to_owned(),
         }
@@ -169,9 +187,15 @@ impl Profile {
         if self.hostname.is_empty() || self.hostname.len() > 64 {
             return err("hostname must be 1 to 64 bytes".into());
         }
-        if let Some(cg) = &self.cgroup {
-            if cg.name.is_empty() || cg.name.contains('/') || cg.name.starts_with('.') {
-                return err(format!("cgroup name {:?} is not a plain name", cg.name));
+        let names = self
+            .cgroup
+            .as_ref()
+            .map(|c| &c.name)
+            .into_iter()
+            .chain(self.device_cgroup.as_ref().map(|c| &c.name));
+        for name in names {
+            if name.is_empty() || name.contains('/') || name.starts_with('.') {
+                return err(format!("cgroup name {name:?} is not a plain name"));
             }
         }
         Ok(())

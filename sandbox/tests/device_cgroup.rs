@@ -1,0 +1,157 @@
+//! The per-worker device allow-list (cgroup v1 `devices` controller), for
+//! real: a process placed in a group that allows /dev/null alone cannot
+//! open /dev/full, and a jailed worker runs inside its own group, which is
+//! gone once it exits. Needs root and the v1 devices hierarchy at
+//! /sys/fs/cgroup/devices (this project's machines have both; a host with
+//! cgroup v2 only has no such controller, and the test says so).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use ccnode_sandbox::profile::DeviceCgroup;
+use ccnode_sandbox::{cgroup, spawn, Profile};
+use serde_json::Value;
+
+const JAIL: &str = env!("CARGO_BIN_EXE_ccnode-jail");
+const ROOT: &str = "/sys/fs/cgroup/devices";
+
+fn hierarchy() -> Option<PathBuf> {
+    match cgroup::devices_unavailable_reason(Path::new(ROOT)) {
+        None => Some(PathBuf::from(ROOT)),
+        Some(why) => {
+            eprintln!("SKIPPED: no cgroup v1 devices controller here: {why}");
+            None
+        }
+    }
+}
+
+#[test]
+fn a_device_group_allows_exactly_its_nodes() {
+    let Some(root) = hierarchy() else { return };
+    let dc = DeviceCgroup {
+        parent: root,
+        name: format!("ccnode-test-allow-{}", std::process::id()),
+    };
+    // The child waits for a line, then tries both devices.
+    let mut child = Command::new("/bin/sh")
+        .args([
+            "-c",
+            "read _; if (: > /dev/null); then echo null-ok; fi; if (: > /dev/full) 2>/dev/null; then echo full-ok; else echo full-denied; fi",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let group =
+        cgroup::place_devices(&dc, child.id() as i32, &[PathBuf::from("/dev/null")]).unwrap();
+    let list = std::fs::read_to_string(group.path.join("devices.list")).unwrap();
+    assert_eq!(list.trim(), "c 1:3 rw", "{list}");
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["null-ok", "full-denied"],
+        "{out}"
+    );
+    group.remove();
+    assert!(!group.path.exists());
+
+    // Reusing the name resets the list: what a previous worker was allowed
+    // does not carry over.
+    let mut child = Command::new("/bin/sh")
+        .args([
+            "-c",
+            "read _; if (: > /dev/full) 2>/dev/null; then echo full-ok; else echo full-denied; fi",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let group =
+        cgroup::place_devices(&dc, child.id() as i32, &[PathBuf::from("/dev/full")]).unwrap();
+    let mut second = Command::new("/bin/sh")
+        .args([
+            "-c",
+            "read _; if (: > /dev/full) 2>/dev/null; then echo full-ok; else echo full-denied; fi",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Same group, now allowing /dev/null only.
+    cgroup::place_devices(&dc, second.id() as i32, &[PathBuf::from("/dev/null")]).unwrap();
+    for c in [&mut child, &mut second] {
+        c.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let mut out = String::new();
+        c.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        c.wait().unwrap();
+        assert_eq!(out.trim(), "full-denied");
+    }
+    group.remove();
+}
+
+#[test]
+fn a_jailed_worker_runs_in_its_own_device_group() {
+    let Some(root) = hierarchy() else { return };
+    let name = format!("ccnode-test-jail-{}", std::process::id());
+    let program = "/usr/bin/dash";
+    let mut p = Profile::new(PathBuf::from(program), 65534, 65534);
+    p.args = [
+        program,
+        "-c",
+        "while read -r l; do echo \"$l\"; done < /proc/self/cgroup; if (: > /dev/null); then echo null-ok; fi",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    p.device_cgroup = Some(DeviceCgroup {
+        parent: root.clone(),
+        name: name.clone(),
+    });
+    let mut jailed = spawn(
+        Path::new(JAIL),
+        &[],
+        &p,
+        &[],
+        Stdio::piped(),
+        Stdio::inherit(),
+    )
+    .expect("spawn the jail");
+    let mut out = String::new();
+    jailed
+        .child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(jailed.child.wait().unwrap().success(), "{out}");
+    let events: Vec<Value> = BufReader::new(&mut jailed.reports)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str(&l).ok())
+        .collect();
+    let placed = events
+        .iter()
+        .find(|e| e["event"] == "device_cgroup")
+        .expect("a device_cgroup event");
+    assert_eq!(placed["path"], root.join(&name).display().to_string());
+    assert!(
+        out.lines()
+            .any(|l| l.ends_with(&format!(":devices:/{name}"))),
+        "the worker is not in its group: {out}"
+    );
+    assert!(out.lines().any(|l| l == "null-ok"), "{out}");
+    assert!(!root.join(&name).exists(), "the group outlived its worker");
+}
