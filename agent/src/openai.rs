@@ -28,7 +28,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::header::{
     HeaderMap, HeaderName, HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE,
@@ -640,6 +640,33 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
+/// How much of a refused body is read and thrown away before the 413 is
+/// sent. A client still sending its body when the server closes a
+/// connection with unread data gets a TCP reset, which can reach it before
+/// the 413 does (the `openai` client then reports a connection error, not
+/// the answer). Bodies declared larger than this are refused unread.
+const DRAIN_CAP: u64 = 16 << 20;
+
+/// Longest pause in a refused body that draining waits out (a client that
+/// stopped sending gets its 413 this long after its last byte).
+const DRAIN_IDLE: Duration = Duration::from_millis(250);
+
+/// Reads and discards the rest of a refused body, up to `DRAIN_CAP` bytes
+/// in all, within `deadline`, and until the client pauses for `DRAIN_IDLE`.
+async fn drain(mut body: Incoming, mut seen: u64, deadline: tokio::time::Instant) {
+    while seen <= DRAIN_CAP {
+        let until = deadline.min(tokio::time::Instant::now() + DRAIN_IDLE);
+        match tokio::time::timeout_at(until, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    seen += data.len() as u64;
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
 async fn read_body(ctx: &Ctx, req: Request<Incoming>) -> Result<Bytes, ApiError> {
     let max = ctx.cfg.max_body_bytes;
     let too_large = || {
@@ -657,24 +684,46 @@ async fn read_body(ctx: &Ctx, req: Request<Incoming>) -> Result<Bytes, ApiError>
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(u64::MAX);
         if declared > max {
+            if declared <= DRAIN_CAP {
+                let deadline = tokio::time::Instant::now() + ctx.cfg.request_timeout;
+                drain(req.into_body(), 0, deadline).await;
+            }
             return Err(too_large());
         }
     }
-    let limit = usize::try_from(max).unwrap_or(usize::MAX);
-    let body = Limited::new(req.into_body(), limit);
-    match tokio::time::timeout(ctx.cfg.request_timeout, body.collect()).await {
-        Err(_) => Err(ApiError::new(
+    let deadline = tokio::time::Instant::now() + ctx.cfg.request_timeout;
+    let timed_out = || {
+        ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "request_timeout",
             "the request body did not arrive in time",
-        )),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Ok(Err(e)) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_body",
-            format!("cannot read the request body: {e}"),
-        )),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        )
+    };
+    let mut body = req.into_body();
+    let mut collected = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(timed_out()),
+            Ok(None) => return Ok(Bytes::from(collected)),
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_body",
+                    format!("cannot read the request body: {e}"),
+                ))
+            }
+            Ok(Some(Ok(frame))) => {
+                let Some(data) = frame.data_ref() else {
+                    continue;
+                };
+                if (collected.len() + data.len()) as u64 > max {
+                    let seen = (collected.len() + data.len()) as u64;
+                    drain(body, seen, deadline).await;
+                    return Err(too_large());
+                }
+                collected.extend_from_slice(data);
+            }
+        }
     }
 }
 
@@ -3015,6 +3064,37 @@ mod http_tests {
             s.seen.submitted.lock().unwrap().len() == 1,
             "only the one within the limit"
         );
+    }
+
+    #[tokio::test]
+    async fn a_client_sending_a_refused_body_still_reads_the_413() {
+        // The client writes its whole body before reading, as HTTP clients
+        // do; the server must not reset the connection under it.
+        let s = start(test_config()).await;
+        let body = vec![b' '; 4 << 20];
+        for declared in [true, false] {
+            for _ in 0..10 {
+                let mut c = Client::connect(s.addr).await;
+                if declared {
+                    c.write(format!("POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes()).await;
+                    c.write(&body).await;
+                } else {
+                    c.write(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").await;
+                    for piece in body.chunks(16 * 1024) {
+                        c.write(format!("{:x}\r\n", piece.len()).as_bytes()).await;
+                        c.write(piece).await;
+                        c.write(b"\r\n").await;
+                    }
+                    c.write(b"0\r\n\r\n").await;
+                }
+                let r = c.reply().await;
+                assert_eq!(
+                    (r.status(), r.error_code()),
+                    (413, "body_too_large".into()),
+                    "declared: {declared}"
+                );
+            }
+        }
     }
 
     #[tokio::test]
