@@ -319,6 +319,41 @@ fn a_mig_layout_that_drifts_from_the_policy_blocks_workers_or_quarantines() {
 }
 
 #[test]
+fn a_mig_configuration_change_event_compares_the_layout_at_once() {
+    // Polled once an hour: only the event can bring the comparison forward.
+    let policy = "[gpu.baseline.mig_layout]\n\"0\" = { \"1g.10gb\" = 7 }\n";
+    let node = TestNode::new(env!("CARGO_BIN_EXE_ccnoded"));
+    std::fs::write(sim_path(&node), spec(DRIVER, 1, 1, "\"1g.10gb\" = 7", None)).unwrap();
+    let keys = format!(
+        "backend = \"sim\"\nsim_file = \"{}\"\npoll_interval = \"1h\"\n",
+        sim_path(&node).display()
+    );
+    let node = node.with_gpu(&keys).with_toml(policy).start();
+    let text = scrape(&node);
+    assert_eq!(value(&text, "ccnode_gpu_drift_fields"), Some(0.0), "{text}");
+
+    // Repartitioned behind ccnoded's back, and the driver says so.
+    rewrite(
+        &sim_path(&node),
+        &spec(DRIVER, 1, 1, "\"3g.40gb\" = 2", None),
+    );
+    inject(&node, &[r#"{"gpu":0,"mig_config_change":true}"#]);
+    let text = wait_scrape(&node, "layout drift after the event", |t| {
+        value(t, "ccnode_gpu_drift_fields") == Some(1.0)
+    });
+    assert!(text.contains("field=\"mig_layout\",gpu=\"0\""), "{text}");
+    assert_eq!(
+        value(&text, "ccnode_gpu_events_total{type=\"mig_config_change\"}"),
+        Some(1.0)
+    );
+    assert!(
+        node.log().contains("MIG configuration changed"),
+        "{}",
+        node.log()
+    );
+}
+
+#[test]
 fn an_invalid_mig_layout_is_a_config_error_naming_it() {
     let node = TestNode::new(env!("CARGO_BIN_EXE_ccnoded"));
     std::fs::write(sim_path(&node), spec(DRIVER, 1, 0, "", None)).unwrap();

@@ -1,7 +1,8 @@
 //! Driver drift: what is installed compared with what the policy pinned.
 //!
 //! A driver can be replaced or reloaded under a running daemon, so the
-//! comparison runs at start and on every poll. Each differing field is one
+//! comparison runs at start, on every poll, and on every MIG configuration
+//! change event (which wakes the poller). Each differing field is one
 //! [`Drift`]; fields the baseline leaves unset are not compared.
 //!
 //! The MIG layout is compared the same way: `mig_layout` declares, per GPU

@@ -110,10 +110,11 @@ const MIB: u64 = 1024 * 1024;
 const GIB: u64 = 1024 * MIB;
 
 /// The event types registered on every GPU that supports them.
-const EVENT_TYPES: [u64; 3] = [
+const EVENT_TYPES: [u64; 4] = [
     sys::nvmlEventTypeXidCriticalError as u64,
     sys::nvmlEventTypeSingleBitEccError as u64,
     sys::nvmlEventTypeDoubleBitEccError as u64,
+    sys::nvmlEventMigConfigChange as u64,
 ];
 
 /// The process's NVML, see "Ownership" above.
@@ -387,7 +388,7 @@ impl NvmlBackend {
         tracing::info!(
             gpus = gpus.len(),
             of = self.count,
-            "NVML XID and ECC events registered"
+            "NVML XID, ECC and MIG configuration events registered"
         );
         Ok(Registered { set, gpus })
     }
@@ -1098,6 +1099,9 @@ fn events_from_raw(
     if event_type & u64::from(sys::nvmlEventTypeDoubleBitEccError) != 0 {
         kinds.push(GpuEventKind::EccUncorrected { count: 1 });
     }
+    if event_type & u64::from(sys::nvmlEventMigConfigChange) != 0 {
+        kinds.push(GpuEventKind::MigConfigChange);
+    }
     kinds
         .into_iter()
         .map(|kind| GpuEvent {
@@ -1119,6 +1123,35 @@ fn timeout_ms(timeout: Duration) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_event_types_map_to_kinds() {
+        let kinds = |t: u32, data| {
+            events_from_raw(0, "GPU-x", u64::from(t), data, 0, 0, Some(false))
+                .into_iter()
+                .map(|e| e.kind)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            kinds(sys::nvmlEventTypeXidCriticalError, 79),
+            [GpuEventKind::Xid { code: 79 }]
+        );
+        assert_eq!(
+            kinds(sys::nvmlEventMigConfigChange, 0),
+            [GpuEventKind::MigConfigChange]
+        );
+        assert_eq!(
+            kinds(
+                sys::nvmlEventTypeDoubleBitEccError | sys::nvmlEventMigConfigChange,
+                0
+            ),
+            [
+                GpuEventKind::EccUncorrected { count: 1 },
+                GpuEventKind::MigConfigChange
+            ]
+        );
+        assert!(kinds(sys::nvmlEventTypePState, 0).is_empty());
+    }
 
     #[test]
     fn a_missing_library_is_named_in_the_error() {

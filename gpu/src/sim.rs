@@ -121,6 +121,7 @@ struct EventLine {
     ecc: Option<String>,
     count: Option<u64>,
     lost: Option<bool>,
+    mig_config_change: Option<bool>,
     gpu_instance: Option<u32>,
     compute_instance: Option<u32>,
 }
@@ -447,9 +448,9 @@ impl State {
             .iter()
             .find(|g| g.index == e.gpu)
             .ok_or_else(|| format!("no simulated GPU {}", e.gpu))?;
-        let kind = match (e.xid, e.ecc.as_deref(), e.lost) {
-            (Some(code), None, None) => GpuEventKind::Xid { code },
-            (None, Some(which), None) => {
+        let kind = match (e.xid, e.ecc.as_deref(), e.lost, e.mig_config_change) {
+            (Some(code), None, None, None) => GpuEventKind::Xid { code },
+            (None, Some(which), None, None) => {
                 let count = e.count.unwrap_or(1);
                 let c = self.ecc.entry(e.gpu).or_default();
                 match which {
@@ -466,11 +467,16 @@ impl State {
                     }
                 }
             }
-            (None, None, Some(true)) => {
+            (None, None, Some(true), None) => {
                 self.lost.insert(e.gpu);
                 GpuEventKind::Lost
             }
-            _ => return Err("exactly one of xid, ecc, lost=true is required".into()),
+            (None, None, None, Some(true)) => GpuEventKind::MigConfigChange,
+            _ => {
+                return Err(
+                    "exactly one of xid, ecc, lost=true, mig_config_change=true is required".into(),
+                )
+            }
         };
         Ok(GpuEvent {
             gpu_index: e.gpu,

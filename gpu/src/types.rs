@@ -235,6 +235,10 @@ pub enum GpuEventKind {
     EccUncorrected { count: u64 },
     /// The GPU fell off the bus.
     Lost,
+    /// The GPU's MIG configuration changed (instances created or
+    /// destroyed, or the mode toggled): the layout is to be compared again
+    /// now, not at the next poll.
+    MigConfigChange,
 }
 
 /// Formats a 128-bit value as an NVIDIA-style UUID body

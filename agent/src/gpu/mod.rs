@@ -116,6 +116,7 @@ pub struct MonitorCounters {
     pub events_ecc_corrected: AtomicU64,
     pub events_ecc_uncorrected: AtomicU64,
     pub events_lost: AtomicU64,
+    pub events_mig_config_change: AtomicU64,
     pub event_errors: AtomicU64,
 }
 
@@ -130,6 +131,9 @@ pub struct GpuMonitor {
     pub counters: MonitorCounters,
     stop: (Mutex<bool>, Condvar),
     stopped: AtomicBool,
+    /// Set by a MIG configuration change event: the poller polls (and so
+    /// compares the layout) now instead of at the end of its interval.
+    poll_now: AtomicBool,
 }
 
 /// One GPU's health as reported.
@@ -155,6 +159,7 @@ impl GpuMonitor {
             xids: Mutex::new(XidStats::default()),
             counters: MonitorCounters::default(),
             stop: (Mutex::new(false), Condvar::new()),
+            poll_now: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
         })
     }
@@ -405,6 +410,19 @@ impl GpuMonitor {
                         });
                     }
                 }
+                GpuEventKind::MigConfigChange => {
+                    self.counters
+                        .events_mig_config_change
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        gpu = e.gpu_index,
+                        uuid = %e.uuid,
+                        "GPU MIG configuration changed: comparing the layout now"
+                    );
+                    self.poll_now.store(true, Ordering::Release);
+                    let _guard = lock(&self.stop.0);
+                    self.stop.1.notify_all();
+                }
                 GpuEventKind::Lost => {
                     self.counters.events_lost.fetch_add(1, Ordering::Relaxed);
                     if lock(&self.health).lost.insert(e.gpu_index) {
@@ -451,11 +469,14 @@ impl GpuMonitor {
                 let (stopped, _) = self
                     .stop
                     .1
-                    .wait_timeout_while(stopped, self.config.poll_interval, |s| !*s)
+                    .wait_timeout_while(stopped, self.config.poll_interval, |s| {
+                        !*s && !self.poll_now.load(Ordering::Acquire)
+                    })
                     .unwrap_or_else(|e| e.into_inner());
                 if *stopped {
                     return;
                 }
+                self.poll_now.store(false, Ordering::Release);
             }
             for f in self.poll() {
                 if tx.blocking_send(f).is_err() {

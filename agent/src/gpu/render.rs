@@ -449,6 +449,7 @@ impl GpuMonitor {
             ("ecc_corrected", &c.events_ecc_corrected),
             ("ecc_uncorrected", &c.events_ecc_uncorrected),
             ("lost", &c.events_lost),
+            ("mig_config_change", &c.events_mig_config_change),
         ] {
             o.line("ccnode_gpu_events_total", &format!("type=\"{ty}\""), get(a));
         }
