@@ -1125,35 +1125,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn raw_event_types_map_to_kinds() {
-        let kinds = |t: u32, data| {
-            events_from_raw(0, "GPU-x", u64::from(t), data, 0, 0, Some(false))
-                .into_iter()
-                .map(|e| e.kind)
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(
-            kinds(sys::nvmlEventTypeXidCriticalError, 79),
-            [GpuEventKind::Xid { code: 79 }]
-        );
-        assert_eq!(
-            kinds(sys::nvmlEventMigConfigChange, 0),
-            [GpuEventKind::MigConfigChange]
-        );
-        assert_eq!(
-            kinds(
-                sys::nvmlEventTypeDoubleBitEccError | sys::nvmlEventMigConfigChange,
-                0
-            ),
-            [
-                GpuEventKind::EccUncorrected { count: 1 },
-                GpuEventKind::MigConfigChange
-            ]
-        );
-        assert!(kinds(sys::nvmlEventTypePState, 0).is_empty());
-    }
-
-    #[test]
     fn a_missing_library_is_named_in_the_error() {
         let path = "/nonexistent/ccnode-test/libnvidia-ml.so.1";
         match init_nvml(OsStr::new(path)) {
@@ -1369,6 +1340,20 @@ mod tests {
         assert_eq!(e[0].kind, GpuEventKind::EccCorrected { count: 1 });
         let e = events_from_raw(1, uuid, dbe, 0, NO_INSTANCE, NO_INSTANCE, None);
         assert_eq!(e[0].kind, GpuEventKind::EccUncorrected { count: 1 });
+
+        // A MIG reconfiguration, alone or with another type in one event.
+        let mig = u64::from(sys::nvmlEventMigConfigChange);
+        let e = events_from_raw(0, uuid, mig, 0, NO_INSTANCE, NO_INSTANCE, Some(true));
+        assert_eq!(e[0].kind, GpuEventKind::MigConfigChange);
+        let e = events_from_raw(0, uuid, dbe | mig, 0, NO_INSTANCE, NO_INSTANCE, None);
+        let kinds: Vec<_> = e.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                GpuEventKind::EccUncorrected { count: 1 },
+                GpuEventKind::MigConfigChange
+            ]
+        );
 
         // Types we did not register for produce nothing.
         let pstate = u64::from(sys::nvmlEventTypePState);
