@@ -207,6 +207,11 @@ fn trust_root_decides_what_is_trusted() {
         "{err}"
     );
 
+    // A log id that is not the SHA-256 of the log's key: a broken root.
+    let mut root = base.clone();
+    root["tlogs"][0]["logId"]["keyId"] = STANDARD.encode([7u8; 32]).into();
+    assert!(root_from(&root).is_err());
+
     // The client trust config form holds the same root.
     let config = serde_json::json!({
         "mediaType": "application/vnd.dev.sigstore.clienttrustconfig.v0.1+json",
@@ -336,6 +341,34 @@ fn log_entry_numbers_and_shape_are_checked() {
         .as_array_mut()
         .unwrap()
         .push(Value::String(STANDARD.encode([0u8; 32])));
+    assert!(log(&v));
+    // Numbers past what the signed JSON can hold, or a time can: refused
+    // as malformed, before any arithmetic on them.
+    for (field, value) in [
+        ("integratedTime", "9999999999999999999"),
+        ("logIndex", "18446744073709551615"),
+        ("inclusionProof/treeSize", "9007199254740993"),
+    ] {
+        assert!(
+            matches!(
+                check(&set(field, value.into()), &p),
+                Err(OmsError::Bundle(_))
+            ),
+            "{field}"
+        );
+    }
+    // A checkpoint padded with signature lines: the first line with the
+    // log's key hint decides, so a bad one before the good one refuses.
+    let pointer = format!("{ENTRY}/inclusionProof/checkpoint/envelope");
+    let note = b.pointer(&pointer).unwrap().as_str().unwrap().to_string();
+    let (text, line) = note.split_once("\n\n").unwrap();
+    let (prefix, sig) = line.trim_end().rsplit_once(' ').unwrap();
+    let mut bad_sig = STANDARD.decode(sig).unwrap();
+    let last = bad_sig.len() - 1;
+    bad_sig[last] ^= 1;
+    let padded = format!("{text}\n\n{prefix} {}\n{line}", STANDARD.encode(&bad_sig));
+    let mut v = b.clone();
+    *v.pointer_mut(&pointer).unwrap() = Value::String(padded);
     assert!(log(&v));
     // Bounds: more entries than allowed is a malformed bundle.
     let mut v = b.clone();

@@ -225,10 +225,13 @@ fn exit_code(err: &OmsError) -> u8 {
 
 fn policy_of(trust: &Trust, keyless: &KeylessIdentity) -> Result<TrustPolicy, OmsError> {
     if let Some(root) = &trust.sigstore_trust_root {
-        let (Some(identity), Some(issuer)) = (&keyless.identity, &keyless.identity_provider) else {
+        let (Some(identity), Some(issuer)) = (
+            keyless.identity.as_ref().filter(|s| !s.is_empty()),
+            keyless.identity_provider.as_ref().filter(|s| !s.is_empty()),
+        ) else {
             return Err(OmsError::TrustMaterial {
                 what: "--sigstore-trust-root".into(),
-                reason: "needs --identity and --identity-provider".into(),
+                reason: "needs a non-empty --identity and --identity-provider".into(),
             });
         };
         return Ok(TrustPolicy::global_sigstore(

@@ -188,6 +188,24 @@ impl RawTlogEntry {
         };
         short(&self.kind_version.kind, "kind")?;
         short(&self.kind_version.version, "version")?;
+        // Numbers a log can hold: JSON-safe integers (the signed entry
+        // timestamp is over their RFC 8785 form, which stops at 2^53), and
+        // times a SystemTime can represent.
+        const MAX_SAFE: u64 = 1 << 53;
+        for (what, n) in [
+            ("logIndex", self.log_index),
+            ("integratedTime", self.integrated_time),
+        ]
+        .into_iter()
+        .chain(
+            self.inclusion_proof
+                .iter()
+                .flat_map(|p| [("proof logIndex", p.log_index), ("treeSize", p.tree_size)]),
+        ) {
+            if n > MAX_SAFE {
+                return Err(bad(format!("tlog entry {what} {n} out of range")));
+            }
+        }
         let key_id = b64("tlog entry logId", &self.log_id.key_id)?;
         if key_id.is_empty() || key_id.len() > 64 {
             return Err(bad("tlog entry logId length out of range"));

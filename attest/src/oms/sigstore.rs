@@ -208,6 +208,12 @@ fn log_key(raw: &RawLog, what: &str) -> Result<LogKey, String> {
         Some(bytes) => {
             let der = b64(what, bytes).map_err(|e| e.to_string())?;
             match PublicKey::from_spki_der(&der) {
+                Ok(_) if Sha256::digest(&der)[..] != key_id[..] => {
+                    return Err(format!(
+                        "{what} ({}): log id is not the SHA-256 of its key",
+                        raw.base_url
+                    ))
+                }
                 Ok(k) => Some(k),
                 // Only ECDSA keys are verified; a log with another key
                 // type (Rekor v2's Ed25519) stays known but unusable.
@@ -309,8 +315,12 @@ fn cert_err(reason: impl Into<String>) -> OmsError {
     OmsError::Certificate(reason.into())
 }
 
+/// `secs` after the epoch; the far future for what a SystemTime cannot
+/// hold (bundles bound their times to 2^53 seconds before this is reached).
 fn epoch(secs: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(secs)
+    UNIX_EPOCH
+        .checked_add(Duration::from_secs(secs))
+        .unwrap_or(UNIX_EPOCH + Duration::from_secs(1 << 53))
 }
 
 /// Verifies a keyless bundle under `root`: log entry, certificate, SCT and
@@ -394,11 +404,20 @@ fn verify_entry<'a>(
     bundle: &Bundle,
     certificate: &[u8],
 ) -> Result<(&'a TlogEntry, &'a LogKey), OmsError> {
-    let log = root
+    // A key listed more than once (with different validity windows, say):
+    // the first whose window covers the entry's time.
+    let mut logs = root
         .tlogs
         .iter()
-        .find(|l| l.key_id == entry.key_id)
-        .ok_or_else(|| log_err("entry from a log that is not in the trust root"))?;
+        .filter(|l| l.key_id == entry.key_id)
+        .peekable();
+    if logs.peek().is_none() {
+        return Err(log_err("entry from a log that is not in the trust root"));
+    }
+    let at = epoch(entry.integrated_time);
+    let log = logs
+        .find(|l| l.window.covers(at))
+        .ok_or_else(|| log_err("log key not valid at the entry's integrated time"))?;
     let key = log.key.as_ref().ok_or_else(|| {
         log_err(format!(
             "log {} has a key type ccnode does not verify",
@@ -410,10 +429,6 @@ fn verify_entry<'a>(
             "entry kind {} {} is not supported (dsse 0.0.1 is)",
             entry.kind, entry.version
         )));
-    }
-    let at = epoch(entry.integrated_time);
-    if !log.window.covers(at) {
-        return Err(log_err("log key not valid at the entry's integrated time"));
     }
 
     // The inclusion promise: the log's signature over the entry as logged.
@@ -491,8 +506,13 @@ fn verify_checkpoint(
         let Ok(sig) = b64("checkpoint signature", sig) else {
             continue;
         };
-        if sig.len() > 4 && sig[..4] == key_id[..4] && key.verify(signed.as_bytes(), &sig[4..]) {
-            return Ok(());
+        // The first line with the log's key hint decides (as Sigstore's
+        // clients do): a note padded with lines costs one verification.
+        if sig.len() > 4 && key_id.len() >= 4 && sig[..4] == key_id[..4] {
+            if key.verify(signed.as_bytes(), &sig[4..]) {
+                return Ok(());
+            }
+            break;
         }
     }
     Err(log_err("checkpoint is not signed by the log's key"))
@@ -595,14 +615,16 @@ fn verify_sct(leaf: &Certificate, issuer: &Certificate, ctlogs: &[LogKey]) -> Re
     let issuer_key_hash = Sha256::digest(&issuer_spki);
 
     for sct in &scts {
-        let Some(log) = ctlogs.iter().find(|l| l.key_id == sct.log_id) else {
+        let at = UNIX_EPOCH
+            .checked_add(Duration::from_millis(sct.timestamp))
+            .unwrap_or(UNIX_EPOCH);
+        let Some(log) = ctlogs
+            .iter()
+            .find(|l| l.key_id == sct.log_id && l.window.covers(at))
+        else {
             continue;
         };
         let Some(key) = &log.key else { continue };
-        let at = UNIX_EPOCH + Duration::from_millis(sct.timestamp);
-        if !log.window.covers(at) {
-            continue;
-        }
         // SHA-256 with ECDSA on P-256, SHA-384 on P-384: the hash the key's
         // curve implies, which PublicKey::verify uses.
         let hash_ok = matches!((sct.hash_alg, key.curve()), (4, "P-256") | (5, "P-384"));
