@@ -213,11 +213,19 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     m.sandbox
         .with_label_values(&["device_cgroup"])
         .set(i64::from(support.device_cgroup_unavailable.is_none()));
-    if let Some(why) = &support.device_cgroup_unavailable {
-        tracing::warn!(
+    match (
+        &config.sandbox.device_cgroup_parent,
+        &support.device_cgroup_unavailable,
+    ) {
+        (Some(_), Some(why)) => tracing::error!(
+            reason = %why,
+            "sandbox.device_cgroup_parent is unusable: no worker will start"
+        ),
+        (None, Some(why)) => tracing::warn!(
             reason = %why,
             "workers will run without a device cgroup (Landlock and their own /dev still confine them to their devices)"
-        );
+        ),
+        _ => {}
     }
     if !support.landlock_ok(&config.sandbox) {
         tracing::error!(

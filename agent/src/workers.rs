@@ -163,6 +163,7 @@ pub fn profile(
         }),
         _ => None,
     };
+    // Asked for and unusable: no worker starts without it (fail closed).
     p.device_cgroup = match (
         &cfg.device_cgroup_parent,
         &support.device_cgroup_unavailable,
@@ -171,7 +172,14 @@ pub fn profile(
             parent: parent.clone(),
             name: name.to_owned(),
         }),
-        _ => None,
+        (Some(_), Some(why)) => {
+            return Err(ConfigError::Invalid {
+                key: "sandbox.device_cgroup_parent",
+                message: format!("unusable, so no worker starts: {why}"),
+            }
+            .into())
+        }
+        (None, _) => None,
     };
     Ok(p)
 }
@@ -199,8 +207,10 @@ pub fn sandbox_exec(
     if let Some(why) = &support.cgroup_unavailable {
         eprintln!("sandbox: no cgroup limits: {why}");
     }
-    if let Some(why) = &support.device_cgroup_unavailable {
-        eprintln!("sandbox: no device cgroup: {why}");
+    if cfg.device_cgroup_parent.is_none() {
+        if let Some(why) = &support.device_cgroup_unavailable {
+            eprintln!("sandbox: no device cgroup: {why}");
+        }
     }
     let mut profile = profile(
         cfg,

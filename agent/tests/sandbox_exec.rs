@@ -137,17 +137,17 @@ fn a_device_cgroup_holds_the_worker_where_the_host_has_one() {
     );
     assert!(!text(&out.stderr).contains("no device cgroup"));
 
-    // Not a devices directory: said, and the command still runs confined
-    // by Landlock and its own /dev.
+    // Asked for, but not a devices directory: nothing runs without it.
     let out = sandbox_exec(
         &format!("{NOBODY}device_cgroup_parent = \"/tmp\"\n"),
         &["--", "true"],
     );
-    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
     assert!(
-        text(&out.stderr).contains("no device cgroup"),
-        "{}",
-        text(&out.stderr)
+        stderr.contains("sandbox.device_cgroup_parent")
+            && stderr.contains("not a cgroup v1 devices directory"),
+        "{stderr}"
     );
 }
 

@@ -4,7 +4,6 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::profile::{CgroupLimits, DeviceCgroup};
@@ -83,21 +82,18 @@ pub fn devices_unavailable_reason(parent: &Path) -> Option<String> {
     None
 }
 
-/// The `devices.allow` line for a device node (following symlinks, as an
-/// open would), or `None` for something that is not a device node (the sim
-/// GPU backend's regular files, which the controller does not govern).
-pub fn allow_line(node: &Path) -> io::Result<Option<String>> {
-    let meta = std::fs::metadata(node)?;
-    let kind = if meta.file_type().is_char_device() {
-        'c'
-    } else if meta.file_type().is_block_device() {
-        'b'
-    } else {
-        return Ok(None);
+/// The `devices.allow` line for what `st` describes (the `fstat` of a
+/// device node the jail opened), or `None` for something that is not a
+/// device node (the sim GPU backend's regular files, which the controller
+/// does not govern).
+pub fn allow_line(st: &nix::sys::stat::FileStat) -> Option<String> {
+    let kind = match st.st_mode & libc::S_IFMT {
+        libc::S_IFCHR => 'c',
+        libc::S_IFBLK => 'b',
+        _ => return None,
     };
-    let rdev = meta.rdev();
-    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
-    Ok(Some(format!("{kind} {major}:{minor} rw")))
+    let (major, minor) = (libc::major(st.st_rdev), libc::minor(st.st_rdev));
+    Some(format!("{kind} {major}:{minor} rw"))
 }
 
 /// A worker's device group, removable after the jail's mount namespace
@@ -111,15 +107,13 @@ pub struct DeviceGroup {
 
 impl DeviceGroup {
     /// Removes the group once its processes are gone; best effort (a group
-    /// still in use, or already removed, stays as it is, and is reset when a
-    /// worker of the same name is placed in it). The kernel releases a
-    /// reaped task's hold on its group a moment after `waitpid` returns, so
-    /// a busy group is retried for up to a second.
+    /// still in use, or already removed, stays as it is). The kernel
+    /// releases a reaped task's hold on its group a moment after `waitpid`
+    /// returns, so a busy group is retried for up to a second.
     pub fn remove(&self) {
-        use std::os::fd::AsFd;
         for _ in 0..100 {
             match nix::unistd::unlinkat(
-                Some(self.parent.as_fd().as_raw_fd()),
+                Some(self.parent.as_raw_fd()),
                 self.name.as_str(),
                 nix::unistd::UnlinkatFlags::RemoveDir,
             ) {
@@ -132,33 +126,46 @@ impl DeviceGroup {
     }
 }
 
-/// Creates (or resets) the worker's device group: every device denied,
-/// then read and write allowed on exactly `nodes`; moves `pid` into it.
-/// No mknod (`m`) is granted: the worker has no CAP_MKNOD anyway.
-pub fn place_devices(dc: &DeviceCgroup, pid: i32, nodes: &[PathBuf]) -> io::Result<DeviceGroup> {
+/// Creates the worker's own device group, `parent/<name>-<this process's
+/// pid>` (unique among live jails: a group is never shared, so no worker's
+/// allow-list is rewritten by another's start), denies every device, allows
+/// read and write on each of `lines` (from [`allow_line`]), and moves `pid`
+/// in. A leftover group of that name (a dead jail's, whose pid was reused)
+/// is removed first; one still in use is an error. No mknod (`m`) is
+/// granted: the worker has no CAP_MKNOD anyway.
+pub fn place_devices(dc: &DeviceCgroup, pid: i32, lines: &[String]) -> io::Result<DeviceGroup> {
     let parent = std::fs::File::open(&dc.parent)?;
-    let dir = dc.parent.join(&dc.name);
-    match std::fs::create_dir(&dir) {
+    let name = format!("{}-{}", dc.name, std::process::id());
+    let path = dc.parent.join(&name);
+    match std::fs::create_dir(&path) {
         Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            std::fs::remove_dir(&path).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("{} exists and is in use: {e}", path.display()),
+                )
+            })?;
+            std::fs::create_dir(&path)?;
+        }
         Err(e) => return Err(e),
     }
-    // "a" clears whatever a previous worker of this name was allowed.
-    std::fs::write(dir.join("devices.deny"), "a")?;
-    for node in nodes {
-        let line = allow_line(node)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", node.display())))?;
-        if let Some(line) = line {
-            std::fs::write(dir.join("devices.allow"), &line)
+    let group = DeviceGroup { parent, name, path };
+    let fill = || -> io::Result<()> {
+        std::fs::write(group.path.join("devices.deny"), "a")?;
+        for line in lines {
+            std::fs::write(group.path.join("devices.allow"), line)
                 .map_err(|e| io::Error::new(e.kind(), format!("devices.allow {line:?}: {e}")))?;
         }
+        std::fs::write(group.path.join("cgroup.procs"), pid.to_string())
+    };
+    match fill() {
+        Ok(()) => Ok(group),
+        Err(e) => {
+            group.remove();
+            Err(e)
+        }
     }
-    std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
-    Ok(DeviceGroup {
-        parent,
-        name: dc.name.clone(),
-        path: dir,
-    })
 }
 
 #[cfg(test)]
@@ -167,15 +174,16 @@ mod tests {
 
     #[test]
     fn device_allow_lines() {
+        let st = |p: &Path| nix::sys::stat::stat(p).unwrap();
         assert_eq!(
-            allow_line(Path::new("/dev/null")).unwrap().as_deref(),
+            allow_line(&st(Path::new("/dev/null"))).as_deref(),
             Some("c 1:3 rw")
         );
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("nvidia0");
         std::fs::write(&file, "").unwrap();
-        assert_eq!(allow_line(&file).unwrap(), None);
-        assert!(allow_line(&dir.path().join("missing")).is_err());
+        assert_eq!(allow_line(&st(&file)), None);
+        assert_eq!(allow_line(&st(dir.path())), None);
         let reason = devices_unavailable_reason(dir.path()).unwrap();
         assert!(
             reason.contains("not a cgroup v1 devices directory"),

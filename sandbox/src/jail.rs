@@ -218,6 +218,9 @@ struct Prepared {
     /// (path inside the worker, O_PATH fd of the source, is_dir)
     binds: Vec<(PathBuf, OwnedFd, bool)>,
     devices: Vec<(PathBuf, OwnedFd)>,
+    /// `devices.allow` lines for those nodes, from the opened fds (what is
+    /// bound is what is allowed, whatever the paths point at later).
+    device_lines: Vec<String>,
     filters: Vec<seccompiler::BpfProgram>,
     landlock_abi: ABI,
     landlock_kernel: i32,
@@ -318,6 +321,14 @@ fn prepare(profile: &Profile, report: &mut Reporter) -> Result<Prepared, SetupEr
         })?;
         devices.push((d, fd));
     }
+    let mut device_lines = Vec::new();
+    for (d, fd) in &devices {
+        let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| SetupError {
+            stage: "devices",
+            message: format!("{}: {e}", d.display()),
+        })?;
+        device_lines.extend(crate::cgroup::allow_line(&st));
+    }
     Ok(Prepared {
         program: cstring(profile.program.as_os_str().as_bytes(), "program")?,
         argv: profile
@@ -332,6 +343,7 @@ fn prepare(profile: &Profile, report: &mut Reporter) -> Result<Prepared, SetupEr
             .collect::<Result<_, _>>()?,
         binds,
         devices,
+        device_lines,
         filters: crate::seccomp::worker_filters().map_err(fail("seccomp"))?,
         landlock_abi,
         landlock_kernel: kernel,
@@ -351,6 +363,7 @@ fn run(report: &mut Reporter) -> Result<i32, SetupError> {
     // Paths are opened in the new mount namespace: a bind mount's source
     // must belong to the namespace it is mounted in.
     let prepared = prepare(&profile, report)?;
+    let device_lines = prepared.device_lines.clone();
     // go: parent -> child once the cgroup is set; status: child -> parent,
     // closed by the worker's execve.
     let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(fail("pipes"))?;
@@ -386,7 +399,7 @@ fn run(report: &mut Reporter) -> Result<i32, SetupError> {
         ForkResult::Parent { child } => {
             drop(go_r);
             drop(st_w);
-            parent(&profile, child, go_w, st_r, report)
+            parent(&profile, &device_lines, child, go_w, st_r, report)
         }
     }
 }
@@ -400,6 +413,7 @@ fn high_fd(fd: OwnedFd) -> Result<OwnedFd, SetupError> {
 
 fn parent(
     profile: &Profile,
+    device_lines: &[String],
     child: Pid,
     go_w: OwnedFd,
     st_r: OwnedFd,
@@ -428,26 +442,19 @@ fn parent(
         None => report.send(&json!({"event": "cgroup", "path": null})),
     }
     let device_cgroup = match &profile.device_cgroup {
-        Some(dc) => {
-            let nodes: Vec<PathBuf> = BASIC_DEVICES
-                .iter()
-                .map(PathBuf::from)
-                .chain(profile.devices.iter().cloned())
-                .collect();
-            match crate::cgroup::place_devices(dc, child.as_raw(), &nodes) {
-                Ok(group) => {
-                    report.send(&json!({"event": "device_cgroup", "path": group.path}));
-                    Some(RemoveOnDrop(group))
-                }
-                Err(e) => {
-                    kill_child();
-                    return Err(SetupError {
-                        stage: "device_cgroup",
-                        message: e.to_string(),
-                    });
-                }
+        Some(dc) => match crate::cgroup::place_devices(dc, child.as_raw(), device_lines) {
+            Ok(group) => {
+                report.send(&json!({"event": "device_cgroup", "path": group.path}));
+                Some(RemoveOnDrop(group))
             }
-        }
+            Err(e) => {
+                kill_child();
+                return Err(SetupError {
+                    stage: "device_cgroup",
+                    message: e.to_string(),
+                });
+            }
+        },
         None => {
             report.send(&json!({"event": "device_cgroup", "path": null}));
             None

@@ -44,8 +44,8 @@ fn a_device_group_allows_exactly_its_nodes() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let group =
-        cgroup::place_devices(&dc, child.id() as i32, &[PathBuf::from("/dev/null")]).unwrap();
+    let null = line("/dev/null");
+    let group = cgroup::place_devices(&dc, child.id() as i32, std::slice::from_ref(&null)).unwrap();
     let list = std::fs::read_to_string(group.path.join("devices.list")).unwrap();
     assert_eq!(list.trim(), "c 1:3 rw", "{list}");
     child.stdin.take().unwrap().write_all(b"go\n").unwrap();
@@ -65,40 +65,42 @@ fn a_device_group_allows_exactly_its_nodes() {
     group.remove();
     assert!(!group.path.exists());
 
-    // Reusing the name resets the list: what a previous worker was allowed
-    // does not carry over.
+    // A group is never shared: a second placement under the same name
+    // while the first is in use is refused, and the first keeps its list.
+    // (No /dev/null in this one: the group allows /dev/full alone.)
     let mut child = Command::new("/bin/sh")
         .args([
             "-c",
-            "read _; if (: > /dev/full) 2>/dev/null; then echo full-ok; else echo full-denied; fi",
+            "read _; if (: > /dev/full); then echo full-ok; else echo full-denied; fi",
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let group =
-        cgroup::place_devices(&dc, child.id() as i32, &[PathBuf::from("/dev/full")]).unwrap();
-    let mut second = Command::new("/bin/sh")
-        .args([
-            "-c",
-            "read _; if (: > /dev/full) 2>/dev/null; then echo full-ok; else echo full-denied; fi",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
+    let full = line("/dev/full");
+    let group = cgroup::place_devices(&dc, child.id() as i32, std::slice::from_ref(&full)).unwrap();
+    assert!(
+        cgroup::place_devices(&dc, std::process::id() as i32, std::slice::from_ref(&null)).is_err()
+    );
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
         .unwrap();
-    // Same group, now allowing /dev/null only.
-    cgroup::place_devices(&dc, second.id() as i32, &[PathBuf::from("/dev/null")]).unwrap();
-    for c in [&mut child, &mut second] {
-        c.stdin.take().unwrap().write_all(b"go\n").unwrap();
-        let mut out = String::new();
-        c.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-        c.wait().unwrap();
-        assert_eq!(out.trim(), "full-denied");
-    }
+    child.wait().unwrap();
+    assert_eq!(out.trim(), "full-ok");
+    let list = std::fs::read_to_string(group.path.join("devices.list")).unwrap();
+    assert_eq!(list.trim(), "c 1:7 rw", "{list}");
     group.remove();
+    assert!(!group.path.exists());
+}
+
+fn line(path: &str) -> String {
+    cgroup::allow_line(&nix::sys::stat::stat(path).unwrap()).unwrap()
 }
 
 #[test]
@@ -146,12 +148,17 @@ fn a_jailed_worker_runs_in_its_own_device_group() {
         .iter()
         .find(|e| e["event"] == "device_cgroup")
         .expect("a device_cgroup event");
-    assert_eq!(placed["path"], root.join(&name).display().to_string());
+    let path = PathBuf::from(placed["path"].as_str().unwrap());
+    let group = path.file_name().unwrap().to_str().unwrap().to_owned();
+    assert!(
+        path.starts_with(&root) && group.starts_with(&format!("{name}-")),
+        "{path:?}"
+    );
     assert!(
         out.lines()
-            .any(|l| l.ends_with(&format!(":devices:/{name}"))),
+            .any(|l| l.ends_with(&format!(":devices:/{group}"))),
         "the worker is not in its group: {out}"
     );
     assert!(out.lines().any(|l| l == "null-ok"), "{out}");
-    assert!(!root.join(&name).exists(), "the group outlived its worker");
+    assert!(!path.exists(), "the group outlived its worker");
 }
