@@ -4,8 +4,10 @@
 //! second reaches the parsers of the log entry body, the checkpoint, the
 //! certificate's SCT list and its identity extensions with attacker bytes.
 //!
-//! Beyond "no panic": no input verifies (nobody here holds Rekor's key), and
-//! every refusal is one of the keyless path's own error variants.
+//! Beyond "no panic": whatever verifies carries exactly the genuine fixture's
+//! payload, signature and certificate (the seed verifies, and so may
+//! re-encodings of its JSON; nothing else can, without Rekor's and Fulcio's
+//! keys), and every refusal is one of the keyless path's own error variants.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -14,6 +16,8 @@ use ccnode_attest::oms::bundle::{pae, Bundle, Material};
 use ccnode_attest::oms::sigstore::{self, TrustedRoot};
 use ccnode_attest::oms::OmsError;
 use libfuzzer_sys::fuzz_target;
+
+const GENUINE: &[u8] = include_bytes!("../../attest/tests/fixtures/sigstore/v1.1.0-sigstore.sig");
 
 fn production() -> &'static TrustedRoot {
     static ROOT: OnceLock<TrustedRoot> = OnceLock::new();
@@ -39,7 +43,23 @@ fuzz_target!(|data: &[u8]| {
     };
     let message = pae(&bundle.payload_type, &bundle.payload);
     match sigstore::verify(&bundle, certificate, entries, production(), &message) {
-        Ok(who) => panic!("forged keyless signature verified: {who:?}"),
+        Ok(who) => {
+            let genuine = Bundle::parse(GENUINE).expect("the fixture parses");
+            let Material::Keyless {
+                certificate: genuine_cert,
+                ..
+            } = &genuine.material
+            else {
+                unreachable!("the fixture is keyless")
+            };
+            assert!(
+                bundle.payload == genuine.payload
+                    && bundle.payload_type == genuine.payload_type
+                    && bundle.signature == genuine.signature
+                    && certificate == genuine_cert,
+                "a signature other than the genuine one verified: {who:?}"
+            );
+        }
         Err(e) => assert!(
             matches!(
                 e,
