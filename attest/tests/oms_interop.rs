@@ -15,25 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use ccnode_attest::oms::{self, policy, OmsError, TrustPolicy, VerifyOptions};
-use common::{copy_dir, ec_key, edit_payload, flip_byte, make_model, run};
-
-fn venv() -> Option<PathBuf> {
-    let dir = std::env::var_os("CCNODE_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv"));
-    if dir.join("bin/model_signing").exists() {
-        return Some(dir);
-    }
-    let msg = format!(
-        "no model_signing in the virtual environment {} (scripts/test.sh creates it; or set CCNODE_VENV)",
-        dir.display()
-    );
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{msg}");
-    }
-    eprintln!("SKIPPED: {msg}");
-    None
-}
+use common::{copy_dir, ec_key, edit_payload, flip_byte, make_model, run, venv};
 
 struct Ref {
     venv: PathBuf,

@@ -22,7 +22,7 @@ use base64::Engine as _;
 use ccnode_attest::oms::bundle::Bundle;
 use ccnode_attest::oms::sigstore::{Identity, TrustedRoot};
 use ccnode_attest::oms::{self, HandOver, OmsError, TrustPolicy, VerifyOptions};
-use common::{copy_dir, flip_byte, make_model, run};
+use common::{copy_dir, flip_byte, make_model, run, venv};
 use serde_json::Value;
 
 const ID: &str = "stefanb@us.ibm.com";
@@ -77,6 +77,14 @@ fn edit_b64(bundle: &Value, pointer: &str, f: impl FnOnce(&mut Vec<u8>)) -> Valu
     let mut bytes = STANDARD.decode(field.as_str().unwrap()).unwrap();
     f(&mut bytes);
     *field = Value::String(STANDARD.encode(bytes));
+    v
+}
+
+/// A copy of `bundle` with `f` applied to the value at `pointer`.
+fn edited(bundle: &Value, pointer: &str, f: impl FnOnce(&mut Value)) -> Value {
+    let mut v = bundle.clone();
+    f(v.pointer_mut(pointer)
+        .unwrap_or_else(|| panic!("{pointer}")));
     v
 }
 
@@ -310,38 +318,25 @@ fn log_entry_numbers_and_shape_are_checked() {
     assert!(log(&set("inclusionProof/treeSize", "476246826".into())));
     assert!(log(&set("kindVersion/kind", "intoto".into())));
     assert!(log(&set("kindVersion/version", "0.0.2".into())));
-    let mut v = b.clone();
-    v.pointer_mut(ENTRY)
-        .unwrap()
-        .as_object_mut()
-        .unwrap()
-        .remove("inclusionPromise");
-    assert!(log(&v));
-    let mut v = b.clone();
-    v.pointer_mut(ENTRY)
-        .unwrap()
-        .as_object_mut()
-        .unwrap()
-        .remove("inclusionProof");
-    assert!(log(&v));
+    assert!(log(&edited(&b, ENTRY, |e| {
+        e.as_object_mut().unwrap().remove("inclusionPromise");
+    })));
+    assert!(log(&edited(&b, ENTRY, |e| {
+        e.as_object_mut().unwrap().remove("inclusionProof");
+    })));
     let mut v = b.clone();
     v["verificationMaterial"]["tlogEntries"] = Value::Array(vec![]);
     assert!(log(&v));
     // A proof one hash short or long.
-    let mut v = b.clone();
-    v.pointer_mut(&format!("{ENTRY}/inclusionProof/hashes"))
-        .unwrap()
-        .as_array_mut()
-        .unwrap()
-        .pop();
-    assert!(log(&v));
-    let mut v = b.clone();
-    v.pointer_mut(&format!("{ENTRY}/inclusionProof/hashes"))
-        .unwrap()
-        .as_array_mut()
-        .unwrap()
-        .push(Value::String(STANDARD.encode([0u8; 32])));
-    assert!(log(&v));
+    let hashes = format!("{ENTRY}/inclusionProof/hashes");
+    assert!(log(&edited(&b, &hashes, |h| {
+        h.as_array_mut().unwrap().pop();
+    })));
+    assert!(log(&edited(&b, &hashes, |h| {
+        h.as_array_mut()
+            .unwrap()
+            .push(Value::String(STANDARD.encode([0u8; 32])));
+    })));
     // Numbers past what the signed JSON can hold, or a time can: refused
     // as malformed, before any arithmetic on them.
     for (field, value) in [
@@ -448,24 +443,6 @@ fn ccnode_verify_cli_keyless() {
 }
 
 // --- The private instance, judged by the reference verifier as well ---
-
-fn venv() -> Option<PathBuf> {
-    let dir = std::env::var_os("CCNODE_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv"));
-    if dir.join("bin/model_signing").exists() {
-        return Some(dir);
-    }
-    let msg = format!(
-        "no model_signing in the virtual environment {} (scripts/test.sh creates it; or set CCNODE_VENV)",
-        dir.display()
-    );
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{msg}");
-    }
-    eprintln!("SKIPPED: {msg}");
-    None
-}
 
 struct Instance {
     venv: PathBuf,

@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use ccnode_sandbox::profile::DeviceCgroup;
 use ccnode_sandbox::{cgroup, spawn, Profile};
@@ -34,29 +34,14 @@ fn a_device_group_allows_exactly_its_nodes() {
         name: format!("ccnode-test-allow-{}", std::process::id()),
     };
     // The child waits for a line, then tries both devices.
-    let mut child = Command::new("/bin/sh")
-        .args([
-            "-c",
-            "read _; if (: > /dev/null); then echo null-ok; fi; if (: > /dev/full) 2>/dev/null; then echo full-ok; else echo full-denied; fi",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = waiting(
+        "if (: > /dev/null); then echo null-ok; fi; if (: > /dev/full) 2>/dev/null; then echo full-ok; else echo full-denied; fi",
+    );
     let null = line("/dev/null");
     let group = cgroup::place_devices(&dc, child.id() as i32, std::slice::from_ref(&null)).unwrap();
     let list = std::fs::read_to_string(group.path.join("devices.list")).unwrap();
     assert_eq!(list.trim(), "c 1:3 rw", "{list}");
-    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    child.wait().unwrap();
+    let out = release(child);
     assert_eq!(
         out.lines().collect::<Vec<_>>(),
         ["null-ok", "full-denied"],
@@ -68,21 +53,34 @@ fn a_device_group_allows_exactly_its_nodes() {
     // A group is never shared: a second placement under the same name
     // while the first is in use is refused, and the first keeps its list.
     // (No /dev/null in this one: the group allows /dev/full alone.)
-    let mut child = Command::new("/bin/sh")
-        .args([
-            "-c",
-            "read _; if (: > /dev/full); then echo full-ok; else echo full-denied; fi",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = waiting("if (: > /dev/full); then echo full-ok; else echo full-denied; fi");
     let full = line("/dev/full");
     let group = cgroup::place_devices(&dc, child.id() as i32, std::slice::from_ref(&full)).unwrap();
     assert!(
         cgroup::place_devices(&dc, std::process::id() as i32, std::slice::from_ref(&null)).is_err()
     );
+    let out = release(child);
+    assert_eq!(out.trim(), "full-ok");
+    let list = std::fs::read_to_string(group.path.join("devices.list")).unwrap();
+    assert_eq!(list.trim(), "c 1:7 rw", "{list}");
+    group.remove();
+    assert!(!group.path.exists());
+}
+
+/// A shell that runs `script` once it reads a line (so it can be placed in
+/// a group first).
+fn waiting(script: &str) -> Child {
+    Command::new("/bin/sh")
+        .args(["-c", &format!("read _; {script}")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Lets a [`waiting`] shell go; returns what it printed.
+fn release(mut child: Child) -> String {
     child.stdin.take().unwrap().write_all(b"go\n").unwrap();
     let mut out = String::new();
     child
@@ -92,11 +90,7 @@ fn a_device_group_allows_exactly_its_nodes() {
         .read_to_string(&mut out)
         .unwrap();
     child.wait().unwrap();
-    assert_eq!(out.trim(), "full-ok");
-    let list = std::fs::read_to_string(group.path.join("devices.list")).unwrap();
-    assert_eq!(list.trim(), "c 1:7 rw", "{list}");
-    group.remove();
-    assert!(!group.path.exists());
+    out
 }
 
 fn line(path: &str) -> String {
