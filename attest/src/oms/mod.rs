@@ -36,6 +36,7 @@ pub mod cert;
 pub mod hash;
 pub mod keys;
 pub mod manifest;
+mod mapped;
 pub mod policy;
 pub mod safetensors;
 pub mod sign;
