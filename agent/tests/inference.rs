@@ -481,8 +481,8 @@ fn a_model_that_fails_verification_never_gets_a_worker() {
     );
 }
 
-#[test]
-fn the_openai_python_client_lists_completes_and_streams() {
+/// The virtual environment's Python (scripts/test.sh creates it).
+fn venv_python() -> std::path::PathBuf {
     let venv = std::env::var("CCNODE_VENV")
         .unwrap_or_else(|_| format!("{}/../.venv", env!("CARGO_MANIFEST_DIR")));
     let python = Path::new(&venv).join("bin/python");
@@ -490,6 +490,92 @@ fn the_openai_python_client_lists_completes_and_streams() {
         python.is_file(),
         "no virtual environment at {venv}: run ./scripts/test.sh, which creates it"
     );
+    python
+}
+
+#[test]
+fn a_keyless_signed_model_is_served_only_to_the_identity_in_the_policy() {
+    // A private Sigstore instance (Fulcio-shaped CAs, CT log, Rekor v1)
+    // signs a generated model keyless, as model_signing does; ccnoded
+    // verifies it offline against that instance's trust root.
+    let python = venv_python();
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../attest/tests/interop/sigstore_instance.py");
+    let tmp = tempfile::tempdir().unwrap();
+    let instance = tmp.path().join("instance");
+    let dir = tmp.path().join("model");
+    std::fs::create_dir(&dir).unwrap();
+    ccnode_worker::testmodel::write_model(&dir, &small(), 21).unwrap();
+    let sig = tmp.path().join("model.sig");
+    for args in [
+        vec!["instance".into(), instance.clone().into_os_string()],
+        vec![
+            "sign".into(),
+            instance.clone().into_os_string(),
+            dir.clone().into_os_string(),
+            sig.clone().into_os_string(),
+            "--identity".into(),
+            "alice@example.com".into(),
+            "--issuer".into(),
+            "https://issuer.test".into(),
+        ],
+    ] {
+        let out = Command::new(&python)
+            .arg(&script)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let policy = |name: &str, identity: &str| {
+        let p = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "[[signer]]\nmodels = [\"tiny\"]\nsigstore_trust_root = \"{}\"\n\
+                 sigstore_identities = [{{ identity = \"{identity}\", issuer = \"https://issuer.test\" }}]\n",
+                instance.join("trusted_root.json").display()
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let node = node_with("");
+    let load = |policy: &Path| {
+        let entry = json!({"name": "tiny", "dir": dir, "signature": sig, "trust_policy": policy});
+        node.request(&json!({"v": 1, "cmd": "model_load", "model": entry}).to_string())
+    };
+
+    // Another identity of the same issuer: refused, no worker.
+    let r = load(&policy("bob", "bob@example.com"));
+    assert_eq!(r["error"]["detail"], "signature_invalid", "{r}");
+    assert!(models(&node).is_empty());
+
+    // The signer's identity: served.
+    let r = load(&policy("alice", "alice@example.com"));
+    assert_eq!(r["ok"], true, "{r}");
+    wait_ready(&node, "tiny", 1);
+    let listed = models(&node);
+    assert!(
+        listed[0]["signer"]
+            .as_str()
+            .is_some_and(|s| s.contains("alice@example.com")),
+        "{listed:?}"
+    );
+    let r = completion(
+        &node,
+        json!({"model": "tiny", "prompt": "x", "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn the_openai_python_client_lists_completes_and_streams() {
+    let python = venv_python();
     let m = make_model("tiny", &small(), 11);
     let node = node_with(&model_toml("tiny", &m, ""));
     wait_ready(&node, "tiny", 1);
