@@ -195,8 +195,10 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    /// Starts supervising; events go to `events`.
-    pub fn start(spec: Spec, policy: Policy, events: Sender<Event>) -> Supervisor {
+    /// Starts supervising; events go to `events`. Fails only if the
+    /// supervision thread cannot be spawned (the process is out of threads
+    /// or memory): the caller gives back what it set aside for the worker.
+    pub fn start(spec: Spec, policy: Policy, events: Sender<Event>) -> std::io::Result<Supervisor> {
         let (tx, rx) = mpsc::channel();
         let state = Arc::new(Mutex::new(WorkerState::Starting));
         let sender = ControlSender::default();
@@ -208,15 +210,14 @@ impl Supervisor {
         };
         let thread = std::thread::Builder::new()
             .name("ccnode-supervise".into())
-            .spawn(move || run(spec, policy, rx, events, life))
-            .expect("spawn a supervision thread");
-        Supervisor {
+            .spawn(move || run(spec, policy, rx, events, life))?;
+        Ok(Supervisor {
             commands: tx,
             state,
             sender,
             pid,
             thread: Some(thread),
-        }
+        })
     }
 
     /// Writes frames to the current worker (see [`ControlSender`]).

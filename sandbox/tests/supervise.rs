@@ -65,7 +65,7 @@ fn wait_state(rx: &Receiver<Event>, want: WorkerState) {
 #[test]
 fn a_worker_goes_through_its_lifecycle_and_stops_on_request() {
     let (tx, rx) = mpsc::channel();
-    let sup = Supervisor::start(spec(&["well"], 65534), quick(), tx);
+    let sup = Supervisor::start(spec(&["well"], 65534), quick(), tx).unwrap();
     let mut seen = Vec::new();
     loop {
         match rx.recv_timeout(PATIENCE).unwrap() {
@@ -98,7 +98,7 @@ fn a_worker_goes_through_its_lifecycle_and_stops_on_request() {
 #[test]
 fn kill_ends_a_worker_now() {
     let (tx, rx) = mpsc::channel();
-    let sup = Supervisor::start(spec(&["ignore-shutdown"], 65534), quick(), tx);
+    let sup = Supervisor::start(spec(&["ignore-shutdown"], 65534), quick(), tx).unwrap();
     wait_state(&rx, WorkerState::Ready);
     sup.kill();
     assert_eq!(next_exit(&rx), (ExitReason::Killed, None));
@@ -107,7 +107,7 @@ fn kill_ends_a_worker_now() {
 #[test]
 fn a_worker_that_ignores_shutdown_is_ended_after_its_grace() {
     let (tx, rx) = mpsc::channel();
-    let sup = Supervisor::start(spec(&["ignore-shutdown"], 65534), quick(), tx);
+    let sup = Supervisor::start(spec(&["ignore-shutdown"], 65534), quick(), tx).unwrap();
     wait_state(&rx, WorkerState::Ready);
     sup.stop();
     assert_eq!(next_exit(&rx).0, ExitReason::Stopped);
@@ -120,7 +120,7 @@ fn crashes_restart_with_growing_backoff_then_give_up() {
         max_restarts: 2,
         ..quick()
     };
-    let _sup = Supervisor::start(spec(&["exit", "3"], 65534), policy, tx);
+    let _sup = Supervisor::start(spec(&["exit", "3"], 65534), policy, tx).unwrap();
     let delays: Vec<Option<Duration>> = (0..3)
         .map(|_| {
             let (reason, delay) = next_exit(&rx);
@@ -149,7 +149,7 @@ fn each_kind_of_misbehaviour_is_named() {
         (&["exit", "0"][..], "exited_ok"),
     ] {
         let (tx, rx) = mpsc::channel();
-        let _sup = Supervisor::start(spec(mode, 65534), quick(), tx);
+        let _sup = Supervisor::start(spec(mode, 65534), quick(), tx).unwrap();
         let (reason, _) = next_exit(&rx);
         assert_eq!(reason.label(), expected, "{mode:?}: {reason:?}");
     }
@@ -167,7 +167,8 @@ fn setup_failures_do_not_restart() {
             ..quick()
         },
         tx,
-    );
+    )
+    .unwrap();
     let (reason, restart) = next_exit(&rx);
     assert!(
         matches!(&reason, ExitReason::SetupFailed { stage, .. } if stage == "landlock"),
@@ -183,7 +184,7 @@ fn a_fork_bomb_is_contained_by_its_process_limit() {
     let mut s = spec(&["fork-bomb"], uid);
     s.profile.rlimits.processes = 32;
     let (tx, rx) = mpsc::channel();
-    let sup = Supervisor::start(s, quick(), tx);
+    let sup = Supervisor::start(s, quick(), tx).unwrap();
     wait_state(&rx, WorkerState::Ready);
     // Still answering health checks after the bomb went off...
     std::thread::sleep(Duration::from_millis(800));

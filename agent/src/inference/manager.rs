@@ -571,7 +571,11 @@ impl Manager {
                     ..Policy::default()
                 };
                 let (etx, erx) = std::sync::mpsc::channel();
-                let sup = Supervisor::start(spec, policy, etx);
+                let sup =
+                    Supervisor::start(spec, policy, etx).map_err(|e| LoadError::HandOver {
+                        name: name.clone(),
+                        message: format!("cannot start a supervisor: {e}"),
+                    })?;
                 let model_w = Arc::downgrade(&model);
                 let replica = r.clone();
                 std::thread::Builder::new()
