@@ -213,6 +213,25 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     m.sandbox
         .with_label_values(&["device_cgroup"])
         .set(i64::from(support.device_cgroup_unavailable.is_none()));
+    // Groups that jails killed outright (SIGKILL, a crash of the host's
+    // ccnoded) could not remove: empty, named after a dead jail's pid.
+    for (parent, usable) in [
+        (
+            &config.sandbox.cgroup_parent,
+            support.cgroup_unavailable.is_none(),
+        ),
+        (
+            &config.sandbox.device_cgroup_parent,
+            support.device_cgroup_unavailable.is_none(),
+        ),
+    ] {
+        if let (Some(parent), true) = (parent, usable) {
+            let removed = ccnode_sandbox::cgroup::sweep(parent);
+            if removed > 0 {
+                tracing::info!(parent = %parent.display(), removed, "removed worker cgroups left by dead jails");
+            }
+        }
+    }
     match (
         &config.sandbox.device_cgroup_parent,
         &support.device_cgroup_unavailable,

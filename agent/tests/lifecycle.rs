@@ -166,3 +166,35 @@ fn a_busy_metrics_port_exits_71() {
     assert_eq!(out.status.code(), Some(71), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains(&port.to_string()));
 }
+
+#[test]
+fn groups_left_by_dead_jails_are_swept_at_start() {
+    let root = std::path::Path::new("/sys/fs/cgroup/devices");
+    if let Some(why) = ccnode_sandbox::cgroup::devices_unavailable_reason(root) {
+        eprintln!("SKIPPED: no cgroup v1 devices controller here: {why}");
+        return;
+    }
+    let parent = root.join(format!("ccnode-test-start-sweep-{}", std::process::id()));
+    std::fs::create_dir(&parent).unwrap();
+    let mut c = Command::new("/bin/true").spawn().unwrap();
+    let dead = c.id();
+    c.wait().unwrap();
+    let left = parent.join(format!("worker-m-0-{dead}"));
+    let other = parent.join("not-a-worker");
+    std::fs::create_dir(&left).unwrap();
+    std::fs::create_dir(&other).unwrap();
+    let node = TestNode::new(CCNODED)
+        .with_toml(&format!(
+            "[sandbox]\ndevice_cgroup_parent = \"{}\"\n",
+            parent.display()
+        ))
+        .start();
+    let gone = !left.exists();
+    let kept = other.exists();
+    drop(node);
+    std::fs::remove_dir(&other).ok();
+    std::fs::remove_dir(&left).ok();
+    std::fs::remove_dir(&parent).unwrap();
+    assert!(gone, "the dead jail's group is still there");
+    assert!(kept, "a group not named after a jail was removed");
+}

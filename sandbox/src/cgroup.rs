@@ -46,26 +46,32 @@ pub fn unavailable_reason(parent: &Path) -> Option<String> {
     }
 }
 
-/// Creates the worker's cgroup with its limits and moves `pid` into it.
-pub fn place(cg: &CgroupLimits, pid: i32) -> io::Result<PathBuf> {
-    let dir = cg.parent.join(&cg.name);
-    match std::fs::create_dir(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
-    }
-    std::fs::write(dir.join("memory.max"), cg.memory_max.to_string())?;
-    std::fs::write(dir.join("memory.swap.max"), "0").or_else(|e| {
-        // Without swap accounting the file is absent: nothing to limit.
-        if e.kind() == io::ErrorKind::NotFound {
-            Ok(())
-        } else {
+/// Creates the worker's own cgroup, `parent/<name>-<this process's pid>`
+/// (fresh, as for device groups: see [`place_devices`]), writes its limits
+/// and moves `pid` in. The group is removed with [`Group::remove`] once the
+/// worker is gone.
+pub fn place(cg: &CgroupLimits, pid: i32) -> io::Result<Group> {
+    let group = Group::create(&cg.parent, &cg.name)?;
+    let fill = || -> io::Result<()> {
+        let dir = &group.path;
+        std::fs::write(dir.join("memory.max"), cg.memory_max.to_string())?;
+        std::fs::write(dir.join("memory.swap.max"), "0").or_else(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
+        std::fs::write(dir.join("pids.max"), cg.pids_max.to_string())?;
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+    };
+    match fill() {
+        Ok(()) => Ok(group),
+        Err(e) => {
+            group.remove();
             Err(e)
         }
-    })?;
-    std::fs::write(dir.join("pids.max"), cg.pids_max.to_string())?;
-    std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
-    Ok(dir)
+    }
 }
 
 /// Why workers run without a device cgroup, or `None` when `parent` is a
@@ -96,16 +102,41 @@ pub fn allow_line(st: &nix::sys::stat::FileStat) -> Option<String> {
     Some(format!("{kind} {major}:{minor} rw"))
 }
 
-/// A worker's device group, removable after the jail's mount namespace
-/// has pivoted away from the host's /sys (the parent directory is held open).
+/// A worker's own cgroup (limits or device allow-list), removable after
+/// the jail's mount namespace has pivoted away from the host's /sys (the
+/// parent directory is held open).
 #[derive(Debug)]
-pub struct DeviceGroup {
+pub struct Group {
     parent: std::fs::File,
     name: String,
     pub path: PathBuf,
 }
 
-impl DeviceGroup {
+impl Group {
+    /// Creates `parent/<name>-<this process's pid>` (unique among live
+    /// jails, so a group is never shared and no worker's start rewrites
+    /// another's settings). A leftover group of that name (a dead jail's,
+    /// whose pid was reused) is removed first; one still in use is an error.
+    fn create(parent_dir: &Path, name: &str) -> io::Result<Group> {
+        let parent = std::fs::File::open(parent_dir)?;
+        let name = format!("{name}-{}", std::process::id());
+        let path = parent_dir.join(&name);
+        match std::fs::create_dir(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                std::fs::remove_dir(&path).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("{} exists and is in use: {e}", path.display()),
+                    )
+                })?;
+                std::fs::create_dir(&path)?;
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(Group { parent, name, path })
+    }
+
     /// Removes the group once its processes are gone; best effort (a group
     /// still in use, or already removed, stays as it is). The kernel
     /// releases a reaped task's hold on its group a moment after `waitpid`
@@ -126,31 +157,12 @@ impl DeviceGroup {
     }
 }
 
-/// Creates the worker's own device group, `parent/<name>-<this process's
-/// pid>` (unique among live jails: a group is never shared, so no worker's
-/// allow-list is rewritten by another's start), denies every device, allows
-/// read and write on each of `lines` (from [`allow_line`]), and moves `pid`
-/// in. A leftover group of that name (a dead jail's, whose pid was reused)
-/// is removed first; one still in use is an error. No mknod (`m`) is
-/// granted: the worker has no CAP_MKNOD anyway.
-pub fn place_devices(dc: &DeviceCgroup, pid: i32, lines: &[String]) -> io::Result<DeviceGroup> {
-    let parent = std::fs::File::open(&dc.parent)?;
-    let name = format!("{}-{}", dc.name, std::process::id());
-    let path = dc.parent.join(&name);
-    match std::fs::create_dir(&path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            std::fs::remove_dir(&path).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("{} exists and is in use: {e}", path.display()),
-                )
-            })?;
-            std::fs::create_dir(&path)?;
-        }
-        Err(e) => return Err(e),
-    }
-    let group = DeviceGroup { parent, name, path };
+/// Creates the worker's own device group (a [`Group`]), denies every
+/// device, allows read and write on each of `lines` (from [`allow_line`]),
+/// and moves `pid` in. No mknod (`m`) is granted: the worker has no
+/// CAP_MKNOD anyway.
+pub fn place_devices(dc: &DeviceCgroup, pid: i32, lines: &[String]) -> io::Result<Group> {
+    let group = Group::create(&dc.parent, &dc.name)?;
     let fill = || -> io::Result<()> {
         std::fs::write(group.path.join("devices.deny"), "a")?;
         for line in lines {
@@ -166,6 +178,41 @@ pub fn place_devices(dc: &DeviceCgroup, pid: i32, lines: &[String]) -> io::Resul
             Err(e)
         }
     }
+}
+
+/// Removes the groups under `parent` that jails killed before they could
+/// clean up left behind: directories named `<name>-<pid>` whose pid is no
+/// live process and which hold no process (the kernel refuses to remove a
+/// group in use). Anything else under `parent` is left alone. Returns how
+/// many were removed.
+pub fn sweep(parent: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.rsplit_once('-'))
+            .filter(|(base, pid)| !base.is_empty() && !pid.is_empty())
+            .and_then(|(_, pid)| pid.parse::<i32>().ok())
+            .filter(|&pid| pid > 0)
+        else {
+            continue;
+        };
+        let alive = !matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        );
+        if alive || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        if std::fs::remove_dir(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 #[cfg(test)]

@@ -62,10 +62,10 @@ pub const FIRST_PASSED_FD: RawFd = 5;
 /// Exit code of the jail when the worker could not be started.
 pub const EXIT_SETUP_FAILED: i32 = 125;
 
-/// Device nodes every worker gets (read and write, no ioctl).
-/// Removes the worker's device cgroup on every way out of the parent once
-/// the worker was placed in it (best effort: see `DeviceGroup::remove`).
-struct RemoveOnDrop(crate::cgroup::DeviceGroup);
+/// Removes the worker's cgroup (limits or devices) on every way out of the
+/// parent once the worker was placed in it (best effort: see
+/// `Group::remove`).
+struct RemoveOnDrop(crate::cgroup::Group);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
@@ -73,6 +73,7 @@ impl Drop for RemoveOnDrop {
     }
 }
 
+/// Device nodes every worker gets (read and write, no ioctl).
 const BASIC_DEVICES: &[&str] = &[
     "/dev/null",
     "/dev/zero",
@@ -428,19 +429,25 @@ fn parent(
         let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
         let _ = waitpid(child, None);
     };
-    match &profile.cgroup {
-        Some(cg) => {
-            if let Err(e) = crate::cgroup::place(cg, child.as_raw()) {
+    let cgroup = match &profile.cgroup {
+        Some(cg) => match crate::cgroup::place(cg, child.as_raw()) {
+            Ok(group) => {
+                report.send(&json!({"event": "cgroup", "path": group.path}));
+                Some(RemoveOnDrop(group))
+            }
+            Err(e) => {
                 kill_child();
                 return Err(SetupError {
                     stage: "cgroup",
                     message: e.to_string(),
                 });
             }
-            report.send(&json!({"event": "cgroup", "path": cg.parent.join(&cg.name)}));
+        },
+        None => {
+            report.send(&json!({"event": "cgroup", "path": null}));
+            None
         }
-        None => report.send(&json!({"event": "cgroup", "path": null})),
-    }
+    };
     let device_cgroup = match &profile.device_cgroup {
         Some(dc) => match crate::cgroup::place_devices(dc, child.as_raw(), device_lines) {
             Ok(group) => {
@@ -505,6 +512,7 @@ fn parent(
     }
     // Before any exit below (some do not return).
     drop(device_cgroup);
+    drop(cgroup);
     let Some(ended) = ended else {
         // The init died without a word: killed from outside, or setup
         // failed before it could say so.

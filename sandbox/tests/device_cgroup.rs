@@ -156,3 +156,47 @@ fn a_jailed_worker_runs_in_its_own_device_group() {
     assert!(out.lines().any(|l| l == "null-ok"), "{out}");
     assert!(!path.exists(), "the group outlived its worker");
 }
+
+#[test]
+fn a_sweep_removes_only_empty_groups_of_dead_jails() {
+    let Some(root) = hierarchy() else { return };
+    // A parent of our own, so the sweep sees nothing but this test's groups.
+    let parent = root.join(format!("ccnode-test-sweep-{}", std::process::id()));
+    std::fs::create_dir(&parent).unwrap();
+    let dead = || {
+        let mut c = Command::new("/bin/true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    };
+    let gone = parent.join(format!("worker-a-0-{}", dead()));
+    let live = parent.join(format!("worker-a-1-{}", std::process::id()));
+    let plain = parent.join("keep");
+    let busy = parent.join(format!("worker-b-0-{}", dead()));
+    for d in [&gone, &live, &plain, &busy] {
+        std::fs::create_dir(d).unwrap();
+    }
+    // A dead jail's name, but a process still inside: the kernel keeps it.
+    let child = waiting("true");
+    std::fs::write(busy.join("cgroup.procs"), child.id().to_string()).unwrap();
+
+    assert_eq!(cgroup::sweep(&parent), 1);
+    assert!(!gone.exists());
+    assert!(live.exists() && plain.exists() && busy.exists());
+
+    release(child);
+    // Its last process gone, the busy one goes in the next sweep.
+    let mut swept = 0;
+    for _ in 0..100 {
+        swept += cgroup::sweep(&parent);
+        if !busy.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(swept, 1);
+    assert!(!busy.exists() && live.exists() && plain.exists());
+    for d in [&live, &plain, &parent] {
+        std::fs::remove_dir(d).unwrap();
+    }
+}
