@@ -195,7 +195,12 @@ pub fn sweep(parent: &Path) -> usize {
         let Some(pid) = name
             .to_str()
             .and_then(|n| n.rsplit_once('-'))
-            .filter(|(base, pid)| !base.is_empty() && !pid.is_empty())
+            .filter(|(base, pid)| {
+                !base.is_empty()
+                    && !pid.is_empty()
+                    && !pid.starts_with('0')
+                    && pid.bytes().all(|b| b.is_ascii_digit())
+            })
             .and_then(|(_, pid)| pid.parse::<i32>().ok())
             .filter(|&pid| pid > 0)
         else {

@@ -34,6 +34,9 @@ const SLOTS: usize = 1024;
 struct Slot {
     /// Claimed by a live window.
     taken: AtomicBool,
+    /// A sequence count, odd while `start`/`end` are being changed, so the
+    /// handler never acts on a torn pair (one window's start, another's end).
+    seq: AtomicUsize,
     /// The mapping's address range; `end == 0` while not registered.
     start: AtomicUsize,
     end: AtomicUsize,
@@ -43,6 +46,7 @@ struct Slot {
 #[allow(clippy::declare_interior_mutable_const)]
 const EMPTY: Slot = Slot {
     taken: AtomicBool::new(false),
+    seq: AtomicUsize::new(0),
     start: AtomicUsize::new(0),
     end: AtomicUsize::new(0),
     faulted: AtomicBool::new(false),
@@ -62,12 +66,32 @@ unsafe impl Send for PreviousAction {}
 // SAFETY: as above; shared reads of immutable plain data.
 unsafe impl Sync for PreviousAction {}
 
+/// `si_code` values of a SIGBUS raised by the faulting access itself
+/// (asm-generic/siginfo.h): a nonexistent physical address (a page past the
+/// end of a file), an object error (the page could not be read), a machine
+/// check the access consumed.
+const BUS_ADRERR: libc::c_int = 2;
+const BUS_OBJERR: libc::c_int = 3;
+const BUS_MCEERR_AR: libc::c_int = 4;
+
 /// The page size, read once before the handler is installed (the handler
 /// itself calls nothing that is not async-signal-safe).
 static PAGE: AtomicUsize = AtomicUsize::new(4096);
 
 fn page_size() -> usize {
     PAGE.load(Ordering::Relaxed)
+}
+
+/// The action that installs [`on_sigbus`].
+fn our_action() -> libc::sigaction {
+    // SAFETY: zeroed is a valid bit pattern for sigaction (no handler, no
+    // flags, empty mask); the fields are then set as the kernel expects for
+    // an SA_SIGINFO handler.
+    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+    let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) = on_sigbus;
+    act.sa_sigaction = handler as usize;
+    act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
+    act
 }
 
 /// Installs the handler once; false if it could not be installed (the
@@ -79,15 +103,9 @@ fn install() -> bool {
         if let Some(n) = usize::try_from(n).ok().filter(|n| n.is_power_of_two()) {
             PAGE.store(n, Ordering::SeqCst);
         }
-        // SAFETY: zeroed is a valid bit pattern for sigaction (no handler,
-        // no flags, empty mask); the fields are then set as the kernel
-        // expects for an SA_SIGINFO handler.
-        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
-        let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-            on_sigbus;
-        act.sa_sigaction = handler as usize;
-        act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
-        // SAFETY: as above for the old action, which the kernel fills in.
+        let act = our_action();
+        // SAFETY: zeroed is a valid sigaction bit pattern; the kernel fills
+        // in the old action.
         let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
         // SAFETY: both pointers are to live, properly aligned sigaction
         // values; the handler it installs is async-signal-safe (below).
@@ -107,13 +125,24 @@ fn install() -> bool {
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler;
     // for SIGBUS si_addr is the faulting address.
-    let addr = unsafe { (*info).si_addr() } as usize;
+    let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
+    // Only a synchronous fault of this very thread's access (the window it
+    // reads is then alive: the reader holds it): not a SIGBUS sent with
+    // kill or sigqueue, nor an asynchronous machine-check report.
+    let synchronous = matches!(code, BUS_ADRERR | BUS_OBJERR | BUS_MCEERR_AR);
     let mut ours = false;
-    for slot in &TABLE {
+    for slot in TABLE.iter().filter(|_| synchronous) {
+        let before = slot.seq.load(Ordering::SeqCst);
         let end = slot.end.load(Ordering::SeqCst);
         let start = slot.start.load(Ordering::SeqCst);
+        if before % 2 == 1 || slot.seq.load(Ordering::SeqCst) != before {
+            // Being changed: not the faulting thread's window, which is
+            // registered and stays so while it is read.
+            continue;
+        }
         if end != 0 && start <= addr && addr < end {
             let page = addr & !(page_size() - 1);
+            slot.faulted.store(true, Ordering::SeqCst);
             // SAFETY: [page, end) lies inside a live window's own mapping
             // (registered before it is read, unregistered before it is
             // unmapped), which nothing else refers to; replacing it with
@@ -129,7 +158,6 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
                 )
             };
             if p != libc::MAP_FAILED {
-                slot.faulted.store(true, Ordering::SeqCst);
                 ours = true;
             }
         }
@@ -141,13 +169,20 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
         Some(Ok(PreviousAction(old))) => {
             let h = old.sa_sigaction;
             if h == libc::SIG_DFL || h == libc::SIG_IGN {
-                // Back to the default action; returning retries the access,
-                // which faults again and ends the process as it would have.
+                // Back to the default action. For a fault, returning retries
+                // the access, which faults again and ends the process as it
+                // would have; a sent SIGBUS is raised again (delivered once
+                // this handler returns) and ends it the same way.
                 // SAFETY: zeroed is a valid sigaction for SIG_DFL (0).
                 let mut dfl: libc::sigaction = unsafe { std::mem::zeroed() };
                 dfl.sa_sigaction = libc::SIG_DFL;
                 // SAFETY: a valid sigaction pointer; a null old pointer.
                 unsafe { libc::sigaction(libc::SIGBUS, &dfl, ptr::null_mut()) };
+                if !synchronous {
+                    // SAFETY: raise is async-signal-safe.
+                    unsafe { libc::raise(libc::SIGBUS) };
+                }
+                return;
             } else if old.sa_flags & libc::SA_SIGINFO != 0 {
                 // SAFETY: the previous handler was installed as an
                 // SA_SIGINFO handler with exactly this signature, and gets
@@ -159,6 +194,14 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
                 // SAFETY: a plain handler takes the signal number only.
                 let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(h) };
                 f(sig);
+            }
+            if !synchronous {
+                // A sent SIGBUS that the previous handler survived (Rust's
+                // own resets SIGBUS to the default and returns): keep the
+                // guard in place for the faults that matter.
+                let act = our_action();
+                // SAFETY: a valid sigaction pointer; a null old pointer.
+                unsafe { libc::sigaction(libc::SIGBUS, &act, ptr::null_mut()) };
             }
         }
         // Not reachable (we are only installed after PREVIOUS is set), but
@@ -252,14 +295,17 @@ impl Window {
             )
         };
         if map == libc::MAP_FAILED {
-            let e = std::io::Error::last_os_error();
+            // Not mappable here (a file system without mmap, the map count
+            // or address space exhausted): the caller reads with pread.
             TABLE[slot].taken.store(false, Ordering::SeqCst);
-            return Err(e);
+            return Ok(None);
         }
         let s = &TABLE[slot];
         s.faulted.store(false, Ordering::SeqCst);
+        s.seq.fetch_add(1, Ordering::SeqCst);
         s.start.store(map as usize, Ordering::SeqCst);
         s.end.store(map as usize + map_len, Ordering::SeqCst);
+        s.seq.fetch_add(1, Ordering::SeqCst);
         Ok(Some(Window {
             map,
             map_len,
@@ -293,8 +339,10 @@ impl Drop for Window {
         let s = &TABLE[self.slot];
         // Unregister before unmapping, so the handler can never match an
         // address range that has been handed to another mapping.
+        s.seq.fetch_add(1, Ordering::SeqCst);
         s.end.store(0, Ordering::SeqCst);
         s.start.store(0, Ordering::SeqCst);
+        s.seq.fetch_add(1, Ordering::SeqCst);
         // SAFETY: map/map_len are exactly what mmap returned; no slice from
         // `bytes` outlives self.
         unsafe { libc::munmap(self.map, self.map_len) };
@@ -353,6 +401,47 @@ mod tests {
         let w = Window::map(&f, 0, 1 << 20).unwrap().unwrap();
         assert_eq!(w.bytes(), &data[..1 << 20]);
         assert!(!w.faulted());
+    }
+
+    /// A SIGBUS sent to the process (not a fault) does not take the guard
+    /// away: a truncation read afterwards is still caught. Runs itself as a
+    /// child process, since the sent signal may end it (the test says how).
+    #[test]
+    fn a_sent_sigbus_leaves_the_guard_in_place() {
+        const CHILD: &str = "CCNODE_SIGBUS_SENT_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            let (_d, path, _) = file_of(1 << 20);
+            let f = File::open(&path).unwrap();
+            drop(Window::map(&f, 0, 4096).unwrap().unwrap());
+            // SAFETY: raise has no preconditions; the handler chains it.
+            unsafe { libc::raise(libc::SIGBUS) };
+            let w = Window::map(&f, 0, 1 << 20).unwrap().unwrap();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(0)
+                .unwrap();
+            let sum: u64 = w.bytes().iter().map(|&b| u64::from(b)).sum();
+            println!("guarded sum {sum} faulted {}", w.faulted());
+            std::process::exit(0);
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "oms::mapped::tests::a_sent_sigbus_leaves_the_guard_in_place",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("guarded sum 0 faulted true"),
+            "child: {:?} {stdout}",
+            out.status
+        );
     }
 
     /// A SIGBUS outside every window still ends the process: the guard must
