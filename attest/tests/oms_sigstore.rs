@@ -115,6 +115,109 @@ fn genuine_keyless_model_verifies_offline() {
         model.signer
     );
     assert!(model.signer.contains("598151086"), "{}", model.signer);
+    // Its RFC 3161 timestamp (sigstore-tsa) verified too.
+    assert!(
+        model.signer.contains("timestamped 2025-10-10T02:12:20Z"),
+        "{}",
+        model.signer
+    );
+}
+
+const TIMESTAMP: &str =
+    "/verificationMaterial/timestampVerificationData/rfc3161Timestamps/0/signedTimestamp";
+
+fn genuine_timestamp() -> (Vec<u8>, Vec<u8>) {
+    let b = genuine();
+    let der = STANDARD
+        .decode(b.pointer(TIMESTAMP).unwrap().as_str().unwrap())
+        .unwrap();
+    let sig = STANDARD
+        .decode(
+            b.pointer("/dsseEnvelope/signatures/0/sig")
+                .unwrap()
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+    (der, sig)
+}
+
+#[test]
+fn the_genuine_rfc3161_timestamp_verifies_and_every_byte_of_it_matters() {
+    let root = root_from(&production_root_json()).unwrap();
+    let (der, sig) = genuine_timestamp();
+    let at = root.verify_timestamp(&der, &sig).unwrap();
+    assert_eq!(
+        at.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(),
+        1_760_062_340
+    );
+    // Over another signature: refused.
+    let mut other = sig.clone();
+    other[10] ^= 1;
+    assert!(root.verify_timestamp(&der, &other).is_err());
+    // Every byte flipped, one at a time: refused.
+    for at in 0..der.len() {
+        let mut t = der.clone();
+        t[at] ^= 0x01;
+        assert!(
+            root.verify_timestamp(&t, &sig).is_err(),
+            "timestamp byte {at} of {} flipped: accepted",
+            der.len()
+        );
+    }
+    // Truncated anywhere, or with trailing bytes: refused.
+    for len in 0..der.len() {
+        assert!(root.verify_timestamp(&der[..len], &sig).is_err(), "{len}");
+    }
+    let mut long = der.clone();
+    long.push(0);
+    assert!(root.verify_timestamp(&long, &sig).is_err());
+}
+
+#[test]
+fn timestamps_need_an_authority_and_a_valid_certificate_at_their_time() {
+    let b = genuine();
+    let p = production_policy();
+    // A broken timestamp is no time source and is set aside, as the
+    // reference does: the log's time still proves the signature.
+    let broken = edit_b64(&b, TIMESTAMP, |t| {
+        let n = t.len();
+        t[n - 5] ^= 1
+    });
+    let signer = check(&broken, &p).unwrap();
+    assert!(!signer.contains("timestamped"), "{signer}");
+    // Timestamps and a trust root without timestamp authorities: refused.
+    let mut root = production_root_json();
+    root["timestampAuthorities"] = Value::Array(vec![]);
+    let no_tsa = policy(root_from(&root).unwrap(), ID, ISSUER);
+    assert!(matches!(check(&b, &no_tsa), Err(OmsError::Timestamp(_))));
+    // The same bundle without its timestamps verifies under that root.
+    let bare = edited(&b, "/verificationMaterial", |m| {
+        m.as_object_mut()
+            .unwrap()
+            .remove("timestampVerificationData");
+    });
+    check(&bare, &no_tsa).unwrap();
+    // An authority whose window in the trust root ends before the
+    // timestamp: the timestamp does not verify, and is set aside.
+    let mut root = production_root_json();
+    root["timestampAuthorities"][0]["validFor"]["end"] = Value::from("2025-10-10T02:12:20Z");
+    let root = root_from(&root).unwrap();
+    let (der, sig) = genuine_timestamp();
+    assert!(matches!(
+        root.verify_timestamp(&der, &sig),
+        Err(OmsError::Timestamp(m)) if m.contains("outside")
+    ));
+    // Duplicates, and more than 32, are refused when the bundle is read.
+    let dup = edited(
+        &b,
+        "/verificationMaterial/timestampVerificationData/rfc3161Timestamps",
+        |t| {
+            let first = t[0].clone();
+            t.as_array_mut().unwrap().push(first);
+        },
+    );
+    assert!(matches!(check(&dup, &p), Err(OmsError::Bundle(_))));
 }
 
 #[test]
@@ -507,7 +610,14 @@ impl Instance {
         }
     }
 
-    fn ours(&self, model: &Path, sig: &Path, identity: &str, issuer: &str) -> Result<(), OmsError> {
+    /// ccnode's verdict: the signer it reports, or why it refused.
+    fn ours(
+        &self,
+        model: &Path,
+        sig: &Path,
+        identity: &str,
+        issuer: &str,
+    ) -> Result<String, OmsError> {
         // The client trust config form, as the reference takes it.
         let root = TrustedRoot::load(&self.dir.join("trust_config.json")).unwrap();
         oms::verify_model(
@@ -516,7 +626,7 @@ impl Instance {
             &policy(root, identity, issuer),
             &VerifyOptions::new("m"),
         )
-        .map(|_| ())
+        .map(|m| m.signer)
     }
 }
 
@@ -532,7 +642,11 @@ fn private_instance_verdicts_agree_with_the_reference() {
     let cert: Kind = |e| matches!(e, OmsError::Certificate(_));
     let log: Kind = |e| matches!(e, OmsError::TransparencyLog(_));
     let sig: Kind = |e| matches!(e, OmsError::BadSignature);
-    let cases: [(&str, Option<Kind>); 13] = [
+    let ts: Kind = |e| matches!(e, OmsError::Timestamp(_));
+    // RFC 3161 timestamps come from OpenSSL's TSA. One that does not verify
+    // (another TSA, other bytes) is set aside by both, so the log's time
+    // still carries those; a verified one after the leaf expired is refused.
+    let cases: [(&str, Option<Kind>); 17] = [
         ("ok", None),
         ("expired", Some(cert)),
         ("not_yet_valid", Some(cert)),
@@ -546,6 +660,10 @@ fn private_instance_verdicts_agree_with_the_reference() {
         ("body_mismatch", Some(log)),
         ("wrong_payload_hash", Some(log)),
         ("wrong_key", Some(sig)),
+        ("tsa", None),
+        ("tsa_untrusted", None),
+        ("tsa_other_message", None),
+        ("tsa_after_expiry", Some(ts)),
     ];
     for (variant, expected) in cases {
         let s = tmp.path().join(format!("{variant}.sig"));
@@ -554,8 +672,14 @@ fn private_instance_verdicts_agree_with_the_reference() {
         let reference = inst.reference(&model, &s, ALICE, TEST_ISSUER, false);
         match expected {
             None => {
-                ours.unwrap_or_else(|e| panic!("{variant}: ccnode refused: {e}"));
+                let signer = ours.unwrap_or_else(|e| panic!("{variant}: ccnode refused: {e}"));
                 reference.unwrap_or_else(|e| panic!("{variant}: reference refused: {e}"));
+                // Only the instance's own timestamp counts as a time.
+                assert_eq!(
+                    signer.contains("timestamped"),
+                    variant == "tsa",
+                    "{variant}: {signer}"
+                );
             }
             Some(kind) => {
                 let e = ours.expect_err(variant);

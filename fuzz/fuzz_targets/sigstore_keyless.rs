@@ -37,12 +37,13 @@ fuzz_target!(|data: &[u8]| {
     let Material::Keyless {
         certificate,
         entries,
+        timestamps,
     } = &bundle.material
     else {
         return;
     };
     let message = pae(&bundle.payload_type, &bundle.payload);
-    match sigstore::verify(&bundle, certificate, entries, production(), &message) {
+    match sigstore::verify(&bundle, certificate, entries, timestamps, production(), &message) {
         Ok(who) => {
             let genuine = Bundle::parse(GENUINE).expect("the fixture parses");
             let Material::Keyless {
@@ -63,7 +64,10 @@ fuzz_target!(|data: &[u8]| {
         Err(e) => assert!(
             matches!(
                 e,
-                OmsError::TransparencyLog(_) | OmsError::Certificate(_) | OmsError::BadSignature
+                OmsError::TransparencyLog(_)
+                    | OmsError::Timestamp(_)
+                    | OmsError::Certificate(_)
+                    | OmsError::BadSignature
             ),
             "{e:?}"
         ),

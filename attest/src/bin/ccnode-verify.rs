@@ -214,6 +214,7 @@ fn exit_code(err: &OmsError) -> u8 {
         | OmsError::BadSignature
         | OmsError::Certificate(_)
         | OmsError::TransparencyLog(_)
+        | OmsError::Timestamp(_)
         | OmsError::Untrusted { .. }
         | OmsError::UnsupportedMethod(_) => 3,
         OmsError::Io { .. }

@@ -33,8 +33,17 @@ pub enum Material {
     Keyless {
         certificate: Vec<u8>,
         entries: Vec<TlogEntry>,
+        /// RFC 3161 timestamp responses (DER) over the signature, from
+        /// `timestampVerificationData` (checked in [`super::tsa`]).
+        timestamps: Vec<Vec<u8>>,
     },
 }
+
+/// Most RFC 3161 timestamps accepted in a bundle (the reference verifier's
+/// and sigstore-go's limit).
+pub const MAX_TIMESTAMPS: usize = 32;
+/// Largest RFC 3161 timestamp response accepted (decoded).
+pub const MAX_TIMESTAMP: usize = 16 << 10;
 
 /// Most transparency-log entries accepted in a bundle.
 pub const MAX_TLOG_ENTRIES: usize = 8;
@@ -105,6 +114,20 @@ struct RawMaterial {
     certificate: Option<RawCertificate>,
     #[serde(default)]
     tlog_entries: Vec<RawTlogEntry>,
+    timestamp_verification_data: Option<RawTimestamps>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawTimestamps {
+    #[serde(default)]
+    rfc3161_timestamps: Vec<RawTimestamp>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawTimestamp {
+    signed_timestamp: String,
 }
 
 #[derive(Deserialize)]
@@ -367,14 +390,35 @@ impl Bundle {
                     .collect::<Result<Vec<_>, _>>()?;
                 Material::CertificateChain(certs)
             }
-            (None, None, Some(cert)) => Material::Keyless {
-                certificate: b64("certificate", &cert.raw_bytes)?,
-                entries: vm
-                    .tlog_entries
-                    .into_iter()
-                    .map(RawTlogEntry::decode)
-                    .collect::<Result<_, _>>()?,
-            },
+            (None, None, Some(cert)) => {
+                let raw_ts = vm
+                    .timestamp_verification_data
+                    .map(|t| t.rfc3161_timestamps)
+                    .unwrap_or_default();
+                if raw_ts.len() > MAX_TIMESTAMPS {
+                    return Err(bad("too many RFC 3161 timestamps"));
+                }
+                let mut timestamps: Vec<Vec<u8>> = Vec::with_capacity(raw_ts.len());
+                for t in &raw_ts {
+                    if t.signed_timestamp.len() > MAX_TIMESTAMP * 4 / 3 + 4 {
+                        return Err(bad("RFC 3161 timestamp too large"));
+                    }
+                    let der = b64("signed timestamp", &t.signed_timestamp)?;
+                    if timestamps.contains(&der) {
+                        return Err(bad("duplicate RFC 3161 timestamp"));
+                    }
+                    timestamps.push(der);
+                }
+                Material::Keyless {
+                    certificate: b64("certificate", &cert.raw_bytes)?,
+                    entries: vm
+                        .tlog_entries
+                        .into_iter()
+                        .map(RawTlogEntry::decode)
+                        .collect::<Result<_, _>>()?,
+                    timestamps,
+                }
+            }
             _ => return Err(bad("verification material must hold exactly one of publicKey, x509CertificateChain, certificate")),
         };
         Ok(Bundle {

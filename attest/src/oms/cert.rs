@@ -86,7 +86,7 @@ pub(crate) fn extension<'a, T: Decode<'a>>(
         .map_err(|e| refuse(format!("malformed extension {oid}: {e}")))
 }
 
-fn check_validity(cert: &Certificate, now: SystemTime) -> Result<(), OmsError> {
+pub(crate) fn check_validity(cert: &Certificate, now: SystemTime) -> Result<(), OmsError> {
     let v = &cert.tbs_certificate.validity;
     if now < v.not_before.to_system_time() {
         return Err(refuse(format!(
@@ -103,7 +103,7 @@ fn check_validity(cert: &Certificate, now: SystemTime) -> Result<(), OmsError> {
     Ok(())
 }
 
-fn key_of(cert: &Certificate) -> Result<PublicKey, OmsError> {
+pub(crate) fn key_of(cert: &Certificate) -> Result<PublicKey, OmsError> {
     let der = cert
         .tbs_certificate
         .subject_public_key_info

@@ -41,6 +41,7 @@ pub mod policy;
 pub mod safetensors;
 pub mod sign;
 pub mod sigstore;
+mod tsa;
 pub mod walk;
 
 use std::fs::File;
@@ -98,6 +99,11 @@ pub enum OmsError {
     /// checkpoint, or a body about another signature).
     #[error("transparency log entry refused: {0}")]
     TransparencyLog(String),
+    /// A keyless signature's RFC 3161 timestamps cannot be used: more or
+    /// other than the trust root allows, or a verified timestamp at which
+    /// the signing certificate was not valid.
+    #[error("timestamp refused: {0}")]
+    Timestamp(String),
     /// No trust policy entry covers this model and signer.
     #[error("no trust policy entry allows signer {signer} for model {model}")]
     Untrusted { model: String, signer: String },
@@ -160,6 +166,7 @@ impl OmsError {
             OmsError::BadSignature => "bad_signature",
             OmsError::Certificate(_) => "certificate",
             OmsError::TransparencyLog(_) => "transparency_log",
+            OmsError::Timestamp(_) => "timestamp",
             OmsError::Untrusted { .. } => "untrusted",
             OmsError::UnsupportedMethod(_) => "unsupported_method",
             OmsError::Symlink(_) => "symlink",

@@ -333,6 +333,7 @@ impl TrustPolicy {
             Material::Keyless {
                 certificate,
                 entries,
+                timestamps,
             } => {
                 let with_root: Vec<(&TrustedRoot, &[Identity])> = applicable
                     .iter()
@@ -350,15 +351,23 @@ impl TrustPolicy {
                 }
                 let mut last = None;
                 for (root, allowed) in with_root {
-                    match sigstore::verify(bundle, certificate, entries, root, &message) {
+                    match sigstore::verify(bundle, certificate, entries, timestamps, root, &message)
+                    {
                         Ok(who) => {
-                            let signer = format!(
+                            let mut signer = format!(
                                 "sigstore {} ({}), {} entry {}",
                                 who.identities.join(", "),
                                 who.issuer,
                                 who.log_url,
                                 who.log_index
                             );
+                            for t in &who.timestamps {
+                                let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(*t);
+                                signer.push_str(&format!(
+                                    ", timestamped {}",
+                                    humantime::format_rfc3339_seconds(at)
+                                ));
+                            }
                             if allowed.iter().any(|a| {
                                 a.issuer == who.issuer && who.identities.contains(&a.identity)
                             }) {

@@ -23,10 +23,16 @@
 //!    issuer extension, which the trust policy matches as pairs;
 //! 4. the DSSE signature over the payload with the certificate's key.
 //!
-//! Not done: RFC 3161 timestamps (`timestampVerificationData`) are not
-//! verified and never count as a time source; Rekor v2 entries and Ed25519
-//! log keys are refused; certificate revocation does not exist in Sigstore
-//! and is not checked.
+//! 5. RFC 3161 timestamps (`timestampVerificationData`, [`super::tsa`]):
+//!    a bundle with any needs timestamp authorities in the trust root; each
+//!    that verifies against one of them is a time the certificate must
+//!    also have been valid at (as sigstore-python: one that does not verify
+//!    is set aside, not refused; the log's integrated time stays required).
+//!
+//! Not done: Rekor v2 entries and Ed25519 log keys are refused (the
+//! production signing configuration names Rekor v1 only; v2 is on the
+//! staging instance); RSA timestamp authorities are refused; certificate
+//! revocation does not exist in Sigstore and is not checked.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -63,7 +69,7 @@ const OID_ISSUER_V1: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.4.
 
 /// A validity window from the trust root (`validFor`); an absent end is open.
 #[derive(Debug, Clone, Copy, Default)]
-struct Window {
+pub(crate) struct Window {
     start: Option<SystemTime>,
     end: Option<SystemTime>,
 }
@@ -71,6 +77,12 @@ struct Window {
 impl Window {
     fn covers(&self, t: SystemTime) -> bool {
         self.start.is_none_or(|s| t >= s) && self.end.is_none_or(|e| t <= e)
+    }
+
+    /// As `covers`, the end excluded (how sigstore-python reads a timestamp
+    /// authority's window).
+    pub(crate) fn covers_half_open(&self, t: SystemTime) -> bool {
+        self.start.is_none_or(|s| t >= s) && self.end.is_none_or(|e| t < e)
     }
 }
 
@@ -85,12 +97,13 @@ struct LogKey {
     url: String,
 }
 
-/// A certificate authority: its chain, issuing certificate first, root last.
+/// A certificate or timestamp authority: its chain, issuing (or signing)
+/// certificate first, root last.
 #[derive(Debug, Clone)]
-struct Authority {
-    chain: Vec<Certificate>,
-    chain_der: Vec<Vec<u8>>,
-    window: Window,
+pub(crate) struct Authority {
+    pub(crate) chain: Vec<Certificate>,
+    pub(crate) chain_der: Vec<Vec<u8>>,
+    pub(crate) window: Window,
 }
 
 /// A Sigstore trust root: the CAs, transparency logs and CT logs trusted.
@@ -99,6 +112,8 @@ pub struct TrustedRoot {
     tlogs: Vec<LogKey>,
     ctlogs: Vec<LogKey>,
     authorities: Vec<Authority>,
+    /// RFC 3161 timestamp authorities (may be none).
+    tsas: Vec<Authority>,
 }
 
 /// Who signed, as a verified keyless bundle says.
@@ -113,6 +128,9 @@ pub struct KeylessSigner {
     /// The entry's index in the log, and the log's URL.
     pub log_index: u64,
     pub log_url: String,
+    /// The times (seconds since the epoch) of the RFC 3161 timestamps that
+    /// verified.
+    pub timestamps: Vec<u64>,
 }
 
 /// An identity a policy allows to sign keyless: the certificate's SAN and
@@ -135,6 +153,8 @@ struct RawTrustFile {
     ctlogs: Vec<RawLog>,
     #[serde(default)]
     certificate_authorities: Vec<RawAuthority>,
+    #[serde(default)]
+    timestamp_authorities: Vec<RawAuthority>,
     // A client trust config:
     trusted_root: Option<Box<RawTrustFile>>,
 }
@@ -251,7 +271,12 @@ impl TrustedRoot {
                 raw.media_type.chars().take(80).collect::<String>()
             ));
         }
-        if raw.tlogs.len() + raw.ctlogs.len() + raw.certificate_authorities.len() > MAX_ROOT_ITEMS {
+        if raw.tlogs.len()
+            + raw.ctlogs.len()
+            + raw.certificate_authorities.len()
+            + raw.timestamp_authorities.len()
+            > MAX_ROOT_ITEMS
+        {
             return Err("too many logs or authorities".into());
         }
         let tlogs = raw
@@ -264,26 +289,16 @@ impl TrustedRoot {
             .iter()
             .map(|l| log_key(l, "ctlog"))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut authorities = Vec::new();
-        for ca in &raw.certificate_authorities {
-            let certs = &ca.cert_chain.certificates;
-            if certs.is_empty() || certs.len() > super::bundle::MAX_CHAIN {
-                return Err("certificate authority chain length out of range".into());
-            }
-            let chain_der = certs
-                .iter()
-                .map(|c| b64("certificate authority", &c.raw_bytes).map_err(|e| e.to_string()))
-                .collect::<Result<Vec<_>, _>>()?;
-            let chain = chain_der
-                .iter()
-                .map(|d| cert::parse(d))
-                .collect::<Result<Vec<_>, _>>()?;
-            authorities.push(Authority {
-                chain,
-                chain_der,
-                window: window(ca.valid_for.as_ref(), "certificate authority")?,
-            });
-        }
+        let authorities = raw
+            .certificate_authorities
+            .iter()
+            .map(|ca| authority(ca, "certificate authority"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let tsas = raw
+            .timestamp_authorities
+            .iter()
+            .map(|ca| authority(ca, "timestamp authority"))
+            .collect::<Result<Vec<_>, _>>()?;
         if tlogs.is_empty() || ctlogs.is_empty() || authorities.is_empty() {
             return Err(
                 "a trust root for keyless signatures needs tlogs, ctlogs and certificateAuthorities"
@@ -294,7 +309,14 @@ impl TrustedRoot {
             tlogs,
             ctlogs,
             authorities,
+            tsas,
         })
+    }
+
+    /// Verifies one RFC 3161 timestamp response (DER) over `signature`
+    /// against this root's timestamp authorities; the time it vouches for.
+    pub fn verify_timestamp(&self, der: &[u8], signature: &[u8]) -> Result<SystemTime, OmsError> {
+        super::tsa::verify(der, signature, &self.tsas).map_err(OmsError::Timestamp)
     }
 
     /// Loads a trust root file.
@@ -305,6 +327,26 @@ impl TrustedRoot {
             reason,
         })
     }
+}
+
+fn authority(ca: &RawAuthority, what: &str) -> Result<Authority, String> {
+    let certs = &ca.cert_chain.certificates;
+    if certs.is_empty() || certs.len() > super::bundle::MAX_CHAIN {
+        return Err(format!("{what} chain length out of range"));
+    }
+    let chain_der = certs
+        .iter()
+        .map(|c| b64(what, &c.raw_bytes).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let chain = chain_der
+        .iter()
+        .map(|d| cert::parse(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Authority {
+        chain,
+        chain_der,
+        window: window(ca.valid_for.as_ref(), what)?,
+    })
 }
 
 fn log_err(reason: impl Into<String>) -> OmsError {
@@ -330,6 +372,7 @@ pub fn verify(
     bundle: &Bundle,
     certificate: &[u8],
     entries: &[TlogEntry],
+    timestamps: &[Vec<u8>],
     root: &TrustedRoot,
     message: &[u8],
 ) -> Result<KeylessSigner, OmsError> {
@@ -349,22 +392,46 @@ pub fn verify(
     let (entry, log) = logged?;
     let at = epoch(entry.integrated_time);
 
-    // The certificate, at the time the log vouches for.
-    let mut last = cert_err("no certificate authority of the trust root covers the signing time");
-    let mut chained = None;
-    for ca in root.authorities.iter().filter(|ca| ca.window.covers(at)) {
-        let mut chain = vec![certificate.to_vec()];
-        chain.extend(ca.chain_der[..ca.chain_der.len() - 1].iter().cloned());
-        let anchor = &ca.chain[ca.chain.len() - 1..];
-        match cert::verify_chain(&chain, anchor, at) {
-            Ok(signing) => {
-                chained = Some((signing, ca));
-                break;
-            }
-            Err(e) => last = e,
-        }
+    // RFC 3161 timestamps, as sigstore-python reads them: a bundle with
+    // timestamps needs a trust root with timestamp authorities; each
+    // timestamp that verifies is one more time the certificate must have
+    // been valid at; one that does not is no time source and is set aside.
+    if !timestamps.is_empty() && root.tsas.is_empty() {
+        return Err(OmsError::Timestamp(
+            "the bundle has RFC 3161 timestamps and the trust root no timestamp authority".into(),
+        ));
     }
-    let (signing, ca) = chained.ok_or(last)?;
+    let tsa_times: Vec<SystemTime> = timestamps
+        .iter()
+        .filter_map(|t| super::tsa::verify(t, &bundle.signature, &root.tsas).ok())
+        .collect();
+
+    // The certificate, at the time the log vouches for.
+    let chain_at = |at: SystemTime| {
+        let mut last =
+            cert_err("no certificate authority of the trust root covers the signing time");
+        for ca in root.authorities.iter().filter(|ca| ca.window.covers(at)) {
+            let mut chain = vec![certificate.to_vec()];
+            chain.extend(ca.chain_der[..ca.chain_der.len() - 1].iter().cloned());
+            let anchor = &ca.chain[ca.chain.len() - 1..];
+            match cert::verify_chain(&chain, anchor, at) {
+                Ok(signing) => return Ok((signing, ca)),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    };
+    let (signing, ca) = chain_at(at)?;
+    // And at every time a timestamp authority vouches for.
+    for &t in &tsa_times {
+        chain_at(t).map_err(|e| {
+            OmsError::Timestamp(format!(
+                "the signing certificate was not valid at the time of a verified timestamp \
+                 ({}): {e}",
+                humantime::format_rfc3339_seconds(t)
+            ))
+        })?;
+    }
     // Fulcio issues both; Sigstore's clients require both.
     let eku = cert::extension::<ExtendedKeyUsage>(&leaf, ID_CE_EXT_KEY_USAGE)?;
     if !eku.is_some_and(|e| e.0.contains(&ID_KP_CODE_SIGNING)) {
@@ -394,6 +461,10 @@ pub fn verify(
         integrated_time: entry.integrated_time,
         log_index: entry.log_index,
         log_url: log.url.clone(),
+        timestamps: tsa_times
+            .iter()
+            .map(|t| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+            .collect(),
     })
 }
 

@@ -10,7 +10,8 @@ judge them.
 instance OUT
     Creates the directory OUT: fulcio_root.{pem,key}, fulcio_intermediate.
     {pem,key} (both ECDSA P-384, valid 2020-2040), ctlog.{pub,key} and
-    rekor.{pub,key} (ECDSA P-256), trusted_root.json and trust_config.json
+    rekor.{pub,key} (ECDSA P-256), a timestamp authority tsa_root.pem and
+    tsa.{pem,key} (ECDSA P-384), trusted_root.json and trust_config.json
     (a ClientTrustConfig with that trusted root and a signing config that
     names test URLs; nothing is ever contacted).
 
@@ -46,6 +47,14 @@ sign INSTANCE MODEL_DIR SIG_OUT --identity ID --issuer ISSUER
       wrong_key          the DSSE envelope is signed by a key other than the
                          certificate's (the Rekor body records that
                          signature, so it is consistent)
+      tsa                an RFC 3161 timestamp over the signature from the
+                         instance's timestamp authority (OpenSSL's TSA,
+                         `openssl ts -reply`, at the current time; T is then
+                         now minus 60 s, unless --time says otherwise)
+      tsa_untrusted      the timestamp is by a TSA not in the trust root
+      tsa_other_message  the timestamp is over other bytes
+      tsa_after_expiry   a valid timestamp at a time the leaf has expired
+                         (T stays now minus one hour)
 
 verify INSTANCE MODEL_DIR SIG --identity ID --issuer ISSUER [--api]
     Runs the reference CLI: model_signing verify sigstore --trust_config
@@ -121,6 +130,24 @@ VARIANTS = (
     "body_mismatch",
     "wrong_payload_hash",
     "wrong_key",
+    "tsa",
+    "tsa_untrusted",
+    "tsa_other_message",
+    "tsa_after_expiry",
+)
+
+TSA_URL = "https://tsa.test/api/v1/timestamp"
+TSA_ROOT_NAME = x509.Name(
+    [
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "sigstore.test"),
+        x509.NameAttribute(NameOID.COMMON_NAME, "tsa-root"),
+    ]
+)
+TSA_NAME = x509.Name(
+    [
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "sigstore.test"),
+        x509.NameAttribute(NameOID.COMMON_NAME, "tsa"),
+    ]
 )
 
 
@@ -264,6 +291,78 @@ def make_ca():
     return root_key, root, inter_key, inter
 
 
+def make_tsa():
+    """A timestamp authority: a root and a signing certificate (P-384),
+    the signer with a critical extended key usage of timeStamping alone,
+    as OpenSSL's TSA insists."""
+    root_key = ec.generate_private_key(ec.SECP384R1())
+    key = ec.generate_private_key(ec.SECP384R1())
+    usage = dict(
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    root = (
+        x509.CertificateBuilder()
+        .subject_name(TSA_ROOT_NAME)
+        .issuer_name(TSA_ROOT_NAME)
+        .public_key(root_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(CA_NOT_BEFORE)
+        .not_valid_after(CA_NOT_AFTER)
+        .add_extension(
+            x509.KeyUsage(digital_signature=False, key_cert_sign=True, crl_sign=True, **usage),
+            critical=True,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(root_key, hashes.SHA384())
+    )
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(TSA_NAME)
+        .issuer_name(TSA_ROOT_NAME)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(CA_NOT_BEFORE)
+        .not_valid_after(CA_NOT_AFTER)
+        .add_extension(
+            x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False, **usage),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.TIME_STAMPING]), critical=True)
+        .sign(root_key, hashes.SHA384())
+    )
+    return root, key, leaf
+
+
+def openssl_timestamp(work, key, leaf, message):
+    """An RFC 3161 TimeStampResp over sha256(message), made by OpenSSL's own
+    TSA (`openssl ts -reply`) with `key`/`leaf`, at the current time."""
+    work = pathlib.Path(work)
+    write_key(work / "tsa.key", key)
+    write_cert(work / "tsa.pem", leaf)
+    (work / "serial").write_text("01\n")
+    (work / "tsa.cnf").write_text(
+        "[ tsa ]\ndefault_tsa = t\n[ t ]\n"
+        f"serial = {work / 'serial'}\n"
+        "signer_digest = sha256\ndefault_policy = 1.3.6.1.4.1.57264.2\n"
+        "digests = sha256, sha384, sha512\naccuracy = secs:1\nordering = no\n"
+        "tsa_name = no\ness_cert_id_chain = no\ness_cert_id_alg = sha256\n"
+    )
+    digest = hashlib.sha256(message).hexdigest()
+    run = lambda *a: subprocess.run(["openssl", "ts", *a], check=True, capture_output=True)
+    run("-query", "-digest", digest, "-sha256", "-cert", "-no_nonce", "-out", str(work / "q.tsq"))
+    run(
+        "-reply", "-queryfile", str(work / "q.tsq"), "-signer", str(work / "tsa.pem"),
+        "-inkey", str(work / "tsa.key"), "-config", str(work / "tsa.cnf"),
+        "-out", str(work / "r.tsr"),
+    )
+    return (work / "r.tsr").read_bytes()
+
+
 def public_key_json(key):
     return {
         "rawBytes": b64(spki_der(key)),
@@ -286,6 +385,10 @@ def cmd_instance(out):
     write_pub(out / "ctlog.pub", ct_key.public_key())
     write_key(out / "rekor.key", rekor_key)
     write_pub(out / "rekor.pub", rekor_key.public_key())
+    tsa_root, tsa_key, tsa_leaf = make_tsa()
+    write_cert(out / "tsa_root.pem", tsa_root)
+    write_key(out / "tsa.key", tsa_key)
+    write_cert(out / "tsa.pem", tsa_leaf)
 
     trusted_root = {
         "mediaType": "application/vnd.dev.sigstore.trustedroot+json;version=0.1",
@@ -315,7 +418,19 @@ def cmd_instance(out):
                 "logId": {"keyId": b64(key_id(ct_key.public_key()))},
             }
         ],
-        "timestampAuthorities": [],
+        "timestampAuthorities": [
+            {
+                "subject": {"organization": "sigstore.test", "commonName": "tsa"},
+                "uri": TSA_URL,
+                "certChain": {
+                    "certificates": [
+                        {"rawBytes": b64(der(tsa_leaf))},
+                        {"rawBytes": b64(der(tsa_root))},
+                    ]
+                },
+                "validFor": {"start": START},
+            }
+        ],
     }
 
     def service(url):
@@ -331,7 +446,7 @@ def cmd_instance(out):
         "caUrls": [service(FULCIO_URL)],
         "oidcUrls": [service(OIDC_URL)],
         "rekorTlogUrls": [service(REKOR_URL)],
-        "tsaUrls": [],
+        "tsaUrls": [service(TSA_URL)],
         "rekorTlogConfig": {"selector": "ANY"},
         "tsaConfig": {"selector": "ANY"},
     }
@@ -599,6 +714,10 @@ def cmd_sign(args):
 
     if args.time is not None:
         t = datetime.datetime.fromtimestamp(int(args.time), tz=UTC)
+    elif v.startswith("tsa") and v != "tsa_after_expiry":
+        # OpenSSL's TSA stamps the current time: sign just before it, so
+        # that the timestamp falls inside the leaf's ten minutes.
+        t = datetime.datetime.now(UTC).replace(microsecond=0) - datetime.timedelta(seconds=60)
     else:
         t = datetime.datetime.now(UTC).replace(microsecond=0) - datetime.timedelta(hours=1)
     integrated_time = int(t.timestamp()) + 1
@@ -644,12 +763,23 @@ def cmd_sign(args):
     body = rekor_body(payload, envelope_submitted_json(envelope), body_sig, cert, payload_hash)
     entry = log_entry(rekor_key, body, integrated_time, v, args.log_index_offset)
 
+    timestamps = {}
+    if v.startswith("tsa"):
+        tsa_key, tsa_leaf = read_key(inst / "tsa.key"), read_cert(inst / "tsa.pem")
+        if v == "tsa_untrusted":
+            _, tsa_key, tsa_leaf = make_tsa()
+        message = base64.b64decode(sig_b64)
+        if v == "tsa_other_message":
+            message = b"not this signature: " + message
+        with tempfile.TemporaryDirectory() as work:
+            tsr = openssl_timestamp(work, tsa_key, tsa_leaf, message)
+        timestamps = {"rfc3161Timestamps": [{"signedTimestamp": b64(tsr)}]}
     bundle = {
         "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
         "verificationMaterial": {
             "certificate": {"rawBytes": b64(der(cert))},
             "tlogEntries": [entry],
-            "timestampVerificationData": {},
+            "timestampVerificationData": timestamps,
         },
         "dsseEnvelope": envelope,
     }
