@@ -1,6 +1,6 @@
-//! Sigstore keyless verification: `oms::sigstore::TrustedRoot::parse` on
-//! arbitrary bytes, and `oms::sigstore::verify` on any bundle that parses as
-//! keyless, against the production trust root (the test fixture). The
+//! Sigstore keyless verification: `oms::sigstore::TrustedRoot::parse` and
+//! `TrustedRoot::verify_timestamp` (RFC 3161) on arbitrary bytes, and
+//! `oms::sigstore::verify` on any bundle that parses as keyless, against the production trust root (the test fixture). The
 //! second reaches the parsers of the log entry body, the checkpoint, the
 //! certificate's SCT list and its identity extensions with attacker bytes.
 //!
@@ -31,6 +31,8 @@ fn production() -> &'static TrustedRoot {
 
 fuzz_target!(|data: &[u8]| {
     let _ = TrustedRoot::parse(data);
+    // The RFC 3161 reader, on the raw bytes as a timestamp response.
+    let _ = production().verify_timestamp(data, b"signature");
     let Ok(bundle) = Bundle::parse(data) else {
         return;
     };
