@@ -119,6 +119,15 @@ fn install() -> bool {
     r.is_ok()
 }
 
+/// Puts SIGBUS back to its default action (async-signal-safe).
+fn default_action() {
+    // SAFETY: zeroed is a valid sigaction for SIG_DFL (0).
+    let mut dfl: libc::sigaction = unsafe { std::mem::zeroed() };
+    dfl.sa_sigaction = libc::SIG_DFL;
+    // SAFETY: a valid sigaction pointer; a null old pointer.
+    unsafe { libc::sigaction(libc::SIGBUS, &dfl, ptr::null_mut()) };
+}
+
 /// The `SIGBUS` handler. Async-signal-safe: it reads and writes atomics,
 /// calls `mmap` (a plain system call on Linux) and `sigaction`, and calls the
 /// previous handler; it allocates nothing and takes no lock.
@@ -173,11 +182,7 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
                 // the access, which faults again and ends the process as it
                 // would have; a sent SIGBUS is raised again (delivered once
                 // this handler returns) and ends it the same way.
-                // SAFETY: zeroed is a valid sigaction for SIG_DFL (0).
-                let mut dfl: libc::sigaction = unsafe { std::mem::zeroed() };
-                dfl.sa_sigaction = libc::SIG_DFL;
-                // SAFETY: a valid sigaction pointer; a null old pointer.
-                unsafe { libc::sigaction(libc::SIGBUS, &dfl, ptr::null_mut()) };
+                default_action();
                 if !synchronous {
                     // SAFETY: raise is async-signal-safe.
                     unsafe { libc::raise(libc::SIGBUS) };
@@ -206,13 +211,7 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
         }
         // Not reachable (we are only installed after PREVIOUS is set), but
         // fail the same way as the default action would.
-        _ => {
-            // SAFETY: as above.
-            let mut dfl: libc::sigaction = unsafe { std::mem::zeroed() };
-            dfl.sa_sigaction = libc::SIG_DFL;
-            // SAFETY: as above.
-            unsafe { libc::sigaction(libc::SIGBUS, &dfl, ptr::null_mut()) };
-        }
+        _ => default_action(),
     }
 }
 
@@ -366,6 +365,27 @@ mod tests {
         (dir, path, data)
     }
 
+    /// Truncates the file at `path` through another open file description,
+    /// as another process would.
+    fn shrink(path: &std::path::Path, len: u64) {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+    }
+
+    /// Runs the test `name` of this binary again as a child process with
+    /// `marker` set (the part that may end the process runs there).
+    fn in_child(name: &str, marker: &str) -> std::process::Output {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--nocapture", "--test-threads=1"])
+            .env(marker, "1")
+            .output()
+            .unwrap()
+    }
+
     #[test]
     fn window_reads_the_file_at_any_offset() {
         let (_d, path, data) = file_of(3 * 65536 + 123);
@@ -382,14 +402,7 @@ mod tests {
         let (_d, path, data) = file_of(4 << 20);
         let f = File::open(&path).unwrap();
         let w = Window::map(&f, 0, data.len()).unwrap().unwrap();
-        // Shrink it through another open file description, as another
-        // process would.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(1 << 20)
-            .unwrap();
+        shrink(&path, 1 << 20);
         let bytes = w.bytes();
         // Reading past the new end would kill the process without the guard.
         let tail_sum: u64 = bytes[2 << 20..].iter().map(|&b| u64::from(b)).sum();
@@ -416,26 +429,15 @@ mod tests {
             // SAFETY: raise has no preconditions; the handler chains it.
             unsafe { libc::raise(libc::SIGBUS) };
             let w = Window::map(&f, 0, 1 << 20).unwrap().unwrap();
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .unwrap()
-                .set_len(0)
-                .unwrap();
+            shrink(&path, 0);
             let sum: u64 = w.bytes().iter().map(|&b| u64::from(b)).sum();
             println!("guarded sum {sum} faulted {}", w.faulted());
             std::process::exit(0);
         }
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "oms::mapped::tests::a_sent_sigbus_leaves_the_guard_in_place",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD, "1")
-            .output()
-            .unwrap();
+        let out = in_child(
+            "oms::mapped::tests::a_sent_sigbus_leaves_the_guard_in_place",
+            CHILD,
+        );
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success() && stdout.contains("guarded sum 0 faulted true"),
@@ -467,27 +469,16 @@ mod tests {
                 )
             };
             assert_ne!(p, libc::MAP_FAILED);
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .unwrap()
-                .set_len(0)
-                .unwrap();
+            shrink(&path, 0);
             // SAFETY: deliberately reads a page past the end of the file.
             let b = unsafe { ptr::read_volatile((p as *const u8).add(8192)) };
             println!("read {b} without a fault");
             std::process::exit(0);
         }
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "oms::mapped::tests::a_fault_outside_any_window_still_kills",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD, "1")
-            .output()
-            .unwrap();
+        let out = in_child(
+            "oms::mapped::tests::a_fault_outside_any_window_still_kills",
+            CHILD,
+        );
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(
             out.status.signal(),
