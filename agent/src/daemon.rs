@@ -212,7 +212,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     }
     m.sandbox
         .with_label_values(&["device_cgroup"])
-        .set(i64::from(support.device_cgroup_unavailable.is_none()));
+        .set(i64::from(support.device_cgroup.is_ok()));
     // Groups that jails killed outright (SIGKILL, a crash of the host's
     // ccnoded) could not remove: empty, named after a dead jail's pid.
     for (parent, usable) in [
@@ -222,7 +222,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         ),
         (
             &config.sandbox.device_cgroup_parent,
-            support.device_cgroup_unavailable.is_none(),
+            support.device_cgroup.is_ok(),
         ),
     ] {
         if let (Some(parent), true) = (parent, usable) {
@@ -234,7 +234,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     }
     match (
         &config.sandbox.device_cgroup_parent,
-        &support.device_cgroup_unavailable,
+        support.device_cgroup_unavailable(),
     ) {
         (Some(_), Some(why)) => tracing::error!(
             reason = %why,
@@ -244,7 +244,11 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
             reason = %why,
             "workers will run without a device cgroup (Landlock and their own /dev still confine them to their devices)"
         ),
-        _ => {}
+        _ => {
+            if let Ok(kind) = &support.device_cgroup {
+                tracing::info!(?kind, "each worker gets its own device allow-list");
+            }
+        }
     }
     if !support.landlock_ok(&config.sandbox) {
         tracing::error!(

@@ -162,7 +162,7 @@ impl Metrics {
                     "What the host offers worker sandboxes: landlock_abi (the kernel's Landlock ABI), \
                      landlock_required_abi, landlock_ok (1 if workers can start under the policy), \
                      cgroup_limits (1 if workers get cgroup v2 memory and pids limits), \
-                     device_cgroup (1 if each worker gets a cgroup v1 device allow-list).",
+                     device_cgroup (1 if each worker gets its own device allow-list, v1 or v2).",
                 ),
                 &["feature"],
             )

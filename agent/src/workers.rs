@@ -19,23 +19,46 @@ pub struct HostSupport {
     pub landlock_abi: i32,
     /// Why workers get no cgroup limits, if they do not.
     pub cgroup_unavailable: Option<String>,
-    /// Why workers get no device cgroup, if they do not.
-    pub device_cgroup_unavailable: Option<String>,
+    /// How each worker's device group is enforced, or why workers get
+    /// none.
+    pub device_cgroup: Result<ccnode_sandbox::profile::DeviceCgroupKind, String>,
 }
 
 impl HostSupport {
     pub fn probe(cfg: &SandboxConfig) -> HostSupport {
+        use ccnode_sandbox::profile::DeviceCgroupKind;
+        let cgroup_unavailable = match &cfg.cgroup_parent {
+            None => Some("sandbox.cgroup_parent is not set".to_owned()),
+            Some(p) => ccnode_sandbox::cgroup::unavailable_reason(p),
+        };
+        let device_cgroup = match &cfg.device_cgroup_parent {
+            None => Err("sandbox.device_cgroup_parent is not set".to_owned()),
+            Some(p) => ccnode_sandbox::cgroup::device_cgroup_kind(p).and_then(|kind| {
+                // A process has one v2 group: with v2 limits, that group
+                // also carries the device program.
+                match (&cfg.cgroup_parent, &cgroup_unavailable) {
+                    (Some(limits), None) if kind == DeviceCgroupKind::V2 && limits != p => {
+                        Err(format!(
+                            "{} is cgroup v2, where a worker has one group, and \
+                             sandbox.cgroup_parent is {}: set both to the same directory",
+                            p.display(),
+                            limits.display()
+                        ))
+                    }
+                    _ => Ok(kind),
+                }
+            }),
+        };
         HostSupport {
             landlock_abi: ccnode_sandbox::jail::kernel_landlock_abi(),
-            cgroup_unavailable: match &cfg.cgroup_parent {
-                None => Some("sandbox.cgroup_parent is not set".to_owned()),
-                Some(p) => ccnode_sandbox::cgroup::unavailable_reason(p),
-            },
-            device_cgroup_unavailable: match &cfg.device_cgroup_parent {
-                None => Some("sandbox.device_cgroup_parent is not set".to_owned()),
-                Some(p) => ccnode_sandbox::cgroup::devices_unavailable_reason(p),
-            },
+            cgroup_unavailable,
+            device_cgroup,
         }
+    }
+
+    /// Why workers get no device cgroup, if they do not.
+    pub fn device_cgroup_unavailable(&self) -> Option<&str> {
+        self.device_cgroup.as_ref().err().map(String::as_str)
     }
 
     /// Whether workers can start under the configured Landlock policy.
@@ -164,15 +187,13 @@ pub fn profile(
         _ => None,
     };
     // Asked for and unusable: no worker starts without it (fail closed).
-    p.device_cgroup = match (
-        &cfg.device_cgroup_parent,
-        &support.device_cgroup_unavailable,
-    ) {
-        (Some(parent), None) => Some(ccnode_sandbox::profile::DeviceCgroup {
+    p.device_cgroup = match (&cfg.device_cgroup_parent, &support.device_cgroup) {
+        (Some(parent), Ok(kind)) => Some(ccnode_sandbox::profile::DeviceCgroup {
             parent: parent.clone(),
             name: name.to_owned(),
+            kind: *kind,
         }),
-        (Some(_), Some(why)) => {
+        (Some(_), Err(why)) => {
             return Err(ConfigError::Invalid {
                 key: "sandbox.device_cgroup_parent",
                 message: format!("unusable, so no worker starts: {why}"),
@@ -208,7 +229,7 @@ pub fn sandbox_exec(
         eprintln!("sandbox: no cgroup limits: {why}");
     }
     if cfg.device_cgroup_parent.is_none() {
-        if let Some(why) = &support.device_cgroup_unavailable {
+        if let Some(why) = support.device_cgroup_unavailable() {
             eprintln!("sandbox: no device cgroup: {why}");
         }
     }

@@ -1,12 +1,13 @@
 //! cgroup limits for workers: memory and pids (cgroup v2, when ccnoded has
 //! a delegated subtree) and the device allow-list (the cgroup v1 `devices`
-//! controller, where the host has it).
+//! controller, or on cgroup v2 a device BPF program, [`crate::bpf`]).
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
-use crate::profile::{CgroupLimits, DeviceCgroup};
+pub use crate::bpf::DeviceRule;
+use crate::profile::{CgroupLimits, DeviceCgroup, DeviceCgroupKind};
 
 /// Why workers run without cgroup limits, or `None` when a delegated
 /// cgroup v2 subtree with the memory and pids controllers is available at
@@ -50,7 +51,14 @@ pub fn unavailable_reason(parent: &Path) -> Option<String> {
 /// (fresh, as for device groups: see [`place_devices`]), writes its limits
 /// and moves `pid` in. The group is removed with [`Group::remove`] once the
 /// worker is gone.
-pub fn place(cg: &CgroupLimits, pid: i32) -> io::Result<Group> {
+/// With `devices`, a loaded device program ([`crate::bpf::load`]), the
+/// program is attached to the group before `pid` enters it: one group
+/// carries both (cgroup v2 gives a process one group).
+pub fn place(
+    cg: &CgroupLimits,
+    pid: i32,
+    devices: Option<std::os::fd::BorrowedFd<'_>>,
+) -> io::Result<Group> {
     let group = Group::create(&cg.parent, &cg.name)?;
     let fill = || -> io::Result<()> {
         let dir = &group.path;
@@ -63,6 +71,9 @@ pub fn place(cg: &CgroupLimits, pid: i32) -> io::Result<Group> {
             }
         })?;
         std::fs::write(dir.join("pids.max"), cg.pids_max.to_string())?;
+        if let Some(program) = devices {
+            group.attach(program)?;
+        }
         std::fs::write(dir.join("cgroup.procs"), pid.to_string())
     };
     match fill() {
@@ -74,8 +85,35 @@ pub fn place(cg: &CgroupLimits, pid: i32) -> io::Result<Group> {
     }
 }
 
-/// Why workers run without a device cgroup, or `None` when `parent` is a
-/// directory of the cgroup v1 `devices` hierarchy.
+/// How workers' device groups under `parent` are enforced: `V1` when it is
+/// a directory of the cgroup v1 `devices` hierarchy, `V2` when it is a
+/// cgroup v2 directory and this process can load device programs;
+/// otherwise why neither.
+pub fn device_cgroup_kind(parent: &Path) -> Result<DeviceCgroupKind, String> {
+    if std::fs::metadata(parent.join("devices.allow")).is_ok() {
+        return match devices_unavailable_reason(parent) {
+            None => Ok(DeviceCgroupKind::V1),
+            Some(why) => Err(why),
+        };
+    }
+    if std::fs::metadata(parent.join("cgroup.controllers")).is_ok() {
+        return match crate::bpf::unavailable_reason() {
+            None => Ok(DeviceCgroupKind::V2),
+            Some(why) => Err(format!(
+                "{} is a cgroup v2 directory, but device programs cannot be loaded: {why}",
+                parent.display()
+            )),
+        };
+    }
+    Err(format!(
+        "{} is neither a cgroup v1 devices directory (no devices.allow) nor a cgroup v2 \
+         directory (no cgroup.controllers)",
+        parent.display()
+    ))
+}
+
+/// Why workers run without a v1 device cgroup, or `None` when `parent` is
+/// a directory of the cgroup v1 `devices` hierarchy.
 pub fn devices_unavailable_reason(parent: &Path) -> Option<String> {
     for file in ["devices.allow", "devices.deny", "cgroup.procs"] {
         if let Err(e) = std::fs::metadata(parent.join(file)) {
@@ -86,20 +124,6 @@ pub fn devices_unavailable_reason(parent: &Path) -> Option<String> {
         }
     }
     None
-}
-
-/// The `devices.allow` line for what `st` describes (the `fstat` of a
-/// device node the jail opened), or `None` for something that is not a
-/// device node (the sim GPU backend's regular files, which the controller
-/// does not govern).
-pub fn allow_line(st: &nix::sys::stat::FileStat) -> Option<String> {
-    let kind = match st.st_mode & libc::S_IFMT {
-        libc::S_IFCHR => 'c',
-        libc::S_IFBLK => 'b',
-        _ => return None,
-    };
-    let (major, minor) = (libc::major(st.st_rdev), libc::minor(st.st_rdev));
-    Some(format!("{kind} {major}:{minor} rw"))
 }
 
 /// A worker's own cgroup (limits or device allow-list), removable after
@@ -137,6 +161,12 @@ impl Group {
         Ok(Group { parent, name, path })
     }
 
+    /// Attaches a loaded device program to this (cgroup v2) group.
+    fn attach(&self, program: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+        let dir = std::fs::File::open(&self.path)?;
+        crate::bpf::attach(dir.as_fd(), program)
+    }
+
     /// Removes the group once its processes are gone; best effort (a group
     /// still in use, or already removed, stays as it is). The kernel
     /// releases a reaped task's hold on its group a moment after `waitpid`
@@ -157,17 +187,37 @@ impl Group {
     }
 }
 
-/// Creates the worker's own device group (a [`Group`]), denies every
-/// device, allows read and write on each of `lines` (from [`allow_line`]),
-/// and moves `pid` in. No mknod (`m`) is granted: the worker has no
-/// CAP_MKNOD anyway.
-pub fn place_devices(dc: &DeviceCgroup, pid: i32, lines: &[String]) -> io::Result<Group> {
+/// Creates the worker's own device group (a [`Group`]) under `dc.parent`,
+/// allows read and write on each of `rules` and no other device, and moves
+/// `pid` in. No mknod is granted: the worker has no CAP_MKNOD anyway.
+/// v1: `devices.deny` of everything, then a `devices.allow` line a rule.
+/// v2: `program` (loaded by the caller from [`crate::bpf::device_program`]
+/// of the same rules) attached before `pid` enters.
+pub fn place_devices(
+    dc: &DeviceCgroup,
+    pid: i32,
+    rules: &[DeviceRule],
+    program: Option<std::os::fd::BorrowedFd<'_>>,
+) -> io::Result<Group> {
     let group = Group::create(&dc.parent, &dc.name)?;
     let fill = || -> io::Result<()> {
-        std::fs::write(group.path.join("devices.deny"), "a")?;
-        for line in lines {
-            std::fs::write(group.path.join("devices.allow"), line)
-                .map_err(|e| io::Error::new(e.kind(), format!("devices.allow {line:?}: {e}")))?;
+        match (dc.kind, program) {
+            (DeviceCgroupKind::V1, _) => {
+                std::fs::write(group.path.join("devices.deny"), "a")?;
+                for rule in rules {
+                    let line = rule.to_string();
+                    std::fs::write(group.path.join("devices.allow"), &line).map_err(|e| {
+                        io::Error::new(e.kind(), format!("devices.allow {line:?}: {e}"))
+                    })?;
+                }
+            }
+            (DeviceCgroupKind::V2, Some(program)) => group.attach(program)?,
+            (DeviceCgroupKind::V2, None) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a cgroup v2 device group needs its device program",
+                ))
+            }
         }
         std::fs::write(group.path.join("cgroup.procs"), pid.to_string())
     };
@@ -225,22 +275,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn device_allow_lines() {
-        let st = |p: &Path| nix::sys::stat::stat(p).unwrap();
-        assert_eq!(
-            allow_line(&st(Path::new("/dev/null"))).as_deref(),
-            Some("c 1:3 rw")
-        );
+    fn a_plain_directory_is_no_device_cgroup() {
         let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("nvidia0");
-        std::fs::write(&file, "").unwrap();
-        assert_eq!(allow_line(&st(&file)), None);
-        assert_eq!(allow_line(&st(dir.path())), None);
         let reason = devices_unavailable_reason(dir.path()).unwrap();
         assert!(
             reason.contains("not a cgroup v1 devices directory"),
             "{reason}"
         );
+        let reason = device_cgroup_kind(dir.path()).unwrap_err();
+        assert!(
+            reason.contains("neither a cgroup v1 devices directory"),
+            "{reason}"
+        );
+        // Half a v1 directory is still none.
+        std::fs::write(dir.path().join("devices.allow"), "").unwrap();
+        let reason = device_cgroup_kind(dir.path()).unwrap_err();
+        assert!(reason.contains("no devices.deny"), "{reason}");
     }
 
     #[test]

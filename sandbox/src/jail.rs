@@ -35,7 +35,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{BufRead, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -50,7 +50,7 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
 use serde_json::{json, Value};
 
-use crate::profile::{Profile, MAX_PROFILE_BYTES};
+use crate::profile::{DeviceCgroupKind, Profile, MAX_PROFILE_BYTES};
 
 /// The jail reads its profile from this fd.
 pub const PROFILE_FD: RawFd = 3;
@@ -221,7 +221,7 @@ struct Prepared {
     devices: Vec<(PathBuf, OwnedFd)>,
     /// `devices.allow` lines for those nodes, from the opened fds (what is
     /// bound is what is allowed, whatever the paths point at later).
-    device_lines: Vec<String>,
+    device_rules: Vec<crate::cgroup::DeviceRule>,
     filters: Vec<seccompiler::BpfProgram>,
     landlock_abi: ABI,
     landlock_kernel: i32,
@@ -322,13 +322,13 @@ fn prepare(profile: &Profile, report: &mut Reporter) -> Result<Prepared, SetupEr
         })?;
         devices.push((d, fd));
     }
-    let mut device_lines = Vec::new();
+    let mut device_rules = Vec::new();
     for (d, fd) in &devices {
         let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| SetupError {
             stage: "devices",
             message: format!("{}: {e}", d.display()),
         })?;
-        device_lines.extend(crate::cgroup::allow_line(&st));
+        device_rules.extend(crate::cgroup::DeviceRule::of(&st));
     }
     Ok(Prepared {
         program: cstring(profile.program.as_os_str().as_bytes(), "program")?,
@@ -344,7 +344,7 @@ fn prepare(profile: &Profile, report: &mut Reporter) -> Result<Prepared, SetupEr
             .collect::<Result<_, _>>()?,
         binds,
         devices,
-        device_lines,
+        device_rules,
         filters: crate::seccomp::worker_filters().map_err(fail("seccomp"))?,
         landlock_abi,
         landlock_kernel: kernel,
@@ -364,7 +364,7 @@ fn run(report: &mut Reporter) -> Result<i32, SetupError> {
     // Paths are opened in the new mount namespace: a bind mount's source
     // must belong to the namespace it is mounted in.
     let prepared = prepare(&profile, report)?;
-    let device_lines = prepared.device_lines.clone();
+    let device_rules = prepared.device_rules.clone();
     // go: parent -> child once the cgroup is set; status: child -> parent,
     // closed by the worker's execve.
     let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(fail("pipes"))?;
@@ -400,7 +400,7 @@ fn run(report: &mut Reporter) -> Result<i32, SetupError> {
         ForkResult::Parent { child } => {
             drop(go_r);
             drop(st_w);
-            parent(&profile, &device_lines, child, go_w, st_r, report)
+            parent(&profile, &device_rules, child, go_w, st_r, report)
         }
     }
 }
@@ -414,7 +414,7 @@ fn high_fd(fd: OwnedFd) -> Result<OwnedFd, SetupError> {
 
 fn parent(
     profile: &Profile,
-    device_lines: &[String],
+    device_rules: &[crate::cgroup::DeviceRule],
     child: Pid,
     go_w: OwnedFd,
     st_r: OwnedFd,
@@ -429,8 +429,31 @@ fn parent(
         let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
         let _ = waitpid(child, None);
     };
+    // On cgroup v2 the allow-list is a program, loaded here (after the fork:
+    // the child never holds its fd) and attached before the child enters
+    // the group. With v2 limits too, the limits' group carries it.
+    let program = match &profile.device_cgroup {
+        Some(dc) if dc.kind == DeviceCgroupKind::V2 => {
+            match crate::bpf::device_program(device_rules).and_then(|p| crate::bpf::load(&p)) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    kill_child();
+                    return Err(SetupError {
+                        stage: "device_cgroup",
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        _ => None,
+    };
+    let shared = program.is_some() && profile.cgroup.is_some();
     let cgroup = match &profile.cgroup {
-        Some(cg) => match crate::cgroup::place(cg, child.as_raw()) {
+        Some(cg) => match crate::cgroup::place(
+            cg,
+            child.as_raw(),
+            program.as_ref().filter(|_| shared).map(|p| p.as_fd()),
+        ) {
             Ok(group) => {
                 report.send(&json!({"event": "cgroup", "path": group.path}));
                 Some(RemoveOnDrop(group))
@@ -449,7 +472,17 @@ fn parent(
         }
     };
     let device_cgroup = match &profile.device_cgroup {
-        Some(dc) => match crate::cgroup::place_devices(dc, child.as_raw(), device_lines) {
+        Some(_) if shared => {
+            let path = cgroup.as_ref().map(|g| &g.0.path);
+            report.send(&json!({"event": "device_cgroup", "path": path}));
+            None
+        }
+        Some(dc) => match crate::cgroup::place_devices(
+            dc,
+            child.as_raw(),
+            device_rules,
+            program.as_ref().map(|p| p.as_fd()),
+        ) {
             Ok(group) => {
                 report.send(&json!({"event": "device_cgroup", "path": group.path}));
                 Some(RemoveOnDrop(group))

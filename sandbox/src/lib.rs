@@ -6,6 +6,7 @@
 //! jail builds the worker's confinement layer by layer and `execve`s it.
 //! docs/sandbox.md describes every layer and what it stops.
 
+pub mod bpf;
 pub mod cgroup;
 pub mod control;
 pub mod jail;

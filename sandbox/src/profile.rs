@@ -50,17 +50,36 @@ pub struct CgroupLimits {
     pub pids_max: u64,
 }
 
-/// A cgroup v1 `devices` controller group for the worker: every device
-/// node is denied except the ones the worker was given (its GPU or MIG
-/// slice and the basic nodes), whatever file system path reaches them.
+/// A device group for the worker: every device node is denied except the
+/// ones the worker was given (its GPU or MIG slice and the basic nodes),
+/// whatever file system path reaches them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceCgroup {
-    /// A directory of the v1 `devices` hierarchy (it holds `devices.allow`)
-    /// under which the worker's group is created.
+    /// The directory under which the worker's group is created: one of the
+    /// v1 `devices` hierarchy (it holds `devices.allow`), or a cgroup v2
+    /// directory.
     pub parent: PathBuf,
     /// Name of the worker's group under `parent`.
     pub name: String,
+    /// How the allow-list is enforced.
+    #[serde(default)]
+    pub kind: DeviceCgroupKind,
+}
+
+/// The two ways the kernel filters devices per cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceCgroupKind {
+    /// The cgroup v1 `devices` controller: `devices.deny` and
+    /// `devices.allow` in a group of that hierarchy.
+    #[default]
+    V1,
+    /// cgroup v2: a device BPF program ([`crate::bpf`]) attached to the
+    /// worker's v2 group. When the profile also has v2 limits
+    /// ([`Profile::cgroup`]), both must name the same parent: a process has
+    /// one v2 group, which then carries the limits and the program.
+    V2,
 }
 
 /// Everything the jail needs to start one worker.
@@ -187,6 +206,16 @@ impl Profile {
         if self.hostname.is_empty() || self.hostname.len() > 64 {
             return err("hostname must be 1 to 64 bytes".into());
         }
+        if let (Some(cg), Some(dc)) = (&self.cgroup, &self.device_cgroup) {
+            if dc.kind == DeviceCgroupKind::V2 && cg.parent != dc.parent {
+                return err(format!(
+                    "a process has one cgroup v2 group: the device group's parent {} must be \
+                     the limits' parent {}",
+                    dc.parent.display(),
+                    cg.parent.display()
+                ));
+            }
+        }
         let names = self
             .cgroup
             .as_ref()
@@ -227,6 +256,31 @@ mod tests {
             .validate()
             .is_err());
         assert!(Profile::new("true".into(), 1000, 1000).validate().is_err());
+    }
+
+    #[test]
+    fn a_v2_device_group_shares_the_limits_parent() {
+        let mut p = Profile::new("/usr/bin/true".into(), 1000, 1000);
+        p.cgroup = Some(CgroupLimits {
+            parent: "/sys/fs/cgroup/ccnode".into(),
+            name: "w".into(),
+            memory_max: 1 << 30,
+            pids_max: 64,
+        });
+        p.device_cgroup = Some(DeviceCgroup {
+            parent: "/sys/fs/cgroup/other".into(),
+            name: "w".into(),
+            kind: DeviceCgroupKind::V2,
+        });
+        let e = p.validate().unwrap_err().to_string();
+        assert!(e.contains("one cgroup v2 group"), "{e}");
+        // v1 groups live in another hierarchy: any parent.
+        p.device_cgroup.as_mut().unwrap().kind = DeviceCgroupKind::V1;
+        assert!(p.validate().is_ok());
+        let dc = p.device_cgroup.as_mut().unwrap();
+        dc.kind = DeviceCgroupKind::V2;
+        dc.parent = "/sys/fs/cgroup/ccnode".into();
+        assert!(p.validate().is_ok());
     }
 
     #[test]

@@ -1,15 +1,18 @@
-//! The per-worker device allow-list (cgroup v1 `devices` controller), for
-//! real: a process placed in a group that allows /dev/null alone cannot
-//! open /dev/full, and a jailed worker runs inside its own group, which is
-//! gone once it exits. Needs root and the v1 devices hierarchy at
-//! /sys/fs/cgroup/devices (this project's machines have both; a host with
-//! cgroup v2 only has no such controller, and the test says so).
+//! The per-worker device allow-list, for real, both ways the kernel has:
+//! the cgroup v1 `devices` controller and, on cgroup v2, a device BPF
+//! program. A process placed in a group that allows /dev/null alone cannot
+//! open /dev/full (nor create a node), and a jailed worker runs inside its
+//! own group, which is gone once it exits. Needs root, the v1 devices
+//! hierarchy at /sys/fs/cgroup/devices and a cgroup v2 mount (this
+//! project's machines are hybrid and have both; a host without one says
+//! so and skips that half).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use ccnode_sandbox::profile::DeviceCgroup;
+use ccnode_sandbox::cgroup::DeviceRule;
+use ccnode_sandbox::profile::{DeviceCgroup, DeviceCgroupKind};
 use ccnode_sandbox::{cgroup, spawn, Profile};
 use serde_json::Value;
 
@@ -32,13 +35,14 @@ fn a_device_group_allows_exactly_its_nodes() {
     let dc = DeviceCgroup {
         parent: root,
         name: format!("ccnode-test-allow-{}", std::process::id()),
+        kind: DeviceCgroupKind::V1,
     };
     // The child waits for a line, then tries both devices.
     let child = waiting(
         "if (: > /dev/null); then echo null-ok; fi; if (: > /dev/full) 2>/dev/null; then echo full-ok; else echo full-denied; fi",
     );
     let null = line("/dev/null");
-    let group = cgroup::place_devices(&dc, child.id() as i32, std::slice::from_ref(&null)).unwrap();
+    let group = cgroup::place_devices(&dc, child.id() as i32, &[null], None).unwrap();
     let list = std::fs::read_to_string(group.path.join("devices.list")).unwrap();
     assert_eq!(list.trim(), "c 1:3 rw", "{list}");
     let out = release(child);
@@ -55,10 +59,8 @@ fn a_device_group_allows_exactly_its_nodes() {
     // (No /dev/null in this one: the group allows /dev/full alone.)
     let child = waiting("if (: > /dev/full); then echo full-ok; else echo full-denied; fi");
     let full = line("/dev/full");
-    let group = cgroup::place_devices(&dc, child.id() as i32, std::slice::from_ref(&full)).unwrap();
-    assert!(
-        cgroup::place_devices(&dc, std::process::id() as i32, std::slice::from_ref(&null)).is_err()
-    );
+    let group = cgroup::place_devices(&dc, child.id() as i32, &[full], None).unwrap();
+    assert!(cgroup::place_devices(&dc, std::process::id() as i32, &[null], None).is_err());
     let out = release(child);
     assert_eq!(out.trim(), "full-ok");
     let list = std::fs::read_to_string(group.path.join("devices.list")).unwrap();
@@ -93,14 +95,15 @@ fn release(mut child: Child) -> String {
     out
 }
 
-fn line(path: &str) -> String {
-    cgroup::allow_line(&nix::sys::stat::stat(path).unwrap()).unwrap()
+fn line(path: &str) -> DeviceRule {
+    cgroup::DeviceRule::of(&nix::sys::stat::stat(path).unwrap()).unwrap()
 }
 
-#[test]
-fn a_jailed_worker_runs_in_its_own_device_group() {
-    let Some(root) = hierarchy() else { return };
-    let name = format!("ccnode-test-jail-{}", std::process::id());
+/// Runs a jailed shell in a device group of `kind` under `root`; returns
+/// what it printed (its /proc/self/cgroup, then `null-ok` if it could
+/// write /dev/null) and the group's path from the jail's report.
+fn jailed_in_group(root: &Path, kind: DeviceCgroupKind, tag: &str) -> (String, PathBuf) {
+    let name = format!("ccnode-test-jail-{tag}-{}", std::process::id());
     let program = "/usr/bin/dash";
     let mut p = Profile::new(PathBuf::from(program), 65534, 65534);
     p.args = [
@@ -112,8 +115,9 @@ fn a_jailed_worker_runs_in_its_own_device_group() {
     .map(|s| s.to_string())
     .collect();
     p.device_cgroup = Some(DeviceCgroup {
-        parent: root.clone(),
+        parent: root.to_path_buf(),
         name: name.clone(),
+        kind,
     });
     let mut jailed = spawn(
         Path::new(JAIL),
@@ -143,18 +147,139 @@ fn a_jailed_worker_runs_in_its_own_device_group() {
         .find(|e| e["event"] == "device_cgroup")
         .expect("a device_cgroup event");
     let path = PathBuf::from(placed["path"].as_str().unwrap());
-    let group = path.file_name().unwrap().to_str().unwrap().to_owned();
+    let group = path.file_name().unwrap().to_str().unwrap();
     assert!(
-        path.starts_with(&root) && group.starts_with(&format!("{name}-")),
+        path.starts_with(root) && group.starts_with(&format!("{name}-")),
         "{path:?}"
     );
+    assert!(out.lines().any(|l| l == "null-ok"), "{out}");
+    assert!(!path.exists(), "the group outlived its worker");
+    (out, path)
+}
+
+#[test]
+fn a_jailed_worker_runs_in_its_own_device_group() {
+    let Some(root) = hierarchy() else { return };
+    let (out, path) = jailed_in_group(&root, DeviceCgroupKind::V1, "v1");
+    let group = path.file_name().unwrap().to_str().unwrap();
     assert!(
         out.lines()
             .any(|l| l.ends_with(&format!(":devices:/{group}"))),
         "the worker is not in its group: {out}"
     );
-    assert!(out.lines().any(|l| l == "null-ok"), "{out}");
-    assert!(!path.exists(), "the group outlived its worker");
+}
+
+// --- cgroup v2: a device program ---------------------------------------------
+
+/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup` on a v2-only
+/// host, `/sys/fs/cgroup/unified` on a hybrid one), if anywhere.
+fn v2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root = mounts.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split_whitespace().next() == Some("cgroup2"))
+            .then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap()))
+    });
+    match root {
+        Some(r) => match cgroup::device_cgroup_kind(&r) {
+            Ok(DeviceCgroupKind::V2) => Some(r),
+            other => panic!("{} is cgroup v2 but not usable: {other:?}", r.display()),
+        },
+        None => {
+            eprintln!("SKIPPED: no cgroup v2 mount here");
+            None
+        }
+    }
+}
+
+/// Tries /dev/null (write), /dev/full (write), /dev/zero (read) and
+/// creating a node for /dev/null's numbers; prints one word each.
+const TRY_DEVICES: &str = "d=$(mktemp -d); \
+    if (: > /dev/null) 2>/dev/null; then echo null-ok; else echo null-denied; fi; \
+    if (: > /dev/full) 2>/dev/null; then echo full-ok; else echo full-denied; fi; \
+    if head -c1 /dev/zero >/dev/null 2>&1; then echo zero-ok; else echo zero-denied; fi; \
+    if mknod \"$d/n\" c 1 3 2>/dev/null; then echo mknod-ok; else echo mknod-denied; fi; \
+    rm -rf \"$d\"";
+
+fn v2_group(root: &Path, tag: &str) -> DeviceCgroup {
+    DeviceCgroup {
+        parent: root.to_path_buf(),
+        name: format!("ccnode-test-{tag}-{}", std::process::id()),
+        kind: DeviceCgroupKind::V2,
+    }
+}
+
+fn program(rules: &[DeviceRule]) -> std::os::fd::OwnedFd {
+    let p = ccnode_sandbox::bpf::device_program(rules).unwrap();
+    ccnode_sandbox::bpf::load(&p).unwrap()
+}
+
+#[test]
+fn a_device_program_allows_exactly_its_nodes() {
+    use std::os::fd::AsFd;
+    let Some(root) = v2_root() else { return };
+    // Outside any device group (this test runs as root), everything works:
+    // what the groups below refuse is their program's doing.
+    let out = release(waiting(TRY_DEVICES));
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["null-ok", "full-ok", "zero-ok", "mknod-ok"],
+        "{out}"
+    );
+
+    let dc = v2_group(&root, "v2-allow");
+    let rules = [line("/dev/null")];
+    let child = waiting(TRY_DEVICES);
+    let prog = program(&rules);
+    let group = cgroup::place_devices(&dc, child.id() as i32, &rules, Some(prog.as_fd())).unwrap();
+    drop(prog); // the group holds the program
+    let procs = std::fs::read_to_string(format!("/proc/{}/cgroup", child.id())).unwrap();
+    let group_name = group.path.file_name().unwrap().to_str().unwrap().to_owned();
+    assert!(
+        procs.lines().any(|l| l == format!("0::/{group_name}")),
+        "{procs}"
+    );
+    let out = release(child);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["null-ok", "full-denied", "zero-denied", "mknod-denied"],
+        "{out}"
+    );
+    group.remove();
+    assert!(!group.path.exists());
+
+    // No rules: not even /dev/null.
+    let child = waiting(TRY_DEVICES);
+    let prog = program(&[]);
+    let group = cgroup::place_devices(&dc, child.id() as i32, &[], Some(prog.as_fd())).unwrap();
+    let out = release(child);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["null-denied", "full-denied", "zero-denied", "mknod-denied"],
+        "{out}"
+    );
+    group.remove();
+
+    // A v2 group without its program is refused, not left open.
+    let child = waiting("true");
+    let err = cgroup::place_devices(&dc, child.id() as i32, &rules, None).unwrap_err();
+    assert!(
+        err.to_string().contains("needs its device program"),
+        "{err}"
+    );
+    release(child);
+    assert!(!group.path.exists());
+}
+
+#[test]
+fn a_jailed_worker_runs_in_its_own_v2_device_group() {
+    let Some(root) = v2_root() else { return };
+    let (out, path) = jailed_in_group(&root, DeviceCgroupKind::V2, "v2");
+    let rel = path.strip_prefix(&root).unwrap();
+    assert!(
+        out.lines().any(|l| l == format!("0::/{}", rel.display())),
+        "the worker is not in its v2 group: {out}"
+    );
 }
 
 #[test]
