@@ -151,19 +151,9 @@ fn a_device_cgroup_holds_the_worker_where_the_host_has_one() {
     );
 }
 
-/// Where the cgroup v2 hierarchy is mounted here, if anywhere.
-fn v2_root() -> Option<std::path::PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    mounts.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        (right.split_whitespace().next() == Some("cgroup2"))
-            .then(|| std::path::PathBuf::from(left.split_whitespace().nth(4).unwrap()))
-    })
-}
-
 #[test]
 fn on_cgroup_v2_a_device_program_holds_the_worker() {
-    let Some(root) = v2_root() else {
+    let Some(root) = ccnode_testkit::cgroup2_mount() else {
         eprintln!("SKIPPED: no cgroup v2 mount here");
         return;
     };

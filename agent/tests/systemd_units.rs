@@ -766,12 +766,7 @@ fn the_drop_in_capabilities_are_what_the_jail_needs_and_all_it_needs() {
 
 #[test]
 fn under_the_drop_in_capabilities_a_cgroup_v2_device_program_is_attached() {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let Some(v2) = mounts.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        (right.split_whitespace().next() == Some("cgroup2"))
-            .then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap()))
-    }) else {
+    let Some(v2) = ccnode_testkit::cgroup2_mount() else {
         eprintln!("SKIPPED: no cgroup v2 mount here");
         return;
     };

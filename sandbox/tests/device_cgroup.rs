@@ -171,15 +171,10 @@ fn a_jailed_worker_runs_in_its_own_device_group() {
 
 // --- cgroup v2: a device program ---------------------------------------------
 
-/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup` on a v2-only
-/// host, `/sys/fs/cgroup/unified` on a hybrid one), if anywhere.
+/// The cgroup v2 mount, if there is one, checked usable for device
+/// programs.
 fn v2_root() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let root = mounts.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        (right.split_whitespace().next() == Some("cgroup2"))
-            .then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap()))
-    });
+    let root = ccnode_testkit::cgroup2_mount();
     match root {
         Some(r) => match cgroup::device_cgroup_kind(&r) {
             Ok(DeviceCgroupKind::V2) => Some(r),

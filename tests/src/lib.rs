@@ -541,3 +541,15 @@ impl Default for SimGpus {
         SimGpus::new()
     }
 }
+
+/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup` on a v2-only
+/// host, `/sys/fs/cgroup/unified` on a hybrid one), if anywhere.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split_whitespace().next() == Some("cgroup2"))
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
+            .flatten()
+    })
+}
