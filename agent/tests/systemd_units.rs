@@ -761,7 +761,11 @@ fn the_drop_in_capabilities_are_what_the_jail_needs_and_all_it_needs() {
     // The base unit's empty set: no sandbox at all.
     let out = sandbox_exec_with(&[], config);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("setup failed at namespaces"));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("setup failed at namespaces") && stderr.contains("workers.conf"),
+        "the error does not say what is missing: {stderr}"
+    );
 }
 
 #[test]

@@ -360,7 +360,18 @@ fn run(report: &mut Reporter) -> Result<i32, SetupError> {
             | CloneFlags::CLONE_NEWIPC
             | CloneFlags::CLONE_NEWUTS,
     )
-    .map_err(fail("namespaces"))?;
+    .map_err(|e| SetupError {
+        stage: "namespaces",
+        message: if e == nix::errno::Errno::EPERM {
+            format!(
+                "{e}: building a sandbox needs CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID, \
+                 CAP_SETPCAP and CAP_NET_ADMIN (under systemd: install \
+                 ccnoded.service.d/workers.conf, docs/operations.md)"
+            )
+        } else {
+            e.to_string()
+        },
+    })?;
     // Paths are opened in the new mount namespace: a bind mount's source
     // must belong to the namespace it is mounted in.
     let prepared = prepare(&profile, report)?;
