@@ -292,6 +292,18 @@ impl CpuSnap {
     }
 }
 
+/// Minor page faults of some processes so far (`/proc/PID/stat`, field 10):
+/// the prefill's fresh allocations show here.
+fn minor_faults(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|s| {
+            let (_, rest) = s.rsplit_once(')')?;
+            rest.split_whitespace().nth(7)?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
 /// `pid` and every process below it (the jail, its init, the worker).
 fn with_descendants(pid: u32) -> Vec<u32> {
     let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
@@ -344,6 +356,9 @@ struct Served {
     cpu_ccnoded: u64,
     cpu_worker: u64,
     cpu_client: u64,
+    /// Minor faults of the worker up to the first token, and over the run.
+    faults_first: u64,
+    faults: u64,
 }
 
 /// The pids whose CPU time a served generation accounts.
@@ -388,7 +403,10 @@ fn served(addr: SocketAddr, model: &str, max_tokens: usize, pids: &Pids) -> Serv
         cpu_ccnoded: 0,
         cpu_worker: 0,
         cpu_client: 0,
+        faults_first: 0,
+        faults: 0,
     };
+    let faults0 = minor_faults(&pids.worker);
     let cpu0 = (pids.snap(), thread_cpu_ns());
     let start = Instant::now();
     sock.write_all(request.as_bytes()).expect("send request");
@@ -425,6 +443,7 @@ fn served(addr: SocketAddr, model: &str, max_tokens: usize, pids: &Pids) -> Serv
                 let (ccnoded, worker) = pids.snap();
                 out.cpu_ccnoded = ccnoded.since(&cpu0.0 .0);
                 out.cpu_worker = worker.since(&cpu0.0 .1);
+                out.faults = minor_faults(&pids.worker) - faults0;
                 return out;
             }
             let v: Value = serde_json::from_str(&data)
@@ -441,7 +460,10 @@ fn served(addr: SocketAddr, model: &str, max_tokens: usize, pids: &Pids) -> Serv
             let text = choice["text"].as_str().unwrap_or("");
             if !text.is_empty() {
                 match last {
-                    None => out.ttft = now - start,
+                    None => {
+                        out.ttft = now - start;
+                        out.faults_first = minor_faults(&pids.worker) - faults0;
+                    }
                     Some(l) => out.gaps.push(now - l),
                 }
                 last = Some(now);
@@ -509,6 +531,10 @@ struct Local {
     text: String,
     /// CPU time of this process over the generation, ns.
     cpu: u64,
+    /// Minor faults of this process up to the first token (the engine
+    /// only; the direct peer's are counted over the run), and over the run.
+    faults_first: u64,
+    faults: u64,
 }
 
 impl Local {
@@ -520,14 +546,18 @@ impl Local {
 fn run_direct(m: &Model, max_tokens: usize) -> (Local, usize) {
     let me = std::process::id();
     let c = CpuSnap::take(&[me]);
+    let f0 = minor_faults(&[me]);
     let r: Run = m.direct.greedy(PROMPT, max_tokens).expect("direct run");
     let cpu = CpuSnap::take(&[me]).since(&c);
+    let faults = minor_faults(&[me]) - f0;
     let local = Local {
         first_token: r.first_token,
         total: r.total,
         tokens: r.tokens.len() as u64,
         text: r.text,
         cpu,
+        faults_first: faults,
+        faults,
     };
     (local, r.prompt_tokens)
 }
@@ -546,16 +576,22 @@ fn run_engine(m: &Model, max_tokens: usize) -> Local {
         stop: Vec::new(),
     };
     let c = CpuSnap::take(&[me]);
+    let f0 = minor_faults(&[me]);
+    let mut faults_first = 0;
     let start = Instant::now();
     let mut first = None;
     let mut text = String::new();
     let out = m
         .engine
         .generate(&req, &|| false, &mut |piece| {
-            first.get_or_insert_with(|| start.elapsed());
+            first.get_or_insert_with(|| {
+                faults_first = minor_faults(&[me]) - f0;
+                start.elapsed()
+            });
             text.push_str(piece);
         })
         .expect("engine run");
+    let faults = minor_faults(&[me]) - f0;
     let total = start.elapsed();
     Local {
         first_token: first.unwrap_or(total),
@@ -563,6 +599,8 @@ fn run_engine(m: &Model, max_tokens: usize) -> Local {
         tokens: u64::from(out.completion_tokens),
         text,
         cpu: CpuSnap::take(&[me]).since(&c),
+        faults_first,
+        faults,
     }
 }
 
@@ -661,7 +699,7 @@ impl Case<'_> {
 
     fn print_rounds(&self) {
         println!(
-            "{:>5} {:>24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>7} {:>6} {:>8} {:>8} {:>5}",
+            "{:>5} {:>24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>7} {:>6} {:>8} {:>8} {:>5} {:>13} {:>20}",
             "round",
             "order",
             "ttft ccn",
@@ -676,12 +714,14 @@ impl Case<'_> {
             "events",
             "ccn µs/t",
             "cli µs/t",
-            "equal"
+            "equal",
+            "flt1 ccn/eng",
+            "flt ccn/dir/eng"
         );
         for (i, r) in self.rounds.iter().enumerate() {
             let n = r.served.tokens.max(1) as f64;
             println!(
-                "{:>5} {:>24} {:>9.2} {:>9.2} {:>9.2} {:>9.3} {:>9.3} {:>9.3} {:>+10.1} {:>+10.1} {:>7} {:>6} {:>8.1} {:>8.1} {:>5}",
+                "{:>5} {:>24} {:>9.2} {:>9.2} {:>9.2} {:>9.3} {:>9.3} {:>9.3} {:>+10.1} {:>+10.1} {:>7} {:>6} {:>8.1} {:>8.1} {:>5} {:>13} {:>20}",
                 i + 1,
                 r.order.join(","),
                 ms(r.served.ttft),
@@ -696,7 +736,12 @@ impl Case<'_> {
                 r.served.text_events,
                 self.ccnoded_cpu_us(r) / n,
                 r.served.cpu_client as f64 / 1e3 / n,
-                r.equal()
+                r.equal(),
+                format!("{}/{}", r.served.faults_first, r.peers[1].faults_first),
+                format!(
+                    "{}/{}/{}",
+                    r.served.faults, r.peers[0].faults, r.peers[1].faults
+                )
             );
         }
     }
@@ -850,6 +895,7 @@ impl Case<'_> {
                     json!({
                         "ttft_ms": ms(l.first_token), "total_ms": ms(l.total), "tokens": l.tokens,
                         "ms_per_token": l.per_token_ms(), "cpu_ms": l.cpu as f64 / 1e6,
+                        "minor_faults_first_token": l.faults_first, "minor_faults": l.faults,
                     })
                 };
                 json!({
@@ -861,6 +907,8 @@ impl Case<'_> {
                         "cpu_ccnoded_us": r.served.cpu_ccnoded as f64 / 1e3,
                         "cpu_worker_ms": r.served.cpu_worker as f64 / 1e6,
                         "cpu_client_us": r.served.cpu_client as f64 / 1e3,
+                        "worker_minor_faults_first_token": r.served.faults_first,
+                        "worker_minor_faults": r.served.faults,
                     },
                     "direct": local(&r.peers[0]),
                     "engine": local(&r.peers[1]),
