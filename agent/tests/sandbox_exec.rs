@@ -106,6 +106,10 @@ fn the_daemon_reports_sandbox_support_in_metrics() {
     assert!(node.log().contains("without cgroup memory and pids limits"));
 }
 
+/// Prints the sandboxed shell's /proc/self/cgroup (cat calls fadvise64,
+/// which the worker's seccomp allow-list refuses).
+const READ_CGROUPS: &str = "while read -r l; do echo \"$l\"; done < /proc/self/cgroup";
+
 #[test]
 fn a_device_cgroup_holds_the_worker_where_the_host_has_one() {
     let root = std::path::Path::new("/sys/fs/cgroup/devices");
@@ -114,16 +118,7 @@ fn a_device_cgroup_holds_the_worker_where_the_host_has_one() {
         return;
     }
     let config = format!("{NOBODY}device_cgroup_parent = \"{}\"\n", root.display());
-    // (cat calls fadvise64, which the worker's seccomp allow-list refuses.)
-    let out = sandbox_exec(
-        &config,
-        &[
-            "--",
-            "sh",
-            "-c",
-            "while read -r l; do echo \"$l\"; done < /proc/self/cgroup",
-        ],
-    );
+    let out = sandbox_exec(&config, &["--", "sh", "-c", READ_CGROUPS]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     let group = stdout
@@ -162,16 +157,8 @@ fn on_cgroup_v2_a_device_program_holds_the_worker() {
     // holds only the basic nodes, so a node it makes itself (in its tmp)
     // is what it could reach otherwise; it has no CAP_MKNOD either, and
     // the program refuses mknod on its own (sandbox/tests/device_cgroup.rs).
-    let out = sandbox_exec(
-        &config,
-        &[
-            "--",
-            "sh",
-            "-c",
-            "while read -r l; do echo \"$l\"; done < /proc/self/cgroup; \
-             if (: > /dev/null); then echo null-ok; fi",
-        ],
-    );
+    let script = format!("{READ_CGROUPS}; if (: > /dev/null); then echo null-ok; fi");
+    let out = sandbox_exec(&config, &["--", "sh", "-c", &script]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     let group = stdout

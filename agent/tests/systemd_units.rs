@@ -149,6 +149,15 @@ fn base_security() -> (f64, Vec<String>) {
     security(&path)
 }
 
+/// The comment block at the top of a unit file or drop-in, where every
+/// setting that raises the exposure is explained.
+fn header(text: &str) -> String {
+    text.lines()
+        .take_while(|l| l.starts_with('#') || l.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// [`security`] of `systemd-analyze security --offline=yes ARGS`.
 fn security_of(args: &[&std::ffi::OsStr]) -> (f64, Vec<String>) {
     let out = run(Command::new(ccnode_testkit::tool("systemd-analyze"))
@@ -185,12 +194,7 @@ fn unit_exposure_is_within_the_threshold() {
         score == 0.0 || !failing.is_empty(),
         "cannot read the rows that raise the score"
     );
-    let unit = unit_text();
-    let header: String = unit
-        .lines()
-        .take_while(|l| l.starts_with('#') || l.is_empty())
-        .collect::<Vec<_>>()
-        .join("\n");
+    let header = header(&unit_text());
     for row in &failing {
         assert!(
             header.contains(row.as_str()),
@@ -686,12 +690,7 @@ fn workers_drop_in_passes_verify_and_every_row_it_adds_is_explained() {
     );
     let (base, base_failing) = base_security();
     assert!(score > base, "the drop-in changed nothing ({score})");
-    let drop_in = drop_in_text();
-    let header: String = drop_in
-        .lines()
-        .take_while(|l| l.starts_with('#') || l.is_empty())
-        .collect::<Vec<_>>()
-        .join("\n");
+    let header = header(&drop_in_text());
     for row in failing.iter().filter(|r| !base_failing.contains(r)) {
         // RestrictNamespaces rows are listed together ("~mnt, ~pid, ...").
         let named = header.contains(row.as_str())

@@ -180,6 +180,26 @@ struct ProgAttachAttr {
     replace_bpf_fd: u32,
 }
 
+/// The `bpf(2)` call `cmd` with `attr`, the head of a `union bpf_attr`
+/// (the kernel reads `size_of::<A>()` bytes and takes the rest as zeros).
+///
+/// # Safety
+/// `A` is the repr(C) layout the kernel expects for `cmd`, and every
+/// pointer and fd in `attr` is valid for the whole call (buffers the
+/// kernel writes into: for the lengths `attr` gives).
+unsafe fn bpf<A>(cmd: libc::c_long, attr: &A) -> libc::c_long {
+    // SAFETY: `attr` is a live, initialised value of the size passed; the
+    // rest is the caller's promise.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const A,
+            std::mem::size_of::<A>(),
+        )
+    }
+}
+
 /// Loads `program` as a cgroup device program. The verifier's log is in
 /// the error when the kernel refuses it.
 pub fn load(program: &[Insn]) -> io::Result<OwnedFd> {
@@ -202,18 +222,10 @@ pub fn load(program: &[Insn]) -> io::Result<OwnedFd> {
         prog_ifindex: 0,
         expected_attach_type: BPF_CGROUP_DEVICE,
     };
-    // SAFETY: `attr` is a live, fully initialised bpf_attr prefix of the
-    // size passed; the instruction array, the license string and the log
-    // buffer it points to outlive the call, and the kernel writes at most
-    // `log_size` bytes into the log.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            &attr as *const ProgLoadAttr,
-            std::mem::size_of::<ProgLoadAttr>(),
-        )
-    };
+    // SAFETY: a BPF_PROG_LOAD attr head; the instruction array, the
+    // license string and the log buffer it points to outlive the call, and
+    // the kernel writes at most `log_size` bytes into the log.
+    let fd = unsafe { bpf(BPF_PROG_LOAD, &attr) };
     if fd < 0 {
         let e = io::Error::last_os_error();
         let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
@@ -244,17 +256,9 @@ pub fn attach(cgroup: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()>
         attach_flags: 0,
         replace_bpf_fd: 0,
     };
-    // SAFETY: `attr` is a live, initialised bpf_attr of the size passed;
-    // both fds are borrowed for the duration of the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_ATTACH,
-            &attr as *const ProgAttachAttr,
-            std::mem::size_of::<ProgAttachAttr>(),
-        )
-    };
-    if rc != 0 {
+    // SAFETY: a BPF_PROG_ATTACH attr; both fds are borrowed for the
+    // duration of the call.
+    if unsafe { bpf(BPF_PROG_ATTACH, &attr) } != 0 {
         let e = io::Error::last_os_error();
         return Err(io::Error::new(
             e.kind(),
