@@ -295,6 +295,11 @@ pub struct SandboxConfig {
     pub max_processes: u64,
     pub max_file_size_bytes: u64,
     pub max_locked_memory_bytes: u64,
+    /// ccnoded's own cgroup v2 group was delegated to it (systemd's
+    /// `Delegate=yes`): at start it moves itself into `<group>/ccnoded`
+    /// and uses `<group>/workers` as both `cgroup_parent` and
+    /// `device_cgroup_parent` ([`ccnode_sandbox::cgroup::take_delegation`]).
+    pub cgroup_delegated: bool,
     /// A delegated cgroup v2 directory for worker cgroups; none: no cgroup
     /// limits (said in metrics and logs).
     pub cgroup_parent: Option<PathBuf>,
@@ -321,6 +326,7 @@ impl Default for SandboxConfig {
             max_processes: 512,
             max_file_size_bytes: 1024 * 1024 * 1024,
             max_locked_memory_bytes: 64 * 1024 * 1024,
+            cgroup_delegated: false,
             cgroup_parent: None,
             device_cgroup_parent: None,
             memory_max_bytes: 64 * 1024 * 1024 * 1024,
@@ -1000,6 +1006,21 @@ impl Config {
                 "must be at least 1 MiB",
             ));
         }
+        if sb.cgroup_delegated {
+            for (key, set) in [
+                ("cgroup_parent", sb.cgroup_parent.is_some()),
+                ("device_cgroup_parent", sb.device_cgroup_parent.is_some()),
+            ] {
+                if set {
+                    return Err(ConfigError::invalid(
+                        "sandbox.cgroup_delegated",
+                        format!(
+                            "sets sandbox.{key} itself (<ccnoded's group>/workers): leave {key} out"
+                        ),
+                    ));
+                }
+            }
+        }
         if let Some(p) = &sb.cgroup_parent {
             if !p.is_absolute() {
                 return Err(ConfigError::invalid(
@@ -1230,6 +1251,22 @@ mod tests {
         assert_eq!(c.node.shutdown_grace, Duration::from_millis(250));
         assert_eq!(c.admin.group, GroupSpec::Gid(0));
         assert_eq!(c.admin.read_only_group, Some(GroupSpec::Name("adm".into())));
+    }
+
+    #[test]
+    fn a_delegated_cgroup_leaves_the_parents_to_ccnoded() {
+        let c = Config::parse("[sandbox]\ncgroup_delegated = true\n").unwrap();
+        assert!(c.sandbox.cgroup_delegated);
+        assert!(!Config::parse("").unwrap().sandbox.cgroup_delegated);
+        for key in ["cgroup_parent", "device_cgroup_parent"] {
+            let err = Config::parse(&format!(
+                "[sandbox]\ncgroup_delegated = true\n{key} = \"/sys/fs/cgroup/x\"\n"
+            ))
+            .unwrap_err();
+            let msg = err.to_string();
+            assert_eq!(key_of(err), "sandbox.cgroup_delegated");
+            assert!(msg.contains(key), "{msg}");
+        }
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub enum DaemonError {
         #[source]
         source: crate::workers::WorkerError,
     },
+    #[error("sandbox.cgroup_delegated: {0}")]
+    Delegation(String),
     #[error("cannot listen for attestations on {addr}")]
     AttestationListen {
         addr: std::net::SocketAddr,
@@ -97,7 +99,9 @@ impl DaemonError {
                 source: crate::workers::WorkerError::Backend(_),
                 ..
             } => exit::UNAVAILABLE,
-            DaemonError::ModelDevice { .. } | DaemonError::ApiTls(_) => exit::CONFIG,
+            DaemonError::ModelDevice { .. }
+            | DaemonError::ApiTls(_)
+            | DaemonError::Delegation(_) => exit::CONFIG,
             DaemonError::ApiListen { .. } => exit::OSERR,
             DaemonError::Logging(_) | DaemonError::Notify(_) | DaemonError::GpuThreads(_) => {
                 exit::SOFTWARE
@@ -125,7 +129,7 @@ impl DaemonError {
 }
 
 /// Runs ccnoded until SIGTERM or SIGINT. Logging must be initialised.
-pub fn run(config: Config) -> Result<(), DaemonError> {
+pub fn run(mut config: Config) -> Result<(), DaemonError> {
     let admin_gid = config.admin.group.resolve("admin.group")?;
     let read_only_gid = config
         .admin
@@ -135,6 +139,22 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         .transpose()?;
     let mode = config.admin.mode_bits()?;
     let notifier = Notifier::from_env().map_err(DaemonError::Notify)?;
+    // First of all, while nothing else has started: ccnoded's own group
+    // becomes the workers' parent only once ccnoded has left it.
+    if config.sandbox.cgroup_delegated {
+        let d = ccnode_sandbox::cgroup::own_v2_group()
+            .and_then(|g| ccnode_sandbox::cgroup::take_delegation(&g))
+            .map_err(DaemonError::Delegation)?;
+        tracing::info!(
+            group = %d.group.display(),
+            leaf = %d.leaf.display(),
+            workers = %d.workers.display(),
+            controllers = %d.enabled.join(" "),
+            "took the delegated cgroup: ccnoded in its own leaf, workers' groups beneath workers/"
+        );
+        config.sandbox.cgroup_parent = Some(d.workers.clone());
+        config.sandbox.device_cgroup_parent = Some(d.workers);
+    }
     // Before any state is touched: a host whose configured GPUs cannot be
     // reached does not start.
     let gpu_backend = crate::gpu::open_backend(&config.gpu).map_err(DaemonError::Gpu)?;

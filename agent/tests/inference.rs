@@ -967,3 +967,145 @@ fn misbehaving_workers_are_ended_for_it_while_ccnoded_keeps_answering() {
         }
     }
 }
+
+/// `sandbox.cgroup_delegated`: ccnoded started in a cgroup v2 group of its
+/// own (as systemd starts a unit with `Delegate=yes`) moves itself into
+/// `<group>/ccnoded`, gives each worker a group under `<group>/workers`
+/// carrying its device program (and the limits, where the host offers the
+/// memory and pids controllers), serves, and leaves no worker group
+/// behind.
+#[test]
+fn a_delegated_cgroup_holds_ccnoded_in_a_leaf_and_its_workers_beneath() {
+    let Some(v2) = ccnode_testkit::cgroup2_mount() else {
+        eprintln!("SKIPPED: no cgroup v2 hierarchy mounted here");
+        return;
+    };
+    let group = v2.join(format!("ccnode-test-delegated-{}", std::process::id()));
+    std::fs::create_dir(&group).unwrap();
+    let m = make_model("tiny", &small(), 21);
+    let worker = api::workspace_bin("ccnode-worker");
+    let mut node = TestNode::new(CCNODED)
+        .in_cgroup(&group)
+        .with_toml(&format!(
+            "[sandbox]\nworker_user = \"nobody\"\ncgroup_delegated = true\npids_max = 77\n\n\
+             [api]\nenabled = true\nlisten = \"127.0.0.1:0\"\n\n\
+             [inference]\nworker_binary = \"{}\"\n\n{}",
+            worker.display(),
+            model_toml("tiny", &m, "")
+        ))
+        .start();
+    let procs = |dir: &Path| -> Vec<String> {
+        std::fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    let pid = node.pid().to_string();
+    assert!(procs(&group).is_empty(), "ccnoded left its group");
+    wait_ready(&node, "tiny", 1);
+    // ccnoded and its jails (its children, which place each worker).
+    let leaf = procs(&group.join("ccnoded"));
+    assert!(leaf.contains(&pid), "{leaf:?}\n{}", node.log());
+    for p in leaf.iter().filter(|p| **p != pid) {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        let ppid = stat.rsplit_once(") ").map(|(_, r)| r.split(' ').nth(1));
+        assert_eq!(
+            ppid,
+            Some(Some(pid.as_str())),
+            "{p} in ccnoded's leaf: {stat}"
+        );
+    }
+    let workers = group.join("workers");
+    let held: Vec<std::path::PathBuf> = std::fs::read_dir(&workers)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(held.len(), 1, "one worker, one group: {held:?}");
+    assert!(
+        !procs(&held[0]).is_empty(),
+        "the worker is not in its group"
+    );
+    let r = completion(
+        &node,
+        json!({"model": "tiny", "prompt": "x", "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        metric(&node, "ccnode_sandbox_support{feature=\"device_cgroup\"}"),
+        1.0,
+        "{}",
+        node.log()
+    );
+    let offered = std::fs::read_to_string(group.join("cgroup.controllers")).unwrap();
+    let has = |c: &str| offered.split_whitespace().any(|o| o == c);
+    let limits = metric(&node, "ccnode_sandbox_support{feature=\"cgroup_limits\"}");
+    if has("memory") && has("pids") {
+        assert_eq!(limits, 1.0, "{}", node.log());
+        let max = std::fs::read_to_string(held[0].join("pids.max")).unwrap();
+        assert_eq!(max.trim(), "77");
+    } else {
+        // This host's v2 hierarchy lacks them (hybrid): said, not faked.
+        assert_eq!(limits, 0.0);
+        assert!(
+            node.log().contains("controller is not available in"),
+            "{}",
+            node.log()
+        );
+    }
+    node.stop();
+    let left: Vec<_> = std::fs::read_dir(&workers)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    for dir in [workers, group.join("ccnoded"), group.clone()] {
+        remove_group(&dir);
+    }
+    assert!(left.is_empty(), "worker groups left behind: {left:?}");
+}
+
+#[test]
+fn a_delegation_that_is_not_there_is_refused_at_start() {
+    let Some(v2) = ccnode_testkit::cgroup2_mount() else {
+        eprintln!("SKIPPED: no cgroup v2 hierarchy mounted here");
+        return;
+    };
+    // A group that another process shares: not ccnoded's alone.
+    let group = v2.join(format!("ccnode-test-shared-{}", std::process::id()));
+    std::fs::create_dir(&group).unwrap();
+    let mut other = Command::new("sleep").arg("600").spawn().unwrap();
+    std::fs::write(group.join("cgroup.procs"), other.id().to_string()).unwrap();
+    let mut node = TestNode::new(CCNODED)
+        .in_cgroup(&group)
+        .with_toml("[sandbox]\ncgroup_delegated = true\n");
+    let err = node.spawn().expect_err("ccnoded must not start");
+    other.kill().unwrap();
+    other.wait().unwrap();
+    for dir in [group.join("workers"), group.join("ccnoded")] {
+        if dir.exists() {
+            remove_group(&dir);
+        }
+    }
+    remove_group(&group);
+    assert!(err.contains("exit status: 78"), "{err}");
+    assert!(
+        err.contains("sandbox.cgroup_delegated") && err.contains("other than ccnoded"),
+        "{err}"
+    );
+}
+
+/// Removes an empty cgroup, waiting out the moment after a reap when the
+/// kernel still counts the dead process in it.
+fn remove_group(dir: &Path) {
+    let deadline = Instant::now() + PATIENCE;
+    while let Err(e) = std::fs::remove_dir(dir) {
+        assert!(
+            e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline,
+            "{}: {e}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

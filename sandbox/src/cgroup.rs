@@ -85,6 +85,183 @@ pub fn place(
     }
 }
 
+/// The controllers ccnoded's workers are limited with, when a delegated
+/// cgroup v2 subtree offers them.
+const LIMIT_CONTROLLERS: [&str; 2] = ["memory", "pids"];
+
+/// The cgroup v2 group ccnoded was delegated, as taken by
+/// [`take_delegation`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delegation {
+    /// The delegated group (under systemd, `…/ccnoded.service`).
+    pub group: PathBuf,
+    /// The leaf ccnoded moved itself into: `group/ccnoded`.
+    pub leaf: PathBuf,
+    /// The parent of the workers' groups: `group/workers`.
+    pub workers: PathBuf,
+    /// Of [`LIMIT_CONTROLLERS`], those enabled for the workers' groups
+    /// (the others are not offered to `group`).
+    pub enabled: Vec<String>,
+}
+
+/// This process's cgroup v2 directory: the `0::` line of
+/// `/proc/self/cgroup`, under the `cgroup2` mount of
+/// `/proc/self/mountinfo`.
+pub fn own_v2_group() -> Result<PathBuf, String> {
+    let read = |p: &str| std::fs::read_to_string(p).map_err(|e| format!("cannot read {p}: {e}"));
+    own_v2_group_in(&read("/proc/self/cgroup")?, &read("/proc/self/mountinfo")?)
+}
+
+/// [`own_v2_group`] from the two files' text.
+fn own_v2_group_in(cgroup: &str, mountinfo: &str) -> Result<PathBuf, String> {
+    let path = cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or("this process is in no cgroup v2 group (no 0:: line in /proc/self/cgroup)")?;
+    if path == "/" {
+        return Err(
+            "this process is in the root cgroup: nothing was delegated to it (under systemd, \
+             Delegate=yes in the unit: the workers drop-in sets it)"
+                .to_owned(),
+        );
+    }
+    let rel = path
+        .strip_prefix('/')
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| format!("/proc/self/cgroup names {path:?}, not a path in the hierarchy"))?;
+    if rel
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(format!(
+            "/proc/self/cgroup names {path:?}, not a plain path"
+        ));
+    }
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        if right.split_whitespace().next() != Some("cgroup2") {
+            continue;
+        }
+        let mut fields = left.split_whitespace().skip(3);
+        let (Some(root), Some(point)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let root = unescape_mountinfo(root);
+        // A mount of a subtree (root other than /) shows only the groups
+        // beneath it.
+        let under = if root == "/" {
+            Some(rel.to_owned())
+        } else {
+            path.strip_prefix(root.as_str())
+                .and_then(|r| r.strip_prefix('/'))
+                .map(str::to_owned)
+        };
+        if let Some(under) = under.filter(|u| !u.is_empty()) {
+            return Ok(PathBuf::from(unescape_mountinfo(point)).join(under));
+        }
+    }
+    Err(format!(
+        "no cgroup2 mount in /proc/self/mountinfo shows this process's group {path}"
+    ))
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, and so on).
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .and_then(|d| {
+                let v = d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0'));
+                u8::try_from(v).ok()
+            });
+        match octal {
+            Some(v) => {
+                out.push(v);
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Takes the cgroup v2 group `group` that was delegated to this process
+/// (systemd's `Delegate=yes`) and lays it out for workers:
+///
+/// ```text
+/// group/                 memory, pids enabled for children (those offered)
+/// ├── ccnoded/           this process (all its threads)
+/// └── workers/           memory, pids enabled for children
+///     └── <worker>-<pid> one group per worker (place, place_devices)
+/// ```
+///
+/// A group whose children have controllers holds no process itself (the
+/// kernel's no-internal-process rule), so this process first moves into
+/// its own leaf. Existing `ccnoded` and `workers` directories are reused
+/// (a restart under the same group). Fails when the group still holds
+/// another process, or cannot be written.
+pub fn take_delegation(group: &Path) -> Result<Delegation, String> {
+    let at = |p: &Path, e: io::Error| format!("{}: {e}", p.display());
+    let offered = std::fs::read_to_string(group.join("cgroup.controllers"))
+        .map_err(|e| format!("{} is not a cgroup v2 directory ({e})", group.display()))?;
+    let enabled: Vec<String> = LIMIT_CONTROLLERS
+        .iter()
+        .filter(|c| offered.split_whitespace().any(|o| o == **c))
+        .map(|c| (*c).to_owned())
+        .collect();
+    let mkdir = |p: &Path| match std::fs::create_dir(p) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(at(p, e)),
+        _ => Ok(()),
+    };
+    let leaf = group.join("ccnoded");
+    mkdir(&leaf)?;
+    // "0": the writing process, with every thread it has.
+    std::fs::write(leaf.join("cgroup.procs"), "0")
+        .map_err(|e| format!("cannot move ccnoded into {}: {e}", leaf.display()))?;
+    let others: Vec<String> = std::fs::read_to_string(group.join("cgroup.procs"))
+        .map_err(|e| at(&group.join("cgroup.procs"), e))?
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    if !others.is_empty() {
+        return Err(format!(
+            "{} still holds processes other than ccnoded ({}): a delegated group must be \
+             ccnoded's alone",
+            group.display(),
+            others.join(" ")
+        ));
+    }
+    let workers = group.join("workers");
+    mkdir(&workers)?;
+    if !enabled.is_empty() {
+        let line = enabled
+            .iter()
+            .map(|c| format!("+{c}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        for dir in [group, workers.as_path()] {
+            let file = dir.join("cgroup.subtree_control");
+            std::fs::write(&file, &line)
+                .map_err(|e| format!("cannot enable {line:?} in {}: {e}", file.display()))?;
+        }
+    }
+    Ok(Delegation {
+        group: group.to_owned(),
+        leaf,
+        workers,
+        enabled,
+    })
+}
+
 /// How workers' device groups under `parent` are enforced: `V1` when it is
 /// a directory of the cgroup v1 `devices` hierarchy, `V2` when it is a
 /// cgroup v2 directory and this process can load device programs;
@@ -298,6 +475,62 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let reason = unavailable_reason(dir.path()).unwrap();
         assert!(reason.contains("not a cgroup v2 directory"), "{reason}");
+    }
+
+    const MOUNTINFO: &str = "\
+24 30 0:22 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+26 24 0:24 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate
+31 26 0:29 / /sys/fs/cgroup/devices rw,relatime - cgroup cgroup rw,devices
+";
+
+    #[test]
+    fn the_own_group_is_found_under_the_cgroup2_mount() {
+        let own = own_v2_group_in("0::/system.slice/ccnoded.service\n", MOUNTINFO).unwrap();
+        assert_eq!(
+            own,
+            Path::new("/sys/fs/cgroup/system.slice/ccnoded.service")
+        );
+        // Hybrid: v1 lines first, v2 mounted at unified; escapes undone.
+        let hybrid = "29 26 0:26 / /sys/fs/cgroup/uni\\040fied rw - cgroup2 cgroup2 rw\n";
+        let cgroup = "5:devices:/\n4:memory:/x\n0::/ccnode-test\n";
+        assert_eq!(
+            own_v2_group_in(cgroup, hybrid).unwrap(),
+            Path::new("/sys/fs/cgroup/uni fied/ccnode-test")
+        );
+        // A mount of a subtree shows what lies beneath its root.
+        let sub = "40 26 0:24 /system.slice /srv/cg rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            own_v2_group_in("0::/system.slice/ccnoded.service\n", sub).unwrap(),
+            Path::new("/srv/cg/ccnoded.service")
+        );
+    }
+
+    #[test]
+    fn no_delegation_is_taken_from_the_root_v1_or_a_strange_path() {
+        let root = own_v2_group_in("0::/\n", MOUNTINFO).unwrap_err();
+        assert!(
+            root.contains("root cgroup") && root.contains("Delegate=yes"),
+            "{root}"
+        );
+        let v1 = own_v2_group_in("4:memory:/x\n1:name=systemd:/x\n", MOUNTINFO).unwrap_err();
+        assert!(v1.contains("no cgroup v2 group"), "{v1}");
+        for bad in ["0::/a/../b\n", "0::/a//b\n", "0::relative\n"] {
+            let e = own_v2_group_in(bad, MOUNTINFO).unwrap_err();
+            assert!(e.contains("not a"), "{bad}: {e}");
+        }
+        let unmounted =
+            own_v2_group_in("0::/x\n", "31 26 0:29 / /d rw - cgroup cgroup rw\n").unwrap_err();
+        assert!(unmounted.contains("no cgroup2 mount"), "{unmounted}");
+        let elsewhere = "40 26 0:24 /other /srv/cg rw - cgroup2 cgroup2 rw\n";
+        assert!(own_v2_group_in("0::/system.slice/x\n", elsewhere).is_err());
+    }
+
+    #[test]
+    fn a_directory_that_is_no_cgroup_is_not_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = take_delegation(dir.path()).unwrap_err();
+        assert!(e.contains("not a cgroup v2 directory"), "{e}");
+        assert!(!dir.path().join("ccnoded").exists());
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub struct TestNode {
     attestation_toml: String,
     extra_toml: String,
     env: Vec<(String, String)>,
+    /// A cgroup v2 directory the daemon starts in (as systemd starts a
+    /// unit in its own group).
+    cgroup: Option<PathBuf>,
     child: Option<Child>,
     notify: Option<Notifications>,
     /// The metrics endpoint's address, read from `status` after start.
@@ -102,10 +105,18 @@ impl TestNode {
             attestation_toml: String::new(),
             extra_toml: String::new(),
             env: Vec::new(),
+            cgroup: None,
             child: None,
             notify: None,
             http_addr: None,
         }
+    }
+
+    /// Starts the daemon in the cgroup v2 directory `dir` (which must
+    /// exist), as systemd starts a unit in its own group.
+    pub fn in_cgroup(mut self, dir: &Path) -> TestNode {
+        self.cgroup = Some(dir.to_owned());
+        self
     }
 
     /// Adds keys to the `[admin]` table (`mode = "0666"`).
@@ -264,6 +275,32 @@ level = "info"
             .stderr(log);
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if let Some(dir) = &self.cgroup {
+            use std::os::unix::ffi::OsStrExt;
+            use std::os::unix::process::CommandExt;
+            let procs = std::ffi::CString::new(dir.join("cgroup.procs").as_os_str().as_bytes())
+                .expect("no NUL in the cgroup path");
+            // SAFETY: between fork and exec the closure calls only open,
+            // write and close (async-signal-safe) on a path made before
+            // the fork, and allocates nothing.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // "0": the writing process itself.
+                    let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    let err = std::io::Error::last_os_error();
+                    libc::close(fd);
+                    if n == 1 {
+                        Ok(())
+                    } else {
+                        Err(err)
+                    }
+                });
+            }
         }
         let mut child = cmd.spawn().expect("spawn ccnoded");
         let deadline = Instant::now() + PATIENCE;
