@@ -28,6 +28,7 @@
 //! | `CCNODE_BENCH_TINY_ROUNDS` | 40      | timed rounds on the tiny model (0: skip it)      |
 //! | `CCNODE_BENCH_SEED`        | 1       | the first model seed tried (see below)           |
 //! | `CCNODE_BENCH_JSON`        | unset   | also write the JSON figures to this file         |
+//! | `CCNODE_BENCH_PEERS_PIN`   | 1       | 0: the in-process peers run candle's default thread count (recounted on every matrix product) instead of pinning it as the worker does |
 //! | `GLIBC_TUNABLES`           | unset   | passed on to ccnoded and its workers too (allocator experiments) |
 //!
 //! Each round runs one greedy generation through ccnoded, one directly and
@@ -78,7 +79,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ccnode_testkit::bench::{count, env_f64, loadavg, Summary};
+use ccnode_testkit::bench::{count, env_f64, loadavg, metric, Summary};
 use ccnode_testkit::{api, TestNode, PATIENCE};
 use ccnode_worker::engine::{Engine, Request};
 use ccnode_worker::reference::{Direct, Run};
@@ -359,6 +360,10 @@ struct Served {
     /// Minor faults of the worker up to the first token, and over the run.
     faults_first: u64,
     faults: u64,
+    /// The worker's own time from reading the request to its first token
+    /// (`ccnode_inference_worker_first_token_seconds`, this request's
+    /// share of its sum).
+    worker_first: Duration,
 }
 
 /// The pids whose CPU time a served generation accounts.
@@ -367,11 +372,28 @@ struct Pids {
     ccnoded: u32,
     /// The jail and everything in it.
     worker: Vec<u32>,
+    /// ccnoded's metrics endpoint, and the model's series there.
+    metrics: SocketAddr,
+    model: &'static str,
 }
 
 impl Pids {
     fn snap(&self) -> (CpuSnap, CpuSnap) {
         (CpuSnap::take(&[self.ccnoded]), CpuSnap::take(&self.worker))
+    }
+
+    /// The sum of the worker-reported times to first token, seconds.
+    fn worker_first_sum(&self) -> f64 {
+        let (status, body) = ccnode_testkit::http_get(self.metrics, "/metrics");
+        assert_eq!(status, 200, "metrics: {body}");
+        metric(
+            &body,
+            &format!(
+                "ccnode_inference_worker_first_token_seconds_sum{{model=\"{}\"}}",
+                self.model
+            ),
+        )
+        .unwrap_or(0.0)
     }
 }
 
@@ -405,7 +427,9 @@ fn served(addr: SocketAddr, model: &str, max_tokens: usize, pids: &Pids) -> Serv
         cpu_client: 0,
         faults_first: 0,
         faults: 0,
+        worker_first: Duration::ZERO,
     };
+    let worker_first0 = pids.worker_first_sum();
     let faults0 = minor_faults(&pids.worker);
     let cpu0 = (pids.snap(), thread_cpu_ns());
     let start = Instant::now();
@@ -444,6 +468,8 @@ fn served(addr: SocketAddr, model: &str, max_tokens: usize, pids: &Pids) -> Serv
                 out.cpu_ccnoded = ccnoded.since(&cpu0.0 .0);
                 out.cpu_worker = worker.since(&cpu0.0 .1);
                 out.faults = minor_faults(&pids.worker) - faults0;
+                out.worker_first =
+                    Duration::from_secs_f64((pids.worker_first_sum() - worker_first0).max(0.0));
                 return out;
             }
             let v: Value = serde_json::from_str(&data)
@@ -699,12 +725,14 @@ impl Case<'_> {
 
     fn print_rounds(&self) {
         println!(
-            "{:>5} {:>24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>7} {:>6} {:>8} {:>8} {:>5} {:>13} {:>20}",
+            "{:>5} {:>24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>7} {:>6} {:>8} {:>8} {:>5} {:>13} {:>20}",
             "round",
             "order",
             "ttft ccn",
             "ttft dir",
             "ttft eng",
+            "wrk1",
+            "path",
             "ms/t ccn",
             "ms/t dir",
             "ms/t eng",
@@ -721,12 +749,14 @@ impl Case<'_> {
         for (i, r) in self.rounds.iter().enumerate() {
             let n = r.served.tokens.max(1) as f64;
             println!(
-                "{:>5} {:>24} {:>9.2} {:>9.2} {:>9.2} {:>9.3} {:>9.3} {:>9.3} {:>+10.1} {:>+10.1} {:>7} {:>6} {:>8.1} {:>8.1} {:>5} {:>13} {:>20}",
+                "{:>5} {:>24} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.3} {:>9.3} {:>9.3} {:>+10.1} {:>+10.1} {:>7} {:>6} {:>8.1} {:>8.1} {:>5} {:>13} {:>20}",
                 i + 1,
                 r.order.join(","),
                 ms(r.served.ttft),
                 ms(r.peers[0].first_token),
                 ms(r.peers[1].first_token),
+                ms(r.served.worker_first),
+                ms(r.served.ttft) - ms(r.served.worker_first),
                 r.served_per_token_ms(),
                 r.peers[0].per_token_ms(),
                 r.peers[1].per_token_ms(),
@@ -851,6 +881,23 @@ impl Case<'_> {
             cpu_cli.p50,
             cpu_wrk.p50
         );
+        let wrk1 = self.spread(|r| ms(r.served.worker_first));
+        let share = self.spread(|r| ms(r.served.ttft) - ms(r.served.worker_first));
+        let in_worker = self.spread(|r| ms(r.served.worker_first) - ms(r.peers[1].first_token));
+        println!(
+            "  TTFT split: the worker's own (request read to first token) {:.3} ms [{:.3} .. {:.3}]; the rest \
+             (ccnoded, sockets, client) {:.3} ms [{:.3} .. {:.3}]; the worker's own less the engine's TTFT \
+             {:+.3} ms [{:+.3} .. {:+.3}]",
+            wrk1.p50,
+            wrk1.p25,
+            wrk1.p75,
+            share.p50,
+            share.p25,
+            share.p75,
+            in_worker.p50,
+            in_worker.p25,
+            in_worker.p75
+        );
         if let Some(g) = &gap {
             println!(
                 "  gaps between ccnoded's text events: n {} p50 {:.3} ms p90 {:.3} p99 {:.3} max {:.3}",
@@ -909,6 +956,7 @@ impl Case<'_> {
                         "cpu_client_us": r.served.cpu_client as f64 / 1e3,
                         "worker_minor_faults_first_token": r.served.faults_first,
                         "worker_minor_faults": r.served.faults,
+                        "worker_first_token_ms": ms(r.served.worker_first),
                     },
                     "direct": local(&r.peers[0]),
                     "engine": local(&r.peers[1]),
@@ -928,6 +976,11 @@ impl Case<'_> {
                 "total_ms": total_s.p50,
             },
             "peers": peers_json,
+            "ttft_split_ms": {
+                "worker_first_token": wrk1.json(),
+                "rest": share.json(),
+                "worker_less_engine": in_worker.json(),
+            },
             "cpu_per_token": {
                 "ccnoded_us": cpu_ccn.json(), "client_us": cpu_cli.json(),
                 "worker_ms": cpu_wrk.json(),
@@ -971,6 +1024,8 @@ fn measure<'a>(
     let pids = Pids {
         ccnoded: node.pid(),
         worker: with_descendants(wait_ready(node, m.name)),
+        metrics: node.http_addr.expect("started"),
+        model: m.name,
     };
     assert!(
         pids.worker.len() > 1,
@@ -994,6 +1049,12 @@ fn measure<'a>(
 }
 
 fn main() {
+    // The worker fixes candle's thread count at start (engine::
+    // pin_thread_count): the in-process peers do the same unless told not
+    // to, so that both sides run candle alike and the difference is the
+    // serving path.
+    let pinned = std::env::var("CCNODE_BENCH_PEERS_PIN").map_or(true, |v| v != "0");
+    let peer_threads = pinned.then(ccnode_worker::engine::pin_thread_count);
     let measuring = std::env::args().any(|a| a == "--bench");
     let rounds = count("CCNODE_BENCH_ROUNDS", if measuring { 5 } else { 1 }, 1.0, 1);
     let tiny_rounds = if measuring {
@@ -1076,6 +1137,13 @@ fn main() {
     });
     let load_after = loadavg();
     println!("load average {load_before} -> {load_after}");
+    println!(
+        "peers' candle threads: {}",
+        match peer_threads {
+            Some(n) => format!("pinned to {n} (RAYON_NUM_THREADS), as the worker pins its own"),
+            None => "candle's default (CCNODE_BENCH_PEERS_PIN=0): it recounts the cores on every matrix product".into(),
+        }
+    );
 
     let report = json!({
         "bench": "inference",
@@ -1083,6 +1151,7 @@ fn main() {
         "bench_model": main_report,
         "tiny_model": tiny_report,
         "load": {"before": load_before, "after": load_after},
+        "peers_threads_pinned": peer_threads,
     });
     println!("BENCH_JSON {report}");
     if let Ok(path) = std::env::var("CCNODE_BENCH_JSON") {

@@ -202,6 +202,32 @@ fn greedy_completions_through_the_sandbox_equal_direct_candle() {
     assert_eq!(v["data"][0]["id"], "tiny");
 
     assert!(metric(&node, "ccnode_model_loads_total{result=\"ok\"}") >= 1.0);
+    // Every generation's first token, as the worker timed it: some of
+    // the API's time to first token, never more.
+    let n = metric(
+        &node,
+        "ccnode_inference_worker_first_token_seconds_count{model=\"tiny\"}",
+    );
+    let api_n = metric(
+        &node,
+        "ccnode_api_time_to_first_token_seconds_count{model=\"tiny\"}",
+    );
+    assert!(
+        n >= 3.0 && n == api_n,
+        "{n} worker vs {api_n} API first tokens"
+    );
+    let worker = metric(
+        &node,
+        "ccnode_inference_worker_first_token_seconds_sum{model=\"tiny\"}",
+    );
+    let api = metric(
+        &node,
+        "ccnode_api_time_to_first_token_seconds_sum{model=\"tiny\"}",
+    );
+    assert!(
+        worker > 0.0 && worker < api,
+        "worker {worker} s, API {api} s"
+    );
 }
 
 #[test]

@@ -22,6 +22,28 @@ pub const MAX_CONFIG_BYTES: usize = 1024 * 1024;
 /// Largest tokenizer.json accepted, bytes.
 pub const MAX_TOKENIZER_BYTES: usize = 64 * 1024 * 1024;
 
+/// Fixes the number of threads candle computes with, once, to what candle
+/// itself would pick, and returns it. Without `RAYON_NUM_THREADS` candle
+/// counts the physical cores anew on every matrix product
+/// (`num_cpus::get_physical`, which reads and parses `/proc/cpuinfo`): on
+/// the benchmark model about 130 reads of some 20 µs each per forward
+/// (docs/benchmarks.md, "Inference overhead"). A `RAYON_NUM_THREADS`
+/// already set is kept. Call it before any other thread starts (it sets
+/// an environment variable); it also sizes rayon's global pool, to the
+/// physical cores rather than the logical ones.
+pub fn pin_thread_count() -> usize {
+    if let Some(n) = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+    {
+        return n;
+    }
+    let n = candle_core::utils::get_num_threads();
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    n
+}
+
 /// A failure with its stable code (`protocol::codes`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]

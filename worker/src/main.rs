@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     keep_freed_memory();
+    ccnode_worker::engine::pin_thread_count();
     // SAFETY: this is the worker process; the jail put the control socket
     // at fd 3 and nothing in this process has taken it.
     let Some(sock) = (unsafe { ccnode_worker::serve::inherited_socket() }) else {

@@ -139,6 +139,11 @@ pub struct Done {
     pub finish: Finish,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Microseconds from the worker reading the `generate` frame to its
+    /// first `token` frame (absent when it sent none): the worker's own
+    /// share of the time to first token, as it reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_token_us: Option<u64>,
 }
 
 /// `ready`: the model is loaded.
@@ -243,9 +248,18 @@ mod tests {
             finish: Finish::Length,
             prompt_tokens: 2,
             completion_tokens: 4,
+            first_token_us: None,
         };
         let v = with_body("done", &d);
         assert_eq!(v["finish"], "length");
+        assert!(v.get("first_token_us").is_none(), "{v}");
+        assert_eq!(parse::<Done>(&v).unwrap(), d);
+        let d = Done {
+            first_token_us: Some(1234),
+            ..d
+        };
+        let v = with_body("done", &d);
+        assert_eq!(v["first_token_us"], 1234);
         assert_eq!(parse::<Done>(&v).unwrap(), d);
     }
 

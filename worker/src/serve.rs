@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use candle_core::Device;
 use ccnode_sandbox::control::{self, FrameError, FrameReader};
@@ -257,7 +258,8 @@ fn test_fault_after_ready() {
 }
 
 enum Work {
-    Generate(Generate),
+    /// With when its frame was read.
+    Generate(Generate, Instant),
     Shutdown,
 }
 
@@ -329,8 +331,8 @@ pub fn run(sock: UnixStream, fd_min: RawFd) -> ExitCode {
     while let Ok(work) = rx.recv() {
         match work {
             Work::Shutdown => break,
-            Work::Generate(g) => {
-                if !serve_one(&engine, &shared, g) {
+            Work::Generate(g, read_at) => {
+                if !serve_one(&engine, &shared, g, read_at) {
                     return ExitCode::from(EXIT_PROTOCOL);
                 }
                 if shared.shutdown.load(Ordering::Acquire) {
@@ -347,7 +349,7 @@ pub fn run(sock: UnixStream, fd_min: RawFd) -> ExitCode {
 }
 
 /// Runs one generation; false when ccnoded can no longer be told.
-fn serve_one(engine: &Engine, shared: &Shared, g: Generate) -> bool {
+fn serve_one(engine: &Engine, shared: &Shared, g: Generate, read_at: Instant) -> bool {
     if let Err(e) = g.check() {
         return shared.send(&protocol::error(Some(g.id), codes::INVALID_REQUEST, &e));
     }
@@ -362,9 +364,13 @@ fn serve_one(engine: &Engine, shared: &Shared, g: Generate) -> bool {
         stop: g.stop,
     };
     let mut alive = true;
+    let mut first_token_us = None;
     let cancelled = || shared.cancelled.load(Ordering::Acquire);
     let result = engine.generate(&req, &cancelled, &mut |text| {
         alive &= shared.send(&protocol::token(g.id, text));
+        first_token_us.get_or_insert_with(|| {
+            u64::try_from(read_at.elapsed().as_micros()).unwrap_or(u64::MAX)
+        });
     });
     shared.current.store(0, Ordering::Release);
     alive
@@ -376,6 +382,7 @@ fn serve_one(engine: &Engine, shared: &Shared, g: Generate) -> bool {
                     finish: o.finish,
                     prompt_tokens: o.prompt_tokens,
                     completion_tokens: o.completion_tokens,
+                    first_token_us,
                 },
             )),
             Err(e) => shared.send(&protocol::error(Some(g.id), e.code, &e.message)),
@@ -384,7 +391,9 @@ fn serve_one(engine: &Engine, shared: &Shared, g: Generate) -> bool {
 
 fn read_loop(mut reader: FrameReader<UnixStream>, shared: Arc<Shared>, tx: mpsc::Sender<Work>) {
     loop {
-        let frame = match reader.next_frame() {
+        let frame = reader.next_frame();
+        let read_at = Instant::now();
+        let frame = match frame {
             Ok(f) => f,
             Err(FrameError::Closed) | Err(FrameError::Io(_)) => {
                 // ccnoded is gone: stop what runs and end.
@@ -413,7 +422,7 @@ fn read_loop(mut reader: FrameReader<UnixStream>, shared: Arc<Shared>, tx: mpsc:
                     shared.send(&protocol::error(None, codes::PROTOCOL, "id 0 is reserved"));
                 }
                 Ok(g) => {
-                    if tx.send(Work::Generate(g)).is_err() {
+                    if tx.send(Work::Generate(g, read_at)).is_err() {
                         return;
                     }
                 }

@@ -921,6 +921,14 @@ impl Model {
                 let job = lock(&r.busy).take_if(|j| j.id == id);
                 let Some(job) = job else { return false };
                 if let Ok(done) = wp::parse::<wp::Done>(&frame) {
+                    if let (Some(secs), Some(m)) =
+                        (worker_first_token_secs(done.first_token_us), self.manager())
+                    {
+                        m.metrics
+                            .worker_first_token
+                            .with_label_values(&[self.cfg.name.as_str()])
+                            .observe(secs);
+                    }
                     self.count_generation(match done.finish {
                         Finish::Stop => "stop",
                         Finish::Length => "length",
@@ -1271,6 +1279,19 @@ pub struct InferenceMetrics {
     pub exits: prometheus::IntCounterVec,
     pub seccomp_violations: prometheus::IntCounter,
     pub generations: prometheus::IntCounterVec,
+    pub worker_first_token: prometheus::HistogramVec,
+}
+
+/// The longest worker-reported time to a first token kept in
+/// `ccnode_inference_worker_first_token_seconds`: anything longer is a
+/// worker's nonsense, not a measurement.
+const MAX_WORKER_FIRST_TOKEN_US: u64 = 3_600_000_000;
+
+/// A `done` frame's `first_token_us` as seconds to observe, or `None`
+/// when absent or beyond [`MAX_WORKER_FIRST_TOKEN_US`].
+fn worker_first_token_secs(us: Option<u64>) -> Option<f64> {
+    us.filter(|&us| us <= MAX_WORKER_FIRST_TOKEN_US)
+        .map(|us| us as f64 / 1e6)
 }
 
 impl InferenceMetrics {
@@ -1341,6 +1362,22 @@ impl InferenceMetrics {
                 )
                 .expect("valid metric"),
             ),
+            worker_first_token: reg(
+                registry,
+                prometheus::HistogramVec::new(
+                    prometheus::HistogramOpts::new(
+                        "ccnode_inference_worker_first_token_seconds",
+                        "Time from the worker reading a generation to its first token, as the worker reports it \
+                         (tokenising and prefill); ccnode_api_time_to_first_token_seconds less this is ccnoded's share.",
+                    )
+                    .buckets(vec![
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                        30.0, 60.0,
+                    ]),
+                    &["model"],
+                )
+                .expect("valid metric"),
+            ),
             seccomp_violations: reg(
                 registry,
                 IntCounter::new(
@@ -1365,5 +1402,25 @@ impl InferenceMetrics {
                     .set(n as i64);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_reported_first_token_time_is_bounded() {
+        assert_eq!(worker_first_token_secs(None), None);
+        assert_eq!(worker_first_token_secs(Some(1_500)), Some(0.0015));
+        assert_eq!(
+            worker_first_token_secs(Some(MAX_WORKER_FIRST_TOKEN_US)),
+            Some(3600.0)
+        );
+        assert_eq!(
+            worker_first_token_secs(Some(MAX_WORKER_FIRST_TOKEN_US + 1)),
+            None
+        );
+        assert_eq!(worker_first_token_secs(Some(u64::MAX)), None);
     }
 }
