@@ -659,7 +659,31 @@ mod tests {
             device: "cuda".into(),
             ..load(model_files(true))
         });
+        #[cfg(not(feature = "cuda"))]
         assert_eq!(e["code"], codes::DEVICE_UNAVAILABLE, "{e}");
+        #[cfg(feature = "cuda")]
+        {
+            // No granted device named: refused before CUDA is asked.
+            assert_eq!(e["code"], codes::DEVICE_MISMATCH, "{e}");
+            let two = refused(Load {
+                device: "cuda".into(),
+                gpus: vec!["GPU-a".into(), "GPU-b".into()],
+                ..load(model_files(true))
+            });
+            assert_eq!(two["code"], codes::DEVICE_MISMATCH, "{two}");
+            // One named: where CUDA has no device (CI, or a driver without
+            // a GPU) it fails itself; where it has one, this UUID is none
+            // of them. Either way nothing is served.
+            let one = refused(Load {
+                device: "cuda".into(),
+                gpus: vec!["GPU-00000000-0000-0000-0000-000000000000".into()],
+                ..load(model_files(true))
+            });
+            assert!(
+                one["code"] == codes::DEVICE_UNAVAILABLE || one["code"] == codes::DEVICE_MISMATCH,
+                "{one}"
+            );
+        }
     }
 
     #[test]
