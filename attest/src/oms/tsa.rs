@@ -11,8 +11,8 @@
 //! authority's signing certificate, and any certificate embedded for it is
 //! that certificate byte for byte; the signed attributes hold the content
 //! type `id-ct-TSTInfo` and the digest of the exact `TSTInfo` bytes, and
-//! an ESS `signingCertificateV2`, when present, names that certificate by
-//! hash; the ECDSA signature over the signed attributes verifies with its
+//! an ESS `signingCertificateV2` or `signingCertificate` (v1, SHA-1),
+//! each when present, names that certificate by hash; the ECDSA signature over the signed attributes verifies with its
 //! key; the certificate carries a critical extended key usage with
 //! `timeStamping`; every link of the authority's chain is signed by the
 //! next and valid at the timestamp's time; and the authority's validity
@@ -39,6 +39,7 @@ const OID_TST_INFO: &str = "1.2.840.113549.1.9.16.1.4";
 const OID_CONTENT_TYPE: &str = "1.2.840.113549.1.9.3";
 const OID_MESSAGE_DIGEST: &str = "1.2.840.113549.1.9.4";
 const OID_SIGNING_CERT_V2: &str = "1.2.840.113549.1.9.16.2.47";
+const OID_SIGNING_CERT: &str = "1.2.840.113549.1.9.16.2.12";
 const OID_EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
 const OID_KP_TIME_STAMPING: &str = "1.3.6.1.5.5.7.3.8";
 const OID_EXT_KEY_USAGE: &str = "2.5.29.37";
@@ -232,6 +233,8 @@ struct Token<'a> {
     content_type: String,
     message_digest: &'a [u8],
     ess_cert_hash: Option<(String, &'a [u8])>,
+    /// ESS signingCertificate (v1): the signer's certificate's SHA-1.
+    ess_v1_hash: Option<&'a [u8]>,
     signature_alg: String,
     signature: &'a [u8],
 }
@@ -360,6 +363,7 @@ fn parse(der: &[u8]) -> Result<Token<'_>, String> {
     let mut content_type = None;
     let mut message_digest = None;
     let mut ess_cert_hash = None;
+    let mut ess_v1_hash = None;
     let mut seen = Vec::new();
     let mut r = inner(attrs);
     while !r.is_empty() {
@@ -396,6 +400,21 @@ fn parse(der: &[u8]) -> Result<Token<'_>, String> {
                 let hash = id.expect(OCTET_STRING, "ESSCertIDv2 certHash")?.body;
                 ess_cert_hash = Some((alg, hash));
             }
+            OID_SIGNING_CERT => {
+                // SigningCertificate ::= SEQUENCE { certs SEQUENCE OF
+                //   ESSCertID { certHash OCTET STRING (SHA-1), … }, … }
+                if value.tag != SEQUENCE {
+                    return Err("signingCertificate is not a SEQUENCE".into());
+                }
+                let mut v = inner(value);
+                let mut certs = inner(v.expect(SEQUENCE, "ESSCertID list")?);
+                let mut id = inner(certs.expect(SEQUENCE, "ESSCertID")?);
+                let hash = id.expect(OCTET_STRING, "ESSCertID certHash")?.body;
+                if hash.len() != 20 {
+                    return Err("ESSCertID certHash is not a SHA-1 hash".into());
+                }
+                ess_v1_hash = Some(hash);
+            }
             _ => {}
         }
         seen.push(kind);
@@ -412,6 +431,7 @@ fn parse(der: &[u8]) -> Result<Token<'_>, String> {
         content_type: content_type.ok_or("no contentType signed attribute")?,
         message_digest: message_digest.ok_or("no messageDigest signed attribute")?,
         ess_cert_hash,
+        ess_v1_hash,
         signature_alg,
         signature,
     })
@@ -470,6 +490,11 @@ fn verify_with(t: &Token<'_>, ca: &Authority) -> Result<SystemTime, String> {
     if let Some((alg, hash)) = &t.ess_cert_hash {
         if digest(alg, &ca.chain_der[0])? != *hash {
             return Err("signingCertificateV2 names another certificate".into());
+        }
+    }
+    if let Some(hash) = t.ess_v1_hash {
+        if sha1::Sha1::digest(&ca.chain_der[0])[..] != *hash {
+            return Err("signingCertificate names another certificate".into());
         }
     }
     let eku = leaf

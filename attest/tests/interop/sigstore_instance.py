@@ -55,6 +55,12 @@ sign INSTANCE MODEL_DIR SIG_OUT --identity ID --issuer ISSUER
       tsa_other_message  the timestamp is over other bytes
       tsa_after_expiry   a valid timestamp at a time the leaf has expired
                          (T stays now minus one hour)
+      tsa_ess_v1         as tsa, the signer named by an ESS
+                         signingCertificate (v1, SHA-1) instead of v2
+      tsa_ess_other_cert the instance TSA's key and issuer and serial, but
+                         the ESS signingCertificateV2 names another
+                         certificate (no certificate embedded)
+      tsa_ess_v1_other_cert  the same with ESS v1
 
 verify INSTANCE MODEL_DIR SIG --identity ID --issuer ISSUER [--api]
     Runs the reference CLI: model_signing verify sigstore --trust_config
@@ -134,6 +140,9 @@ VARIANTS = (
     "tsa_untrusted",
     "tsa_other_message",
     "tsa_after_expiry",
+    "tsa_ess_v1",
+    "tsa_ess_other_cert",
+    "tsa_ess_v1_other_cert",
 )
 
 TSA_URL = "https://tsa.test/api/v1/timestamp"
@@ -338,9 +347,30 @@ def make_tsa():
     return root, key, leaf
 
 
-def openssl_timestamp(work, key, leaf, message):
+def twin_certificate(key, leaf):
+    """A certificate with `leaf`'s subject, issuer, serial, key and usages
+    but other bytes (a day shorter, signed by a throwaway key): what an
+    ESS certificate hash tells apart from `leaf` and nothing else does."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(leaf.subject)
+        .issuer_name(leaf.issuer)
+        .public_key(key.public_key())
+        .serial_number(leaf.serial_number)
+        .not_valid_before(leaf.not_valid_before_utc)
+        .not_valid_after(leaf.not_valid_after_utc - datetime.timedelta(days=1))
+    )
+    for ext in leaf.extensions:
+        builder = builder.add_extension(ext.value, critical=ext.critical)
+    return builder.sign(ec.generate_private_key(ec.SECP384R1()), hashes.SHA384())
+
+
+def openssl_timestamp(work, key, leaf, message, ess_alg="sha256", embed=True):
     """An RFC 3161 TimeStampResp over sha256(message), made by OpenSSL's own
-    TSA (`openssl ts -reply`) with `key`/`leaf`, at the current time."""
+    TSA (`openssl ts -reply`) with `key`/`leaf`, at the current time.
+    `ess_alg` sha1 makes OpenSSL name the signer with an ESS
+    signingCertificate (v1), anything else with signingCertificateV2;
+    `embed` False leaves the signer's certificate out of the token."""
     work = pathlib.Path(work)
     write_key(work / "tsa.key", key)
     write_cert(work / "tsa.pem", leaf)
@@ -350,11 +380,12 @@ def openssl_timestamp(work, key, leaf, message):
         f"serial = {work / 'serial'}\n"
         "signer_digest = sha256\ndefault_policy = 1.3.6.1.4.1.57264.2\n"
         "digests = sha256, sha384, sha512\naccuracy = secs:1\nordering = no\n"
-        "tsa_name = no\ness_cert_id_chain = no\ness_cert_id_alg = sha256\n"
+        f"tsa_name = no\ness_cert_id_chain = no\ness_cert_id_alg = {ess_alg}\n"
     )
     digest = hashlib.sha256(message).hexdigest()
     run = lambda *a: subprocess.run(["openssl", "ts", *a], check=True, capture_output=True)
-    run("-query", "-digest", digest, "-sha256", "-cert", "-no_nonce", "-out", str(work / "q.tsq"))
+    cert = ["-cert"] if embed else []
+    run("-query", "-digest", digest, "-sha256", *cert, "-no_nonce", "-out", str(work / "q.tsq"))
     run(
         "-reply", "-queryfile", str(work / "q.tsq"), "-signer", str(work / "tsa.pem"),
         "-inkey", str(work / "tsa.key"), "-config", str(work / "tsa.cnf"),
@@ -771,8 +802,12 @@ def cmd_sign(args):
         message = base64.b64decode(sig_b64)
         if v == "tsa_other_message":
             message = b"not this signature: " + message
+        ess_alg = "sha1" if v.startswith("tsa_ess_v1") else "sha256"
+        embed = True
+        if v.endswith("_other_cert"):
+            tsa_leaf, embed = twin_certificate(tsa_key, tsa_leaf), False
         with tempfile.TemporaryDirectory() as work:
-            tsr = openssl_timestamp(work, tsa_key, tsa_leaf, message)
+            tsr = openssl_timestamp(work, tsa_key, tsa_leaf, message, ess_alg, embed)
         timestamps = {"rfc3161Timestamps": [{"signedTimestamp": b64(tsr)}]}
     bundle = {
         "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
