@@ -225,6 +225,14 @@ pub fn sandbox_exec(
         grant_devices(&config.gpu, gpus)?
     };
     let support = HostSupport::probe(cfg);
+    if cfg.cgroup_delegated {
+        // Moving this one-shot command out of its own group would leave the
+        // caller's shell behind in a group with controllers enabled.
+        eprintln!(
+            "sandbox: sandbox.cgroup_delegated is taken by the daemon only; this command runs \
+             without cgroups"
+        );
+    }
     if let Some(why) = &support.cgroup_unavailable {
         eprintln!("sandbox: no cgroup limits: {why}");
     }

@@ -147,6 +147,21 @@ fn a_device_cgroup_holds_the_worker_where_the_host_has_one() {
 }
 
 #[test]
+fn a_delegated_cgroup_is_the_daemons_alone() {
+    let out = sandbox_exec(
+        &format!("{NOBODY}cgroup_delegated = true\n"),
+        &["--", "true"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("sandbox.cgroup_delegated is taken by the daemon only"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("no cgroup limits"), "{stderr}");
+}
+
+#[test]
 fn on_cgroup_v2_a_device_program_holds_the_worker() {
     let Some(root) = ccnode_testkit::cgroup2_mount() else {
         eprintln!("SKIPPED: no cgroup v2 mount here");
