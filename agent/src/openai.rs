@@ -595,12 +595,14 @@ async fn handle_inner(
         model: parsed.model.clone(),
         include_usage: parsed.include_usage,
     };
+    // Before the submit: it may already hand the generation to a worker.
+    let accepted = Instant::now();
     let generation = ctx
         .inference
         .submit(&parsed.model, parsed.params)
         .map_err(|e| ApiError::from_submit(&e))?;
     let timer = TokenTimer {
-        accepted: Instant::now(),
+        accepted,
         last: None,
         ttft: ctx
             .metrics
