@@ -1002,12 +1002,9 @@ fn misbehaving_workers_are_ended_for_it_while_ccnoded_keeps_answering() {
 /// behind.
 #[test]
 fn a_delegated_cgroup_holds_ccnoded_in_a_leaf_and_its_workers_beneath() {
-    let Some(v2) = ccnode_testkit::cgroup2_mount() else {
-        eprintln!("SKIPPED: no cgroup v2 hierarchy mounted here");
+    let Some(group) = ccnode_testkit::scratch_cgroup2("delegated") else {
         return;
     };
-    let group = v2.join(format!("ccnode-test-delegated-{}", std::process::id()));
-    std::fs::create_dir(&group).unwrap();
     let m = make_model("tiny", &small(), 21);
     let worker = api::workspace_bin("ccnode-worker");
     let mut node = TestNode::new(CCNODED)
@@ -1087,20 +1084,17 @@ fn a_delegated_cgroup_holds_ccnoded_in_a_leaf_and_its_workers_beneath() {
         .filter(|p| p.is_dir())
         .collect();
     for dir in [workers, group.join("ccnoded"), group.clone()] {
-        remove_group(&dir);
+        ccnode_testkit::remove_cgroup(&dir);
     }
     assert!(left.is_empty(), "worker groups left behind: {left:?}");
 }
 
 #[test]
 fn a_delegation_that_is_not_there_is_refused_at_start() {
-    let Some(v2) = ccnode_testkit::cgroup2_mount() else {
-        eprintln!("SKIPPED: no cgroup v2 hierarchy mounted here");
+    // A group that another process shares: not ccnoded's alone.
+    let Some(group) = ccnode_testkit::scratch_cgroup2("shared") else {
         return;
     };
-    // A group that another process shares: not ccnoded's alone.
-    let group = v2.join(format!("ccnode-test-shared-{}", std::process::id()));
-    std::fs::create_dir(&group).unwrap();
     let mut other = Command::new("sleep").arg("600").spawn().unwrap();
     std::fs::write(group.join("cgroup.procs"), other.id().to_string()).unwrap();
     let mut node = TestNode::new(CCNODED)
@@ -1111,27 +1105,13 @@ fn a_delegation_that_is_not_there_is_refused_at_start() {
     other.wait().unwrap();
     for dir in [group.join("workers"), group.join("ccnoded")] {
         if dir.exists() {
-            remove_group(&dir);
+            ccnode_testkit::remove_cgroup(&dir);
         }
     }
-    remove_group(&group);
+    ccnode_testkit::remove_cgroup(&group);
     assert!(err.contains("exit status: 78"), "{err}");
     assert!(
         err.contains("sandbox.cgroup_delegated") && err.contains("other than ccnoded"),
         "{err}"
     );
-}
-
-/// Removes an empty cgroup, waiting out the moment after a reap when the
-/// kernel still counts the dead process in it.
-fn remove_group(dir: &Path) {
-    let deadline = Instant::now() + PATIENCE;
-    while let Err(e) = std::fs::remove_dir(dir) {
-        assert!(
-            e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline,
-            "{}: {e}",
-            dir.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }

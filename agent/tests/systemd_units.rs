@@ -769,21 +769,18 @@ fn the_drop_in_capabilities_are_what_the_jail_needs_and_all_it_needs() {
 
 #[test]
 fn under_the_drop_in_capabilities_a_cgroup_v2_device_program_is_attached() {
-    let Some(v2) = ccnode_testkit::cgroup2_mount() else {
-        eprintln!("SKIPPED: no cgroup v2 mount here");
-        return;
-    };
     // A directory of ccnoded's own, as Delegate=yes gives it (root-owned,
     // 0755; the hierarchy's root may be read-only to root without
     // CAP_DAC_OVERRIDE).
-    let parent = v2.join(format!("ccnode-test-dropin-{}", std::process::id()));
-    std::fs::create_dir(&parent).unwrap();
+    let Some(parent) = ccnode_testkit::scratch_cgroup2("dropin") else {
+        return;
+    };
     let config = format!(
         "[sandbox]\nworker_user = \"nobody\"\ndevice_cgroup_parent = \"{}\"\n",
         parent.display()
     );
     let out = sandbox_exec_with(&drop_in_capabilities(), &config);
-    std::fs::remove_dir(&parent).unwrap();
+    ccnode_testkit::remove_cgroup(&parent);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(!stderr.contains("no device cgroup"), "{stderr}");

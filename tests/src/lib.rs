@@ -590,3 +590,30 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
             .flatten()
     })
 }
+
+/// A cgroup v2 group of the test's own, `<v2 mount>/ccnode-test-<what>-<pid>`,
+/// created; `None` (with a SKIPPED line) where no v2 hierarchy is mounted.
+pub fn scratch_cgroup2(what: &str) -> Option<PathBuf> {
+    let Some(v2) = cgroup2_mount() else {
+        eprintln!("SKIPPED: no cgroup v2 hierarchy mounted here");
+        return None;
+    };
+    let group = v2.join(format!("ccnode-test-{what}-{}", std::process::id()));
+    std::fs::create_dir(&group)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", group.display()));
+    Some(group)
+}
+
+/// Removes an empty cgroup, waiting out the moment after a reap when the
+/// kernel still counts the dead process in it.
+pub fn remove_cgroup(dir: &Path) {
+    let deadline = Instant::now() + PATIENCE;
+    while let Err(e) = std::fs::remove_dir(dir) {
+        assert!(
+            e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline,
+            "{}: {e}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

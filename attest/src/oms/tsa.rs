@@ -387,12 +387,7 @@ fn parse(der: &[u8]) -> Result<Token<'_>, String> {
             OID_SIGNING_CERT_V2 => {
                 // SigningCertificateV2 ::= SEQUENCE { certs SEQUENCE OF
                 //   ESSCertIDv2 { hashAlgorithm DEFAULT sha256, certHash, … } }
-                if value.tag != SEQUENCE {
-                    return Err("signingCertificateV2 is not a SEQUENCE".into());
-                }
-                let mut v = inner(value);
-                let mut certs = inner(v.expect(SEQUENCE, "ESSCertIDv2 list")?);
-                let mut id = inner(certs.expect(SEQUENCE, "ESSCertIDv2")?);
+                let mut id = first_ess_cert_id(value, "signingCertificateV2", "ESSCertIDv2")?;
                 let alg = match id.optional(SEQUENCE)? {
                     Some(a) => algorithm(a, "ESSCertIDv2 hashAlgorithm")?,
                     None => "2.16.840.1.101.3.4.2.1".to_owned(),
@@ -403,12 +398,7 @@ fn parse(der: &[u8]) -> Result<Token<'_>, String> {
             OID_SIGNING_CERT => {
                 // SigningCertificate ::= SEQUENCE { certs SEQUENCE OF
                 //   ESSCertID { certHash OCTET STRING (SHA-1), … }, … }
-                if value.tag != SEQUENCE {
-                    return Err("signingCertificate is not a SEQUENCE".into());
-                }
-                let mut v = inner(value);
-                let mut certs = inner(v.expect(SEQUENCE, "ESSCertID list")?);
-                let mut id = inner(certs.expect(SEQUENCE, "ESSCertID")?);
+                let mut id = first_ess_cert_id(value, "signingCertificate", "ESSCertID")?;
                 let hash = id.expect(OCTET_STRING, "ESSCertID certHash")?.body;
                 if hash.len() != 20 {
                     return Err("ESSCertID certHash is not a SHA-1 hash".into());
@@ -435,6 +425,18 @@ fn parse(der: &[u8]) -> Result<Token<'_>, String> {
         signature_alg,
         signature,
     })
+}
+
+/// The first ESS certificate id of a `signingCertificate` or
+/// `signingCertificateV2` attribute value (`SEQUENCE { certs SEQUENCE OF
+/// id, … }`: the first names the signer), its fields unread.
+fn first_ess_cert_id<'a>(value: Tlv<'a>, attr: &str, id: &str) -> Result<Reader<'a>, String> {
+    if value.tag != SEQUENCE {
+        return Err(format!("{attr} is not a SEQUENCE"));
+    }
+    let mut v = inner(value);
+    let mut certs = inner(v.expect(SEQUENCE, &format!("{id} list"))?);
+    Ok(inner(certs.expect(SEQUENCE, id)?))
 }
 
 /// Whether `sid` names `c`.
