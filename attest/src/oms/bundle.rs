@@ -54,18 +54,22 @@ pub const MAX_PROOF_HASHES: usize = 64;
 /// Largest checkpoint (signed note) accepted.
 pub const MAX_CHECKPOINT: usize = 4096;
 
-/// One Rekor (v1) transparency-log entry, as the bundle carries it.
+/// One transparency-log entry (Rekor v1 or v2), as the bundle carries it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlogEntry {
     /// The entry's index in the whole log (what the signed entry timestamp
     /// covers).
     pub log_index: u64,
-    /// The log's key id: SHA-256 of its DER public key.
+    /// The log's id: SHA-256 of its DER public key (Rekor v1, and v2 logs
+    /// with ECDSA keys), or the signed-note key id of its checkpoint key
+    /// (Rekor v2 logs with Ed25519 keys).
     pub key_id: Vec<u8>,
     pub kind: String,
     pub version: String,
-    /// Seconds since the epoch at which the log integrated the entry.
-    pub integrated_time: u64,
+    /// Seconds since the epoch at which the log integrated the entry; only
+    /// Rekor v1 records one (absent or zero: `None`), and it means something
+    /// only with the signed entry timestamp that covers it.
+    pub integrated_time: Option<u64>,
     /// The log's signature over the entry (the inclusion promise).
     pub signed_entry_timestamp: Option<Vec<u8>>,
     pub inclusion_proof: Option<InclusionProof>,
@@ -137,7 +141,7 @@ struct RawTlogEntry {
     log_index: u64,
     log_id: RawLogId,
     kind_version: RawKindVersion,
-    #[serde(deserialize_with = "int64")]
+    #[serde(default, deserialize_with = "int64")]
     integrated_time: u64,
     inclusion_promise: Option<RawPromise>,
     inclusion_proof: Option<RawProof>,
@@ -274,7 +278,7 @@ impl RawTlogEntry {
             key_id,
             kind: self.kind_version.kind,
             version: self.kind_version.version,
-            integrated_time: self.integrated_time,
+            integrated_time: Some(self.integrated_time).filter(|&t| t != 0),
             signed_entry_timestamp,
             inclusion_proof,
             body,

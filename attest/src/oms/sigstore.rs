@@ -2,37 +2,44 @@
 //! supplied as a file.
 //!
 //! A keyless bundle carries a short-lived certificate (Fulcio) binding an
-//! OIDC identity to a key, and a transparency-log entry (Rekor v1) proving
-//! that the signature existed while the certificate was valid. Offline, with
-//! a Sigstore trusted root (`trusted_root.json`, or a client trust config
-//! holding one), ccnode checks:
+//! OIDC identity to a key, and a transparency-log entry (Rekor v1 or v2)
+//! proving that the signature was logged. Offline, with a Sigstore trusted
+//! root (`trusted_root.json`, or a client trust config holding one), ccnode
+//! checks:
 //!
-//! 1. the log entry: its log is in the trust root; the log's signed entry
-//!    timestamp over (body, integrated time, log id, log index); the RFC 6962
-//!    inclusion proof up to the root hash; the checkpoint (signed note)
-//!    committing to that root and tree size, signed by the same log key;
-//!    the entry's body (kind `dsse` 0.0.1) records this envelope's payload
-//!    hash, its signature and this certificate;
-//! 2. the certificate, at the entry's integrated time (the only trusted
-//!    time: Fulcio certificates live ten minutes): it chains to a
-//!    certificate authority of the trust root whose validity covers that
-//!    time, every link valid then; it allows code signing; it carries an
-//!    embedded SCT signed by a CT log of the trust root over the
-//!    precertificate;
-//! 3. the identity: the certificate's SAN (email or URI) and its OIDC
-//!    issuer extension, which the trust policy matches as pairs;
-//! 4. the DSSE signature over the payload with the certificate's key.
-//!
-//! 5. RFC 3161 timestamps (`timestampVerificationData`, [`super::tsa`]):
+//! 1. RFC 3161 timestamps (`timestampVerificationData`, [`super::tsa`]):
 //!    a bundle with any needs timestamp authorities in the trust root; each
 //!    that verifies against one of them is a time the certificate must
-//!    also have been valid at (as sigstore-python: one that does not verify
-//!    is set aside, not refused; the log's integrated time stays required).
+//!    have been valid at (as sigstore-python: one that does not verify is
+//!    set aside, not refused);
+//! 2. the log entry: its log is in the trust root and its key valid at the
+//!    signing time; the RFC 6962 inclusion proof up to the root hash; the
+//!    checkpoint (signed note) committing to that root and tree size,
+//!    signed by the same log key; and by kind:
+//!    - Rekor v1, `dsse` 0.0.1: the log's signed entry timestamp over
+//!      (body, integrated time, log id, log index), which makes the
+//!      integrated time a verified time; the body records this envelope's
+//!      payload hash, its signature and this certificate;
+//!    - Rekor v2, `hashedrekord` 0.0.2 (how Rekor v2 logs a DSSE envelope,
+//!      rekor-v2-spec 6.1.4): no integrated time, so the time comes from
+//!      the timestamps alone; the body records the hash of the envelope's
+//!      PAE (the hash the certificate's key details name), its signature
+//!      and this certificate. Rekor v2 logs may sign checkpoints with
+//!      Ed25519: the log id is then the signed-note key id, SHA-256 of the
+//!      key's name, a newline, 0x01 and the key, and the checkpoint's origin
+//!      and signer name must be the name that id was made from;
+//! 3. the certificate, at every verified time (at least one: Fulcio
+//!    certificates live ten minutes): it chains to a certificate authority
+//!    of the trust root whose validity covers that time, every link valid
+//!    then; it allows code signing; it carries an embedded SCT signed by a
+//!    CT log of the trust root over the precertificate;
+//! 4. the identity: the certificate's SAN (email or URI) and its OIDC
+//!    issuer extension, which the trust policy matches as pairs;
+//! 5. the DSSE signature over the payload with the certificate's key.
 //!
-//! Not done: Rekor v2 entries and Ed25519 log keys are refused (the
-//! production signing configuration names Rekor v1 only; v2 is on the
-//! staging instance); RSA timestamp authorities are refused; certificate
-//! revocation does not exist in Sigstore and is not checked.
+//! Not done: RSA timestamp authorities are refused; witness cosignatures on
+//! checkpoints are not checked (the trust root names no witnesses);
+//! certificate revocation does not exist in Sigstore and is not checked.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -43,6 +50,7 @@ use const_oid::db::rfc5280::{
 };
 use der::asn1::ObjectIdentifier;
 use der::{Decode, Encode};
+use serde::de::IgnoredAny;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use x509_cert::ext::pkix::name::GeneralName;
@@ -86,13 +94,62 @@ impl Window {
     }
 }
 
+/// The algorithm identifier of an Ed25519 key (RFC 8410).
+const ID_ED25519: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.101.112");
+
+/// A log's public key: ECDSA (Rekor v1, CT logs, Rekor v2 logs so keyed)
+/// or Ed25519 (Rekor v2 logs).
+#[derive(Debug, Clone)]
+enum LogVerifier {
+    Ecdsa(PublicKey),
+    Ed25519(ed25519_dalek::VerifyingKey),
+}
+
+impl LogVerifier {
+    fn verify(&self, msg: &[u8], sig: &[u8]) -> bool {
+        match self {
+            LogVerifier::Ecdsa(key) => key.verify(msg, sig),
+            // Strict: canonical encodings only and no small-order points,
+            // which every signature an honest log makes satisfies.
+            LogVerifier::Ed25519(key) => ed25519_dalek::Signature::from_slice(sig)
+                .is_ok_and(|sig| key.verify_strict(msg, &sig).is_ok()),
+        }
+    }
+}
+
+/// An Ed25519 key from its DER SubjectPublicKeyInfo.
+fn ed25519_from_spki(der: &[u8]) -> Result<ed25519_dalek::VerifyingKey, String> {
+    let spki = spki::SubjectPublicKeyInfoRef::from_der(der)
+        .map_err(|e| format!("not a public key: {e}"))?;
+    if spki.algorithm.oid != ID_ED25519 || spki.algorithm.parameters.is_some() {
+        return Err("PKIX_ED25519 key that is not an Ed25519 key".into());
+    }
+    let raw: [u8; 32] = spki
+        .subject_public_key
+        .as_bytes()
+        .and_then(|b| b.try_into().ok())
+        .ok_or("Ed25519 key is not 32 bytes")?;
+    ed25519_dalek::VerifyingKey::from_bytes(&raw).map_err(|_| "invalid Ed25519 key".into())
+}
+
+/// The signed-note key id of an Ed25519 key named `name` (c2sp.org
+/// signed-note): SHA-256(name || 0x0A || 0x01 || key). Its first four
+/// bytes are the key hash a note's signature line starts with.
+fn note_key_id(name: &str, key: &ed25519_dalek::VerifyingKey) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(name.as_bytes());
+    h.update([b'\n', 0x01]);
+    h.update(key.as_bytes());
+    h.finalize().into()
+}
+
 /// A transparency or CT log's key.
 #[derive(Debug, Clone)]
 struct LogKey {
     key_id: Vec<u8>,
-    /// `None` for a key type ccnode does not verify (Ed25519, RSA): entries
-    /// from that log are refused with a clear reason.
-    key: Option<PublicKey>,
+    /// `None` for a key type ccnode does not verify (RSA): entries from
+    /// that log are refused with a clear reason.
+    key: Option<LogVerifier>,
     window: Window,
     url: String,
 }
@@ -123,8 +180,9 @@ pub struct KeylessSigner {
     pub identities: Vec<String>,
     /// The OIDC issuer that vouched for the identity.
     pub issuer: String,
-    /// When the log integrated the signature (seconds since the epoch).
-    pub integrated_time: u64,
+    /// When the log integrated the signature (seconds since the epoch), as
+    /// its signed entry timestamp vouches; Rekor v2 records none.
+    pub integrated_time: Option<u64>,
     /// The entry's index in the log, and the log's URL.
     pub log_index: u64,
     pub log_url: String,
@@ -225,6 +283,15 @@ fn log_key(raw: &RawLog, what: &str) -> Result<LogKey, String> {
         return Err(format!("{what}: log id is not 32 bytes"));
     }
     let key = match &raw.public_key.raw_bytes {
+        // Rekor v2 with an Ed25519 key: the log id is the signed-note key
+        // id, which commits to the log's name as well; it is checked
+        // against the checkpoint's name when an entry is verified.
+        Some(bytes) if raw.public_key.key_details == "PKIX_ED25519" => {
+            let der = b64(what, bytes).map_err(|e| e.to_string())?;
+            let key =
+                ed25519_from_spki(&der).map_err(|e| format!("{what} ({}): {e}", raw.base_url))?;
+            Some(LogVerifier::Ed25519(key))
+        }
         Some(bytes) => {
             let der = b64(what, bytes).map_err(|e| e.to_string())?;
             match PublicKey::from_spki_der(&der) {
@@ -234,9 +301,9 @@ fn log_key(raw: &RawLog, what: &str) -> Result<LogKey, String> {
                         raw.base_url
                     ))
                 }
-                Ok(k) => Some(k),
-                // Only ECDSA keys are verified; a log with another key
-                // type (Rekor v2's Ed25519) stays known but unusable.
+                Ok(k) => Some(LogVerifier::Ecdsa(k)),
+                // ECDSA and Ed25519 keys are verified; a log with another
+                // key type (RSA) stays known but unusable.
                 Err(_) if !raw.public_key.key_details.starts_with("PKIX_ECDSA") => None,
                 Err(e) => return Err(format!("{what} ({}): {e}", raw.base_url)),
             }
@@ -365,9 +432,9 @@ fn epoch(secs: u64) -> SystemTime {
         .unwrap_or(UNIX_EPOCH + Duration::from_secs(1 << 53))
 }
 
-/// Verifies a keyless bundle under `root`: log entry, certificate, SCT and
-/// the DSSE signature over `message` (the envelope's PAE). Identity policy
-/// is the caller's: the result says who signed.
+/// Verifies a keyless bundle under `root`: timestamps, log entry,
+/// certificate, SCT and the DSSE signature over `message` (the envelope's
+/// PAE). Identity policy is the caller's: the result says who signed.
 pub fn verify(
     bundle: &Bundle,
     certificate: &[u8],
@@ -379,18 +446,9 @@ pub fn verify(
     let leaf = cert::parse(certificate).map_err(cert_err)?;
     if entries.is_empty() {
         return Err(log_err(
-            "no transparency log entry: a keyless signature needs one to prove when it was made",
+            "no transparency log entry: a keyless signature needs one to prove it was logged",
         ));
     }
-    let mut logged = Err(log_err("no entry verified"));
-    for entry in entries {
-        logged = verify_entry(entry, root, bundle, certificate);
-        if logged.is_ok() {
-            break;
-        }
-    }
-    let (entry, log) = logged?;
-    let at = epoch(entry.integrated_time);
 
     // RFC 3161 timestamps, as sigstore-python reads them: a bundle with
     // timestamps needs a trust root with timestamp authorities; each
@@ -406,7 +464,22 @@ pub fn verify(
         .filter_map(|t| super::tsa::verify(t, &bundle.signature, &root.tsas).ok())
         .collect();
 
-    // The certificate, at the time the log vouches for.
+    let mut logged = Err(log_err("no entry verified"));
+    for entry in entries {
+        logged = verify_entry(entry, root, bundle, certificate, message, &tsa_times);
+        if logged.is_ok() {
+            break;
+        }
+    }
+    let (entry, log, log_time) = logged?;
+    // Every verified time: the log's (Rekor v1) and the timestamps'; the
+    // entry check made sure there is at least one.
+    let times: Vec<SystemTime> = log_time
+        .into_iter()
+        .chain(tsa_times.iter().copied())
+        .collect();
+
+    // The certificate, at every verified time.
     let chain_at = |at: SystemTime| {
         let mut last =
             cert_err("no certificate authority of the trust root covers the signing time");
@@ -421,9 +494,11 @@ pub fn verify(
         }
         Err(last)
     };
-    let (signing, ca) = chain_at(at)?;
-    // And at every time a timestamp authority vouches for.
-    for &t in &tsa_times {
+    let Some((&first, rest)) = times.split_first() else {
+        return Err(OmsError::Timestamp("no verified time".into()));
+    };
+    let (signing, ca) = chain_at(first)?;
+    for &t in rest {
         chain_at(t).map_err(|e| {
             OmsError::Timestamp(format!(
                 "the signing certificate was not valid at the time of a verified timestamp \
@@ -458,7 +533,7 @@ pub fn verify(
     Ok(KeylessSigner {
         identities,
         issuer,
-        integrated_time: entry.integrated_time,
+        integrated_time: entry.integrated_time.filter(|_| log_time.is_some()),
         log_index: entry.log_index,
         log_url: log.url.clone(),
         timestamps: tsa_times
@@ -468,15 +543,71 @@ pub fn verify(
     })
 }
 
-/// Checks one log entry; returns it and its log.
+/// The entry kinds ccnode reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EntryKind {
+    /// Rekor v1: `dsse` 0.0.1, with a signed entry timestamp.
+    DsseV1,
+    /// Rekor v2: `hashedrekord` 0.0.2 over the envelope's PAE.
+    HashedRekordV2,
+}
+
+/// Checks one log entry, given the times the verified timestamps vouch
+/// for; returns it, its log, and the log's own verified time (Rekor v1).
 fn verify_entry<'a>(
     entry: &'a TlogEntry,
     root: &'a TrustedRoot,
     bundle: &Bundle,
     certificate: &[u8],
-) -> Result<(&'a TlogEntry, &'a LogKey), OmsError> {
+    message: &[u8],
+    tsa_times: &[SystemTime],
+) -> Result<(&'a TlogEntry, &'a LogKey, Option<SystemTime>), OmsError> {
+    let kind = match (entry.kind.as_str(), entry.version.as_str()) {
+        ("dsse", "0.0.1") => EntryKind::DsseV1,
+        ("hashedrekord", "0.0.2") => EntryKind::HashedRekordV2,
+        (kind, version) => {
+            return Err(log_err(format!(
+                "entry kind {kind} {version} is not supported (dsse 0.0.1 from Rekor v1 and \
+                 hashedrekord 0.0.2 from Rekor v2 are)"
+            )))
+        }
+    };
+    // The time the log's key must be valid at: the integrated time the
+    // signed entry timestamp covers (Rekor v1, required there), or every
+    // verified timestamp (Rekor v2, which has no time of its own).
+    let log_time = match kind {
+        EntryKind::DsseV1 => {
+            if entry.signed_entry_timestamp.is_none() {
+                return Err(log_err("no signed entry timestamp (inclusion promise)"));
+            }
+            let t = entry
+                .integrated_time
+                .ok_or_else(|| log_err("no integrated time"))?;
+            Some(epoch(t))
+        }
+        EntryKind::HashedRekordV2 => {
+            if entry.signed_entry_timestamp.is_some() {
+                return Err(log_err(
+                    "a Rekor v2 entry with a signed entry timestamp: v2 logs issue none",
+                ));
+            }
+            if tsa_times.is_empty() {
+                return Err(OmsError::Timestamp(
+                    "a Rekor v2 entry records no time, and no RFC 3161 timestamp in the \
+                     bundle verified: there is no verified signing time"
+                        .into(),
+                ));
+            }
+            None
+        }
+    };
+    let key_times: Vec<SystemTime> = match log_time {
+        Some(t) => vec![t],
+        None => tsa_times.to_vec(),
+    };
+
     // A key listed more than once (with different validity windows, say):
-    // the first whose window covers the entry's time.
+    // the first whose window covers the signing time.
     let mut logs = root
         .tlogs
         .iter()
@@ -485,37 +616,30 @@ fn verify_entry<'a>(
     if logs.peek().is_none() {
         return Err(log_err("entry from a log that is not in the trust root"));
     }
-    let at = epoch(entry.integrated_time);
     let log = logs
-        .find(|l| l.window.covers(at))
-        .ok_or_else(|| log_err("log key not valid at the entry's integrated time"))?;
+        .find(|l| key_times.iter().all(|&t| l.window.covers(t)))
+        .ok_or_else(|| log_err("log key not valid at the signing time"))?;
     let key = log.key.as_ref().ok_or_else(|| {
         log_err(format!(
             "log {} has a key type ccnode does not verify",
             log.url
         ))
     })?;
-    if (entry.kind.as_str(), entry.version.as_str()) != ("dsse", "0.0.1") {
-        return Err(log_err(format!(
-            "entry kind {} {} is not supported (dsse 0.0.1 is)",
-            entry.kind, entry.version
-        )));
-    }
 
     // The inclusion promise: the log's signature over the entry as logged.
-    let set = entry
-        .signed_entry_timestamp
-        .as_ref()
-        .ok_or_else(|| log_err("no signed entry timestamp (inclusion promise)"))?;
-    let promised = serde_json::json!({
-        "body": base64::engine::general_purpose::STANDARD.encode(&entry.body),
-        "integratedTime": entry.integrated_time,
-        "logID": hex::encode(&entry.key_id),
-        "logIndex": entry.log_index,
-    });
-    let promised = crate::jcs::canonicalize(&promised).map_err(|e| log_err(e.to_string()))?;
-    if !key.verify(&promised, set) {
-        return Err(log_err("signed entry timestamp does not verify"));
+    if let (Some(set), Some(integrated_time)) =
+        (&entry.signed_entry_timestamp, entry.integrated_time)
+    {
+        let promised = serde_json::json!({
+            "body": base64::engine::general_purpose::STANDARD.encode(&entry.body),
+            "integratedTime": integrated_time,
+            "logID": hex::encode(&entry.key_id),
+            "logIndex": entry.log_index,
+        });
+        let promised = crate::jcs::canonicalize(&promised).map_err(|e| log_err(e.to_string()))?;
+        if !key.verify(&promised, set) {
+            return Err(log_err("signed entry timestamp does not verify"));
+        }
     }
 
     // The inclusion proof and its checkpoint.
@@ -536,19 +660,32 @@ fn verify_entry<'a>(
     if computed != Some(proof.root_hash) {
         return Err(log_err("inclusion proof does not lead to the root hash"));
     }
+    // A Rekor v2 shard numbers its entries as its tree does; nothing else
+    // vouches for the entry's index (Rekor v1's is under the signed entry
+    // timestamp).
+    if kind == EntryKind::HashedRekordV2 && entry.log_index != proof.log_index {
+        return Err(log_err(
+            "a Rekor v2 entry's log index is not its inclusion proof's",
+        ));
+    }
     verify_checkpoint(&proof.checkpoint, &entry.key_id, key, proof)?;
 
-    check_body(entry, bundle, certificate)?;
-    Ok((entry, log))
+    match kind {
+        EntryKind::DsseV1 => check_body(entry, bundle, certificate)?,
+        EntryKind::HashedRekordV2 => check_hashedrekord_body(entry, bundle, certificate, message)?,
+    }
+    Ok((entry, log, log_time))
 }
 
 /// A checkpoint is a signed note: `origin\nsize\nbase64(root)\n[extra]\n\n`
 /// then lines `— name base64(key hint[4] || signature)`, the signature over
-/// everything before the blank line.
+/// everything before the blank line. For an Ed25519 log key the log id
+/// (the signed-note key id) commits to the key's name: the origin line and
+/// the signing line's name must both be that name.
 fn verify_checkpoint(
     note: &str,
     key_id: &[u8],
-    key: &PublicKey,
+    key: &LogVerifier,
     proof: &super::bundle::InclusionProof,
 ) -> Result<(), OmsError> {
     let (text, signatures) = note
@@ -566,12 +703,19 @@ fn verify_checkpoint(
             "checkpoint does not commit to the proof's tree size and root hash",
         ));
     }
+    if let LogVerifier::Ed25519(k) = key {
+        if note_key_id(origin, k)[..] != *key_id {
+            return Err(log_err(
+                "checkpoint origin is not the name the log's id was made from",
+            ));
+        }
+    }
     let signed = format!("{text}\n");
     for line in signatures.lines() {
         let Some(rest) = line.strip_prefix("\u{2014} ") else {
             continue;
         };
-        let Some((_name, sig)) = rest.rsplit_once(' ') else {
+        let Some((name, sig)) = rest.rsplit_once(' ') else {
             continue;
         };
         let Ok(sig) = b64("checkpoint signature", sig) else {
@@ -580,7 +724,8 @@ fn verify_checkpoint(
         // The first line with the log's key hint decides (as Sigstore's
         // clients do): a note padded with lines costs one verification.
         if sig.len() > 4 && key_id.len() >= 4 && sig[..4] == key_id[..4] {
-            if key.verify(signed.as_bytes(), &sig[4..]) {
+            let named = !matches!(key, LogVerifier::Ed25519(_)) || name == origin;
+            if named && key.verify(signed.as_bytes(), &sig[4..]) {
                 return Ok(());
             }
             break;
@@ -648,6 +793,113 @@ fn check_body(entry: &TlogEntry, bundle: &Bundle, certificate: &[u8]) -> Result<
     Ok(())
 }
 
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct V2Body {
+    kind: String,
+    api_version: String,
+    spec: V2Spec,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct V2Spec {
+    hashed_rekord_v002: Option<HashedRekordV002>,
+}
+
+#[derive(Deserialize)]
+struct HashedRekordV002 {
+    data: V2HashOutput,
+    signature: V2Signature,
+}
+
+#[derive(Deserialize)]
+struct V2HashOutput {
+    algorithm: String,
+    digest: String,
+}
+
+#[derive(Deserialize)]
+struct V2Signature {
+    content: String,
+    verifier: V2Verifier,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct V2Verifier {
+    x509_certificate: Option<RawCert>,
+    public_key: Option<IgnoredAny>,
+    key_details: String,
+}
+
+/// A Rekor v2 body for a DSSE envelope (rekor-v2-spec 6.1.4) must record
+/// the hash of this envelope's PAE (`message`), with the hash the signing
+/// key's details name, this envelope's one signature and this certificate.
+fn check_hashedrekord_body(
+    entry: &TlogEntry,
+    bundle: &Bundle,
+    certificate: &[u8],
+    message: &[u8],
+) -> Result<(), OmsError> {
+    let body: V2Body = serde_json::from_slice(&entry.body)
+        .map_err(|e| log_err(format!("entry body is not a hashedrekord entry: {e}")))?;
+    if body.kind != entry.kind || body.api_version != entry.version {
+        return Err(log_err("entry body kind differs from the entry's kind"));
+    }
+    let rekord = body
+        .spec
+        .hashed_rekord_v002
+        .ok_or_else(|| log_err("entry body holds no hashedRekordV002"))?;
+    let leaf = cert::parse(certificate).map_err(cert_err)?;
+    let spki = leaf
+        .tbs_certificate
+        .subject_public_key_info
+        .to_der()
+        .map_err(|e| cert_err(e.to_string()))?;
+    let key = PublicKey::from_spki_der(&spki).map_err(cert_err)?;
+    // The algorithm registry's names for the certificate's key.
+    let (details, algorithm, digest) = match key.curve() {
+        "P-256" => (
+            "PKIX_ECDSA_P256_SHA_256",
+            "SHA2_256",
+            Sha256::digest(message).to_vec(),
+        ),
+        "P-384" => (
+            "PKIX_ECDSA_P384_SHA_384",
+            "SHA2_384",
+            sha2::Sha384::digest(message).to_vec(),
+        ),
+        "P-521" => (
+            "PKIX_ECDSA_P521_SHA_512",
+            "SHA2_512",
+            sha2::Sha512::digest(message).to_vec(),
+        ),
+        other => return Err(cert_err(format!("no hashedrekord hash for a {other} key"))),
+    };
+    if rekord.data.algorithm != algorithm || b64("logged digest", &rekord.data.digest)? != digest {
+        return Err(log_err("logged digest is not this envelope's"));
+    }
+    if b64("logged signature", &rekord.signature.content)? != bundle.signature {
+        return Err(log_err("logged signature is not this envelope's"));
+    }
+    let verifier = &rekord.signature.verifier;
+    let logged_cert = match (&verifier.x509_certificate, &verifier.public_key) {
+        (Some(c), None) => b64("logged certificate", &c.raw_bytes)?,
+        _ => return Err(log_err("logged verifier is not one certificate")),
+    };
+    if logged_cert != certificate {
+        return Err(log_err("logged certificate is not this bundle's"));
+    }
+    if verifier.key_details != details {
+        return Err(log_err(format!(
+            "logged key details {:?} are not the certificate's ({details})",
+            verifier.key_details.chars().take(64).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
 /// Checks that a CT log of the trust root signed an SCT for the leaf's
 /// precertificate (RFC 6962, 3.2: the TBS without the SCT list, and the
 /// issuer's key hash).
@@ -695,7 +947,9 @@ fn verify_sct(leaf: &Certificate, issuer: &Certificate, ctlogs: &[LogKey]) -> Re
         else {
             continue;
         };
-        let Some(key) = &log.key else { continue };
+        let Some(LogVerifier::Ecdsa(key)) = &log.key else {
+            continue;
+        };
         // SHA-256 with ECDSA on P-256, SHA-384 on P-384: the hash the key's
         // curve implies, which PublicKey::verify uses.
         let hash_ok = matches!((sct.hash_alg, key.curve()), (4, "P-256") | (5, "P-384"));
@@ -869,6 +1123,85 @@ mod tests {
         ] {
             assert!(TrustedRoot::parse(bad).is_err());
         }
+    }
+
+    const PRODUCTION_ROOT: &[u8] =
+        include_bytes!("../../tests/fixtures/sigstore/production-trusted_root.json");
+    /// A genuine checkpoint of the public-good Rekor v2 shard (provenance in
+    /// tests/fixtures/sigstore/README.md).
+    const V2_CHECKPOINT: &str =
+        include_str!("../../tests/fixtures/sigstore/log2025-1-checkpoint-34356369");
+    const V2_ORIGIN: &str = "log2025-1.rekor.sigstore.dev";
+
+    fn v2_proof(note: &str) -> crate::oms::bundle::InclusionProof {
+        let mut lines = note.lines().skip(1);
+        let tree_size = lines.next().unwrap().parse().unwrap();
+        let root = b64("root", lines.next().unwrap()).unwrap();
+        crate::oms::bundle::InclusionProof {
+            log_index: 0,
+            root_hash: root.try_into().unwrap(),
+            tree_size,
+            hashes: vec![],
+            checkpoint: note.to_string(),
+        }
+    }
+
+    #[test]
+    fn genuine_rekor_v2_checkpoint_verifies_under_the_production_root() {
+        let root = TrustedRoot::parse(PRODUCTION_ROOT).unwrap();
+        let log = root
+            .tlogs
+            .iter()
+            .find(|l| l.url == format!("https://{V2_ORIGIN}"))
+            .unwrap();
+        let Some(LogVerifier::Ed25519(key)) = &log.key else {
+            panic!("the v2 shard's key is not read as Ed25519: {:?}", log.key);
+        };
+        // The trust root's log id is the signed-note key id of the name.
+        assert_eq!(note_key_id(V2_ORIGIN, key)[..], log.key_id[..]);
+        assert_ne!(note_key_id("rekor.sigstore.dev", key)[..], log.key_id[..]);
+        let key = log.key.as_ref().unwrap();
+        let proof = v2_proof(V2_CHECKPOINT);
+        verify_checkpoint(V2_CHECKPOINT, &log.key_id, key, &proof).unwrap();
+
+        // Every byte of the note matters (those that keep it UTF-8).
+        let mut refused = 0;
+        for at in 0..V2_CHECKPOINT.len() {
+            let mut bytes = V2_CHECKPOINT.as_bytes().to_vec();
+            bytes[at] ^= 0x01;
+            let Ok(note) = String::from_utf8(bytes) else {
+                continue;
+            };
+            assert!(
+                verify_checkpoint(&note, &log.key_id, key, &proof).is_err(),
+                "byte {at} flipped: accepted"
+            );
+            refused += 1;
+        }
+        assert!(refused > 200, "{refused}");
+        // The same signature under another signer name, or checked against
+        // the v1 log's id (another key hash), is refused.
+        let renamed = V2_CHECKPOINT.replace(
+            &format!("\u{2014} {V2_ORIGIN} "),
+            "\u{2014} rekor.sigstore.dev ",
+        );
+        assert!(verify_checkpoint(&renamed, &log.key_id, key, &proof).is_err());
+        let v1 = &root.tlogs[0];
+        assert!(verify_checkpoint(V2_CHECKPOINT, &v1.key_id, key, &proof).is_err());
+        // A different tree size or root than the proof's.
+        let mut other = v2_proof(V2_CHECKPOINT);
+        other.tree_size += 1;
+        assert!(verify_checkpoint(V2_CHECKPOINT, &log.key_id, key, &other).is_err());
+    }
+
+    #[test]
+    fn ed25519_log_keys_must_be_ed25519() {
+        let mut root: serde_json::Value = serde_json::from_slice(PRODUCTION_ROOT).unwrap();
+        // The v1 log's ECDSA key labelled PKIX_ED25519.
+        let ecdsa = root["tlogs"][0]["publicKey"]["rawBytes"].clone();
+        root["tlogs"][1]["publicKey"]["rawBytes"] = ecdsa;
+        let err = TrustedRoot::parse(&serde_json::to_vec(&root).unwrap()).unwrap_err();
+        assert!(err.contains("not an Ed25519 key"), "{err}");
     }
 
     #[test]

@@ -49,6 +49,7 @@ const SET: u8 = 0x31;
 const INTEGER: u8 = 0x02;
 const OCTET_STRING: u8 = 0x04;
 const OID: u8 = 0x06;
+const NULL: u8 = 0x05;
 const BOOLEAN: u8 = 0x01;
 const GENERALIZED_TIME: u8 = 0x18;
 const CTX0: u8 = 0xA0;
@@ -149,13 +150,23 @@ fn oid(t: Tlv<'_>) -> Result<String, String> {
         .map_err(|e| format!("object identifier: {e}"))
 }
 
-/// The algorithm OID of an AlgorithmIdentifier.
+/// The algorithm OID of an AlgorithmIdentifier. Every algorithm read here
+/// (SHA-2, ECDSA) has no parameters: they must be absent or NULL (RFC 5754,
+/// 5758), so that not even an unsigned identifier has bytes that change
+/// nothing.
 fn algorithm(t: Tlv<'_>, what: &str) -> Result<String, String> {
     if t.tag != SEQUENCE {
         return Err(format!("{what}: algorithm identifier expected"));
     }
     let mut r = inner(t);
-    oid(r.next()?)
+    let alg = oid(r.next()?)?;
+    if let Some(null) = r.optional(NULL)? {
+        if !null.body.is_empty() {
+            return Err(format!("{what}: malformed NULL parameters"));
+        }
+    }
+    r.end(&format!("{what}: parameters other than NULL"))?;
+    Ok(alg)
 }
 
 /// The digest of `data` under a SHA-2 algorithm OID.

@@ -1,16 +1,20 @@
 """A private, offline Sigstore instance for ccnode's keyless interop tests.
 
 It plays Fulcio (a root and an intermediate CA), the CT log (which signs
-the SCT embedded in each leaf) and Rekor v1 (a dsse/0.0.1 entry, its
-Merkle inclusion proof, signed checkpoint and signed entry timestamp), so
-that tests can make keyless model signatures without the internet and have
-the reference verifier (model_signing 1.1.1 on sigstore-python 4.5.1)
-judge them.
+the SCT embedded in each leaf), Rekor v1 (a dsse/0.0.1 entry, its Merkle
+inclusion proof, signed checkpoint and signed entry timestamp) and Rekor v2
+(a hashedrekord/0.0.2 entry over the envelope's PAE, its inclusion proof
+and a checkpoint signed with Ed25519, no time of its own), so that tests
+can make keyless model signatures without the internet and have the
+reference verifier (model_signing 1.1.1 on sigstore-python 4.5.1) judge
+them.
 
 instance OUT
     Creates the directory OUT: fulcio_root.{pem,key}, fulcio_intermediate.
     {pem,key} (both ECDSA P-384, valid 2020-2040), ctlog.{pub,key} and
-    rekor.{pub,key} (ECDSA P-256), a timestamp authority tsa_root.pem and
+    rekor.{pub,key} (ECDSA P-256), rekor2.key (the Rekor v2 log's Ed25519
+    key; its log id is the signed-note key id of the name rekor2.test), a
+    timestamp authority tsa_root.pem and
     tsa.{pem,key} (ECDSA P-384), trusted_root.json and trust_config.json
     (a ClientTrustConfig with that trusted root and a signing config that
     names test URLs; nothing is ever contacted).
@@ -61,6 +65,29 @@ sign INSTANCE MODEL_DIR SIG_OUT --identity ID --issuer ISSUER
                          the ESS signingCertificateV2 names another
                          certificate (no certificate embedded)
       tsa_ess_v1_other_cert  the same with ESS v1
+    Rekor v2 variants: the entry is a hashedrekord/0.0.2 in the Ed25519 log
+    (rekor2.test), no signed entry timestamp or integrated time, and the
+    bundle holds a timestamp from the instance's TSA (T is now minus 60 s):
+      v2                 nothing wrong
+      v2_ecdsa_log       the entry is in the ECDSA P-256 log (rekor.test)
+      v2_no_timestamp    no timestamp: no verified time at all
+      v2_untrusted_timestamp  the only timestamp is by a TSA not in the root
+      v2_expired         the leaf expired before the timestamp's time
+                         (T is now minus one hour)
+      v2_bad_proof       one inclusion proof hash is altered
+      v2_bad_checkpoint  the checkpoint (key hash of the trusted log) is
+                         signed by another Ed25519 key
+      v2_wrong_origin    the checkpoint is signed by the log's key but names
+                         another origin than the log id was made from
+      v2_wrong_digest    the body's digest is of other bytes
+      v2_body_mismatch   the body records another valid signature, by the
+                         same key over the same PAE, than the envelope's
+      v2_integrated_time the entry carries an integrated time, unsigned (as
+                         newer rekor-tiles write it): no verified time
+      v2_with_set        the entry also carries an integrated time and a
+                         signed entry timestamp (v2 logs issue none)
+    The entry's logIndex is the proof's for these (--log-index-offset is
+    for the v1 log only).
 
 verify INSTANCE MODEL_DIR SIG --identity ID --issuer ISSUER [--api]
     Runs the reference CLI: model_signing verify sigstore --trust_config
@@ -92,7 +119,7 @@ import tempfile
 import rfc8785
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 UTC = datetime.timezone.utc
@@ -143,7 +170,22 @@ VARIANTS = (
     "tsa_ess_v1",
     "tsa_ess_other_cert",
     "tsa_ess_v1_other_cert",
+    "v2",
+    "v2_ecdsa_log",
+    "v2_no_timestamp",
+    "v2_untrusted_timestamp",
+    "v2_expired",
+    "v2_bad_proof",
+    "v2_bad_checkpoint",
+    "v2_wrong_origin",
+    "v2_wrong_digest",
+    "v2_body_mismatch",
+    "v2_integrated_time",
+    "v2_with_set",
 )
+
+REKOR2_NAME = "rekor2.test"
+REKOR2_URL = f"https://{REKOR2_NAME}"
 
 TSA_URL = "https://tsa.test/api/v1/timestamp"
 TSA_ROOT_NAME = x509.Name(
@@ -180,6 +222,13 @@ def spki_der(key):
 def key_id(public_key):
     """RFC 6962 key id: sha256 of the DER SubjectPublicKeyInfo."""
     return hashlib.sha256(spki_der(public_key)).digest()
+
+
+def note_key_id(name, public_key):
+    """The signed-note key id of an Ed25519 key (c2sp.org/signed-note):
+    sha256(name || 0x0A || 0x01 || key), what Rekor v2 uses as its log id."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(name.encode() + b"\n\x01" + raw).digest()
 
 
 def der_length(n):
@@ -416,6 +465,8 @@ def cmd_instance(out):
     write_pub(out / "ctlog.pub", ct_key.public_key())
     write_key(out / "rekor.key", rekor_key)
     write_pub(out / "rekor.pub", rekor_key.public_key())
+    rekor2_key = ed25519.Ed25519PrivateKey.generate()
+    write_key(out / "rekor2.key", rekor2_key)
     tsa_root, tsa_key, tsa_leaf = make_tsa()
     write_cert(out / "tsa_root.pem", tsa_root)
     write_key(out / "tsa.key", tsa_key)
@@ -429,7 +480,17 @@ def cmd_instance(out):
                 "hashAlgorithm": "SHA2_256",
                 "publicKey": public_key_json(rekor_key.public_key()),
                 "logId": {"keyId": b64(key_id(rekor_key.public_key()))},
-            }
+            },
+            {
+                "baseUrl": REKOR2_URL,
+                "hashAlgorithm": "SHA2_256",
+                "publicKey": {
+                    "rawBytes": b64(spki_der(rekor2_key.public_key())),
+                    "keyDetails": "PKIX_ED25519",
+                    "validFor": {"start": START},
+                },
+                "logId": {"keyId": b64(note_key_id(REKOR2_NAME, rekor2_key.public_key()))},
+            },
         ],
         "certificateAuthorities": [
             {
@@ -697,6 +758,100 @@ def log_entry(rekor_key, body, integrated_time, variant, index_offset):
     }
 
 
+def v2_checkpoint(origin, log_id, signer, tree_size, root_hash):
+    """A signed note as Rekor v2 (Tessera) writes it: origin, size, root;
+    one signature line named by the origin, its key hash the first four
+    bytes of the log id; Ed25519 over the note text, or ECDSA P-256."""
+    note = f"{origin}\n{tree_size}\n{b64(root_hash)}\n"
+    if isinstance(signer, ed25519.Ed25519PrivateKey):
+        sig = signer.sign(note.encode())
+    else:
+        sig = signer.sign(note.encode(), ec.ECDSA(hashes.SHA256()))
+    return f"{note}\n\u2014 {origin} {b64(log_id[:4] + sig)}\n"
+
+
+def v2_body(pae, sig_b64, cert, digest_of=None):
+    """A hashedrekord/0.0.2 body for a DSSE envelope (rekor-v2-spec 6.1.4)
+    signed with a P-256 leaf, as rekor-tiles marshals it (protojson field
+    order)."""
+    digest = hashlib.sha256(digest_of or pae).digest()
+    body = {
+        "kind": "hashedrekord",
+        "apiVersion": "0.0.2",
+        "spec": {
+            "hashedRekordV002": {
+                "data": {"algorithm": "SHA2_256", "digest": b64(digest)},
+                "signature": {
+                    "content": sig_b64,
+                    "verifier": {
+                        "x509Certificate": {"rawBytes": b64(der(cert))},
+                        "keyDetails": "PKIX_ECDSA_P256_SHA_256",
+                    },
+                },
+            }
+        },
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def v2_log_entry(inst, body, variant):
+    """A Rekor v2 TransparencyLogEntry as rekor-tiles returns it: the log
+    index is the shard's (the proof's), no inclusion promise, and no
+    integrated time (newer rekor-tiles write an unsigned one: variant
+    v2_integrated_time)."""
+    if variant == "v2_ecdsa_log":
+        log_key = read_key(inst / "rekor.key")
+        log_id, origin = key_id(log_key.public_key()), REKOR_NAME
+    else:
+        log_key = read_key(inst / "rekor2.key")
+        log_id, origin = note_key_id(REKOR2_NAME, log_key.public_key()), REKOR2_NAME
+    tree_size = 5 + secrets.randbelow(5)
+    index = secrets.randbelow(tree_size)
+    bodies = [secrets.token_bytes(32) for _ in range(tree_size)]
+    bodies[index] = body
+    leaves = [leaf_hash(b) for b in bodies]
+    root_hash = mth(leaves)
+    path = audit_path(index, leaves)
+    if variant == "v2_bad_proof":
+        altered = bytearray(path[0])
+        altered[0] ^= 0x01
+        path[0] = bytes(altered)
+    signer = log_key
+    if variant == "v2_bad_checkpoint":
+        signer = ed25519.Ed25519PrivateKey.generate()
+    if variant == "v2_wrong_origin":
+        origin = "rekor3.test"
+    entry = {
+        "logIndex": str(index),
+        "logId": {"keyId": b64(log_id)},
+        "kindVersion": {"kind": "hashedrekord", "version": "0.0.2"},
+        "inclusionProof": {
+            "logIndex": str(index),
+            "rootHash": b64(root_hash),
+            "treeSize": str(tree_size),
+            "hashes": [b64(h) for h in path],
+            "checkpoint": {
+                "envelope": v2_checkpoint(origin, log_id, signer, tree_size, root_hash)
+            },
+        },
+        "canonicalizedBody": b64(body),
+    }
+    integrated_time = int(datetime.datetime.now(UTC).timestamp()) - 30
+    if variant in ("v2_integrated_time", "v2_with_set"):
+        entry["integratedTime"] = str(integrated_time)
+    if variant == "v2_with_set":
+        set_payload = rfc8785.dumps(
+            {
+                "body": b64(body),
+                "integratedTime": integrated_time,
+                "logID": log_id.hex(),
+                "logIndex": index,
+            }
+        )
+        entry["inclusionPromise"] = {"signedEntryTimestamp": b64(log_key.sign(set_payload))}
+    return entry
+
+
 # ---------------------------------------------------------------- signing
 
 
@@ -743,9 +898,10 @@ def cmd_sign(args):
     ct_key = read_key(inst / "ctlog.key")
     rekor_key = read_key(inst / "rekor.key")
 
+    v2 = v.startswith("v2")
     if args.time is not None:
         t = datetime.datetime.fromtimestamp(int(args.time), tz=UTC)
-    elif v.startswith("tsa") and v != "tsa_after_expiry":
+    elif (v.startswith("tsa") and v != "tsa_after_expiry") or (v2 and v != "v2_expired"):
         # OpenSSL's TSA stamps the current time: sign just before it, so
         # that the timestamp falls inside the leaf's ten minutes.
         t = datetime.datetime.now(UTC).replace(microsecond=0) - datetime.timedelta(seconds=60)
@@ -782,22 +938,27 @@ def cmd_sign(args):
         args.issuer, not_before, not_after, eku, with_sct=(v != "no_sct"),
     )
 
-    body_sig = sig_b64
-    if v == "body_mismatch":
-        from sigstore.dsse import _pae
+    from sigstore.dsse import _pae
 
-        other = leaf_key.sign(_pae(envelope["payloadType"], payload), ec.ECDSA(hashes.SHA256()))
-        body_sig = b64(other)
-    payload_hash = None
-    if v == "wrong_payload_hash":
-        payload_hash = hashlib.sha256(b"not the payload: " + payload).hexdigest()
-    body = rekor_body(payload, envelope_submitted_json(envelope), body_sig, cert, payload_hash)
-    entry = log_entry(rekor_key, body, integrated_time, v, args.log_index_offset)
+    pae = _pae(envelope["payloadType"], payload)
+    body_sig = sig_b64
+    if v in ("body_mismatch", "v2_body_mismatch"):
+        body_sig = b64(leaf_key.sign(pae, ec.ECDSA(hashes.SHA256())))
+    if v2:
+        digest_of = b"not the PAE: " + pae if v == "v2_wrong_digest" else None
+        body = v2_body(pae, body_sig, cert, digest_of)
+        entry = v2_log_entry(inst, body, v)
+    else:
+        payload_hash = None
+        if v == "wrong_payload_hash":
+            payload_hash = hashlib.sha256(b"not the payload: " + payload).hexdigest()
+        body = rekor_body(payload, envelope_submitted_json(envelope), body_sig, cert, payload_hash)
+        entry = log_entry(rekor_key, body, integrated_time, v, args.log_index_offset)
 
     timestamps = {}
-    if v.startswith("tsa"):
+    if v.startswith("tsa") or (v2 and v != "v2_no_timestamp"):
         tsa_key, tsa_leaf = read_key(inst / "tsa.key"), read_cert(inst / "tsa.pem")
-        if v == "tsa_untrusted":
+        if v in ("tsa_untrusted", "v2_untrusted_timestamp"):
             _, tsa_key, tsa_leaf = make_tsa()
         message = base64.b64decode(sig_b64)
         if v == "tsa_other_message":
