@@ -473,6 +473,115 @@ fn certificate_chain_signing() {
     assert!(r.api_verify_cert(&copy, &sig, &root).is_err());
 }
 
+/// An RSA root (self-signed, `bits`) as `{name}.pem` and `{name}.key`.
+fn rsa_root(tmp: &Path, name: &str, bits: u32) -> PathBuf {
+    let key = tmp.join(format!("{name}.key"));
+    let pem = tmp.join(format!("{name}.pem"));
+    run(Command::new("openssl")
+        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt"])
+        .arg(format!("rsa_keygen_bits:{bits}"))
+        .arg("-out")
+        .arg(&key));
+    run(Command::new("openssl")
+        .args(["req", "-x509", "-new", "-sha256", "-key"])
+        .arg(&key)
+        .args(["-subj", &format!("/CN={name}"), "-days", "30", "-out"])
+        .arg(&pem)
+        .args([
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+        ]));
+    pem
+}
+
+#[test]
+fn certificate_chain_with_an_rsa_root() {
+    // CAs often keep RSA roots over ECDSA intermediates: an RSA-2048 root
+    // (sha256WithRSAEncryption) issues the intermediate, which issues the
+    // ECDSA signing certificate. Both verifiers accept; ccnode refuses a
+    // 1024-bit RSA root and an RSASSA-PSS signature, which it does not
+    // verify.
+    let Some((r, tmp, dir)) = setup() else { return };
+    let t = tmp.path();
+    let ca_ext = "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign\n";
+    let good = "keyUsage=critical,digitalSignature\nextendedKeyUsage=codeSigning\n";
+    let sign = |int: &str, out: &Path| {
+        openssl_cert(t, &format!("{int}-leaf"), Some(int), good, "10");
+        run(r
+            .helper()
+            .arg("sign-cert")
+            .arg(&dir)
+            .arg(out)
+            .arg(t.join(format!("{int}-leaf.key")))
+            .arg(t.join(format!("{int}-leaf.pem")))
+            .arg(t.join(format!("{int}.pem"))));
+    };
+
+    let root = rsa_root(t, "rsaroot", 2048);
+    openssl_cert(t, "rsaint", Some("rsaroot"), ca_ext, "30");
+    let sig = t.join("rsa.sig");
+    sign("rsaint", &sig);
+    let roots = TrustPolicy::global_roots(policy::load_certificates(&root).unwrap());
+    ours(&dir, &sig, &roots).unwrap();
+    r.api_verify_cert(&dir, &sig, &root).unwrap();
+    // Another RSA root of the same name did not sign it.
+    let other = t.join("other");
+    fs::create_dir(&other).unwrap();
+    let other_root = rsa_root(&other, "rsaroot", 2048);
+    let wrong = TrustPolicy::global_roots(policy::load_certificates(&other_root).unwrap());
+    assert!(matches!(
+        ours(&dir, &sig, &wrong),
+        Err(OmsError::Certificate(_))
+    ));
+    assert!(r.api_verify_cert(&dir, &sig, &other_root).is_err());
+
+    // Too weak: a 1024-bit RSA root.
+    let weak_root = rsa_root(t, "weakroot", 1024);
+    openssl_cert(t, "weakint", Some("weakroot"), ca_ext, "30");
+    let weak_sig = t.join("weak.sig");
+    sign("weakint", &weak_sig);
+    let weak = TrustPolicy::global_roots(policy::load_certificates(&weak_root).unwrap());
+    assert!(matches!(
+        ours(&dir, &weak_sig, &weak),
+        Err(OmsError::Certificate(_))
+    ));
+
+    // RSASSA-PSS: the intermediate re-issued by the same root with PSS.
+    let csr = t.join("pss.csr");
+    run(Command::new("openssl")
+        .args(["req", "-new", "-key"])
+        .arg(t.join("rsaint.key"))
+        .args(["-subj", "/CN=rsaint", "-out"])
+        .arg(&csr));
+    fs::write(t.join("pss.ext"), ca_ext).unwrap();
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-sha256", "-in"])
+        .arg(&csr)
+        .arg("-CA")
+        .arg(&root)
+        .arg("-CAkey")
+        .arg(t.join("rsaroot.key"))
+        .args(["-sigopt", "rsa_padding_mode:pss", "-extfile"])
+        .arg(t.join("pss.ext"))
+        .args(["-set_serial", "4242", "-days", "30", "-out"])
+        .arg(t.join("rsaint.pem")));
+    let pss_sig = t.join("pss.sig");
+    run(r
+        .helper()
+        .arg("sign-cert")
+        .arg(&dir)
+        .arg(&pss_sig)
+        .arg(t.join("rsaint-leaf.key"))
+        .arg(t.join("rsaint-leaf.pem"))
+        .arg(t.join("rsaint.pem")));
+    assert!(matches!(
+        ours(&dir, &pss_sig, &roots),
+        Err(OmsError::Certificate(_))
+    ));
+}
+
 #[test]
 fn ccnode_verify_cli_exit_codes() {
     let Some((r, tmp, dir)) = setup() else { return };

@@ -690,6 +690,23 @@ fn rekor_v2_entry_every_byte_matters() {
     }
     assert!(checked > 2000, "{checked}");
 
+    // The same with the RSA authority's timestamp as the only time.
+    let rsa_sig = tmp.path().join("v2_tsa_rsa.sig");
+    inst.sign(&model, &rsa_sig, "v2_tsa_rsa", "sha256");
+    let r: Value = serde_json::from_slice(&fs::read(&rsa_sig).unwrap()).unwrap();
+    check(&r).unwrap();
+    let field =
+        "/verificationMaterial/timestampVerificationData/rfc3161Timestamps/0/signedTimestamp";
+    let len = b64_len(&r, field);
+    assert!(len > 1000, "{len}");
+    for at in 0..len {
+        let tampered = edit_b64(&r, field, |bytes| bytes[at] ^= 0x01);
+        assert!(
+            matches!(check(&tampered), Err(OmsError::Timestamp(_))),
+            "RSA timestamp byte {at} flipped: accepted"
+        );
+    }
+
     // Shape: a v2 entry names its kind, carries its proof, and no time.
     let log = |v: &Value| matches!(check(v), Err(OmsError::TransparencyLog(_)));
     let set =
@@ -778,7 +795,7 @@ fn private_instance_verdicts_agree_with_the_reference() {
     // Rekor v2 (hashedrekord 0.0.2, Ed25519 checkpoints, no time of its
     // own): the timestamp is the only time, so without a verified one there
     // is none, and both refuse.
-    let cases: [(&str, Option<Kind>); 31] = [
+    let cases: [(&str, Option<Kind>); 33] = [
         ("ok", None),
         ("expired", Some(cert)),
         ("not_yet_valid", Some(cert)),
@@ -799,10 +816,12 @@ fn private_instance_verdicts_agree_with_the_reference() {
         ("tsa_ess_v1", None),
         ("tsa_ess_other_cert", None),
         ("tsa_ess_v1_other_cert", None),
+        ("tsa_rsa", None),
         ("v2", None),
         ("v2_ecdsa_log", None),
         ("v2_no_timestamp", Some(ts)),
         ("v2_untrusted_timestamp", Some(ts)),
+        ("v2_tsa_rsa", None),
         ("v2_expired", Some(cert)),
         ("v2_bad_proof", Some(log)),
         ("v2_bad_checkpoint", Some(log)),
@@ -823,7 +842,8 @@ fn private_instance_verdicts_agree_with_the_reference() {
                 // Only the instance's own timestamp counts as a time.
                 assert_eq!(
                     signer.contains("timestamped"),
-                    variant == "tsa" || variant == "tsa_ess_v1" || variant.starts_with("v2"),
+                    matches!(variant, "tsa" | "tsa_ess_v1" | "tsa_rsa")
+                        || variant.starts_with("v2"),
                     "{variant}: {signer}"
                 );
                 let log = if variant.starts_with("v2") && variant != "v2_ecdsa_log" {
@@ -852,6 +872,13 @@ fn private_instance_verdicts_agree_with_the_reference() {
     inst.sign(&model, &s, "v2_wrong_origin", "sha256");
     let e = inst.ours(&model, &s, ALICE, TEST_ISSUER).unwrap_err();
     assert!(log(&e), "v2_wrong_origin: {e}");
+    // A trusted RSA authority with 1024-bit keys: ccnode verifies RSA of
+    // 2048 bits and more only, so that timestamp is set aside and a v2
+    // bundle has no time (the reference verifies it and accepts).
+    let s = tmp.path().join("v2_tsa_rsa1024.sig");
+    inst.sign(&model, &s, "v2_tsa_rsa1024", "sha256");
+    let e = inst.ours(&model, &s, ALICE, TEST_ISSUER).unwrap_err();
+    assert!(ts(&e), "v2_tsa_rsa1024: {e}");
 
     // Identity and issuer, each wrong on its own.
     let good = tmp.path().join("ok.sig");

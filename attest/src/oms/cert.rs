@@ -3,7 +3,9 @@
 //! certificate must be valid now, issuers must be CAs, and the signing
 //! certificate must allow digitalSignature (key usage) or codeSigning
 //! (extended key usage). Issuer signatures: ECDSA with SHA-256/384/512 on
-//! P-256, P-384 or P-521 (RSA issuers are not supported).
+//! P-256, P-384 or P-521, or RSA PKCS#1 v1.5 with SHA-256/384/512 and a
+//! modulus of 2048 to 8192 bits (RSASSA-PSS is not supported). Signing
+//! certificates' own keys are ECDSA: that is what signs the envelope.
 
 use std::time::SystemTime;
 
@@ -11,6 +13,7 @@ use const_oid::db::rfc5280::{
     ID_CE_BASIC_CONSTRAINTS, ID_CE_EXT_KEY_USAGE, ID_CE_KEY_USAGE, ID_CE_SUBJECT_ALT_NAME,
     ID_KP_CODE_SIGNING,
 };
+use der::asn1::ObjectIdentifier;
 use der::{Decode, Encode};
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::{BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAltName};
@@ -113,11 +116,74 @@ pub(crate) fn key_of(cert: &Certificate) -> Result<PublicKey, OmsError> {
         .map_err(|e| refuse(format!("{}: {e}", cert.tbs_certificate.subject)))
 }
 
+/// RSA keys verified: 2048 to 8192 bits (smaller are too weak; larger only
+/// cost time).
+const RSA_BITS: std::ops::RangeInclusive<usize> = 2048..=8192;
+
+const RSA_ENCRYPTION: &str = "1.2.840.113549.1.1.1";
+
+/// A key that signs certificates or timestamps: ECDSA or RSA.
+pub(crate) enum IssuerKey {
+    Ecdsa(PublicKey),
+    Rsa(rsa::RsaPublicKey),
+}
+
+impl IssuerKey {
+    /// Checks an X.509 or CMS signature with `alg`: ecdsa-with-SHA256/384/
+    /// 512 for an ECDSA key, sha256/384/512WithRSAEncryption (PKCS#1 v1.5)
+    /// for an RSA key.
+    pub(crate) fn verify_x509(&self, alg: ObjectIdentifier, msg: &[u8], sig: &[u8]) -> bool {
+        use sha2::Digest as _;
+        match self {
+            IssuerKey::Ecdsa(key) => key.verify_x509(alg, msg, sig),
+            IssuerKey::Rsa(key) => {
+                let (scheme, digest) = match alg.to_string().as_str() {
+                    "1.2.840.113549.1.1.11" => (
+                        rsa::Pkcs1v15Sign::new::<sha2::Sha256>(),
+                        sha2::Sha256::digest(msg).to_vec(),
+                    ),
+                    "1.2.840.113549.1.1.12" => (
+                        rsa::Pkcs1v15Sign::new::<sha2::Sha384>(),
+                        sha2::Sha384::digest(msg).to_vec(),
+                    ),
+                    "1.2.840.113549.1.1.13" => (
+                        rsa::Pkcs1v15Sign::new::<sha2::Sha512>(),
+                        sha2::Sha512::digest(msg).to_vec(),
+                    ),
+                    _ => return false,
+                };
+                key.verify(scheme, &digest, sig).is_ok()
+            }
+        }
+    }
+}
+
+/// The key of a certificate that signs others (or timestamps).
+pub(crate) fn issuer_key_of(cert: &Certificate) -> Result<IssuerKey, OmsError> {
+    let spki = &cert.tbs_certificate.subject_public_key_info;
+    if spki.algorithm.oid.to_string() != RSA_ENCRYPTION {
+        return key_of(cert).map(IssuerKey::Ecdsa);
+    }
+    use rsa::pkcs8::DecodePublicKey as _;
+    use rsa::traits::PublicKeyParts as _;
+    let der = spki.to_der().map_err(|e| refuse(e.to_string()))?;
+    let key = rsa::RsaPublicKey::from_public_key_der(&der)
+        .map_err(|e| refuse(format!("{}: RSA key: {e}", cert.tbs_certificate.subject)))?;
+    if !RSA_BITS.contains(&key.n().bits()) {
+        return Err(refuse(format!(
+            "{}: RSA key of {} bits (2048 to 8192 are verified)",
+            cert.tbs_certificate.subject,
+            key.n().bits()
+        )));
+    }
+    Ok(IssuerKey::Rsa(key))
+}
+
 pub(crate) fn signed_by(child: &Certificate, issuer: &Certificate) -> bool {
     if child.tbs_certificate.issuer != issuer.tbs_certificate.subject {
         return false;
     }
-    let (Ok(key), Ok(tbs)) = (key_of(issuer), child.tbs_certificate.to_der()) else {
+    let (Ok(key), Ok(tbs)) = (issuer_key_of(issuer), child.tbs_certificate.to_der()) else {
         return false;
     };
     let Some(sig) = child.signature.as_bytes() else {

@@ -37,7 +37,8 @@
 //!    issuer extension, which the trust policy matches as pairs;
 //! 5. the DSSE signature over the payload with the certificate's key.
 //!
-//! Not done: RSA timestamp authorities are refused; witness cosignatures on
+//! Not done: RSA log keys are refused (RSA issuers and timestamp
+//! authorities are verified, [`super::cert`]); witness cosignatures on
 //! checkpoints are not checked (the trust root names no witnesses);
 //! certificate revocation does not exist in Sigstore and is not checked.
 

@@ -12,8 +12,9 @@
 //! that certificate byte for byte; the signed attributes hold the content
 //! type `id-ct-TSTInfo` and the digest of the exact `TSTInfo` bytes, and
 //! an ESS `signingCertificateV2` or `signingCertificate` (v1, SHA-1),
-//! each when present, names that certificate by hash; the ECDSA signature over the signed attributes verifies with its
-//! key; the certificate carries a critical extended key usage with
+//! each when present, names that certificate by hash; the signature over
+//! the signed attributes verifies with its key (ECDSA, or RSA PKCS#1 v1.5
+//! of 2048 to 8192 bits, the hash the algorithm names); the certificate carries a critical extended key usage with
 //! `timeStamping`; every link of the authority's chain is signed by the
 //! next and valid at the timestamp's time; and the authority's validity
 //! window in the trust root covers that time. These are the checks of
@@ -41,6 +42,7 @@ const OID_MESSAGE_DIGEST: &str = "1.2.840.113549.1.9.4";
 const OID_SIGNING_CERT_V2: &str = "1.2.840.113549.1.9.16.2.47";
 const OID_SIGNING_CERT: &str = "1.2.840.113549.1.9.16.2.12";
 const OID_EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
+const OID_RSA_ENCRYPTION: &str = "1.2.840.113549.1.1.1";
 const OID_KP_TIME_STAMPING: &str = "1.3.6.1.5.5.7.3.8";
 const OID_EXT_KEY_USAGE: &str = "2.5.29.37";
 
@@ -177,6 +179,17 @@ fn digest(alg: &str, data: &[u8]) -> Result<Vec<u8>, String> {
         "2.16.840.1.101.3.4.2.3" => Sha512::digest(data).to_vec(),
         other => return Err(format!("unsupported hash algorithm {other}")),
     })
+}
+
+/// The sha*WithRSAEncryption OID for a digest OID (signers that give
+/// rsaEncryption as the signature algorithm, OpenSSL's TSA among them).
+fn rsa_with(digest_alg: &str) -> Option<&'static str> {
+    match digest_alg {
+        "2.16.840.1.101.3.4.2.1" => Some("1.2.840.113549.1.1.11"),
+        "2.16.840.1.101.3.4.2.2" => Some("1.2.840.113549.1.1.12"),
+        "2.16.840.1.101.3.4.2.3" => Some("1.2.840.113549.1.1.13"),
+        _ => None,
+    }
 }
 
 /// The ecdsa-with-SHA* OID for a digest OID (signers that give the key's
@@ -529,11 +542,14 @@ fn verify_with(t: &Token<'_>, ca: &Authority) -> Result<SystemTime, String> {
     {
         return Err("the timestamp authority's certificate does not allow timeStamping".into());
     }
-    let key = cert::key_of(leaf).map_err(|e| e.to_string())?;
-    let sig_alg = if t.signature_alg == OID_EC_PUBLIC_KEY {
-        ecdsa_with(&t.digest_alg).ok_or("unsupported digest algorithm")?
-    } else {
-        t.signature_alg.as_str()
+    let key = cert::issuer_key_of(leaf).map_err(|e| e.to_string())?;
+    // CMS signers may give the key's algorithm (id-ecPublicKey,
+    // rsaEncryption) as the signature algorithm; the digest algorithm then
+    // says which.
+    let sig_alg = match t.signature_alg.as_str() {
+        OID_EC_PUBLIC_KEY => ecdsa_with(&t.digest_alg).ok_or("unsupported digest algorithm")?,
+        OID_RSA_ENCRYPTION => rsa_with(&t.digest_alg).ok_or("unsupported digest algorithm")?,
+        other => other,
     };
     let sig_oid = ObjectIdentifier::new(sig_alg).map_err(|e| e.to_string())?;
     // The signature covers the attributes' DER as a SET, not as [0].

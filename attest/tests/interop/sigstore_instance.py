@@ -13,8 +13,10 @@ instance OUT
     Creates the directory OUT: fulcio_root.{pem,key}, fulcio_intermediate.
     {pem,key} (both ECDSA P-384, valid 2020-2040), ctlog.{pub,key} and
     rekor.{pub,key} (ECDSA P-256), rekor2.key (the Rekor v2 log's Ed25519
-    key; its log id is the signed-note key id of the name rekor2.test), a
-    timestamp authority tsa_root.pem and
+    key; its log id is the signed-note key id of the name rekor2.test), an
+    RSA timestamp authority tsa_rsa_root.pem and tsa_rsa.{pem,key} (RSA
+    2048, SHA-256) and a weak one, tsa_rsa1024*, a timestamp authority
+    tsa_root.pem and
     tsa.{pem,key} (ECDSA P-384), trusted_root.json and trust_config.json
     (a ClientTrustConfig with that trusted root and a signing config that
     names test URLs; nothing is ever contacted).
@@ -65,6 +67,7 @@ sign INSTANCE MODEL_DIR SIG_OUT --identity ID --issuer ISSUER
                          the ESS signingCertificateV2 names another
                          certificate (no certificate embedded)
       tsa_ess_v1_other_cert  the same with ESS v1
+      tsa_rsa            as tsa, from the instance's RSA timestamp authority
     Rekor v2 variants: the entry is a hashedrekord/0.0.2 in the Ed25519 log
     (rekor2.test), no signed entry timestamp or integrated time, and the
     bundle holds a timestamp from the instance's TSA (T is now minus 60 s):
@@ -72,6 +75,9 @@ sign INSTANCE MODEL_DIR SIG_OUT --identity ID --issuer ISSUER
       v2_ecdsa_log       the entry is in the ECDSA P-256 log (rekor.test)
       v2_no_timestamp    no timestamp: no verified time at all
       v2_untrusted_timestamp  the only timestamp is by a TSA not in the root
+      v2_tsa_rsa         the only timestamp is the RSA authority's
+      v2_tsa_rsa1024     the only timestamp is by a trusted RSA authority
+                         whose keys are 1024 bits
       v2_expired         the leaf expired before the timestamp's time
                          (T is now minus one hour)
       v2_bad_proof       one inclusion proof hash is altered
@@ -119,7 +125,7 @@ import tempfile
 import rfc8785
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 UTC = datetime.timezone.utc
@@ -170,10 +176,13 @@ VARIANTS = (
     "tsa_ess_v1",
     "tsa_ess_other_cert",
     "tsa_ess_v1_other_cert",
+    "tsa_rsa",
     "v2",
     "v2_ecdsa_log",
     "v2_no_timestamp",
     "v2_untrusted_timestamp",
+    "v2_tsa_rsa",
+    "v2_tsa_rsa1024",
     "v2_expired",
     "v2_bad_proof",
     "v2_bad_checkpoint",
@@ -349,12 +358,23 @@ def make_ca():
     return root_key, root, inter_key, inter
 
 
-def make_tsa():
-    """A timestamp authority: a root and a signing certificate (P-384),
-    the signer with a critical extended key usage of timeStamping alone,
-    as OpenSSL's TSA insists."""
-    root_key = ec.generate_private_key(ec.SECP384R1())
-    key = ec.generate_private_key(ec.SECP384R1())
+def make_tsa(rsa_bits=None):
+    """A timestamp authority: a root and a signing certificate (P-384, or
+    RSA of rsa_bits with SHA-256), the signer with a critical extended key
+    usage of timeStamping alone, as OpenSSL's TSA insists."""
+    root_name, name = TSA_ROOT_NAME, TSA_NAME
+    if rsa_bits:
+        new_key = lambda: rsa.generate_private_key(public_exponent=65537, key_size=rsa_bits)
+        sig_hash = hashes.SHA256()
+        org = x509.NameAttribute(NameOID.ORGANIZATION_NAME, "sigstore.test")
+        cn = f"tsa-rsa{rsa_bits}"
+        root_name = x509.Name([org, x509.NameAttribute(NameOID.COMMON_NAME, f"{cn}-root")])
+        name = x509.Name([org, x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    else:
+        new_key = lambda: ec.generate_private_key(ec.SECP384R1())
+        sig_hash = hashes.SHA384()
+    root_key = new_key()
+    key = new_key()
     usage = dict(
         content_commitment=False,
         key_encipherment=False,
@@ -365,8 +385,8 @@ def make_tsa():
     )
     root = (
         x509.CertificateBuilder()
-        .subject_name(TSA_ROOT_NAME)
-        .issuer_name(TSA_ROOT_NAME)
+        .subject_name(root_name)
+        .issuer_name(root_name)
         .public_key(root_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(CA_NOT_BEFORE)
@@ -376,12 +396,12 @@ def make_tsa():
             critical=True,
         )
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(root_key, hashes.SHA384())
+        .sign(root_key, sig_hash)
     )
     leaf = (
         x509.CertificateBuilder()
-        .subject_name(TSA_NAME)
-        .issuer_name(TSA_ROOT_NAME)
+        .subject_name(name)
+        .issuer_name(root_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(CA_NOT_BEFORE)
@@ -391,7 +411,7 @@ def make_tsa():
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.TIME_STAMPING]), critical=True)
-        .sign(root_key, hashes.SHA384())
+        .sign(root_key, sig_hash)
     )
     return root, key, leaf
 
@@ -471,6 +491,13 @@ def cmd_instance(out):
     write_cert(out / "tsa_root.pem", tsa_root)
     write_key(out / "tsa.key", tsa_key)
     write_cert(out / "tsa.pem", tsa_leaf)
+    rsa_tsas = []
+    for bits, stem in ((2048, "tsa_rsa"), (1024, "tsa_rsa1024")):
+        r_root, r_key, r_leaf = make_tsa(rsa_bits=bits)
+        write_cert(out / f"{stem}_root.pem", r_root)
+        write_key(out / f"{stem}.key", r_key)
+        write_cert(out / f"{stem}.pem", r_leaf)
+        rsa_tsas.append((stem, r_root, r_leaf))
 
     trusted_root = {
         "mediaType": "application/vnd.dev.sigstore.trustedroot+json;version=0.1",
@@ -521,7 +548,18 @@ def cmd_instance(out):
                     ]
                 },
                 "validFor": {"start": START},
+            },
+        ]
+        + [
+            {
+                "subject": {"organization": "sigstore.test", "commonName": stem},
+                "uri": TSA_URL,
+                "certChain": {
+                    "certificates": [{"rawBytes": b64(der(leaf))}, {"rawBytes": b64(der(root))}]
+                },
+                "validFor": {"start": START},
             }
+            for stem, root, leaf in rsa_tsas
         ],
     }
 
@@ -958,6 +996,9 @@ def cmd_sign(args):
     timestamps = {}
     if v.startswith("tsa") or (v2 and v != "v2_no_timestamp"):
         tsa_key, tsa_leaf = read_key(inst / "tsa.key"), read_cert(inst / "tsa.pem")
+        if v in ("tsa_rsa", "v2_tsa_rsa", "v2_tsa_rsa1024"):
+            stem = "tsa_rsa1024" if v.endswith("1024") else "tsa_rsa"
+            tsa_key, tsa_leaf = read_key(inst / f"{stem}.key"), read_cert(inst / f"{stem}.pem")
         if v in ("tsa_untrusted", "v2_untrusted_timestamp"):
             _, tsa_key, tsa_leaf = make_tsa()
         message = base64.b64decode(sig_b64)
