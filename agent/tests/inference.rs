@@ -521,9 +521,10 @@ fn venv_python() -> std::path::PathBuf {
 
 #[test]
 fn a_keyless_signed_model_is_served_only_to_the_identity_in_the_policy() {
-    // A private Sigstore instance (Fulcio-shaped CAs, CT log, Rekor v1)
-    // signs a generated model keyless, as model_signing does; ccnoded
-    // verifies it offline against that instance's trust root.
+    // A private Sigstore instance (Fulcio-shaped CAs, CT log, Rekor v1
+    // and v2, a timestamp authority) signs a generated model keyless, as
+    // model_signing does; ccnoded verifies it offline against that
+    // instance's trust root.
     let python = venv_python();
     let script =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../attest/tests/interop/sigstore_instance.py");
@@ -533,18 +534,27 @@ fn a_keyless_signed_model_is_served_only_to_the_identity_in_the_policy() {
     std::fs::create_dir(&dir).unwrap();
     ccnode_worker::testmodel::write_model(&dir, &small(), 21).unwrap();
     let sig = tmp.path().join("model.sig");
-    for args in [
-        vec!["instance".into(), instance.clone().into_os_string()],
+    let sig_v2 = tmp.path().join("model-v2.sig");
+    let sign = |out: &Path, variant: &str| -> Vec<std::ffi::OsString> {
         vec![
             "sign".into(),
             instance.clone().into_os_string(),
             dir.clone().into_os_string(),
-            sig.clone().into_os_string(),
+            out.into(),
             "--identity".into(),
             "alice@example.com".into(),
             "--issuer".into(),
             "https://issuer.test".into(),
-        ],
+            "--variant".into(),
+            variant.into(),
+        ]
+    };
+    for args in [
+        vec!["instance".into(), instance.clone().into_os_string()],
+        sign(&sig, "ok"),
+        // Logged to Rekor v2 (Ed25519 checkpoint, the time from an RFC
+        // 3161 timestamp).
+        sign(&sig_v2, "v2"),
     ] {
         let out = Command::new(&python)
             .arg(&script)
@@ -571,10 +581,11 @@ fn a_keyless_signed_model_is_served_only_to_the_identity_in_the_policy() {
         p
     };
     let node = node_with("");
-    let load = |policy: &Path| {
+    let load_with = |policy: &Path, sig: &Path| {
         let entry = json!({"name": "tiny", "dir": dir, "signature": sig, "trust_policy": policy});
         node.request(&json!({"v": 1, "cmd": "model_load", "model": entry}).to_string())
     };
+    let load = |policy: &Path| load_with(policy, &sig);
 
     // Another identity of the same issuer: refused, no worker.
     let r = load(&policy("bob", "bob@example.com"));
@@ -591,6 +602,29 @@ fn a_keyless_signed_model_is_served_only_to_the_identity_in_the_policy() {
             .as_str()
             .is_some_and(|s| s.contains("alice@example.com")),
         "{listed:?}"
+    );
+    let r = completion(
+        &node,
+        json!({"model": "tiny", "prompt": "x", "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 200);
+
+    // The same model signed through Rekor v2: refused for bob, served for
+    // alice, the signer naming the v2 log and the timestamp.
+    let r = node.request(r#"{"v":1,"cmd":"model_unload","name":"tiny"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    let r = load_with(&policy("bob", "bob@example.com"), &sig_v2);
+    assert_eq!(r["error"]["detail"], "signature_invalid", "{r}");
+    let r = load_with(&policy("alice", "alice@example.com"), &sig_v2);
+    assert_eq!(r["ok"], true, "{r}");
+    wait_ready(&node, "tiny", 1);
+    let signer = models(&node)[0]["signer"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        signer.contains("https://rekor2.test") && signer.contains("timestamped"),
+        "{signer}"
     );
     let r = completion(
         &node,
