@@ -537,6 +537,15 @@ fn certificate_chain_with_an_rsa_root() {
     ));
     assert!(r.api_verify_cert(&dir, &sig, &other_root).is_err());
 
+    // A 4096-bit RSA root, the largest verified.
+    let big_root = rsa_root(t, "bigroot", 4096);
+    openssl_cert(t, "bigint", Some("bigroot"), ca_ext, "30");
+    let big_sig = t.join("big.sig");
+    sign("bigint", &big_sig);
+    let big = TrustPolicy::global_roots(policy::load_certificates(&big_root).unwrap());
+    ours(&dir, &big_sig, &big).unwrap();
+    r.api_verify_cert(&dir, &big_sig, &big_root).unwrap();
+
     // Too weak: a 1024-bit RSA root.
     let weak_root = rsa_root(t, "weakroot", 1024);
     openssl_cert(t, "weakint", Some("weakroot"), ca_ext, "30");

@@ -416,6 +416,12 @@ fn log_entry_numbers_and_shape_are_checked() {
     };
     let log = |v: &Value| matches!(check(v, &p), Err(OmsError::TransparencyLog(_)));
     assert!(log(&set("integratedTime", "1760062341".into())));
+    // A Rekor v1 entry without its integrated time (absent, or the
+    // protobuf default 0) has no time its promise covers.
+    assert!(log(&set("integratedTime", "0".into())));
+    assert!(log(&edited(&b, ENTRY, |e| {
+        e.as_object_mut().unwrap().remove("integratedTime");
+    })));
     assert!(log(&set("logIndex", "598151087".into())));
     assert!(log(&set("inclusionProof/logIndex", "476246823".into())));
     assert!(log(&set("inclusionProof/treeSize", "476246826".into())));
@@ -873,12 +879,18 @@ fn private_instance_verdicts_agree_with_the_reference() {
     let e = inst.ours(&model, &s, ALICE, TEST_ISSUER).unwrap_err();
     assert!(log(&e), "v2_wrong_origin: {e}");
     // A trusted RSA authority with 1024-bit keys: ccnode verifies RSA of
-    // 2048 bits and more only, so that timestamp is set aside and a v2
-    // bundle has no time (the reference verifies it and accepts).
-    let s = tmp.path().join("v2_tsa_rsa1024.sig");
-    inst.sign(&model, &s, "v2_tsa_rsa1024", "sha256");
-    let e = inst.ours(&model, &s, ALICE, TEST_ISSUER).unwrap_err();
-    assert!(ts(&e), "v2_tsa_rsa1024: {e}");
+    // 2048 bits and more only; a timestamp it cannot verify from an
+    // authority of the trust root refuses the bundle, with Rekor v1 as
+    // with v2 (the reference verifies it and accepts both).
+    for variant in ["tsa_rsa1024", "v2_tsa_rsa1024"] {
+        let s = tmp.path().join(format!("{variant}.sig"));
+        inst.sign(&model, &s, variant, "sha256");
+        let e = inst.ours(&model, &s, ALICE, TEST_ISSUER).unwrap_err();
+        assert!(
+            matches!(&e, OmsError::Timestamp(m) if m.contains("cannot verify")),
+            "{variant}: {e}"
+        );
+    }
 
     // Identity and issuer, each wrong on its own.
     let good = tmp.path().join("ok.sig");

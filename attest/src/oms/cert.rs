@@ -4,7 +4,7 @@
 //! certificate must allow digitalSignature (key usage) or codeSigning
 //! (extended key usage). Issuer signatures: ECDSA with SHA-256/384/512 on
 //! P-256, P-384 or P-521, or RSA PKCS#1 v1.5 with SHA-256/384/512 and a
-//! modulus of 2048 to 8192 bits (RSASSA-PSS is not supported). Signing
+//! modulus of 2048 to 4096 bits (RSASSA-PSS is not supported). Signing
 //! certificates' own keys are ECDSA: that is what signs the envelope.
 
 use std::time::SystemTime;
@@ -116,11 +116,23 @@ pub(crate) fn key_of(cert: &Certificate) -> Result<PublicKey, OmsError> {
         .map_err(|e| refuse(format!("{}: {e}", cert.tbs_certificate.subject)))
 }
 
-/// RSA keys verified: 2048 to 8192 bits (smaller are too weak; larger only
-/// cost time).
-const RSA_BITS: std::ops::RangeInclusive<usize> = 2048..=8192;
+/// RSA keys verified: 2048 to 4096 bits (smaller are too weak; the rsa
+/// crate refuses larger ones).
+const RSA_BITS: std::ops::RangeInclusive<usize> = 2048..=4096;
 
 const RSA_ENCRYPTION: &str = "1.2.840.113549.1.1.1";
+/// ecdsa-with-SHA256, -SHA384, -SHA512.
+const ECDSA_SHA2: [&str; 3] = [
+    "1.2.840.10045.4.3.2",
+    "1.2.840.10045.4.3.3",
+    "1.2.840.10045.4.3.4",
+];
+/// sha256WithRSAEncryption, sha384…, sha512… (PKCS#1 v1.5).
+const RSA_PKCS1_SHA2: [&str; 3] = [
+    "1.2.840.113549.1.1.11",
+    "1.2.840.113549.1.1.12",
+    "1.2.840.113549.1.1.13",
+];
 
 /// A key that signs certificates or timestamps: ECDSA or RSA.
 pub(crate) enum IssuerKey {
@@ -129,6 +141,15 @@ pub(crate) enum IssuerKey {
 }
 
 impl IssuerKey {
+    /// Whether `alg` is a signature algorithm this key is verified with.
+    pub(crate) fn supports(&self, alg: ObjectIdentifier) -> bool {
+        let alg = alg.to_string();
+        match self {
+            IssuerKey::Ecdsa(_) => ECDSA_SHA2.contains(&alg.as_str()),
+            IssuerKey::Rsa(_) => RSA_PKCS1_SHA2.contains(&alg.as_str()),
+        }
+    }
+
     /// Checks an X.509 or CMS signature with `alg`: ecdsa-with-SHA256/384/
     /// 512 for an ECDSA key, sha256/384/512WithRSAEncryption (PKCS#1 v1.5)
     /// for an RSA key.
@@ -171,7 +192,7 @@ pub(crate) fn issuer_key_of(cert: &Certificate) -> Result<IssuerKey, OmsError> {
         .map_err(|e| refuse(format!("{}: RSA key: {e}", cert.tbs_certificate.subject)))?;
     if !RSA_BITS.contains(&key.n().bits()) {
         return Err(refuse(format!(
-            "{}: RSA key of {} bits (2048 to 8192 are verified)",
+            "{}: RSA key of {} bits (2048 to 4096 are verified)",
             cert.tbs_certificate.subject,
             key.n().bits()
         )));
@@ -189,7 +210,19 @@ pub(crate) fn signed_by(child: &Certificate, issuer: &Certificate) -> bool {
     let Some(sig) = child.signature.as_bytes() else {
         return false;
     };
-    key.verify_x509(child.signature_algorithm.oid, &tbs, sig)
+    // The unsigned outer algorithm must be the signed one (RFC 5280
+    // 4.1.1.2), with no parameters but an optional NULL: no byte of the
+    // certificate may change without effect.
+    let alg = &child.signature_algorithm;
+    if *alg != child.tbs_certificate.signature
+        || alg
+            .parameters
+            .as_ref()
+            .is_some_and(|p| der::Tagged::tag(p) != der::Tag::Null || !p.value().is_empty())
+    {
+        return false;
+    }
+    key.verify_x509(alg.oid, &tbs, sig)
 }
 
 fn is_ca(cert: &Certificate) -> Result<bool, OmsError> {

@@ -384,7 +384,7 @@ impl TrustedRoot {
     /// Verifies one RFC 3161 timestamp response (DER) over `signature`
     /// against this root's timestamp authorities; the time it vouches for.
     pub fn verify_timestamp(&self, der: &[u8], signature: &[u8]) -> Result<SystemTime, OmsError> {
-        super::tsa::verify(der, signature, &self.tsas).map_err(OmsError::Timestamp)
+        super::tsa::verify(der, signature, &self.tsas).map_err(|f| OmsError::Timestamp(f.reason()))
     }
 
     /// Loads a trust root file.
@@ -460,10 +460,19 @@ pub fn verify(
             "the bundle has RFC 3161 timestamps and the trust root no timestamp authority".into(),
         ));
     }
-    let tsa_times: Vec<SystemTime> = timestamps
-        .iter()
-        .filter_map(|t| super::tsa::verify(t, &bundle.signature, &root.tsas).ok())
-        .collect();
+    // One from a trusted authority that ccnode cannot verify (a weak RSA
+    // key, PSS, SHA-1) refuses the bundle: the reference would hold the
+    // certificate to its time.
+    let mut tsa_times: Vec<SystemTime> = Vec::new();
+    for t in timestamps {
+        match super::tsa::verify(t, &bundle.signature, &root.tsas) {
+            Ok(time) => tsa_times.push(time),
+            Err(f @ super::tsa::Failure::Unverifiable(_)) => {
+                return Err(OmsError::Timestamp(f.reason()))
+            }
+            Err(super::tsa::Failure::SetAside(_)) => {}
+        }
+    }
 
     let mut logged = Err(log_err("no entry verified"));
     for entry in entries {
@@ -500,6 +509,13 @@ pub fn verify(
     };
     let (signing, ca) = chain_at(first)?;
     for &t in rest {
+        // Without a log time (Rekor v2) every time is a timestamp's, and
+        // the certificate not being valid at one is the certificate's
+        // fault, as at the first.
+        if log_time.is_none() {
+            chain_at(t)?;
+            continue;
+        }
         chain_at(t).map_err(|e| {
             OmsError::Timestamp(format!(
                 "the signing certificate was not valid at the time of a verified timestamp \
@@ -694,7 +710,16 @@ fn verify_checkpoint(
         .ok_or_else(|| log_err("checkpoint is not a signed note"))?;
     let mut lines = text.split('\n');
     let origin = lines.next().unwrap_or_default();
-    let size = lines.next().and_then(|s| s.parse::<u64>().ok());
+    // Plain decimal, as the checkpoint format writes it (no sign, no
+    // leading zero).
+    let size = lines
+        .next()
+        .filter(|s| {
+            !s.is_empty()
+                && s.bytes().all(|b| b.is_ascii_digit())
+                && (s == &"0" || !s.starts_with('0'))
+        })
+        .and_then(|s| s.parse::<u64>().ok());
     let root = lines.next().and_then(|r| b64("checkpoint root", r).ok());
     if origin.is_empty()
         || size != Some(proof.tree_size)
@@ -1189,10 +1214,187 @@ mod tests {
         assert!(verify_checkpoint(&renamed, &log.key_id, key, &proof).is_err());
         let v1 = &root.tlogs[0];
         assert!(verify_checkpoint(V2_CHECKPOINT, &v1.key_id, key, &proof).is_err());
+        // A first line with the key hint decides: one under another name
+        // before the good one refuses.
+        let (text, line) = V2_CHECKPOINT.split_once("\n\n").unwrap();
+        let other_name = line.replace(V2_ORIGIN, "witness.example");
+        let padded = format!("{text}\n\n{other_name}{line}");
+        assert!(verify_checkpoint(&padded, &log.key_id, key, &proof).is_err());
+        let after = format!("{text}\n\n{line}{other_name}");
+        verify_checkpoint(&after, &log.key_id, key, &proof).unwrap();
+        // The tree size in plain decimal only.
+        for size in ["+34356369", "034356369"] {
+            let odd = V2_CHECKPOINT.replace("\n34356369\n", &format!("\n{size}\n"));
+            assert!(
+                verify_checkpoint(&odd, &log.key_id, key, &proof).is_err(),
+                "{size}"
+            );
+        }
         // A different tree size or root than the proof's.
         let mut other = v2_proof(V2_CHECKPOINT);
         other.tree_size += 1;
         assert!(verify_checkpoint(V2_CHECKPOINT, &log.key_id, key, &other).is_err());
+    }
+
+    const GENUINE: &[u8] = include_bytes!("../../tests/fixtures/sigstore/v1.1.0-sigstore.sig");
+
+    /// The genuine bundle, its leaf certificate, and the Fulcio
+    /// intermediate that issued it.
+    fn genuine() -> (Bundle, Vec<u8>, Certificate) {
+        let bundle = Bundle::parse(GENUINE).unwrap();
+        let super::super::bundle::Material::Keyless { certificate, .. } = &bundle.material else {
+            panic!("keyless");
+        };
+        let certificate = certificate.clone();
+        let root: serde_json::Value = serde_json::from_slice(PRODUCTION_ROOT).unwrap();
+        let leaf = cert::parse(&certificate).unwrap();
+        let issuer = root["certificateAuthorities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|ca| {
+                let der = b64(
+                    "ca",
+                    ca["certChain"]["certificates"][0]["rawBytes"]
+                        .as_str()
+                        .unwrap(),
+                );
+                cert::parse(&der.unwrap()).unwrap()
+            })
+            .find(|c| cert::signed_by(&leaf, c))
+            .unwrap();
+        (bundle, certificate, issuer)
+    }
+
+    /// A Rekor v2 entry for the genuine envelope with `body` (no proof:
+    /// the body check alone).
+    fn v2_entry(body: &serde_json::Value) -> TlogEntry {
+        TlogEntry {
+            log_index: 0,
+            key_id: vec![0; 32],
+            kind: "hashedrekord".into(),
+            version: "0.0.2".into(),
+            integrated_time: None,
+            signed_entry_timestamp: None,
+            inclusion_proof: None,
+            body: serde_json::to_vec(body).unwrap(),
+        }
+    }
+
+    #[test]
+    fn rekor_v2_body_must_be_about_this_envelope_and_certificate() {
+        use base64::engine::general_purpose::STANDARD;
+        let (bundle, certificate, issuer) = genuine();
+        let message = super::super::bundle::pae(&bundle.payload_type, &bundle.payload);
+        let good = serde_json::json!({
+            "kind": "hashedrekord",
+            "apiVersion": "0.0.2",
+            "spec": {"hashedRekordV002": {
+                "data": {"algorithm": "SHA2_256", "digest": STANDARD.encode(Sha256::digest(&message))},
+                "signature": {
+                    "content": STANDARD.encode(&bundle.signature),
+                    "verifier": {
+                        "x509Certificate": {"rawBytes": STANDARD.encode(&certificate)},
+                        "keyDetails": "PKIX_ECDSA_P256_SHA_256",
+                    },
+                },
+            }},
+        });
+        let check = |body: &serde_json::Value| {
+            check_hashedrekord_body(&v2_entry(body), &bundle, &certificate, &message)
+        };
+        check(&good).unwrap();
+        let spec = "/spec/hashedRekordV002";
+        let issuer_der = issuer.to_der().unwrap();
+        type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+        let set = |pointer: &str, value: serde_json::Value| -> Edit {
+            let pointer = format!("{spec}{pointer}");
+            Box::new(move |b| *b.pointer_mut(&pointer).unwrap() = value.clone())
+        };
+        let verifier = format!("{spec}/signature/verifier");
+        let cases: Vec<(&str, Edit)> = vec![
+            ("kind", Box::new(|b| b["kind"] = "dsse".into())),
+            (
+                "api version",
+                Box::new(|b| b["apiVersion"] = "0.0.1".into()),
+            ),
+            (
+                "no hashedRekordV002",
+                Box::new(|b| {
+                    let v = b["spec"]["hashedRekordV002"].take();
+                    b["spec"] = serde_json::json!({ "dsseV002": v });
+                }),
+            ),
+            (
+                "digest algorithm label",
+                set("/data/algorithm", "SHA2_384".into()),
+            ),
+            (
+                "digest of other bytes",
+                set("/data/digest", STANDARD.encode([0u8; 32]).into()),
+            ),
+            (
+                "another signature",
+                set("/signature/content", STANDARD.encode([1u8; 70]).into()),
+            ),
+            (
+                "key details",
+                set(
+                    "/signature/verifier/keyDetails",
+                    "PKIX_ECDSA_P384_SHA_384".into(),
+                ),
+            ),
+            (
+                "another certificate",
+                set(
+                    "/signature/verifier/x509Certificate/rawBytes",
+                    STANDARD.encode(&issuer_der).into(),
+                ),
+            ),
+            (
+                "a public key beside the certificate",
+                Box::new({
+                    let verifier = verifier.clone();
+                    move |b| {
+                        b.pointer_mut(&verifier).unwrap()["publicKey"] =
+                            serde_json::json!({"rawBytes": "AAAA"});
+                    }
+                }),
+            ),
+            (
+                "a public key instead of the certificate",
+                Box::new(move |b| {
+                    let v = b.pointer_mut(&verifier).unwrap();
+                    v.as_object_mut().unwrap().remove("x509Certificate");
+                    v["publicKey"] = serde_json::json!({"rawBytes": "AAAA"});
+                }),
+            ),
+        ];
+        for (what, edit) in cases {
+            let mut body = good.clone();
+            edit(&mut body);
+            assert!(check(&body).is_err(), "{what}: accepted");
+        }
+    }
+
+    #[test]
+    fn certificate_links_take_no_unsigned_algorithm_changes() {
+        let (_, certificate, issuer) = genuine();
+        let leaf = cert::parse(&certificate).unwrap();
+        assert!(cert::signed_by(&leaf, &issuer));
+        // NULL parameters are allowed, anything else is not; the outer
+        // algorithm must be the signed one.
+        let mut outer_null = leaf.clone();
+        outer_null.signature_algorithm.parameters = Some(der::Any::null());
+        assert!(!cert::signed_by(&outer_null, &issuer));
+        let mut outer_other = leaf.clone();
+        outer_other.signature_algorithm.oid = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
+        assert!(!cert::signed_by(&outer_other, &issuer));
+        let mut octets = leaf.clone();
+        octets.signature_algorithm.parameters =
+            Some(der::Any::new(der::Tag::OctetString, Vec::<u8>::new()).unwrap());
+        octets.tbs_certificate.signature.parameters = octets.signature_algorithm.parameters.clone();
+        assert!(!cert::signed_by(&octets, &issuer));
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! an ESS `signingCertificateV2` or `signingCertificate` (v1, SHA-1),
 //! each when present, names that certificate by hash; the signature over
 //! the signed attributes verifies with its key (ECDSA, or RSA PKCS#1 v1.5
-//! of 2048 to 8192 bits, the hash the algorithm names); the certificate carries a critical extended key usage with
+//! of 2048 to 4096 bits, the hash the algorithm names); the certificate carries a critical extended key usage with
 //! `timeStamping`; every link of the authority's chain is signed by the
 //! next and valid at the timestamp's time; and the authority's validity
 //! window in the trust root covers that time. These are the checks of
@@ -486,17 +486,96 @@ fn names(sid: &Sid<'_>, c: &Certificate) -> bool {
     }
 }
 
-/// Checks `t` against one authority; its time if it verifies there.
-fn verify_with(t: &Token<'_>, ca: &Authority) -> Result<SystemTime, String> {
+/// Why a timestamp is not a verified time.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// Not from a trusted authority, or from one and wrong: no time, set
+    /// aside (as sigstore-python does).
+    SetAside(String),
+    /// Its signer is a trusted authority's certificate, but with a key or
+    /// an algorithm ccnode does not verify (RSA under 2048 bits, PSS,
+    /// SHA-1): the reference would count its time, so the bundle is refused
+    /// rather than judged without it.
+    Unverifiable(String),
+}
+
+impl Failure {
+    pub(crate) fn reason(self) -> String {
+        match self {
+            Failure::SetAside(r) => r,
+            Failure::Unverifiable(r) => {
+                format!("a timestamp from a trusted authority that ccnode cannot verify: {r}")
+            }
+        }
+    }
+}
+
+/// Checks `t`, over `stamped` (the bundle's signature), against one
+/// authority; its time if it verifies there.
+fn verify_with(t: &Token<'_>, stamped: &[u8], ca: &Authority) -> Result<SystemTime, Failure> {
     // As sigstore-python: an authority's chain holds its signing
     // certificate and at least a root.
     if ca.chain.len() < 2 {
-        return Err("timestamp authority chain is incomplete".into());
+        return Err(Failure::SetAside(
+            "timestamp authority chain is incomplete".into(),
+        ));
     }
     let leaf = &ca.chain[0];
     if !names(&t.sid, leaf) {
-        return Err("not signed by this timestamp authority".into());
+        return Err(Failure::SetAside(
+            "not signed by this timestamp authority".into(),
+        ));
     }
+    // The token names this authority's certificate: what ccnode cannot
+    // check is not set aside.
+    let unverifiable = Failure::Unverifiable;
+    let ess_alg = t.ess_cert_hash.as_ref().map(|(alg, _)| alg);
+    for alg in [Some(&t.imprint_alg), Some(&t.digest_alg), ess_alg]
+        .into_iter()
+        .flatten()
+    {
+        digest(alg, b"").map_err(unverifiable)?;
+    }
+    let key = cert::issuer_key_of(leaf).map_err(|e| unverifiable(e.to_string()))?;
+    // CMS signers may give the key's algorithm (id-ecPublicKey,
+    // rsaEncryption) as the signature algorithm; the digest algorithm then
+    // says which.
+    let sig_alg = match t.signature_alg.as_str() {
+        OID_EC_PUBLIC_KEY => ecdsa_with(&t.digest_alg),
+        OID_RSA_ENCRYPTION => rsa_with(&t.digest_alg),
+        other => Some(other),
+    };
+    let sig_oid = sig_alg
+        .and_then(|a| ObjectIdentifier::new(a).ok())
+        .filter(|oid| key.supports(*oid))
+        .ok_or_else(|| {
+            unverifiable(format!(
+                "signature algorithm {} is not one ccnode verifies with this key",
+                t.signature_alg
+            ))
+        })?;
+    checked(t, stamped, ca, &key, sig_oid).map_err(Failure::SetAside)
+}
+
+/// The checks of a timestamp whose authority, key and algorithms ccnode
+/// supports.
+fn checked(
+    t: &Token<'_>,
+    stamped: &[u8],
+    ca: &Authority,
+    key: &cert::IssuerKey,
+    sig_oid: ObjectIdentifier,
+) -> Result<SystemTime, String> {
+    if digest(&t.imprint_alg, stamped)? != t.imprint {
+        return Err("the timestamp is over other data than this signature".into());
+    }
+    if t.content_type != OID_TST_INFO {
+        return Err("the signed content type is not TSTInfo".into());
+    }
+    if digest(&t.digest_alg, t.tst_info)? != t.message_digest {
+        return Err("the signed message digest is not the TSTInfo's".into());
+    }
+    let leaf = &ca.chain[0];
     // As the reference: where certificates are embedded, one of them is
     // the signer's, and it is the authority's certificate byte for byte.
     if !t.certificates.is_empty() {
@@ -542,16 +621,6 @@ fn verify_with(t: &Token<'_>, ca: &Authority) -> Result<SystemTime, String> {
     {
         return Err("the timestamp authority's certificate does not allow timeStamping".into());
     }
-    let key = cert::issuer_key_of(leaf).map_err(|e| e.to_string())?;
-    // CMS signers may give the key's algorithm (id-ecPublicKey,
-    // rsaEncryption) as the signature algorithm; the digest algorithm then
-    // says which.
-    let sig_alg = match t.signature_alg.as_str() {
-        OID_EC_PUBLIC_KEY => ecdsa_with(&t.digest_alg).ok_or("unsupported digest algorithm")?,
-        OID_RSA_ENCRYPTION => rsa_with(&t.digest_alg).ok_or("unsupported digest algorithm")?,
-        other => other,
-    };
-    let sig_oid = ObjectIdentifier::new(sig_alg).map_err(|e| e.to_string())?;
     // The signature covers the attributes' DER as a SET, not as [0].
     let mut signed = t.signed_attrs.to_vec();
     signed[0] = SET;
@@ -578,22 +647,15 @@ pub(crate) fn verify(
     der: &[u8],
     signature: &[u8],
     authorities: &[Authority],
-) -> Result<SystemTime, String> {
-    let t = parse(der)?;
-    if digest(&t.imprint_alg, signature)? != t.imprint {
-        return Err("the timestamp is over other data than this signature".into());
-    }
-    if t.content_type != OID_TST_INFO {
-        return Err("the signed content type is not TSTInfo".into());
-    }
-    if digest(&t.digest_alg, t.tst_info)? != t.message_digest {
-        return Err("the signed message digest is not the TSTInfo's".into());
-    }
-    let mut last = "no timestamp authority in the trust root".to_owned();
+) -> Result<SystemTime, Failure> {
+    let t = parse(der).map_err(Failure::SetAside)?;
+    let mut last = Failure::SetAside("no timestamp authority in the trust root".to_owned());
     for ca in authorities {
-        match verify_with(&t, ca) {
+        match verify_with(&t, signature, ca) {
             Ok(time) => return Ok(time),
-            Err(e) => last = e,
+            Err(e @ Failure::Unverifiable(_)) => last = e,
+            Err(e) if matches!(last, Failure::SetAside(_)) => last = e,
+            Err(_) => {}
         }
     }
     Err(last)

@@ -68,6 +68,8 @@ sign INSTANCE MODEL_DIR SIG_OUT --identity ID --issuer ISSUER
                          certificate (no certificate embedded)
       tsa_ess_v1_other_cert  the same with ESS v1
       tsa_rsa            as tsa, from the instance's RSA timestamp authority
+      tsa_rsa1024        as tsa, from the trusted RSA authority whose keys
+                         are 1024 bits
     Rekor v2 variants: the entry is a hashedrekord/0.0.2 in the Ed25519 log
     (rekor2.test), no signed entry timestamp or integrated time, and the
     bundle holds a timestamp from the instance's TSA (T is now minus 60 s):
@@ -177,6 +179,7 @@ VARIANTS = (
     "tsa_ess_other_cert",
     "tsa_ess_v1_other_cert",
     "tsa_rsa",
+    "tsa_rsa1024",
     "v2",
     "v2_ecdsa_log",
     "v2_no_timestamp",
@@ -996,7 +999,7 @@ def cmd_sign(args):
     timestamps = {}
     if v.startswith("tsa") or (v2 and v != "v2_no_timestamp"):
         tsa_key, tsa_leaf = read_key(inst / "tsa.key"), read_cert(inst / "tsa.pem")
-        if v in ("tsa_rsa", "v2_tsa_rsa", "v2_tsa_rsa1024"):
+        if v in ("tsa_rsa", "tsa_rsa1024", "v2_tsa_rsa", "v2_tsa_rsa1024"):
             stem = "tsa_rsa1024" if v.endswith("1024") else "tsa_rsa"
             tsa_key, tsa_leaf = read_key(inst / f"{stem}.key"), read_cert(inst / f"{stem}.pem")
         if v in ("tsa_untrusted", "v2_untrusted_timestamp"):
