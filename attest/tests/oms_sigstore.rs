@@ -760,7 +760,41 @@ fn rekor_v2_entry_every_byte_matters() {
         let parsed = Bundle::parse(&serde_json::to_vec(&b).unwrap()).unwrap();
         p.verify_bundle(&parsed, &VerifyOptions::new("m"))
     };
+    // A trust root in the v0.2 form: the log id the SHA-256 of the key,
+    // the note key id given as checkpointKeyId. Entries naming the log by
+    // either verify; a checkpoint key id of another name does not.
     let tlogs = config["trustedRoot"]["tlogs"].clone();
+    let spki = STANDARD
+        .decode(tlogs[1]["publicKey"]["rawBytes"].as_str().unwrap())
+        .unwrap();
+    let spki_id = STANDARD.encode(<sha2::Sha256 as sha2::Digest>::digest(&spki));
+    let mut v02 = config.clone();
+    v02["trustedRoot"]["mediaType"] = "application/vnd.dev.sigstore.trustedroot.v0.2+json".into();
+    v02["trustedRoot"]["tlogs"][1]["checkpointKeyId"] = tlogs[1]["logId"].clone();
+    v02["trustedRoot"]["tlogs"][1]["logId"]["keyId"] = spki_id.clone().into();
+    let under = |config: &Value, bundle: &Value| {
+        let root = TrustedRoot::parse(&serde_json::to_vec(config).unwrap()).unwrap();
+        let p = policy(root, ALICE, TEST_ISSUER);
+        let parsed = Bundle::parse(&serde_json::to_vec(bundle).unwrap()).unwrap();
+        p.verify_bundle(&parsed, &VerifyOptions::new("m"))
+    };
+    under(&v02, &b).unwrap();
+    let by_spki = edited(&b, &format!("{ENTRY}/logId/keyId"), |v| {
+        *v = spki_id.clone().into()
+    });
+    under(&v02, &by_spki).unwrap();
+    let mut elsewhere = v02.clone();
+    elsewhere["trustedRoot"]["tlogs"][1]["checkpointKeyId"]["keyId"] =
+        STANDARD.encode([9u8; 32]).into();
+    assert!(matches!(
+        under(&elsewhere, &b),
+        Err(OmsError::TransparencyLog(_))
+    ));
+    assert!(matches!(
+        under(&elsewhere, &by_spki),
+        Err(OmsError::TransparencyLog(_))
+    ));
+
     config["trustedRoot"]["tlogs"][1]["publicKey"]["validFor"]["end"] =
         "2021-01-01T00:00:00Z".into();
     assert!(matches!(

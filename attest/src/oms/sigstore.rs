@@ -148,6 +148,9 @@ fn note_key_id(name: &str, key: &ed25519_dalek::VerifyingKey) -> [u8; 32] {
 #[derive(Debug, Clone)]
 struct LogKey {
     key_id: Vec<u8>,
+    /// The id its checkpoints name it by (`checkpointKeyId`, trust roots
+    /// from v0.2): the signed-note key id; absent, the log id is.
+    checkpoint_key_id: Option<Vec<u8>>,
     /// `None` for a key type ccnode does not verify (RSA): entries from
     /// that log are refused with a clear reason.
     key: Option<LogVerifier>,
@@ -225,6 +228,7 @@ struct RawLog {
     base_url: String,
     public_key: RawKey,
     log_id: super::bundle::RawLogId,
+    checkpoint_key_id: Option<super::bundle::RawLogId>,
 }
 
 #[derive(Deserialize)]
@@ -283,6 +287,14 @@ fn log_key(raw: &RawLog, what: &str) -> Result<LogKey, String> {
     if key_id.len() != 32 {
         return Err(format!("{what}: log id is not 32 bytes"));
     }
+    let checkpoint_key_id = raw
+        .checkpoint_key_id
+        .as_ref()
+        .map(|id| b64(what, &id.key_id).map_err(|e| e.to_string()))
+        .transpose()?;
+    if checkpoint_key_id.as_ref().is_some_and(|id| id.len() != 32) {
+        return Err(format!("{what}: checkpoint key id is not 32 bytes"));
+    }
     let key = match &raw.public_key.raw_bytes {
         // Rekor v2 with an Ed25519 key: the log id is the signed-note key
         // id, which commits to the log's name as well; it is checked
@@ -313,6 +325,7 @@ fn log_key(raw: &RawLog, what: &str) -> Result<LogKey, String> {
     };
     Ok(LogKey {
         key_id,
+        checkpoint_key_id,
         key,
         window: window(raw.public_key.valid_for.as_ref(), what)?,
         url: raw.base_url.chars().take(200).collect(),
@@ -628,7 +641,7 @@ fn verify_entry<'a>(
     let mut logs = root
         .tlogs
         .iter()
-        .filter(|l| l.key_id == entry.key_id)
+        .filter(|l| l.key_id == entry.key_id || l.checkpoint_key_id.as_ref() == Some(&entry.key_id))
         .peekable();
     if logs.peek().is_none() {
         return Err(log_err("entry from a log that is not in the trust root"));
@@ -685,7 +698,10 @@ fn verify_entry<'a>(
             "a Rekor v2 entry's log index is not its inclusion proof's",
         ));
     }
-    verify_checkpoint(&proof.checkpoint, &entry.key_id, key, proof)?;
+    // The checkpoint names the log by its checkpoint key id where the
+    // trust root gives one, else by its log id.
+    let checkpoint_id = log.checkpoint_key_id.as_ref().unwrap_or(&log.key_id);
+    verify_checkpoint(&proof.checkpoint, checkpoint_id, key, proof)?;
 
     match kind {
         EntryKind::DsseV1 => check_body(entry, bundle, certificate)?,
