@@ -1,8 +1,10 @@
 //! Sigstore keyless verification: `oms::sigstore::TrustedRoot::parse` and
 //! `TrustedRoot::verify_timestamp` (RFC 3161) on arbitrary bytes, and
 //! `oms::sigstore::verify` on any bundle that parses as keyless, against the production trust root (the test fixture). The
-//! second reaches the parsers of the log entry body, the checkpoint, the
-//! certificate's SCT list and its identity extensions with attacker bytes.
+//! second reaches the parsers of the log entry (Rekor v1 `dsse` and v2
+//! `hashedrekord`, seed-rekor-v2-shape naming the production v2 shard with
+//! its genuine checkpoint), the checkpoint, the certificate's SCT list and
+//! its identity extensions with attacker bytes.
 //!
 //! Beyond "no panic": whatever verifies carries exactly the genuine fixture's
 //! payload, signature and certificate (the seed verifies, and so may
