@@ -507,8 +507,8 @@ fn certificate_chain_with_an_rsa_root() {
     let t = tmp.path();
     let ca_ext = "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign\n";
     let good = "keyUsage=critical,digitalSignature\nextendedKeyUsage=codeSigning\n";
-    let sign = |int: &str, out: &Path| {
-        openssl_cert(t, &format!("{int}-leaf"), Some(int), good, "10");
+    // Signs the model with `{int}-leaf`, the chain being `{int}.pem`.
+    let sign_with = |int: &str, out: &Path| {
         run(r
             .helper()
             .arg("sign-cert")
@@ -518,12 +518,21 @@ fn certificate_chain_with_an_rsa_root() {
             .arg(t.join(format!("{int}-leaf.pem")))
             .arg(t.join(format!("{int}.pem"))));
     };
+    // An RSA root of `bits`, an ECDSA intermediate and leaf under it, the
+    // model signed with them: the root, the signature, a policy trusting
+    // the root.
+    let chain = |name: &str, bits: u32| {
+        let root = rsa_root(t, &format!("{name}root"), bits);
+        let int = format!("{name}int");
+        openssl_cert(t, &int, Some(&format!("{name}root")), ca_ext, "30");
+        openssl_cert(t, &format!("{int}-leaf"), Some(&int), good, "10");
+        let sig = t.join(format!("{name}.sig"));
+        sign_with(&int, &sig);
+        let roots = TrustPolicy::global_roots(policy::load_certificates(&root).unwrap());
+        (root, sig, roots)
+    };
 
-    let root = rsa_root(t, "rsaroot", 2048);
-    openssl_cert(t, "rsaint", Some("rsaroot"), ca_ext, "30");
-    let sig = t.join("rsa.sig");
-    sign("rsaint", &sig);
-    let roots = TrustPolicy::global_roots(policy::load_certificates(&root).unwrap());
+    let (root, sig, roots) = chain("rsa", 2048);
     ours(&dir, &sig, &roots).unwrap();
     r.api_verify_cert(&dir, &sig, &root).unwrap();
     // Another RSA root of the same name did not sign it.
@@ -538,20 +547,12 @@ fn certificate_chain_with_an_rsa_root() {
     assert!(r.api_verify_cert(&dir, &sig, &other_root).is_err());
 
     // A 4096-bit RSA root, the largest verified.
-    let big_root = rsa_root(t, "bigroot", 4096);
-    openssl_cert(t, "bigint", Some("bigroot"), ca_ext, "30");
-    let big_sig = t.join("big.sig");
-    sign("bigint", &big_sig);
-    let big = TrustPolicy::global_roots(policy::load_certificates(&big_root).unwrap());
+    let (big_root, big_sig, big) = chain("big", 4096);
     ours(&dir, &big_sig, &big).unwrap();
     r.api_verify_cert(&dir, &big_sig, &big_root).unwrap();
 
     // Too weak: a 1024-bit RSA root.
-    let weak_root = rsa_root(t, "weakroot", 1024);
-    openssl_cert(t, "weakint", Some("weakroot"), ca_ext, "30");
-    let weak_sig = t.join("weak.sig");
-    sign("weakint", &weak_sig);
-    let weak = TrustPolicy::global_roots(policy::load_certificates(&weak_root).unwrap());
+    let (_, weak_sig, weak) = chain("weak", 1024);
     assert!(matches!(
         ours(&dir, &weak_sig, &weak),
         Err(OmsError::Certificate(_))
@@ -577,14 +578,7 @@ fn certificate_chain_with_an_rsa_root() {
         .args(["-set_serial", "4242", "-days", "30", "-out"])
         .arg(t.join("rsaint.pem")));
     let pss_sig = t.join("pss.sig");
-    run(r
-        .helper()
-        .arg("sign-cert")
-        .arg(&dir)
-        .arg(&pss_sig)
-        .arg(t.join("rsaint-leaf.key"))
-        .arg(t.join("rsaint-leaf.pem"))
-        .arg(t.join("rsaint.pem")));
+    sign_with("rsaint", &pss_sig);
     assert!(matches!(
         ours(&dir, &pss_sig, &roots),
         Err(OmsError::Certificate(_))

@@ -95,6 +95,56 @@ fn b64_len(bundle: &Value, pointer: &str) -> usize {
         .len()
 }
 
+/// The pointers of the first entry's inclusion proof hashes.
+fn proof_hash_fields(bundle: &Value) -> Vec<String> {
+    let hashes = bundle
+        .pointer(&format!("{ENTRY}/inclusionProof/hashes"))
+        .unwrap();
+    (0..hashes.as_array().unwrap().len())
+        .map(|i| format!("{ENTRY}/inclusionProof/hashes/{i}"))
+        .collect()
+}
+
+/// Flips each byte of each base64 field in turn and asserts `refused` of
+/// every copy; how many copies were made.
+fn flip_each_byte(bundle: &Value, fields: &[String], refused: impl Fn(&Value) -> bool) -> usize {
+    let mut flipped = 0;
+    for field in fields {
+        for at in 0..b64_len(bundle, field) {
+            let tampered = edit_b64(bundle, field, |bytes| bytes[at] ^= 0x01);
+            assert!(refused(&tampered), "{field} byte {at} flipped: accepted");
+            flipped += 1;
+        }
+    }
+    flipped
+}
+
+const CHECKPOINT: &str = "/verificationMaterial/tlogEntries/0/inclusionProof/checkpoint/envelope";
+
+/// Flips each of the first `upto` bytes of the first entry's checkpoint
+/// (those flips that keep it UTF-8) and asserts `refused` of every copy;
+/// how many copies were made.
+fn flip_each_checkpoint_byte(
+    bundle: &Value,
+    upto: usize,
+    refused: impl Fn(&Value) -> bool,
+) -> usize {
+    let note = bundle.pointer(CHECKPOINT).unwrap().as_str().unwrap();
+    let mut flipped = 0;
+    for at in 0..upto {
+        let mut bytes = note.as_bytes().to_vec();
+        bytes[at] ^= 0x01;
+        let Ok(changed) = String::from_utf8(bytes) else {
+            continue;
+        };
+        let mut tampered = bundle.clone();
+        *tampered.pointer_mut(CHECKPOINT).unwrap() = Value::String(changed);
+        assert!(refused(&tampered), "checkpoint byte {at}: accepted");
+        flipped += 1;
+    }
+    flipped
+}
+
 #[test]
 fn genuine_keyless_model_verifies_offline() {
     let model = oms::verify_model_with(
@@ -353,41 +403,13 @@ fn every_byte_of_every_signed_field_is_checked() {
     ] {
         fields.push(format!("{ENTRY}/{f}"));
     }
-    let hashes = b
-        .pointer(&format!("{ENTRY}/inclusionProof/hashes"))
-        .unwrap();
-    for i in 0..hashes.as_array().unwrap().len() {
-        fields.push(format!("{ENTRY}/inclusionProof/hashes/{i}"));
-    }
-    let mut checked = 0;
-    for field in &fields {
-        for at in 0..b64_len(&b, field) {
-            let tampered = edit_b64(&b, field, |bytes| bytes[at] ^= 0x01);
-            assert!(
-                check(&tampered, &p).is_err(),
-                "{field} byte {at} flipped: accepted"
-            );
-            checked += 1;
-        }
-    }
+    fields.extend(proof_hash_fields(&b));
+    let refused = |v: &Value| check(v, &p).is_err();
+    let mut checked = flip_each_byte(&b, &fields, refused);
     // The checkpoint: every byte of the signed text, and of the signature.
-    let pointer = format!("{ENTRY}/inclusionProof/checkpoint/envelope");
-    let note = b.pointer(&pointer).unwrap().as_str().unwrap().to_string();
+    let note = b.pointer(CHECKPOINT).unwrap().as_str().unwrap().to_string();
     let (text, sig_line) = note.split_once("\n\n").unwrap();
-    for at in 0..text.len() {
-        let mut bytes = note.clone().into_bytes();
-        bytes[at] ^= 0x01;
-        let Ok(changed) = String::from_utf8(bytes) else {
-            continue;
-        };
-        let mut tampered = b.clone();
-        *tampered.pointer_mut(&pointer).unwrap() = Value::String(changed);
-        assert!(
-            check(&tampered, &p).is_err(),
-            "checkpoint byte {at}: accepted"
-        );
-        checked += 1;
-    }
+    checked += flip_each_checkpoint_byte(&b, text.len(), refused);
     let (prefix, sig) = sig_line.trim_end().rsplit_once(' ').unwrap();
     let sig = STANDARD.decode(sig).unwrap();
     for at in 0..sig.len() {
@@ -395,7 +417,7 @@ fn every_byte_of_every_signed_field_is_checked() {
         s[at] ^= 0x01;
         let changed = format!("{text}\n\n{prefix} {}\n", STANDARD.encode(s));
         let mut tampered = b.clone();
-        *tampered.pointer_mut(&pointer).unwrap() = Value::String(changed);
+        *tampered.pointer_mut(CHECKPOINT).unwrap() = Value::String(changed);
         assert!(
             check(&tampered, &p).is_err(),
             "checkpoint signature byte {at}: accepted"
@@ -661,39 +683,13 @@ fn rekor_v2_entry_every_byte_matters() {
         format!("{ENTRY}/canonicalizedBody"),
         format!("{ENTRY}/logId/keyId"),
         format!("{ENTRY}/inclusionProof/rootHash"),
-        "/verificationMaterial/timestampVerificationData/rfc3161Timestamps/0/signedTimestamp"
-            .to_string(),
+        TIMESTAMP.to_string(),
     ];
-    let hashes = b
-        .pointer(&format!("{ENTRY}/inclusionProof/hashes"))
-        .unwrap();
-    for i in 0..hashes.as_array().unwrap().len() {
-        fields.push(format!("{ENTRY}/inclusionProof/hashes/{i}"));
-    }
-    let mut checked = 0;
-    for field in &fields {
-        for at in 0..b64_len(&b, field) {
-            let tampered = edit_b64(&b, field, |bytes| bytes[at] ^= 0x01);
-            assert!(
-                check(&tampered).is_err(),
-                "{field} byte {at} flipped: accepted"
-            );
-            checked += 1;
-        }
-    }
-    let pointer = format!("{ENTRY}/inclusionProof/checkpoint/envelope");
-    let note = b.pointer(&pointer).unwrap().as_str().unwrap().to_string();
-    for at in 0..note.len() {
-        let mut bytes = note.clone().into_bytes();
-        bytes[at] ^= 0x01;
-        let Ok(changed) = String::from_utf8(bytes) else {
-            continue;
-        };
-        let mut tampered = b.clone();
-        *tampered.pointer_mut(&pointer).unwrap() = Value::String(changed);
-        assert!(check(&tampered).is_err(), "checkpoint byte {at}: accepted");
-        checked += 1;
-    }
+    fields.extend(proof_hash_fields(&b));
+    let refused = |v: &Value| check(v).is_err();
+    let note_len = b.pointer(CHECKPOINT).unwrap().as_str().unwrap().len();
+    let checked =
+        flip_each_byte(&b, &fields, refused) + flip_each_checkpoint_byte(&b, note_len, refused);
     assert!(checked > 2000, "{checked}");
 
     // The same with the RSA authority's timestamp as the only time.
@@ -701,17 +697,10 @@ fn rekor_v2_entry_every_byte_matters() {
     inst.sign(&model, &rsa_sig, "v2_tsa_rsa", "sha256");
     let r: Value = serde_json::from_slice(&fs::read(&rsa_sig).unwrap()).unwrap();
     check(&r).unwrap();
-    let field =
-        "/verificationMaterial/timestampVerificationData/rfc3161Timestamps/0/signedTimestamp";
-    let len = b64_len(&r, field);
-    assert!(len > 1000, "{len}");
-    for at in 0..len {
-        let tampered = edit_b64(&r, field, |bytes| bytes[at] ^= 0x01);
-        assert!(
-            matches!(check(&tampered), Err(OmsError::Timestamp(_))),
-            "RSA timestamp byte {at} flipped: accepted"
-        );
-    }
+    let flipped = flip_each_byte(&r, &[TIMESTAMP.to_string()], |v| {
+        matches!(check(v), Err(OmsError::Timestamp(_)))
+    });
+    assert!(flipped > 1000, "{flipped}");
 
     // Shape: a v2 entry names its kind, carries its proof, and no time.
     let log = |v: &Value| matches!(check(v), Err(OmsError::TransparencyLog(_)));
@@ -754,10 +743,10 @@ fn rekor_v2_entry_every_byte_matters() {
     // closed before the timestamp, the entry proves nothing.
     let mut config: Value =
         serde_json::from_slice(&fs::read(inst.dir.join("trust_config.json")).unwrap()).unwrap();
-    let v2_only = |config: &Value| {
+    let under = |config: &Value, bundle: &Value| {
         let root = TrustedRoot::parse(&serde_json::to_vec(config).unwrap()).unwrap();
         let p = policy(root, ALICE, TEST_ISSUER);
-        let parsed = Bundle::parse(&serde_json::to_vec(&b).unwrap()).unwrap();
+        let parsed = Bundle::parse(&serde_json::to_vec(bundle).unwrap()).unwrap();
         p.verify_bundle(&parsed, &VerifyOptions::new("m"))
     };
     // A trust root in the v0.2 form: the log id the SHA-256 of the key,
@@ -772,12 +761,6 @@ fn rekor_v2_entry_every_byte_matters() {
     v02["trustedRoot"]["mediaType"] = "application/vnd.dev.sigstore.trustedroot.v0.2+json".into();
     v02["trustedRoot"]["tlogs"][1]["checkpointKeyId"] = tlogs[1]["logId"].clone();
     v02["trustedRoot"]["tlogs"][1]["logId"]["keyId"] = spki_id.clone().into();
-    let under = |config: &Value, bundle: &Value| {
-        let root = TrustedRoot::parse(&serde_json::to_vec(config).unwrap()).unwrap();
-        let p = policy(root, ALICE, TEST_ISSUER);
-        let parsed = Bundle::parse(&serde_json::to_vec(bundle).unwrap()).unwrap();
-        p.verify_bundle(&parsed, &VerifyOptions::new("m"))
-    };
     under(&v02, &b).unwrap();
     let by_spki = edited(&b, &format!("{ENTRY}/logId/keyId"), |v| {
         *v = spki_id.clone().into()
@@ -798,7 +781,7 @@ fn rekor_v2_entry_every_byte_matters() {
     config["trustedRoot"]["tlogs"][1]["publicKey"]["validFor"]["end"] =
         "2021-01-01T00:00:00Z".into();
     assert!(matches!(
-        v2_only(&config),
+        under(&config, &b),
         Err(OmsError::TransparencyLog(_))
     ));
     config["trustedRoot"]["tlogs"] = tlogs;
@@ -807,7 +790,7 @@ fn rekor_v2_entry_every_byte_matters() {
         .unwrap()
         .remove(1);
     assert!(matches!(
-        v2_only(&config),
+        under(&config, &b),
         Err(OmsError::TransparencyLog(_))
     ));
 }

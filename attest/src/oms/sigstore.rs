@@ -893,13 +893,7 @@ fn check_hashedrekord_body(
         .spec
         .hashed_rekord_v002
         .ok_or_else(|| log_err("entry body holds no hashedRekordV002"))?;
-    let leaf = cert::parse(certificate).map_err(cert_err)?;
-    let spki = leaf
-        .tbs_certificate
-        .subject_public_key_info
-        .to_der()
-        .map_err(|e| cert_err(e.to_string()))?;
-    let key = PublicKey::from_spki_der(&spki).map_err(cert_err)?;
+    let key = cert::key_of(&cert::parse(certificate).map_err(cert_err)?)?;
     // The algorithm registry's names for the certificate's key.
     let (details, algorithm, digest) = match key.curve() {
         "P-256" => (

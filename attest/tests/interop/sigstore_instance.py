@@ -721,6 +721,23 @@ def audit_path(m, leaves):
     return audit_path(m - k, leaves[k:]) + [mth(leaves[:k])]
 
 
+def small_tree(body, bad_proof=False):
+    """A log of 5 to 9 entries holding `body` at a random index, the others
+    random: (tree size, index, root hash, audit path), one path hash
+    altered when bad_proof."""
+    tree_size = 5 + secrets.randbelow(5)
+    index = secrets.randbelow(tree_size)
+    bodies = [secrets.token_bytes(32) for _ in range(tree_size)]
+    bodies[index] = body
+    leaves = [leaf_hash(b) for b in bodies]
+    path = audit_path(index, leaves)
+    if bad_proof:
+        altered = bytearray(path[0])
+        altered[0] ^= 0x01
+        path[0] = bytes(altered)
+    return tree_size, index, mth(leaves), path
+
+
 def log_origin(rekor_pub):
     tree_id = int.from_bytes(key_id(rekor_pub)[:8], "big") >> 1
     return f"{REKOR_NAME} - {tree_id}"
@@ -758,17 +775,7 @@ def log_entry(rekor_key, body, integrated_time, variant, index_offset):
     rogue = ec.generate_private_key(ec.SECP256R1())
     rekor_pub = rekor_key.public_key()
     log_id = key_id(rekor_pub)
-    tree_size = 5 + secrets.randbelow(5)
-    index = secrets.randbelow(tree_size)
-    bodies = [secrets.token_bytes(32) for _ in range(tree_size)]
-    bodies[index] = body
-    leaves = [leaf_hash(b) for b in bodies]
-    root_hash = mth(leaves)
-    path = audit_path(index, leaves)
-    if variant == "bad_proof":
-        altered = bytearray(path[0])
-        altered[0] ^= 0x01
-        path[0] = bytes(altered)
+    tree_size, index, root_hash, path = small_tree(body, bad_proof=(variant == "bad_proof"))
     entry_index = index + index_offset
     set_payload = rfc8785.dumps(
         {
@@ -846,17 +853,7 @@ def v2_log_entry(inst, body, variant):
     else:
         log_key = read_key(inst / "rekor2.key")
         log_id, origin = note_key_id(REKOR2_NAME, log_key.public_key()), REKOR2_NAME
-    tree_size = 5 + secrets.randbelow(5)
-    index = secrets.randbelow(tree_size)
-    bodies = [secrets.token_bytes(32) for _ in range(tree_size)]
-    bodies[index] = body
-    leaves = [leaf_hash(b) for b in bodies]
-    root_hash = mth(leaves)
-    path = audit_path(index, leaves)
-    if variant == "v2_bad_proof":
-        altered = bytearray(path[0])
-        altered[0] ^= 0x01
-        path[0] = bytes(altered)
+    tree_size, index, root_hash, path = small_tree(body, bad_proof=(variant == "v2_bad_proof"))
     signer = log_key
     if variant == "v2_bad_checkpoint":
         signer = ed25519.Ed25519PrivateKey.generate()
