@@ -26,7 +26,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -528,72 +527,39 @@ pub async fn serve(
     });
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let graceful = GracefulShutdown::new();
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.request_timeout)
-        .max_buf_size(MAX_HEAD)
-        .keep_alive(true);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => break,
-            accepted = listener.listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(err) => {
-                    tracing::warn!(error = %err, "attestation accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            ctx.node
-                .metrics()
-                .attestations
-                .with_label_values(&["too_many_connections"])
-                .inc();
-            drop(stream);
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
+    let builder = crate::http::connection_builder(cfg.request_timeout, MAX_HEAD);
+    let refused = || {
+        ctx.node
+            .metrics()
+            .attestations
+            .with_label_values(&["too_many_connections"])
+            .inc()
+    };
+    while let Some((stream, peer, permit)) = crate::http::accept_bounded(
+        &listener.listener,
+        &connections,
+        &stop,
+        "attestation",
+        refused,
+    )
+    .await
+    {
         let ctx = ctx.clone();
         let service = hyper::service::service_fn(move |req| {
             let ctx = ctx.clone();
             async move { Ok::<_, Infallible>(handle(&ctx, peer.ip(), req).await) }
         });
-        let watcher = graceful.watcher();
-        let builder = builder.clone();
-        let tls = tls.clone();
-        let handshake_timeout = cfg.request_timeout;
+        let conn = crate::http::serve_connection(
+            builder.clone(),
+            graceful.watcher(),
+            stream,
+            tls.as_ref().map(|t| t.acceptor.clone()),
+            cfg.request_timeout,
+            service,
+            "attestation",
+        );
         tokio::spawn(async move {
-            let served = match tls {
-                None => {
-                    watcher
-                        .watch(builder.serve_connection(TokioIo::new(stream), service))
-                        .await
-                }
-                Some(tls) => {
-                    match tokio::time::timeout(handshake_timeout, tls.acceptor.accept(stream)).await
-                    {
-                        Ok(Ok(s)) => {
-                            watcher
-                                .watch(builder.serve_connection(TokioIo::new(s), service))
-                                .await
-                        }
-                        Ok(Err(err)) => {
-                            tracing::debug!(error = %err, "attestation TLS handshake failed");
-                            Ok(())
-                        }
-                        Err(_) => {
-                            tracing::debug!("attestation TLS handshake timed out");
-                            Ok(())
-                        }
-                    }
-                }
-            };
-            if let Err(err) = served {
-                tracing::debug!(error = %err, "attestation connection ended with an error");
-            }
+            conn.await;
             drop(permit);
         });
     }

@@ -13,11 +13,13 @@ use std::time::Duration;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::server::conn::http1;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HttpConfig;
@@ -68,41 +70,27 @@ pub async fn serve(
     });
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let graceful = GracefulShutdown::new();
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_read_timeout)
-        .max_buf_size(MAX_HEAD_BYTES)
-        .keep_alive(true);
-    loop {
-        let (stream, _peer) = tokio::select! {
-            _ = stop.cancelled() => break,
-            accepted = listener.listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(err) => {
-                    tracing::warn!(error = %err, "http accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            ctx.node.metrics().http_refused.inc();
-            drop(stream);
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
+    let builder = connection_builder(cfg.header_read_timeout, MAX_HEAD_BYTES);
+    let refused = || ctx.node.metrics().http_refused.inc();
+    while let Some((stream, _peer, permit)) =
+        accept_bounded(&listener.listener, &slots, &stop, "http", refused).await
+    {
         let ctx = ctx.clone();
         let service = hyper::service::service_fn(move |req| {
             let ctx = ctx.clone();
             async move { Ok::<_, Infallible>(route(&ctx, req)) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+        let conn = serve_connection(
+            builder.clone(),
+            graceful.watcher(),
+            stream,
+            None,
+            Duration::ZERO,
+            service,
+            "http",
+        );
         tokio::spawn(async move {
-            if let Err(err) = conn.await {
-                tracing::debug!(error = %err, "http connection ended with an error");
-            }
+            conn.await;
             drop(permit);
         });
     }
@@ -111,6 +99,95 @@ pub async fn serve(
         _ = tokio::time::sleep(grace) => {
             tracing::warn!("http connections still open after the grace period; closing them");
         }
+    }
+}
+
+/// An HTTP/1.1 connection builder with the bounds every endpoint keeps: a
+/// deadline for the request head, a cap on its size.
+pub(crate) fn connection_builder(head_timeout: Duration, max_head: usize) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(head_timeout)
+        .max_buf_size(max_head)
+        .keep_alive(true);
+    builder
+}
+
+/// The next connection that gets one of `slots`, or `None` once `stop`
+/// fires. A failed accept (out of file descriptors, say) is logged and
+/// retried after 100 ms; a connection past the slots is closed at once and
+/// `refused` counts it.
+pub(crate) async fn accept_bounded(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+    stop: &CancellationToken,
+    endpoint: &'static str,
+    refused: impl Fn(),
+) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(err) => {
+                    tracing::warn!(error = %err, endpoint, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            refused();
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        return Some((stream, peer, permit));
+    }
+}
+
+/// Serves one connection to its end, through TLS when `tls` is given (the
+/// handshake bounded by `handshake_timeout`; one that fails or runs out of
+/// time ends the connection), watched by `watcher` for graceful shutdown.
+pub(crate) async fn serve_connection<S, B>(
+    builder: http1::Builder,
+    watcher: Watcher,
+    stream: TcpStream,
+    tls: Option<TlsAcceptor>,
+    handshake_timeout: Duration,
+    service: S,
+    endpoint: &'static str,
+) where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let served = match tls {
+        None => {
+            watcher
+                .watch(builder.serve_connection(TokioIo::new(stream), service))
+                .await
+        }
+        Some(tls) => match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+            Ok(Ok(s)) => {
+                watcher
+                    .watch(builder.serve_connection(TokioIo::new(s), service))
+                    .await
+            }
+            Ok(Err(err)) => {
+                tracing::debug!(error = %err, endpoint, "TLS handshake failed");
+                Ok(())
+            }
+            Err(_) => {
+                tracing::debug!(endpoint, "TLS handshake timed out");
+                Ok(())
+            }
+        },
+    };
+    if let Err(err) = served {
+        tracing::debug!(error = %err, endpoint, "connection ended with an error");
     }
 }
 

@@ -35,7 +35,6 @@ use hyper::header::{
     RETRY_AFTER,
 };
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus::{Histogram, IntCounter};
 use serde_json::{json, Map, Value};
@@ -136,12 +135,7 @@ pub async fn serve(
 ) {
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let handshake_timeout = cfg.header_read_timeout;
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_read_timeout)
-        .max_buf_size(MAX_HEAD)
-        .keep_alive(true);
+    let builder = crate::http::connection_builder(cfg.header_read_timeout, MAX_HEAD);
     let ctx = Arc::new(Ctx {
         inference,
         cfg,
@@ -150,69 +144,29 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let tracker = TaskTracker::new();
     let abort = CancellationToken::new();
-    loop {
-        let (stream, _peer) = tokio::select! {
-            _ = stop.cancelled() => break,
-            accepted = listener.listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(err) => {
-                    tracing::warn!(error = %err, "api accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            ctx.metrics.api_refused.inc();
-            drop(stream);
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
+    let refused = || ctx.metrics.api_refused.inc();
+    while let Some((stream, _peer, permit)) =
+        crate::http::accept_bounded(&listener.listener, &slots, &stop, "api", refused).await
+    {
         let service_ctx = ctx.clone();
         let service = hyper::service::service_fn(move |req| {
             let ctx = service_ctx.clone();
             async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
         });
-        let watcher = graceful.watcher();
-        let builder = builder.clone();
-        let tls = tls.clone();
+        let served = crate::http::serve_connection(
+            builder.clone(),
+            graceful.watcher(),
+            stream,
+            tls.as_ref().map(|t| t.acceptor().clone()),
+            handshake_timeout,
+            service,
+            "api",
+        );
         let abort = abort.clone();
         tracker.spawn(async move {
-            let served = async {
-                match tls {
-                    None => {
-                        watcher
-                            .watch(builder.serve_connection(TokioIo::new(stream), service))
-                            .await
-                    }
-                    Some(tls) => {
-                        match tokio::time::timeout(handshake_timeout, tls.acceptor().accept(stream))
-                            .await
-                        {
-                            Ok(Ok(s)) => {
-                                watcher
-                                    .watch(builder.serve_connection(TokioIo::new(s), service))
-                                    .await
-                            }
-                            Ok(Err(err)) => {
-                                tracing::debug!(error = %err, "api TLS handshake failed");
-                                Ok(())
-                            }
-                            Err(_) => {
-                                tracing::debug!("api TLS handshake timed out");
-                                Ok(())
-                            }
-                        }
-                    }
-                }
-            };
             tokio::select! {
                 _ = abort.cancelled() => {}
-                served = served => {
-                    if let Err(err) = served {
-                        tracing::debug!(error = %err, "api connection ended with an error");
-                    }
-                }
+                _ = served => {}
             }
             drop(permit);
         });
