@@ -895,6 +895,25 @@ struct Common {
     include_usage: bool,
 }
 
+impl Common {
+    /// The request, from what both endpoints share and what each parsed.
+    fn into_parsed(self, model: String, prompt: Prompt, max_tokens: u32) -> Parsed {
+        Parsed {
+            model,
+            params: GenerateParams {
+                prompt,
+                max_tokens,
+                temperature: self.temperature,
+                top_p: self.top_p,
+                seed: self.seed,
+                stop: self.stop,
+            },
+            stream: self.stream,
+            include_usage: self.include_usage,
+        }
+    }
+}
+
 fn parse_common(f: &Fields<'_>) -> Result<Common, ApiError> {
     let temperature = f.number("temperature")?.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
@@ -1049,19 +1068,7 @@ fn parse_completion(map: &Map<String, Value>, cap: u32) -> Result<Parsed, ApiErr
         parse_max_tokens(&f, "max_tokens", cap)?.unwrap_or(COMPLETION_DEFAULT_MAX_TOKENS.min(cap));
     let common = parse_common(&f)?;
     refuse_unsupported(&f, COMPLETION_UNSUPPORTED)?;
-    Ok(Parsed {
-        model,
-        params: GenerateParams {
-            prompt: Prompt::Text(prompt),
-            max_tokens,
-            temperature: common.temperature,
-            top_p: common.top_p,
-            seed: common.seed,
-            stop: common.stop,
-        },
-        stream: common.stream,
-        include_usage: common.include_usage,
-    })
+    Ok(common.into_parsed(model, Prompt::Text(prompt), max_tokens))
 }
 
 fn parse_messages(f: &Fields<'_>) -> Result<Vec<ChatMessage>, ApiError> {
@@ -1162,19 +1169,7 @@ fn parse_chat(map: &Map<String, Value>, cap: u32) -> Result<Parsed, ApiError> {
     };
     let common = parse_common(&f)?;
     refuse_unsupported(&f, CHAT_UNSUPPORTED)?;
-    Ok(Parsed {
-        model,
-        params: GenerateParams {
-            prompt: Prompt::Chat(messages),
-            max_tokens,
-            temperature: common.temperature,
-            top_p: common.top_p,
-            seed: common.seed,
-            stop: common.stop,
-        },
-        stream: common.stream,
-        include_usage: common.include_usage,
-    })
+    Ok(common.into_parsed(model, Prompt::Chat(messages), max_tokens))
 }
 
 // ---------------------------------------------------------------------------

@@ -737,6 +737,17 @@ impl Manager {
 /// Longest worker-sent message kept, in characters.
 const MAX_WORKER_TEXT: usize = 512;
 
+/// A string field of a worker's frame, cut to `max` characters (empty when
+/// absent or not a string).
+fn worker_text(frame: &serde_json::Value, key: &str, max: usize) -> String {
+    frame[key]
+        .as_str()
+        .unwrap_or("")
+        .chars()
+        .take(max)
+        .collect()
+}
+
 /// The worker's exit code for a model it cannot load (no restart).
 const LOAD_FAILED_EXIT: u8 = 65;
 
@@ -959,12 +970,7 @@ impl Model {
                 let Some(job) = job else { return false };
                 self.count_generation("error");
                 let code = worker_code(frame["code"].as_str().unwrap_or(""));
-                let message: String = frame["message"]
-                    .as_str()
-                    .unwrap_or("")
-                    .chars()
-                    .take(MAX_WORKER_TEXT)
-                    .collect();
+                let message = worker_text(&frame, "message", MAX_WORKER_TEXT);
                 let _ = job.tx.try_send(Piece::Error { code, message });
                 drop(job);
                 self.pump();
@@ -972,18 +978,8 @@ impl Model {
             }
             ("error", None) => {
                 // The worker's words: bounded before they are kept or shown.
-                let message: String = frame["message"]
-                    .as_str()
-                    .unwrap_or("")
-                    .chars()
-                    .take(MAX_WORKER_TEXT)
-                    .collect();
-                let code: String = frame["code"]
-                    .as_str()
-                    .unwrap_or("")
-                    .chars()
-                    .take(64)
-                    .collect();
+                let message = worker_text(&frame, "message", MAX_WORKER_TEXT);
+                let code = worker_text(&frame, "code", 64);
                 tracing::error!(model = %self.cfg.name, worker = r.index, code, message, "worker error");
                 *lock(&r.last_exit) = Some(format!("{code}: {message}"));
                 false
