@@ -797,6 +797,22 @@ fn mig_devices<'n>(index: u32, parent: &Device<'n>) -> DeviceResult<Vec<(u32, De
     Ok(out)
 }
 
+/// A MIG device's GPU-instance and compute-instance ids; `None` when the
+/// driver does not report one of them.
+fn instance_ids(index: u32, mig: &Device<'_>) -> DeviceResult<Option<(u32, u32)>> {
+    let gi = optional(
+        index,
+        "nvmlDeviceGetGpuInstanceId",
+        raw::gpu_instance_id(mig),
+    )?;
+    let ci = optional(
+        index,
+        "nvmlDeviceGetComputeInstanceId",
+        raw::compute_instance_id(mig),
+    )?;
+    Ok(gi.zip(ci))
+}
+
 fn read_mig_devices(
     index: u32,
     parent: &Device<'_>,
@@ -805,18 +821,9 @@ fn read_mig_devices(
     let mut profile_ids: BTreeMap<u32, Option<u32>> = BTreeMap::new();
     let mut out = Vec::new();
     for (mig_index, mig) in mig_devices(index, parent)? {
-        let (Some(uuid), Some(gpu_instance_id), Some(compute_instance_id)) = (
+        let (Some(uuid), Some((gpu_instance_id, compute_instance_id))) = (
             optional(index, "nvmlDeviceGetUUID", mig.uuid())?,
-            optional(
-                index,
-                "nvmlDeviceGetGpuInstanceId",
-                raw::gpu_instance_id(&mig),
-            )?,
-            optional(
-                index,
-                "nvmlDeviceGetComputeInstanceId",
-                raw::compute_instance_id(&mig),
-            )?,
+            instance_ids(index, &mig)?,
         ) else {
             continue;
         };
@@ -862,18 +869,7 @@ fn read_mig_devices(
 fn read_mig_telemetry(index: u32, parent: &Device<'_>) -> DeviceResult<Vec<MigTelemetry>> {
     let mut out = Vec::new();
     for (_, mig) in mig_devices(index, parent)? {
-        let (Some(gpu_instance_id), Some(compute_instance_id)) = (
-            optional(
-                index,
-                "nvmlDeviceGetGpuInstanceId",
-                raw::gpu_instance_id(&mig),
-            )?,
-            optional(
-                index,
-                "nvmlDeviceGetComputeInstanceId",
-                raw::compute_instance_id(&mig),
-            )?,
-        ) else {
+        let Some((gpu_instance_id, compute_instance_id)) = instance_ids(index, &mig)? else {
             continue;
         };
         let memory = optional(index, "nvmlDeviceGetMemoryInfo", memory_info(&mig))?;
