@@ -563,12 +563,7 @@ pub async fn serve(
             drop(permit);
         });
     }
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(grace) => {
-            tracing::warn!("attestation connections still open after the grace period; closing them");
-        }
-    }
+    crate::http::shut_down(graceful, grace, "attestation").await;
 }
 
 type Resp = Response<Full<Bytes>>;

@@ -94,12 +94,7 @@ pub async fn serve(
             drop(permit);
         });
     }
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(grace) => {
-            tracing::warn!("http connections still open after the grace period; closing them");
-        }
-    }
+    shut_down(graceful, grace, "http").await;
 }
 
 /// An HTTP/1.1 connection builder with the bounds every endpoint keeps: a
@@ -188,6 +183,17 @@ pub(crate) async fn serve_connection<S, B>(
     };
     if let Err(err) = served {
         tracing::debug!(error = %err, endpoint, "connection ended with an error");
+    }
+}
+
+/// Waits for the watched connections to finish, at most `grace`, and
+/// logs when some are still open then (the caller closes them).
+pub(crate) async fn shut_down(graceful: GracefulShutdown, grace: Duration, endpoint: &'static str) {
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!(endpoint, "connections still open after the grace period; closing them");
+        }
     }
 }
 

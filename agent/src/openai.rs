@@ -173,12 +173,7 @@ pub async fn serve(
     }
     // No new connections while the open ones finish.
     drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(grace) => {
-            tracing::warn!("api connections still open after the grace period; closing them");
-        }
-    }
+    crate::http::shut_down(graceful, grace, "api").await;
     abort.cancel();
     tracker.close();
     tracker.wait().await;
