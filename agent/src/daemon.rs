@@ -139,6 +139,11 @@ pub fn run(mut config: Config) -> Result<(), DaemonError> {
         .transpose()?;
     let mode = config.admin.mode_bits()?;
     let notifier = Notifier::from_env().map_err(DaemonError::Notify)?;
+    // A model load holds every file and its sealed copy open at once.
+    match ccnode_attest::oms::raise_open_file_limit() {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     // First of all, while nothing else has started: ccnoded's own group
     // becomes the workers' parent only once ccnoded has left it.
     if config.sandbox.cgroup_delegated {

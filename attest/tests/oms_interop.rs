@@ -253,7 +253,11 @@ fn key_p256_shards_sha256_api() {
         .map(|f| fs::metadata(dir.join(&f.name)).unwrap().len())
         .sum();
     assert_eq!(model.bytes_hashed, total);
-    assert_eq!(model.files.len(), 5, "the empty file is handed over too");
+    // The empty file has no shard, so no signed resource: the reference
+    // tool and ccnode accept the model, and ccnode leaves it out of the
+    // hand-over.
+    assert_eq!(model.files.len(), 4, "the empty file is not handed over");
+    assert!(model.files.iter().all(|f| f.size > 0));
     r.api_verify_key(&dir, &sig, &public).unwrap();
     tampered_variants(tmp.path(), &dir, &sig, &public, &|m, s| {
         r.api_verify_key(m, s, &public)
@@ -471,6 +475,107 @@ fn certificate_chain_signing() {
         Err(OmsError::Mismatch { .. })
     ));
     assert!(r.api_verify_cert(&copy, &sig, &root).is_err());
+}
+
+/// Issuer constraints, against the reference tool's OpenSSL store: both
+/// refuse a path longer than an issuer's pathlen allows, an issuer without
+/// keyCertSign and an unprocessed critical extension, and both accept the
+/// path a pathlen does allow. Where they differ, ccnode is the stricter:
+/// a certificate whose extended key usage is a TLS server's, and an issuer
+/// with name constraints (which ccnode does not process, so refuses).
+#[test]
+fn certificate_chain_constraints_agree_with_the_reference() {
+    let Some((r, tmp, dir)) = setup() else { return };
+    let t = tmp.path();
+    let root = openssl_cert(t, "root", None, "", "30");
+    let roots = TrustPolicy::global_roots(policy::load_certificates(&root).unwrap());
+    let ca = "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign\n";
+    let leaf_ext = "keyUsage=critical,digitalSignature\nextendedKeyUsage=codeSigning\n";
+    // Signs with `leaf` and sends `chain` (nearest issuer first) as one
+    // PEM file; both verdicts.
+    let verdicts = |leaf: &str, chain: &[&str]| {
+        let chain_pem = t.join(format!("{leaf}.chain.pem"));
+        let mut text = String::new();
+        for c in chain {
+            text.push_str(&fs::read_to_string(t.join(format!("{c}.pem"))).unwrap());
+        }
+        fs::write(&chain_pem, text).unwrap();
+        let sig = t.join(format!("{leaf}.sig"));
+        run(r
+            .helper()
+            .arg("sign-cert")
+            .arg(&dir)
+            .arg(&sig)
+            .arg(t.join(format!("{leaf}.key")))
+            .arg(t.join(format!("{leaf}.pem")))
+            .arg(&chain_pem));
+        (
+            ours(&dir, &sig, &roots),
+            r.api_verify_cert(&dir, &sig, &root),
+        )
+    };
+    let both_refuse = |(ours, theirs): (Result<(), OmsError>, Result<(), String>), why: &str| {
+        assert!(
+            matches!(&ours, Err(OmsError::Certificate(m)) if m.contains(why)),
+            "{why}: {ours:?}"
+        );
+        assert!(theirs.is_err(), "{why}: the reference tool accepted");
+    };
+
+    openssl_cert(
+        t,
+        "p0",
+        Some("root"),
+        &ca.replace("CA:TRUE", "CA:TRUE,pathlen:0"),
+        "30",
+    );
+    openssl_cert(t, "p0sub", Some("p0"), ca, "30");
+    openssl_cert(t, "p0leaf", Some("p0sub"), leaf_ext, "10");
+    both_refuse(
+        verdicts("p0leaf", &["p0sub", "p0"]),
+        "allows 0 intermediate",
+    );
+    openssl_cert(
+        t,
+        "p1",
+        Some("root"),
+        &ca.replace("CA:TRUE", "CA:TRUE,pathlen:1"),
+        "30",
+    );
+    openssl_cert(t, "p1sub", Some("p1"), ca, "30");
+    openssl_cert(t, "p1leaf", Some("p1sub"), leaf_ext, "10");
+    let (ours_ok, theirs_ok) = verdicts("p1leaf", &["p1sub", "p1"]);
+    ours_ok.unwrap();
+    theirs_ok.unwrap();
+
+    let nokcs = "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,digitalSignature\n";
+    openssl_cert(t, "nokcs", Some("root"), nokcs, "30");
+    openssl_cert(t, "nokcsleaf", Some("nokcs"), leaf_ext, "10");
+    both_refuse(verdicts("nokcsleaf", &["nokcs"]), "keyCertSign");
+
+    openssl_cert(t, "int", Some("root"), ca, "30");
+    let odd = format!("{leaf_ext}1.2.3.4=critical,ASN1:NULL\n");
+    openssl_cert(t, "oddleaf", Some("int"), &odd, "10");
+    both_refuse(verdicts("oddleaf", &["int"]), "critical extension");
+
+    // ccnode alone refuses these.
+    let tls = "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n";
+    openssl_cert(t, "tls", Some("int"), tls, "10");
+    let (ours_tls, theirs_tls) = verdicts("tls", &["int"]);
+    assert!(
+        matches!(&ours_tls, Err(OmsError::Certificate(m)) if m.contains("codeSigning")),
+        "{ours_tls:?}"
+    );
+    theirs_tls.expect("the reference tool takes digitalSignature alone");
+    let nc = format!("{ca}nameConstraints=critical,permitted;DNS:example.com\n");
+    openssl_cert(t, "ncint", Some("root"), &nc, "30");
+    openssl_cert(t, "ncleaf", Some("ncint"), leaf_ext, "10");
+    let (ours_nc, theirs_nc) = verdicts("ncleaf", &["ncint"]);
+    assert!(
+        matches!(&ours_nc, Err(OmsError::Certificate(m)) if m.contains("2.5.29.30")),
+        "{ours_nc:?}"
+    );
+    theirs_nc.expect("the reference tool applies the name constraints (none bind here)");
 }
 
 /// An RSA root (self-signed, `bits`) as `{name}.pem` and `{name}.key`.

@@ -519,3 +519,170 @@ fn ccnode_verify_with_a_trust_config_and_a_certificate_chain() {
     ]);
     assert_eq!(usage.status.code(), Some(2));
 }
+
+/// Issuer constraints: path length, keyCertSign, critical extensions ccnode
+/// does not process (name constraints among them), and signing
+/// certificates whose usage extensions exclude signing code.
+#[test]
+fn certificate_chain_constraints_are_enforced() {
+    let (tmp, dir, _, _) = signed_model();
+    let t = tmp.path();
+    let ca = "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign\n";
+    let leaf_ext = "keyUsage=critical,digitalSignature\nsubjectAltName=email:release@example.com\n";
+    let root = common::issue_cert(t, "root", None, ca);
+    let roots = TrustPolicy::global_roots(oms::policy::load_certificates(&root).unwrap());
+    // Signs with `leaf`, sending it and `intermediates` (nearest first).
+    let signed = |leaf: &str, intermediates: &[&str]| {
+        let mut chain = vec![common::pem_to_der(&t.join(format!("{leaf}.pem")))];
+        for i in intermediates {
+            chain.push(common::pem_to_der(&t.join(format!("{i}.pem"))));
+        }
+        let sig = common::sign_with_chain(&dir, &t.join(format!("{leaf}.key")), &chain);
+        verify(&dir, &sig, &roots)
+    };
+    let refused = |r: Result<oms::VerifiedModel, OmsError>, why: &str| match r {
+        Err(OmsError::Certificate(m)) => assert!(m.contains(why), "{m}"),
+        other => panic!("expected a certificate refusal ({why}): {other:?}"),
+    };
+
+    // pathlen:0 allows no intermediate below; pathlen:1 allows one.
+    let p0 = "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign\n";
+    common::issue_cert(t, "p0", Some("root"), p0);
+    common::issue_cert(t, "p0sub", Some("p0"), ca);
+    common::issue_cert(t, "p0leaf", Some("p0sub"), leaf_ext);
+    refused(signed("p0leaf", &["p0sub", "p0"]), "allows 0 intermediate");
+    common::issue_cert(t, "p0direct", Some("p0"), leaf_ext);
+    signed("p0direct", &["p0"]).unwrap();
+    let p1 = "basicConstraints=critical,CA:TRUE,pathlen:1\nkeyUsage=critical,keyCertSign\n";
+    common::issue_cert(t, "p1", Some("root"), p1);
+    common::issue_cert(t, "p1sub", Some("p1"), ca);
+    common::issue_cert(t, "p1leaf", Some("p1sub"), leaf_ext);
+    signed("p1leaf", &["p1sub", "p1"]).unwrap();
+
+    // A CA whose key usage leaves out keyCertSign.
+    let nokcs = "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,digitalSignature\n";
+    common::issue_cert(t, "nokcs", Some("root"), nokcs);
+    common::issue_cert(t, "nokcsleaf", Some("nokcs"), leaf_ext);
+    refused(signed("nokcsleaf", &["nokcs"]), "keyCertSign");
+
+    // Critical extensions ccnode does not process, on the signing
+    // certificate and on an issuer (name constraints: refused, not ignored).
+    common::issue_cert(t, "int", Some("root"), ca);
+    common::issue_cert(
+        t,
+        "oddleaf",
+        Some("int"),
+        &format!("{leaf_ext}1.2.3.4=critical,ASN1:NULL\n"),
+    );
+    refused(signed("oddleaf", &["int"]), "critical extension");
+    let nc = format!("{ca}nameConstraints=critical,permitted;email:.example.com\n");
+    common::issue_cert(t, "ncint", Some("root"), &nc);
+    common::issue_cert(t, "ncleaf", Some("ncint"), leaf_ext);
+    refused(signed("ncleaf", &["ncint"]), "2.5.29.30");
+    // The same extension not critical is only information.
+    common::issue_cert(
+        t,
+        "fineleaf",
+        Some("int"),
+        &format!("{leaf_ext}1.2.3.4=ASN1:NULL\n"),
+    );
+    signed("fineleaf", &["int"]).unwrap();
+
+    // Usage: a TLS server's certificate, and a codeSigning one whose key
+    // usage excludes signatures, are refused; codeSigning alone is enough.
+    let tls = "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n";
+    common::issue_cert(t, "tls", Some("int"), tls);
+    refused(signed("tls", &["int"]), "does not allow codeSigning");
+    let enc = "keyUsage=critical,keyEncipherment\nextendedKeyUsage=codeSigning\n";
+    common::issue_cert(t, "encsign", Some("int"), enc);
+    refused(
+        signed("encsign", &["int"]),
+        "does not allow digitalSignature",
+    );
+    common::issue_cert(t, "codesign", Some("int"), "extendedKeyUsage=codeSigning\n");
+    signed("codesign", &["int"]).unwrap();
+    common::issue_cert(
+        t,
+        "anyusage",
+        Some("int"),
+        "extendedKeyUsage=anyExtendedKeyUsage\n",
+    );
+    signed("anyusage", &["int"]).unwrap();
+}
+
+/// A policy's identities match the certificate's alternative names; the
+/// subject's CN only where there are none.
+#[test]
+fn a_cn_is_an_identity_only_without_alternative_names() {
+    let (tmp, dir, _, _) = signed_model();
+    let t = tmp.path();
+    let ca = "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign\n";
+    common::issue_cert(t, "root", None, ca);
+    let config = t.join("trust.toml");
+    fs::write(
+        &config,
+        "[[signer]]\nmodels = [\"m\"]\nca_roots = [\"root.pem\"]\nidentities = [\"release@example.com\"]\n",
+    )
+    .unwrap();
+    let policy = TrustPolicy::load(&config).unwrap();
+    let signed = |leaf: &str| {
+        let chain = [common::pem_to_der(&t.join(format!("{leaf}.pem")))];
+        let sig = common::sign_with_chain(&dir, &t.join(format!("{leaf}.key")), &chain);
+        verify(&dir, &sig, &policy)
+    };
+    // CN=release@example.com, no alternative names: the CN is the identity.
+    common::issue_cert(
+        t,
+        "release@example.com",
+        Some("root"),
+        "keyUsage=critical,digitalSignature\n",
+    );
+    signed("release@example.com").unwrap();
+    // The same CN beside another address: only the address counts.
+    let other = "keyUsage=critical,digitalSignature\nsubjectAltName=email:someone@example.org\n";
+    common::issue_cert(t, "release@example.com", Some("root"), other);
+    fs::rename(t.join("release@example.com.pem"), t.join("copied.pem")).unwrap();
+    fs::rename(t.join("release@example.com.key"), t.join("copied.key")).unwrap();
+    assert!(matches!(signed("copied"), Err(OmsError::Untrusted { .. })));
+}
+
+/// A model with more files than the caller's soft open-file limit: the
+/// verifier holds every file (and, with `--sealed-copy`, a memfd for each)
+/// open at once, so it raises its soft limit to the hard one first.
+#[test]
+fn ccnode_verify_raises_a_low_soft_open_file_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    make_model(&dir);
+    for i in 0..150 {
+        fs::write(dir.join(format!("part-{i:03}.txt")), format!("{i}")).unwrap();
+    }
+    let (sig, pem) = sign_locally(&dir, 7);
+    fs::write(tmp.path().join("model.sig"), &sig).unwrap();
+    fs::write(tmp.path().join("pub.pem"), &pem).unwrap();
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(r#"ulimit -Sn 64 && exec "$@""#)
+        .arg("bash")
+        .arg(env!("CARGO_BIN_EXE_ccnode-verify"))
+        .arg("model")
+        .arg(&dir)
+        .arg("--signature")
+        .arg(tmp.path().join("model.sig"))
+        .arg("--public-key")
+        .arg(tmp.path().join("pub.pem"))
+        .arg("--sealed-copy")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("(155 files"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

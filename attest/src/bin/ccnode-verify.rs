@@ -266,6 +266,9 @@ fn run_model(args: &ModelArgs) -> Result<(oms::VerifiedModel, f64), OmsError> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
     });
+    // Failing to raise it only matters for a model with very many files,
+    // which then fails with a clear EMFILE naming the file.
+    let _ = oms::raise_open_file_limit();
     let start = Instant::now();
     let hand_over = if args.sealed_copy {
         HandOver::SealedCopy
@@ -639,10 +642,10 @@ fn model_main(args: &ModelArgs) -> ExitCode {
             } else {
                 println!(
                     "verified: model {} ({} files, {} bytes) signed by {}\nmanifest digest sha256:{}",
-                    model.model_name,
+                    oms::printable(&model.model_name),
                     model.file_count,
                     model.bytes_hashed,
-                    model.signer,
+                    oms::printable(&model.signer),
                     model.manifest_digest
                 );
             }
@@ -657,7 +660,7 @@ fn model_main(args: &ModelArgs) -> ExitCode {
                 });
                 println!("{out}");
             } else {
-                eprintln!("error: {}", error_chain(&err));
+                eprintln!("error: {}", oms::printable(&error_chain(&err)));
             }
             ExitCode::from(exit_code(&err))
         }

@@ -1,8 +1,11 @@
 //! Certificate signing: the bundle carries the signing certificate followed
 //! by intermediates; it must chain to a configured CA root, every
-//! certificate must be valid now, issuers must be CAs, and the signing
-//! certificate must allow digitalSignature (key usage) or codeSigning
-//! (extended key usage). Issuer signatures: ECDSA with SHA-256/384/512 on
+//! certificate must be valid now, issuers must be CAs that allow
+//! keyCertSign within their path length constraints, no certificate may
+//! carry a critical extension ccnode does not process (name constraints
+//! included), and the signing certificate must allow digitalSignature (key
+//! usage) or codeSigning (extended key usage), with neither extension
+//! excluding signing. Issuer signatures: ECDSA with SHA-256/384/512 on
 //! P-256, P-384 or P-521, or RSA PKCS#1 v1.5 with SHA-256/384/512 and a
 //! modulus of 2048 to 4096 bits (RSASSA-PSS is not supported). Signing
 //! certificates' own keys are ECDSA: that is what signs the envelope.
@@ -20,6 +23,9 @@ use x509_cert::ext::pkix::{BasicConstraints, ExtendedKeyUsage, KeyUsage, Subject
 use x509_cert::Certificate;
 
 use super::bundle::MAX_CHAIN;
+
+/// anyExtendedKeyUsage (RFC 5280 4.2.1.12).
+const ANY_EXTENDED_KEY_USAGE: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.37.0");
 use super::keys::PublicKey;
 use super::OmsError;
 
@@ -29,7 +35,8 @@ pub struct SigningCert {
     pub key: PublicKey,
     /// Subject distinguished name.
     pub subject: String,
-    /// Subject alternative names (email, URI, DNS) and the subject's CN.
+    /// Subject alternative names (email, URI, DNS); the subject's CN where
+    /// the certificate has no subject alternative name extension.
     pub identities: Vec<String>,
 }
 
@@ -225,8 +232,54 @@ pub(crate) fn signed_by(child: &Certificate, issuer: &Certificate) -> bool {
     key.verify_x509(alg.oid, &tbs, sig)
 }
 
-fn is_ca(cert: &Certificate) -> Result<bool, OmsError> {
-    Ok(extension::<BasicConstraints>(cert, ID_CE_BASIC_CONSTRAINTS)?.is_some_and(|b| b.ca))
+/// The extensions ccnode acts on; a certificate marking any other one
+/// critical is refused (RFC 5280 4.2: a verifier must reject a critical
+/// extension it does not process). Name constraints among them: refused
+/// rather than ignored.
+const KNOWN_CRITICAL: [ObjectIdentifier; 4] = [
+    ID_CE_BASIC_CONSTRAINTS,
+    ID_CE_KEY_USAGE,
+    ID_CE_EXT_KEY_USAGE,
+    ID_CE_SUBJECT_ALT_NAME,
+];
+
+fn check_critical(cert: &Certificate) -> Result<(), OmsError> {
+    for e in cert.tbs_certificate.extensions.iter().flatten() {
+        if e.critical && !KNOWN_CRITICAL.contains(&e.extn_id) {
+            return Err(refuse(format!(
+                "{} has a critical extension ccnode does not process ({})",
+                cert.tbs_certificate.subject, e.extn_id
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks `cert` as the issuer of a path with `below` intermediate CA
+/// certificates under it (the signing certificate not counted): a CA
+/// (`require_ca`: the chain's intermediates; a configured root is trusted
+/// as configured), keyCertSign where key usage is given, and a path
+/// length constraint that allows `below`.
+fn check_issuer(cert: &Certificate, below: usize, require_ca: bool) -> Result<(), OmsError> {
+    let subject = &cert.tbs_certificate.subject;
+    check_critical(cert)?;
+    let bc = extension::<BasicConstraints>(cert, ID_CE_BASIC_CONSTRAINTS)?;
+    if require_ca && !bc.as_ref().is_some_and(|b| b.ca) {
+        return Err(refuse(format!("issuer {subject} is not a CA")));
+    }
+    if let Some(limit) = bc.and_then(|b| b.path_len_constraint) {
+        if below > usize::from(limit) {
+            return Err(refuse(format!(
+                "issuer {subject} allows {limit} intermediate certificates below it, the chain has {below}"
+            )));
+        }
+    }
+    if extension::<KeyUsage>(cert, ID_CE_KEY_USAGE)?.is_some_and(|k| !k.key_cert_sign()) {
+        return Err(refuse(format!(
+            "issuer {subject} does not allow keyCertSign"
+        )));
+    }
+    Ok(())
 }
 
 /// Verifies the bundle's chain (signing certificate first) against `roots`.
@@ -246,20 +299,37 @@ pub fn verify_chain(
     check_validity(leaf, now)?;
     let ku = extension::<KeyUsage>(leaf, ID_CE_KEY_USAGE)?;
     let eku = extension::<ExtendedKeyUsage>(leaf, ID_CE_EXT_KEY_USAGE)?;
-    // As the reference tool: key usage digitalSignature, or else extended
-    // key usage codeSigning.
-    let can_sign = ku.is_some_and(|k| k.digital_signature())
-        || eku.is_some_and(|e| e.0.contains(&ID_KP_CODE_SIGNING));
-    if !can_sign {
+    // Key usage digitalSignature or extended key usage codeSigning, as the
+    // reference tool asks; and, as RFC 5280 4.2.1.3 and 4.2.1.12 mean,
+    // neither extension may exclude signing code: a key usage without
+    // digitalSignature, or an extended key usage without codeSigning (a
+    // TLS server's certificate from the same CA, say), is refused where
+    // the reference tool accepts the other half alone.
+    if ku.is_none() && eku.is_none() {
         return Err(refuse(
             "signing certificate allows neither digitalSignature nor codeSigning",
         ));
     }
+    if ku.is_some_and(|k| !k.digital_signature()) {
+        return Err(refuse(
+            "signing certificate's key usage does not allow digitalSignature",
+        ));
+    }
+    if eku.is_some_and(|e| {
+        !e.0.iter()
+            .any(|u| *u == ID_KP_CODE_SIGNING || *u == ANY_EXTENDED_KEY_USAGE)
+    }) {
+        return Err(refuse(
+            "signing certificate's extended key usage does not allow codeSigning",
+        ));
+    }
+    check_critical(leaf)?;
     let mut current = leaf;
     let mut anchored = false;
-    for _ in 0..=MAX_CHAIN {
+    for below in 0..=MAX_CHAIN {
         if let Some(root) = roots.iter().find(|r| signed_by(current, r)) {
             check_validity(root, now)?;
+            check_issuer(root, below, false)?;
             anchored = true;
             break;
         }
@@ -270,29 +340,27 @@ pub fn verify_chain(
             break;
         };
         check_validity(next, now)?;
-        if !is_ca(next)? {
-            return Err(refuse(format!(
-                "issuer {} is not a CA",
-                next.tbs_certificate.subject
-            )));
-        }
+        check_issuer(next, below, true)?;
         current = next;
     }
     if !anchored {
         return Err(refuse("chain does not lead to a configured root"));
     }
     let mut identities = Vec::new();
-    if let Some(san) = extension::<SubjectAltName>(leaf, ID_CE_SUBJECT_ALT_NAME)? {
-        for name in san.0 {
-            match name {
-                GeneralName::Rfc822Name(s) => identities.push(s.to_string()),
-                GeneralName::UniformResourceIdentifier(s) => identities.push(s.to_string()),
-                GeneralName::DnsName(s) => identities.push(s.to_string()),
-                _ => {}
-            }
+    let san = extension::<SubjectAltName>(leaf, ID_CE_SUBJECT_ALT_NAME)?;
+    let has_san = san.is_some();
+    for name in san.into_iter().flat_map(|s| s.0) {
+        match name {
+            GeneralName::Rfc822Name(s) => identities.push(s.to_string()),
+            GeneralName::UniformResourceIdentifier(s) => identities.push(s.to_string()),
+            GeneralName::DnsName(s) => identities.push(s.to_string()),
+            _ => {}
         }
     }
-    for rdn in leaf.tbs_certificate.subject.0.iter() {
+    // The subject's CN names the signer only in a certificate without
+    // alternative names (as RFC 6125 has it for TLS): a CA that copies a
+    // requested CN must not thereby vouch for an email address.
+    for rdn in leaf.tbs_certificate.subject.0.iter().filter(|_| !has_san) {
         for atv in rdn.0.iter() {
             if atv.oid == const_oid::db::rfc4519::CN {
                 if let Ok(s) = atv.value.decode_as::<der::asn1::Utf8StringRef<'_>>() {

@@ -340,12 +340,37 @@ pub fn hash_and_seal(
             }
         }
     }
+    // Names first: a file the manifest does not list (a sparse terabyte,
+    // say) is never read, and when the names already fail the comparison
+    // nothing is copied; the listed ones are still hashed, so that the
+    // error names every mismatched file too.
+    let extra: Vec<String> = items
+        .iter()
+        .filter(|i| !manifest.resources.contains_key(&i.key))
+        .map(|i| i.key.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let missing: Vec<String> = {
+        let present: std::collections::BTreeSet<&str> =
+            items.iter().map(|i| i.key.as_str()).collect();
+        manifest
+            .resources
+            .keys()
+            .filter(|k| !present.contains(k.as_str()))
+            .cloned()
+            .collect()
+    };
+    let names_match = extra.is_empty() && missing.is_empty();
+    if !names_match {
+        items.retain(|i| manifest.resources.contains_key(&i.key));
+    }
     let memfds = match hand_over {
-        HandOver::SealedCopy => files
+        HandOver::SealedCopy if names_match => files
             .iter()
             .map(|f| new_memfd(f.size).map(Some))
             .collect::<Result<Vec<_>, _>>()?,
-        HandOver::VerdictOnly => files.iter().map(|_| None).collect(),
+        _ => files.iter().map(|_| None).collect(),
     };
     items.sort_by_key(|i| std::cmp::Reverse(i.end - i.start));
     let hash_type = ser.hash_type;
@@ -383,17 +408,6 @@ pub fn hash_and_seal(
     let bytes_hashed = items.iter().map(|i| i.end - i.start).sum();
     let actual: BTreeMap<String, Vec<u8>> = digests.into_iter().collect();
 
-    let extra: Vec<String> = actual
-        .keys()
-        .filter(|k| !manifest.resources.contains_key(*k))
-        .cloned()
-        .collect();
-    let missing: Vec<String> = manifest
-        .resources
-        .keys()
-        .filter(|k| !actual.contains_key(*k))
-        .cloned()
-        .collect();
     let mismatched: Vec<String> = actual
         .iter()
         .filter(|(k, d)| manifest.resources.get(*k).is_some_and(|e| e != *d))
@@ -407,9 +421,16 @@ pub fn hash_and_seal(
         });
     }
 
-    let file_count = files.len();
+    // An empty file under shards serialization has no shard, so no signed
+    // resource covers it (the reference tool accepts it all the same): it
+    // carries no signed byte and is not handed over.
+    let unsigned = |f: &ModelFile| matches!(ser.method, Method::Shards { .. }) && f.size == 0;
+    let file_count = files.iter().filter(|f| !unsigned(f)).count();
     let mut out = Vec::with_capacity(files.len());
     for (f, memfd) in files.into_iter().zip(memfds) {
+        if unsigned(&f) {
+            continue;
+        }
         match memfd {
             Some(memfd) => {
                 let file = seal(memfd)?;
@@ -461,6 +482,134 @@ mod tests {
             size: len as u64,
         };
         (dir, path, mf, data)
+    }
+
+    fn manifest(method: Method, resources: &[(&str, Vec<u8>)]) -> Manifest {
+        Manifest {
+            model_name: "m".into(),
+            digest: String::new(),
+            serialization: Serialization {
+                method,
+                hash_type: HashType::Sha256,
+                allow_symlinks: false,
+                ignore_paths: Vec::new(),
+            },
+            resources: resources
+                .iter()
+                .map(|(k, d)| (k.to_string(), d.clone()))
+                .collect(),
+        }
+    }
+
+    /// A file the manifest does not list is named, never read: its fd here
+    /// is write-only, so any read of it would fail with an I/O error.
+    #[test]
+    fn an_unlisted_file_is_named_without_being_read() {
+        let (dir, _p, mut mf, data) = opened(10_000);
+        mf.name = "w.dat".into();
+        let digest = sha2::Sha256::digest(&data).to_vec();
+        let unlisted = dir.path().join("huge.dat");
+        std::fs::write(&unlisted, b"never read").unwrap();
+        let wo = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&unlisted)
+            .unwrap();
+        let extra = ModelFile {
+            name: "huge.dat".into(),
+            file: wo,
+            size: 1 << 40,
+        };
+        for hand_over in [HandOver::SealedCopy, HandOver::VerdictOnly] {
+            let (_d, _p, mut listed, _) = opened(10_000);
+            listed.name = "w.dat".into();
+            let wo = extra.file.try_clone().unwrap();
+            let files = vec![
+                listed,
+                ModelFile {
+                    name: extra.name.clone(),
+                    file: wo,
+                    size: extra.size,
+                },
+            ];
+            let err = hash_and_seal(
+                files,
+                manifest(
+                    Method::Files,
+                    &[("w.dat", digest.clone()), ("gone", vec![0; 32])],
+                ),
+                "k".into(),
+                hand_over,
+            )
+            .unwrap_err();
+            match err {
+                OmsError::Mismatch {
+                    extra,
+                    missing,
+                    mismatched,
+                } => {
+                    assert_eq!(extra, ["huge.dat"]);
+                    assert_eq!(missing, ["gone"]);
+                    assert!(mismatched.is_empty());
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // The listed files are still hashed, so a changed one is named too.
+        let err = hash_and_seal(
+            vec![mf],
+            manifest(
+                Method::Files,
+                &[("w.dat", vec![0; 32]), ("gone", vec![0; 32])],
+            ),
+            "k".into(),
+            HandOver::SealedCopy,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, OmsError::Mismatch { missing, mismatched, .. }
+                if missing == &["gone"] && mismatched == &["w.dat"]),
+            "{err:?}"
+        );
+    }
+
+    /// Under shards serialization an empty file has no shard, so nothing
+    /// signed covers it: the model verifies (as with the reference tool)
+    /// but the file is not handed over. Under files serialization it is a
+    /// signed resource like any other.
+    #[test]
+    fn an_empty_file_is_handed_over_only_when_signed() {
+        let (dir, _p, mut mf, data) = opened(10_000);
+        mf.name = "w.dat".into();
+        let empty_path = dir.path().join("empty");
+        std::fs::write(&empty_path, b"").unwrap();
+        let empty = || ModelFile {
+            name: "empty".into(),
+            file: File::open(&empty_path).unwrap(),
+            size: 0,
+        };
+        let whole = sha2::Sha256::digest(&data).to_vec();
+        let shard = |a: usize, b: usize| sha2::Sha256::digest(&data[a..b]).to_vec();
+        let m = manifest(
+            Method::Shards { shard_size: 6000 },
+            &[
+                ("w.dat:0:6000", shard(0, 6000)),
+                ("w.dat:6000:10000", shard(6000, 10_000)),
+            ],
+        );
+        let mf2 = ModelFile {
+            name: mf.name.clone(),
+            file: mf.file.try_clone().unwrap(),
+            size: mf.size,
+        };
+        let model = hash_and_seal(vec![empty(), mf], m, "k".into(), HandOver::SealedCopy).unwrap();
+        let names: Vec<&str> = model.files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["w.dat"]);
+        assert_eq!(model.file_count, 1);
+        let empty_digest = sha2::Sha256::digest(b"").to_vec();
+        let m = manifest(Method::Files, &[("empty", empty_digest), ("w.dat", whole)]);
+        let model = hash_and_seal(vec![empty(), mf2], m, "k".into(), HandOver::SealedCopy).unwrap();
+        let names: Vec<&str> = model.files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["empty", "w.dat"]);
     }
 
     fn whole(mf: &ModelFile) -> Item {

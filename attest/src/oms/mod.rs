@@ -138,6 +138,24 @@ pub enum OmsError {
     Memfd(#[source] std::io::Error),
 }
 
+/// Raises this process's soft open-file limit to its hard one, and returns
+/// the limit now in force. A verification holds every model file open at
+/// once (up to [`walk::MAX_FILES`]), and a sealed copy a memfd for each
+/// besides: under systemd's default soft limit of 1024 a model of 500
+/// files would fail with EMFILE. Programs that verify models call this
+/// once at start (ccnoded, ccnode-verify).
+pub fn raise_open_file_limit() -> nix::Result<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard)
+}
+
+/// How many names of each kind a mismatch message lists.
+const MISMATCH_NAMES_SHOWN: usize = 32;
+
 fn describe_mismatch(extra: &[String], missing: &[String], mismatched: &[String]) -> String {
     let mut parts = Vec::new();
     for (label, list) in [
@@ -146,10 +164,44 @@ fn describe_mismatch(extra: &[String], missing: &[String], mismatched: &[String]
         ("mismatched", mismatched),
     ] {
         if !list.is_empty() {
-            parts.push(format!("{label} {}", list.join(", ")));
+            let shown: Vec<_> = list
+                .iter()
+                .take(MISMATCH_NAMES_SHOWN)
+                .map(|n| printable(n))
+                .collect();
+            let more = list.len().saturating_sub(MISMATCH_NAMES_SHOWN);
+            let tail = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            parts.push(format!("{label} {}{tail}", shown.join(", ")));
         }
     }
     parts.join("; ")
+}
+
+/// `s` safe to print on a terminal or in a log line: control characters
+/// (newlines, escape sequences) and Unicode bidirectional controls, which
+/// file names and signed model names may carry, are written as `\u{…}`
+/// escapes; anything else, non-ASCII names included, is unchanged.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    let hostile = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(hostile) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if hostile(c) {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 impl OmsError {
@@ -186,12 +238,22 @@ pub(crate) fn read_bounded(
     what: &'static str,
     limit: u64,
 ) -> Result<Vec<u8>, OmsError> {
+    read_bounded_with_id(path, what, limit).map(|(bytes, _)| bytes)
+}
+
+/// [`read_bounded`], with the (dev, ino) of the file that was read.
+fn read_bounded_with_id(
+    path: &Path,
+    what: &'static str,
+    limit: u64,
+) -> Result<(Vec<u8>, (u64, u64)), OmsError> {
     let io = |source| OmsError::Io {
         path: path.to_owned(),
         source,
     };
     let file = File::open(path).map_err(io)?;
-    let size = file.metadata().map_err(io)?.len();
+    let meta = file.metadata().map_err(io)?;
+    let (size, id) = (meta.len(), (meta.dev(), meta.ino()));
     if size > limit {
         return Err(OmsError::TooLarge {
             what,
@@ -208,7 +270,7 @@ pub(crate) fn read_bounded(
             limit,
         });
     }
-    Ok(buf)
+    Ok((buf, id))
 }
 
 /// Options for one verification.
@@ -250,15 +312,47 @@ pub fn verify_model_with(
     options: &VerifyOptions,
     hand_over: HandOver,
 ) -> Result<VerifiedModel, OmsError> {
-    let bytes = read_bounded(signature, "signature file", bundle::MAX_SIGNATURE_FILE)?;
     // The signature file itself is skipped when it lies inside the model
-    // directory (the reference CLI does the same), recognised by identity.
-    let sig_id = std::fs::metadata(signature)
-        .ok()
-        .map(|m| (m.dev(), m.ino()));
+    // directory (the reference CLI does the same), recognised by the
+    // identity of the file that was read, not by a second lookup.
+    let (bytes, sig_id) =
+        read_bounded_with_id(signature, "signature file", bundle::MAX_SIGNATURE_FILE)?;
+    let sig_id = Some(sig_id);
     let parsed = bundle::Bundle::parse(&bytes)?;
     let signer = policy.verify_bundle(&parsed, options)?;
     let manifest = manifest::Manifest::from_payload(&parsed.payload)?;
     let files = walk::walk(dir, &manifest.serialization, sig_id)?;
     hash::hash_and_seal(files, manifest, signer, hand_over)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_escapes_what_could_forge_a_line() {
+        assert!(matches!(
+            printable("weights/\u{fc}ber.safetensors"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            printable("a\nverified: model x\u{1b}[2K\u{202e}"),
+            "a\\u{a}verified: model x\\u{1b}[2K\\u{202e}"
+        );
+    }
+
+    #[test]
+    fn a_mismatch_message_is_bounded_and_escaped() {
+        let many: Vec<String> = (0..100).map(|i| format!("f{i}")).collect();
+        let text = OmsError::Mismatch {
+            extra: many,
+            missing: vec!["x\ny".into()],
+            mismatched: Vec::new(),
+        }
+        .to_string();
+        assert!(text.contains("f31 and 68 more"), "{text}");
+        assert!(!text.contains("f32,"), "{text}");
+        assert!(text.contains("missing x\\u{a}y"), "{text}");
+        assert!(!text.contains('\n'));
+    }
 }

@@ -49,7 +49,8 @@ pub(crate) fn check_file(name: &str, size: u64, file: &File) -> Result<(), OmsEr
     };
     let mut head = [0u8; 8];
     let n = read_full_at(file, &mut head, 0).map_err(io)?;
-    let is_safetensors = name.ends_with(".safetensors");
+    // Case-folded as the pickle names are: `W.SAFETENSORS` is checked too.
+    let is_safetensors = name.to_ascii_lowercase().ends_with(".safetensors");
     if !is_safetensors && is_pickle_magic(&head[..n]) {
         return Err(OmsError::Pickle(name.to_owned()));
     }
