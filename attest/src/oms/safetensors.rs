@@ -86,8 +86,11 @@ struct TensorInfo {
     data_offsets: (u64, u64),
 }
 
-/// The header's entries in file order, duplicates detected.
-struct Entries(Vec<(String, serde_json::Value)>);
+/// The header's tensors in file order, duplicates detected, each entry
+/// read straight into its typed form: no `serde_json::Value` tree, whose
+/// nodes would cost many times the header's bytes (a signed 100 MiB
+/// header of nested arrays would otherwise take gigabytes).
+struct Entries(Vec<(String, TensorInfo)>);
 
 impl<'de> Deserialize<'de> for Entries {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -100,14 +103,26 @@ impl<'de> Deserialize<'de> for Entries {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries, A::Error> {
                 let mut seen = HashSet::new();
                 let mut out = Vec::new();
-                while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
+                while let Some(k) = map.next_key::<String>()? {
                     if !seen.insert(k.clone()) {
                         return Err(de::Error::custom(format!(
                             "duplicate tensor name {:?}",
                             short(&k)
                         )));
                     }
-                    out.push((k, v));
+                    if k == "__metadata__" {
+                        map.next_value::<std::collections::HashMap<String, String>>()
+                            .map_err(|e| {
+                                de::Error::custom(format!(
+                                    "__metadata__ is not a map of strings: {e}"
+                                ))
+                            })?;
+                        continue;
+                    }
+                    let info = map
+                        .next_value::<TensorInfo>()
+                        .map_err(|e| de::Error::custom(format!("tensor {:?}: {e}", short(&k))))?;
+                    out.push((k, info));
                 }
                 Ok(Entries(out))
             }
@@ -138,20 +153,9 @@ pub fn check_header(header: &[u8], data_len: u64) -> Result<(), String> {
         return Err("header does not start with {".into());
     }
     let entries: Entries =
-        serde_json::from_str(text).map_err(|e| format!("header is not a JSON object: {e}"))?;
+        serde_json::from_str(text).map_err(|e| format!("invalid header: {e}"))?;
     let mut spans = Vec::new();
-    for (name, value) in entries.0 {
-        if name == "__metadata__" {
-            let ok = value
-                .as_object()
-                .is_some_and(|m| m.values().all(|v| v.is_string()));
-            if !ok {
-                return Err("__metadata__ is not a map of strings".into());
-            }
-            continue;
-        }
-        let info: TensorInfo =
-            serde_json::from_value(value).map_err(|e| format!("tensor {:?}: {e}", short(&name)))?;
+    for (name, info) in entries.0 {
         let size = dtype_size(&info.dtype).ok_or_else(|| {
             format!(
                 "tensor {:?}: unsupported dtype {:?}",
@@ -222,6 +226,11 @@ mod tests {
             (br#"{"a":{"dtype":"Q4","shape":[1],"data_offsets":[0,1]}}"#, 1),
             (br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[8,4]}}"#, 4),
             (br#"{"__metadata__":{"x":1}}"#, 0),
+            (br#"{"__metadata__":{"x":{"y":"z"}}}"#, 0),
+            (br#"{"__metadata__":{},"__metadata__":{}}"#, 0),
+            (br#"{"a":{"dtype":"F32","shape":[[1]],"data_offsets":[0,4]}}"#, 4),
+            (br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":0}}"#, 4),
+            (br#"{"a":[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}"#, 0),
         ];
         for (h, len) in cases {
             assert!(
