@@ -515,7 +515,11 @@ pub async fn serve(
         config_digest: config.source_digest.clone().unwrap_or_default(),
         policy_digest: policy_digest(config),
     });
-    // Every request holding a slot fits in the queue: a send never waits.
+    // One place per slot. A request that timed out gave its slot back
+    // but its job stays queued until the batcher takes it (a TPM that
+    // hangs never does), so the queue can be full with every slot free:
+    // a hand-off is `try_send`, a full queue is answered 503 busy, and a
+    // send never waits.
     let (batcher, queue) = mpsc::channel(cfg.max_concurrent);
     tokio::spawn(run_batcher(source, queue, cfg.batch_max));
     let ctx = Arc::new(Ctx {
@@ -690,8 +694,8 @@ async fn handle_inner(ctx: &Ctx, client: IpAddr, req: Request<Incoming>) -> (&'s
             error(StatusCode::BAD_REQUEST, "bad_nonce", &why),
         );
     }
-    let Ok(slot) = ctx.slots.clone().try_acquire_owned() else {
-        return (
+    let busy = || {
+        (
             "busy",
             retry_after(
                 error(
@@ -701,12 +705,18 @@ async fn handle_inner(ctx: &Ctx, client: IpAddr, req: Request<Incoming>) -> (&'s
                 ),
                 1,
             ),
-        );
+        )
+    };
+    let Ok(slot) = ctx.slots.clone().try_acquire_owned() else {
+        return busy();
     };
     let (reply, answer) = oneshot::channel();
-    let queued = ctx.batcher.send(Job { nonce, reply }).await;
+    let queued = ctx.batcher.try_send(Job { nonce, reply });
     let produced = match queued {
-        Err(_) => Err(Failure {
+        // Jobs of requests that timed out fill the queue: the TPM is
+        // stuck or far behind.
+        Err(mpsc::error::TrySendError::Full(_)) => return busy(),
+        Err(mpsc::error::TrySendError::Closed(_)) => Err(Failure {
             code: "shutting_down",
             message: "ccnoded is shutting down".into(),
         }),

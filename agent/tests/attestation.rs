@@ -279,6 +279,76 @@ fn a_client_over_its_rate_gets_429_with_retry_after() {
     assert_eq!(retry, 100, "one token per 100 s");
 }
 
+/// The pid of the swtpm serving `tpm`, found by its command port.
+fn swtpm_pid(tpm: &Swtpm) -> i32 {
+    let port = format!("type=tcp,port={},", tpm.port());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|p| {
+            let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            args.first().is_some_and(|a| a.ends_with("swtpm"))
+                && args.iter().any(|a| a.starts_with(&port))
+        })
+        .expect("the swtpm process")
+}
+
+#[test]
+fn a_tpm_that_hangs_gets_busy_answers_not_requests_that_wait_forever() {
+    let tpm = Swtpm::start();
+    let node = attested_node(
+        &tpm,
+        "max_concurrent = 1\nrequest_timeout = \"1s\"\nper_client_burst = 1000\nper_client_rate = 1000.0",
+    );
+    let addr = addr_of(&node);
+    let body = |tag: u8| {
+        format!(
+            "{{\"nonce\":\"{}\"}}",
+            base64::engine::general_purpose::STANDARD.encode(nonce(tag))
+        )
+    };
+    assert_eq!(post(addr, &body(1)).0, 200);
+    // The TPM stops answering. The first request's quote never returns;
+    // each request that times out gives its slot back but leaves its job
+    // queued. Soon the queue is full: the next request is answered busy
+    // at once rather than waiting for a place (before, it waited for good).
+    let swtpm = nix::unistd::Pid::from_raw(swtpm_pid(&tpm));
+    nix::sys::signal::kill(swtpm, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let mut busy = None;
+    for tag in 2..8 {
+        let (status, head, v) = post(addr, &body(tag));
+        if status == 503 {
+            busy = Some((head, v));
+            break;
+        }
+        assert_eq!(status, 504, "request {tag}: {v}");
+        assert_eq!(v["error"]["code"], "timeout", "{v}");
+    }
+    nix::sys::signal::kill(swtpm, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let (head, v) = busy.expect("no request was answered busy");
+    assert_eq!(v["error"]["code"], "busy", "{v}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+    // The TPM back, the batcher skips the stale jobs (answered busy until
+    // it has) and verifiers are answered again.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let (status, _, v) = post(addr, &body(9));
+        if status == 200 {
+            break;
+        }
+        assert_eq!(v["error"]["code"], "busy", "{status}: {v}");
+        assert!(std::time::Instant::now() < deadline, "still busy: {v}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_tpm_that_cannot_be_reached_stops_ccnoded_with_69() {
     // A port nothing listens on: bound, then closed.
