@@ -52,6 +52,9 @@ pub struct Node {
     audit: Arc<AuditLog>,
     metrics: Metrics,
     in_flight: AtomicU64,
+    /// Quarantines applied since this process started; changed together
+    /// with the record it publishes (see [`Node::state_and_quarantines`]).
+    quarantines: AtomicU64,
     work_done: Notify,
     _lock: persist::DirLock,
 }
@@ -120,6 +123,7 @@ impl Node {
             audit,
             metrics,
             in_flight: AtomicU64::new(0),
+            quarantines: AtomicU64::new(0),
             work_done: Notify::new(),
             _lock: lock,
         });
@@ -147,6 +151,16 @@ impl Node {
     /// quarantine).
     pub fn subscribe(&self) -> watch::Receiver<NodeRecord> {
         self.current.subscribe()
+    }
+
+    /// The state now and the number of quarantines applied since this
+    /// process started, read together: work that began while the node was
+    /// active and finds the same count later was not quarantined in
+    /// between, even if the node is active again (the watch keeps only the
+    /// newest record, so the state alone cannot tell).
+    pub fn state_and_quarantines(&self) -> (NodeState, u64) {
+        let record = self.current.borrow();
+        (record.state, self.quarantines.load(Ordering::Acquire))
     }
 
     pub fn in_flight(&self) -> u64 {
@@ -227,7 +241,14 @@ impl Node {
         })
         .await;
         if apply {
-            self.current.send_replace(record.clone());
+            // The count changes under the watch's write lock, with the
+            // record: a reader of both sees the two together.
+            self.current.send_modify(|current| {
+                *current = record.clone();
+                if to == NodeState::Quarantined {
+                    self.quarantines.fetch_add(1, Ordering::AcqRel);
+                }
+            });
             self.metrics.set_node_state(to, unix_secs(record.since));
             if to == NodeState::Draining {
                 // Work may have ended while we were saving.

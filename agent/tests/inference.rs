@@ -893,6 +893,207 @@ fn a_node_that_starts_drained_loads_its_models_when_it_becomes_active() {
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
+/// ccnoded with `models_toml`, whose loads stop after verification while
+/// `pause` holds a fifo for them (`CCNODE_TEST_PAUSE_DIR`, debug builds).
+fn pausable_node(pause: &Path, models_toml: &str) -> TestNode {
+    let worker = api::workspace_bin("ccnode-worker");
+    TestNode::new(CCNODED)
+        .with_env("CCNODE_TEST_PAUSE_DIR", pause.to_str().unwrap())
+        .with_toml(&format!(
+            "[sandbox]\nworker_user = \"nobody\"\n\n[inference]\nworker_binary = \"{}\"\n\n{models_toml}",
+            worker.display()
+        ))
+        .start()
+}
+
+/// The pause point of `model`'s loads, after its verification.
+struct Pause(std::path::PathBuf);
+
+impl Pause {
+    fn new(dir: &Path, model: &str) -> Pause {
+        let fifo = dir.join(format!("model-verified-{model}"));
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        Pause(fifo)
+    }
+
+    /// Returns once a load is at the pause point (the fifo has a reader);
+    /// the load goes on when the returned file is dropped.
+    fn wait(&self, node: &TestNode) -> std::fs::File {
+        use std::os::unix::fs::OpenOptionsExt;
+        let deadline = Instant::now() + PATIENCE * 4;
+        loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&self.0)
+            {
+                Ok(f) => return f,
+                // No reader yet.
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {}
+                Err(e) => panic!("{}: {e}", self.0.display()),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no load reached {}:\n{}",
+                self.0.display(),
+                node.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Sends `model_load` for `m` as `name` on a thread of its own (the reply
+/// comes when the load is done).
+fn load_in_background(node: &TestNode, name: &str, m: &Model) -> std::thread::JoinHandle<Value> {
+    let entry = json!({"name": name, "dir": m.dir, "signature": m.sig, "trust_policy": m.policy});
+    let line = json!({"v": 1, "cmd": "model_load", "model": entry}).to_string();
+    let mut s = node.connect();
+    std::thread::spawn(move || ccnode_testkit::send_line(&mut s, &line))
+}
+
+/// The processes whose parent is `pid` (ccnoded's are its workers' jails).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            stat.rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split(' ').nth(1))
+                .is_some_and(|ppid| ppid == pid.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn a_quarantine_while_a_model_loads_leaves_no_worker_and_the_model_unserved() {
+    let pause_dir = tempfile::tempdir().unwrap();
+    let m = make_model("tiny", &small(), 22);
+    let node = pausable_node(pause_dir.path(), "");
+    let pause = Pause::new(pause_dir.path(), "tiny");
+
+    // Quarantined while the model is verified: the load refuses itself
+    // before any worker is ready, and the model is never served.
+    let load = load_in_background(&node, "tiny", &m);
+    let held = pause.wait(&node);
+    let r = node.request(r#"{"v":1,"cmd":"quarantine","reason":"test"}"#);
+    assert_eq!(r["result"]["to"], "quarantined", "{r}");
+    drop(held);
+    let r = load.join().unwrap();
+    assert_eq!(r["error"]["detail"], "node_not_active", "{r}");
+    assert!(models(&node).is_empty(), "{:?}", models(&node));
+    assert!(
+        children(node.pid()).is_empty(),
+        "a worker outlived the refused load:\n{}",
+        node.log()
+    );
+    let r = node.request(r#"{"v":1,"cmd":"release","reason":"test"}"#);
+    assert_eq!(r["result"]["to"], "active", "{r}");
+
+    // Quarantined and released again before the load goes on: the node
+    // is active, but this load began before the quarantine.
+    let load = load_in_background(&node, "tiny", &m);
+    let held = pause.wait(&node);
+    let r = node.request(r#"{"v":1,"cmd":"quarantine","reason":"test"}"#);
+    assert_eq!(r["result"]["to"], "quarantined", "{r}");
+    let r = node.request(r#"{"v":1,"cmd":"release","reason":"test"}"#);
+    assert_eq!(r["result"]["to"], "active", "{r}");
+    drop(held);
+    let r = load.join().unwrap();
+    assert_eq!(r["error"]["detail"], "node_not_active", "{r}");
+    assert!(models(&node).is_empty(), "{:?}", models(&node));
+    assert!(children(node.pid()).is_empty(), "{}", node.log());
+
+    // Nothing in between: the load goes through and the model is served.
+    let load = load_in_background(&node, "tiny", &m);
+    drop(pause.wait(&node));
+    let r = load.join().unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    wait_ready(&node, "tiny", 1);
+    assert!(!children(node.pid()).is_empty());
+}
+
+#[test]
+fn a_quarantine_during_the_reloads_after_an_undrain_is_applied_at_once() {
+    let pause_dir = tempfile::tempdir().unwrap();
+    let a = make_model("a", &small(), 23);
+    let b = make_model("b", &small(), 24);
+    let node = pausable_node(
+        pause_dir.path(),
+        &format!("{}{}", model_toml("a", &a, ""), model_toml("b", &b, "")),
+    );
+    wait_ready(&node, "a", 1);
+    wait_ready(&node, "b", 1);
+    let r = node.request(r#"{"v":1,"cmd":"drain","reason":"test"}"#);
+    assert_eq!(r["result"]["to"], "drained", "{r}");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let ms = models(&node);
+        let stopped = ms
+            .iter()
+            .flat_map(|m| m["workers"].as_array().cloned().unwrap_or_default())
+            .all(|w| w["state"] == "exited");
+        if stopped {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{ms:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The reloads after the undrain go by name: `a`, then `b`, held
+    // after its verification.
+    let pause = Pause::new(pause_dir.path(), "b");
+    let r = node.request(r#"{"v":1,"cmd":"undrain","reason":"test"}"#);
+    assert_eq!(r["result"]["to"], "active", "{r}");
+    let held = pause.wait(&node);
+    wait_ready(&node, "a", 1);
+
+    // While `b` is still loading, the quarantine reaches `a`'s worker.
+    let r = node.request(r#"{"v":1,"cmd":"quarantine","reason":"test"}"#);
+    assert_eq!(r["result"]["to"], "quarantined", "{r}");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let ms = models(&node);
+        let a_alive = ms
+            .iter()
+            .filter(|m| m["name"] == "a")
+            .flat_map(|m| m["workers"].as_array().cloned().unwrap_or_default())
+            .any(|w| w["state"] != "exited");
+        if !a_alive {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the quarantine waits for the reloads: {ms:?}\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // `b`'s load then refuses itself: never served, no worker.
+    drop(held);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let audit = node.request(r#"{"v":1,"cmd":"audit","limit":100}"#);
+        let refused = audit["result"]["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["command"] == "model_load" && r["result"] == "node_not_active");
+        if refused {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{audit}\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        models(&node).iter().all(|m| m["name"] != "b"),
+        "{:?}",
+        models(&node)
+    );
+    assert!(children(node.pid()).is_empty(), "{}", node.log());
+}
+
 #[test]
 fn each_worker_gets_its_own_mig_device_and_no_device_is_shared() {
     let gpus = ccnode_testkit::SimGpus::new();
@@ -985,6 +1186,8 @@ fn misbehaving(mode: &str) -> (TestNode, Model) {
 fn misbehaving_workers_are_ended_for_it_while_ccnoded_keeps_answering() {
     for (mode, reason) in [
         ("flood", "control_flood"),
+        // `ready` again and again: not asked for, so counted like noise.
+        ("flood-ready", "control_flood"),
         ("oversize", "protocol_violation"),
         ("malformed", "protocol_violation"),
         ("silent", "ready_timeout"),

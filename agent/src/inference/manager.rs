@@ -89,6 +89,8 @@ pub enum LoadError {
     HandOver { name: String, message: String },
     #[error("the node is {0}: models are not loaded now")]
     NodeState(NodeState),
+    #[error("model {0}: the node was quarantined while it loaded")]
+    Quarantined(String),
     #[error("model {name}: cannot measure it into the TPM")]
     Measure {
         name: String,
@@ -110,7 +112,7 @@ impl LoadError {
             LoadError::Device { source, .. } => source.code(),
             LoadError::Blocked { .. } => "workers_blocked",
             LoadError::HandOver { .. } => "hand_over_failed",
-            LoadError::NodeState(_) => "node_not_active",
+            LoadError::NodeState(_) | LoadError::Quarantined(_) => "node_not_active",
             LoadError::Measure { .. } => "measure_failed",
         }
     }
@@ -147,6 +149,14 @@ fn state_str(s: WorkerState) -> &'static str {
         WorkerState::Stopping => "stopping",
         WorkerState::Exited => "exited",
     }
+}
+
+/// What [`Model::try_start`] did with a job it took.
+#[derive(Debug, PartialEq, Eq)]
+enum Started {
+    Running,
+    /// Its client had gone: dropped.
+    Gone,
 }
 
 /// A generation on its way: where its pieces go, what keeps the node's
@@ -195,6 +205,9 @@ pub struct Manager {
     /// Configured models an admin unloaded: not loaded again on undrain.
     unloaded: Mutex<std::collections::BTreeSet<String>>,
     next_id: AtomicU64,
+    /// Held by a pass that loads models again after the node became
+    /// active: one pass at a time.
+    reloading: Mutex<()>,
     blocked: Option<Arc<crate::gpu::GpuMonitor>>,
     /// For audit records written from worker threads.
     runtime: tokio::runtime::Handle,
@@ -253,6 +266,7 @@ impl Manager {
             models: Mutex::new(BTreeMap::new()),
             unloaded: Mutex::new(std::collections::BTreeSet::new()),
             next_id: AtomicU64::new(1),
+            reloading: Mutex::new(()),
             blocked: gpu,
             config,
             runtime: tokio::runtime::Handle::current(),
@@ -282,6 +296,11 @@ impl Manager {
         }
         let mut errors = Vec::new();
         for m in self.inference().models.clone() {
+            // A quarantine or drain meanwhile: the rest waits for the next
+            // time the node is active.
+            if self.node.snapshot().state != NodeState::Active {
+                break;
+            }
             let skip =
                 lock(&self.models).contains_key(&m.name) || lock(&self.unloaded).contains(&m.name);
             if skip {
@@ -332,7 +351,10 @@ impl Manager {
 
     fn load_inner(self: &Arc<Self>, cfg: &mut ModelConfig) -> Result<(), LoadError> {
         let name = cfg.name.clone();
-        let state = self.node.snapshot().state;
+        // Read before anything is verified; checked again before workers
+        // start and when the model is published: a quarantine while the
+        // model is hashed (seconds to minutes) reaches this load too.
+        let (state, quarantines) = self.node.state_and_quarantines();
         if state != NodeState::Active {
             return Err(LoadError::NodeState(state));
         }
@@ -384,6 +406,8 @@ impl Manager {
             name: name.clone(),
             source,
         })?;
+        pause_point(&format!("model-verified-{name}"));
+        self.still_active(&name, quarantines)?;
         // Devices: each replica's, resolved and exclusive node-wide.
         let mut grants: Vec<Option<(Vec<PathBuf>, String)>> = Vec::new();
         for r in 0..cfg.replicas as usize {
@@ -601,26 +625,43 @@ impl Manager {
 
         // A worker that became ready before its supervisor was stored.
         model.pump();
-        self.metrics
-            .queue_depth
-            .with_label_values(&[name.as_str()])
-            .set(0);
-        // Another load of the same name may have finished meanwhile: keep
-        // that one, and end this one's workers (their devices go back).
-        let raced = {
+        // Published only if the node is still active and was not
+        // quarantined since the load began, checked under the lock that
+        // the node's follower takes to find the models to stop: a
+        // quarantine either comes after this and stops these workers, or
+        // comes before and this ends them. Another load of the same name
+        // may have finished meanwhile: keep that one. Either way this
+        // load's workers are killed and their devices go back (scrubbed).
+        let refused = {
             let mut models = lock(&self.models);
-            if models.contains_key(&name) {
-                true
+            if let Err(e) = self.still_active(&name, quarantines) {
+                Some(e)
+            } else if models.contains_key(&name) {
+                Some(LoadError::Exists(name.clone()))
             } else {
+                self.metrics
+                    .queue_depth
+                    .with_label_values(&[name.as_str()])
+                    .set(0);
                 models.insert(name.clone(), model.clone());
-                false
+                None
             }
         };
-        if raced {
+        if let Some(e) = refused {
             model.stop_workers(true);
-            return Err(LoadError::Exists(name));
+            return Err(e);
         }
         Ok(())
+    }
+
+    /// `Ok` while the node is active and has had no quarantine since it
+    /// had `quarantines` (what a load read when it began).
+    fn still_active(&self, name: &str, quarantines: u64) -> Result<(), LoadError> {
+        match self.node.state_and_quarantines() {
+            (NodeState::Active, q) if q == quarantines => Ok(()),
+            (NodeState::Active, _) => Err(LoadError::Quarantined(name.to_owned())),
+            (state, _) => Err(LoadError::NodeState(state)),
+        }
     }
 
     /// Stops a model's workers (letting generations in flight finish) and
@@ -675,24 +716,43 @@ impl Manager {
     /// active again restarts them.
     pub async fn follow_node(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let mut rx = self.node.subscribe();
-        let mut last = rx.borrow().state;
+        let (mut last, mut last_quarantines) = self.node.state_and_quarantines();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 changed = rx.changed() => if changed.is_err() { return },
             }
-            let now = rx.borrow().state;
-            if now == last {
+            let (now, quarantines) = self.node.state_and_quarantines();
+            if now == last && quarantines == last_quarantines {
                 continue;
             }
+            // The watch keeps only the newest record: a quarantine that
+            // came and went while the last state was being applied is
+            // applied all the same before the state now.
+            let missed = quarantines != last_quarantines && now != NodeState::Quarantined;
             last = now;
+            last_quarantines = quarantines;
             let me = self.clone();
-            let _ = tokio::task::spawn_blocking(move || me.apply_state(now)).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                if missed {
+                    me.apply_state(NodeState::Quarantined);
+                }
+                me.apply_state(now)
+            })
+            .await;
         }
     }
 
     fn apply_state(self: &Arc<Self>, state: NodeState) {
         tracing::debug!(state = %state, "inference follows the node");
+        if state == NodeState::Active {
+            // Reloading verifies every model again (seconds to minutes
+            // each): on a thread of its own, so that the follower applies
+            // a quarantine that comes meanwhile at once.
+            let me = self.clone();
+            self.runtime.spawn_blocking(move || me.reload());
+            return;
+        }
         let models: Vec<Arc<Model>> = lock(&self.models).values().cloned().collect();
         for m in models {
             match state {
@@ -704,7 +764,7 @@ impl Manager {
                     m.stop_workers(true);
                 }
                 NodeState::Drained => m.stop_workers(false),
-                NodeState::Active => m.restart_workers(),
+                NodeState::Active => {}
                 NodeState::Draining => {
                     m.fail_queue("node_draining", "the node is draining");
                 }
@@ -717,11 +777,24 @@ impl Manager {
                 s.scrub_all("quarantine");
             }
         }
-        // Configured models not loaded yet (the node started drained or
-        // quarantined, or a load failed before): now.
-        if state == NodeState::Active {
-            self.load_configured();
+    }
+
+    /// The node is active again: starts, one model after another, the
+    /// workers a drain or quarantine stopped, then the configured models
+    /// not loaded yet (the node started drained or quarantined, or a load
+    /// failed before). Stops at the first model after the node leaves
+    /// active; the load in progress then refuses itself (`load_inner`).
+    /// One pass at a time: a later one finds the earlier one's work done.
+    fn reload(self: &Arc<Self>) {
+        let _one = lock(&self.reloading);
+        let models: Vec<Arc<Model>> = lock(&self.models).values().cloned().collect();
+        for m in models {
+            if self.node.snapshot().state != NodeState::Active {
+                return;
+            }
+            m.restart_workers();
         }
+        self.load_configured();
     }
 
     /// Stops every worker (drain semantics) at shutdown.
@@ -750,6 +823,30 @@ fn worker_text(frame: &serde_json::Value, key: &str, max: usize) -> String {
 
 /// The worker's exit code for a model it cannot load (no restart).
 const LOAD_FAILED_EXIT: u8 = 65;
+
+/// Test hook, debug builds only: with `CCNODE_TEST_PAUSE_DIR=<dir>`, a
+/// load reaching `point` while `<dir>/<point>` is a fifo waits there until
+/// a test has opened the fifo for writing and closed it again. The test's
+/// open returns once the load is there; the load goes on when the test
+/// closes its end. Release builds compile it to nothing.
+fn pause_point(point: &str) {
+    #[cfg(debug_assertions)]
+    if let Some(dir) = std::env::var_os("CCNODE_TEST_PAUSE_DIR") {
+        let fifo = std::path::Path::new(&dir).join(point);
+        let is_fifo = std::fs::metadata(&fifo)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()));
+        if is_fifo {
+            tracing::warn!(point, "CCNODE_TEST_PAUSE_DIR: paused");
+            // Opening blocks until a writer opens; reading ends at EOF,
+            // when the writer closes.
+            if let Ok(mut f) = std::fs::File::open(&fifo) {
+                let _ = std::io::copy(&mut f, &mut std::io::sink());
+            }
+        }
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = point;
+}
 
 impl Model {
     fn status(&self) -> ModelStatus {
@@ -803,12 +900,22 @@ impl Model {
     }
 
     /// Hands `job` to replica `r` if it is ready and idle; gives it back
-    /// otherwise.
-    fn try_start(&self, r: &Replica, job: Job) -> Result<(), Job> {
+    /// otherwise. A job whose client has gone is dropped, not started:
+    /// its cancel may have looked for it while it was neither queued nor
+    /// running (taken off the queue by [`Model::pump`]). The check is
+    /// under `r.busy`, which that cancel takes after the client's end of
+    /// the channel is closed, so one of the two sees the other.
+    fn try_start(&self, r: &Replica, job: Job) -> Result<Started, Job> {
+        if job.tx.is_closed() {
+            return Ok(Started::Gone);
+        }
         if *lock(&r.state) != WorkerState::Ready {
             return Err(job);
         }
         let mut busy = lock(&r.busy);
+        if job.tx.is_closed() {
+            return Ok(Started::Gone);
+        }
         if busy.is_some() {
             return Err(job);
         }
@@ -819,22 +926,36 @@ impl Model {
             return Err(job);
         }
         *busy = Some(job);
-        Ok(())
+        Ok(Started::Running)
     }
 
-    /// Starts queued jobs on idle ready replicas.
+    /// Starts queued jobs on idle ready replicas, dropping those whose
+    /// client has gone.
     fn pump(&self) {
         for r in &self.replicas {
-            let job = {
-                let mut q = lock(&self.queue);
-                let Some(job) = q.pop_front() else { break };
-                self.set_queue_gauge(q.len());
-                job
-            };
-            if let Err(job) = self.try_start(r, job) {
-                let mut q = lock(&self.queue);
-                q.push_front(job);
-                self.set_queue_gauge(q.len());
+            loop {
+                let job = {
+                    let mut q = lock(&self.queue);
+                    let Some(job) = q.pop_front() else { return };
+                    self.set_queue_gauge(q.len());
+                    job
+                };
+                match self.try_start(r, job) {
+                    Ok(Started::Running) => break,
+                    // The next job may go to the same replica.
+                    Ok(Started::Gone) => continue,
+                    Err(job) => {
+                        // Checked under the queue lock, which a cancel
+                        // takes first: it finds the job queued, or this
+                        // finds its client gone.
+                        let mut q = lock(&self.queue);
+                        if !job.tx.is_closed() {
+                            q.push_front(job);
+                        }
+                        self.set_queue_gauge(q.len());
+                        break;
+                    }
+                }
             }
         }
     }
@@ -850,12 +971,15 @@ impl Model {
         let mut job = job;
         for r in &self.replicas {
             match self.try_start(r, job) {
-                Ok(()) => return Ok(()),
+                Ok(_) => return Ok(()),
                 Err(j) => job = j,
             }
         }
         let mut q = lock(&self.queue);
+        // Jobs whose clients have gone hold no place in the queue.
+        q.retain(|j| !j.tx.is_closed());
         if q.len() >= self.cfg.max_queue as usize {
+            self.set_queue_gauge(q.len());
             return Err(SubmitError::QueueFull {
                 model: self.cfg.name.clone(),
                 retry_after: Duration::from_secs(1),
@@ -893,11 +1017,11 @@ impl Model {
     /// Takes one frame from replica `r`; true when it was asked for (a
     /// token, `done` or `error` of the generation `r` runs, within its
     /// `max_tokens`): everything else counts as noise against the
-    /// worker's frame rate.
+    /// worker's frame rate. That includes `ready`: the supervisor acts on
+    /// the first of a life itself, and any later one was not asked for.
     fn on_frame(&self, r: &Replica, frame: Value) -> bool {
         let id = frame["id"].as_u64();
         match (frame["type"].as_str().unwrap_or(""), id) {
-            ("ready", _) => true,
             ("token", Some(id)) => {
                 let mut busy = lock(&r.busy);
                 let Some(job) = busy.as_mut().filter(|j| j.id == id) else {
@@ -1147,7 +1271,18 @@ impl Model {
         }
         let cfg = self.cfg.clone();
         let name = cfg.name.clone();
-        lock(&m.models).remove(&name);
+        {
+            // Only if it is still this model: not unloaded or loaded anew
+            // since the reload pass listed it.
+            let mut models = lock(&m.models);
+            if !models
+                .get(&name)
+                .is_some_and(|x| std::ptr::eq(Arc::as_ptr(x), self))
+            {
+                return;
+            }
+            models.remove(&name);
+        }
         if let Err(e) = m.load(cfg) {
             tracing::error!(model = %name, error = %e, "model not reloaded after undrain");
         }
@@ -1404,6 +1539,108 @@ impl InferenceMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A model with one replica in `state` and no worker behind it (so
+    /// nothing can be started on it), and no manager.
+    fn model(state: WorkerState, max_queue: u32) -> Model {
+        Model {
+            cfg: ModelConfig {
+                name: "m".into(),
+                dir: PathBuf::from("/nonexistent"),
+                signature: None,
+                trust_policy: None,
+                device: crate::inference::config::DeviceKind::Cpu,
+                gpus: Vec::new(),
+                replicas: 1,
+                max_queue,
+            },
+            manifest_digest: String::new(),
+            signer: String::new(),
+            files: 0,
+            bytes: 0,
+            loaded_at: 0,
+            replicas: vec![Arc::new(Replica {
+                index: 0,
+                device: None,
+                claim: Mutex::new(None),
+                sup: Mutex::new(None),
+                state: Mutex::new(state),
+                busy: Mutex::new(None),
+                last_exit: Mutex::new(None),
+            })],
+            queue: Mutex::new(VecDeque::new()),
+            manager: Weak::new(),
+        }
+    }
+
+    /// A job and its client's end of the channel.
+    fn job(node: &Arc<Node>, id: u64) -> (Job, mpsc::Receiver<Piece>) {
+        let (tx, rx) = mpsc::channel(4);
+        let job = Job {
+            id,
+            msg: wp::message("generate"),
+            max_tokens: 1,
+            tokens: 0,
+            tx,
+            _work: node.begin_work().expect("an active node"),
+        };
+        (job, rx)
+    }
+
+    fn node(dir: &std::path::Path) -> Arc<Node> {
+        Node::open("t".into(), dir, 10, crate::metrics::Metrics::new("t"))
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn a_job_whose_client_left_while_pump_held_it_is_dropped_not_put_back() {
+        // The cancel of a job `pump` has taken off the queue finds it
+        // neither queued nor running: the client's end is closed, and
+        // that is all `pump` has to go by.
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path());
+        let m = model(WorkerState::Ready, 8);
+        let (gone, rx) = job(&node, 1);
+        let (live, _rx) = job(&node, 2);
+        lock(&m.queue).extend([gone, live]);
+        drop(rx);
+        m.pump();
+        let queued: Vec<u64> = lock(&m.queue).iter().map(|j| j.id).collect();
+        assert_eq!(queued, [2], "the live job waits; the gone one is dropped");
+        assert!(lock(&m.replicas[0].busy).is_none());
+        assert_eq!(node.in_flight(), 1, "the dropped job's work guard ended");
+    }
+
+    #[test]
+    fn a_job_whose_client_left_is_never_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path());
+        let m = model(WorkerState::Ready, 8);
+        let (gone, rx) = job(&node, 1);
+        drop(rx);
+        assert!(matches!(
+            m.try_start(&m.replicas[0], gone),
+            Ok(Started::Gone)
+        ));
+        assert!(lock(&m.replicas[0].busy).is_none());
+    }
+
+    #[test]
+    fn jobs_whose_clients_left_hold_no_place_in_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path());
+        let m = model(WorkerState::Ready, 1);
+        let (gone, rx) = job(&node, 1);
+        lock(&m.queue).push_back(gone);
+        drop(rx);
+        let (live, _rx) = job(&node, 2);
+        assert!(m.submit(live).is_ok(), "the queue's one place was free");
+        let queued: Vec<u64> = lock(&m.queue).iter().map(|j| j.id).collect();
+        assert_eq!(queued, [2]);
+        let (more, _rx2) = job(&node, 3);
+        assert!(matches!(m.submit(more), Err(SubmitError::QueueFull { .. })));
+    }
 
     #[test]
     fn a_worker_reported_first_token_time_is_bounded() {

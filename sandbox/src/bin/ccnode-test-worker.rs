@@ -2,7 +2,8 @@
 //! fd 3, with ways to misbehave, for supervision tests and the spawn
 //! benchmark. `ccnode-test-worker [MODE]`, MODE one of:
 //! `well` (default: ready, answer health, exit 0 on shutdown),
-//! `exit N`, `sigsys`, `silent`, `flood`, `oversize`, `malformed`,
+//! `exit N`, `sigsys`, `silent`, `flood`, `flood-ready` (`ready` again
+//! and again, as fast as it can), `oversize`, `malformed`,
 //! `ignore-shutdown`, `fork-bomb`, `plant DIR` (reads its sim VRAM,
 //! `DIR/$CUDA_VISIBLE_DEVICES`, exits 66 if a previous tenant's [`SECRET`]
 //! is in it, else writes the secret over all of it and behaves well);
@@ -80,6 +81,11 @@ fn main() {
         }
         "flood" => loop {
             if write_frame(&mut sock, &message("noise")).is_err() {
+                std::process::exit(1);
+            }
+        },
+        "flood-ready" => loop {
+            if write_frame(&mut sock, &message("ready")).is_err() {
                 std::process::exit(1);
             }
         },
