@@ -1014,6 +1014,25 @@ fn a_quarantine_while_a_model_loads_leaves_no_worker_and_the_model_unserved() {
     assert!(!children(node.pid()).is_empty());
 }
 
+/// Waits until every worker (of model `name`, or of all models) has
+/// exited; `what` says what was to end them.
+fn wait_all_exited(node: &TestNode, name: Option<&str>, what: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let ms = models(node);
+        let alive = ms
+            .iter()
+            .filter(|m| name.is_none_or(|n| m["name"] == n))
+            .flat_map(|m| m["workers"].as_array().cloned().unwrap_or_default())
+            .any(|w| w["state"] != "exited");
+        if !alive {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {ms:?}\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_quarantine_during_the_reloads_after_an_undrain_is_applied_at_once() {
     let pause_dir = tempfile::tempdir().unwrap();
@@ -1027,19 +1046,7 @@ fn a_quarantine_during_the_reloads_after_an_undrain_is_applied_at_once() {
     wait_ready(&node, "b", 1);
     let r = node.request(r#"{"v":1,"cmd":"drain","reason":"test"}"#);
     assert_eq!(r["result"]["to"], "drained", "{r}");
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let ms = models(&node);
-        let stopped = ms
-            .iter()
-            .flat_map(|m| m["workers"].as_array().cloned().unwrap_or_default())
-            .all(|w| w["state"] == "exited");
-        if stopped {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{ms:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_all_exited(&node, None, "the drain");
     // The reloads after the undrain go by name: `a`, then `b`, held
     // after its verification.
     let pause = Pause::new(pause_dir.path(), "b");
@@ -1051,24 +1058,7 @@ fn a_quarantine_during_the_reloads_after_an_undrain_is_applied_at_once() {
     // While `b` is still loading, the quarantine reaches `a`'s worker.
     let r = node.request(r#"{"v":1,"cmd":"quarantine","reason":"test"}"#);
     assert_eq!(r["result"]["to"], "quarantined", "{r}");
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let ms = models(&node);
-        let a_alive = ms
-            .iter()
-            .filter(|m| m["name"] == "a")
-            .flat_map(|m| m["workers"].as_array().cloned().unwrap_or_default())
-            .any(|w| w["state"] != "exited");
-        if !a_alive {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the quarantine waits for the reloads: {ms:?}\n{}",
-            node.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_all_exited(&node, Some("a"), "the quarantine waits for the reloads");
 
     // `b`'s load then refuses itself: never served, no worker.
     drop(held);
