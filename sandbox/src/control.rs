@@ -37,12 +37,17 @@ impl FrameError {
 
 /// Writes one frame.
 pub fn write_frame(w: &mut impl Write, v: &Value) -> io::Result<()> {
+    w.write_all(&encode_frame(v)?)
+}
+
+/// One frame's bytes: the length prefix, then the JSON.
+pub fn encode_frame(v: &Value) -> io::Result<Vec<u8>> {
     let body = serde_json::to_vec(v).map_err(io::Error::other)?;
     let len = u32::try_from(body.len()).map_err(io::Error::other)?;
     let mut buf = Vec::with_capacity(4 + body.len());
     buf.extend_from_slice(&len.to_be_bytes());
     buf.extend_from_slice(&body);
-    w.write_all(&buf)
+    Ok(buf)
 }
 
 /// A message of `kind` with the protocol version.

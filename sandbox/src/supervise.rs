@@ -157,25 +157,55 @@ impl std::fmt::Debug for FrameSink {
     }
 }
 
+/// Frames queued for one worker before [`ControlSender::send`] refuses
+/// more: a generation's request, its cancel and the health checks fit many
+/// times over; a worker that stops reading fills it at once.
+pub const SEND_QUEUE: usize = 16;
+
 /// Writes frames to the worker's control socket from any thread, without
-/// waiting for the supervision loop. Frames sent while no worker is alive
-/// are refused (`false`).
+/// waiting for the supervision loop or for the worker: frames go to a
+/// bounded queue that a writer thread of this worker's life empties into
+/// the socket (with the policy's write timeout), so a worker that stops
+/// reading never blocks the caller (an async runtime's thread, say).
 #[derive(Debug, Clone, Default)]
 pub struct ControlSender {
-    sock: Arc<Mutex<Option<UnixStream>>>,
+    queue: Arc<Mutex<Option<mpsc::SyncSender<Vec<u8>>>>>,
 }
 
 impl ControlSender {
+    /// Queues `v` for the worker; never waits. `false` when no worker is
+    /// alive, when its socket has failed (a write timed out or the worker
+    /// closed it: the writer then shuts the socket down, which the
+    /// supervision loop sees), or when [`SEND_QUEUE`] frames are waiting.
     pub fn send(&self, v: &Value) -> bool {
-        let mut guard = self.sock.lock().unwrap_or_else(|e| e.into_inner());
-        match guard.as_mut() {
-            Some(s) => control::write_frame(s, v).is_ok(),
-            None => false,
-        }
+        let Ok(frame) = control::encode_frame(v) else {
+            return false;
+        };
+        let guard = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().is_some_and(|q| q.try_send(frame).is_ok())
     }
 
+    /// Starts writing to `s` (a new life's socket), or stops (`None`): the
+    /// old writer ends once what it has queued is written or fails.
     fn set(&self, s: Option<UnixStream>) {
-        *self.sock.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        let queue = s.and_then(|mut s| {
+            let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(SEND_QUEUE);
+            std::thread::Builder::new()
+                .name("ccnode-ctl-write".into())
+                .spawn(move || {
+                    for frame in rx {
+                        if std::io::Write::write_all(&mut s, &frame).is_err() {
+                            // A partial frame may be on the stream: nothing
+                            // more can be said on it.
+                            let _ = s.shutdown(std::net::Shutdown::Both);
+                            return;
+                        }
+                    }
+                })
+                .ok()
+                .map(|_| tx)
+        });
+        *self.queue.lock().unwrap_or_else(|e| e.into_inner()) = queue;
     }
 }
 
@@ -398,7 +428,7 @@ fn run_once(
     let signal = |s| {
         let _ = nix::sys::signal::kill(jail_pid, s);
     };
-    let (verdict, requested) = converse(
+    let (mut verdict, requested) = converse(
         ours,
         policy,
         commands,
@@ -422,7 +452,21 @@ fn run_once(
             }
             signal(nix::sys::signal::Signal::SIGKILL);
         }
-        None => {}
+        // The worker closed its socket: it should be exiting. One that
+        // stays, deaf to every command, is ended after the same few
+        // seconds.
+        None => {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(jailed.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if matches!(jailed.child.try_wait(), Ok(None)) {
+                signal(nix::sys::signal::Signal::SIGKILL);
+                verdict = Some(ExitReason::ProtocolViolation(
+                    "closed its control socket but did not exit".into(),
+                ));
+            }
+        }
     }
     let status = jailed.child.wait();
     let _ = reports_thread.join();

@@ -146,6 +146,9 @@ fn each_kind_of_misbehaviour_is_named() {
         (&["flood"][..], "control_flood"),
         // A `ready` after the first of a life is noise like any other.
         (&["flood-ready"][..], "control_flood"),
+        // Its socket closed, the worker is deaf to every command: it is
+        // not waited for.
+        (&["close-linger"][..], "protocol_violation"),
         (&["oversize"][..], "protocol_violation"),
         (&["malformed"][..], "protocol_violation"),
         (&["exit", "0"][..], "exited_ok"),
@@ -155,6 +158,44 @@ fn each_kind_of_misbehaviour_is_named() {
         let (reason, _) = next_exit(&rx);
         assert_eq!(reason.label(), expected, "{mode:?}: {reason:?}");
     }
+}
+
+/// A worker that stops reading its control socket never blocks whoever
+/// sends to it (ccnoded sends from its async runtime's threads): frames
+/// queue up to [`SEND_QUEUE`], then are refused, however long the write
+/// timeout. With writes made by the caller, the first frame larger than
+/// the socket's buffer would have held it for the whole timeout (an hour
+/// here).
+#[test]
+fn a_worker_that_stops_reading_never_blocks_its_sender() {
+    use ccnode_sandbox::supervise::SEND_QUEUE;
+    let (tx, rx) = mpsc::channel();
+    let policy = Policy {
+        health_interval: Duration::from_secs(3600),
+        health_timeout: Duration::from_secs(3600),
+        ..quick()
+    };
+    let sup = Supervisor::start(spec(&["deaf"], 65534), policy, tx).unwrap();
+    wait_state(&rx, WorkerState::Ready);
+    let sender = sup.sender();
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let big = serde_json::json!({"v": 1, "type": "noise", "pad": "x".repeat(1 << 20)});
+        let sent: Vec<bool> = (0..SEND_QUEUE * 4).map(|_| sender.send(&big)).collect();
+        let _ = done_tx.send(sent);
+    });
+    let sent = done_rx
+        .recv_timeout(PATIENCE)
+        .expect("a send waited on a worker that does not read");
+    assert!(sent[0], "the first frame is queued");
+    let accepted = sent.iter().filter(|s| **s).count();
+    assert!(
+        accepted <= SEND_QUEUE + 2,
+        "{accepted} frames of 1 MiB taken for a worker that reads none"
+    );
+    assert!(!sent[sent.len() - 1], "a full queue refuses");
+    sup.kill();
+    assert_eq!(next_exit(&rx).0, ExitReason::Killed);
 }
 
 #[test]

@@ -4,7 +4,9 @@
 //! `well` (default: ready, answer health, exit 0 on shutdown),
 //! `exit N`, `sigsys`, `silent`, `flood`, `flood-ready` (`ready` again
 //! and again, as fast as it can), `oversize`, `malformed`,
-//! `ignore-shutdown`, `fork-bomb`, `plant DIR` (reads its sim VRAM,
+//! `ignore-shutdown`, `close-linger` (shuts its control socket down
+//! after `ready` and sleeps), `deaf` (never reads after `ready`), `fork-bomb`,
+//! `plant DIR` (reads its sim VRAM,
 //! `DIR/$CUDA_VISIBLE_DEVICES`, exits 66 if a previous tenant's [`SECRET`]
 //! is in it, else writes the secret over all of it and behaves well);
 //! without arguments, MODE is read from `CCNODE_TEST_WORKER_MODE`.
@@ -83,6 +85,16 @@ fn main() {
             if write_frame(&mut sock, &message("noise")).is_err() {
                 std::process::exit(1);
             }
+        },
+        "close-linger" => {
+            // Shut down, not just closed: the jail holds the socket too.
+            let _ = sock.shutdown(std::net::Shutdown::Both);
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+        "deaf" => loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
         },
         "flood-ready" => loop {
             if write_frame(&mut sock, &message("ready")).is_err() {
