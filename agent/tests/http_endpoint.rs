@@ -304,6 +304,37 @@ fn a_client_that_stalls_mid_request_is_disconnected() {
     assert_eq!(get(addr, "/healthz").status, 200);
 }
 
+/// The docs' claim that `header_read_timeout` also bounds idleness: a
+/// kept-alive connection that sends nothing after its response, and a
+/// connection that never sends a byte, are both closed by the server.
+#[test]
+fn idle_connections_are_closed() {
+    let node = node().with_http(r#"header_read_timeout = "300ms""#).start();
+    let addr = node.http_addr.unwrap();
+    let mut s = connect(addr);
+    let resp = keep_alive_get(&mut s, addr, "/healthz");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    // Then nothing: closed, with nothing more said (or a reset).
+    match read_until_close(&mut s) {
+        Ok(raw) => assert!(raw.is_empty(), "{:?}", String::from_utf8_lossy(&raw)),
+        Err((kind, raw)) => {
+            assert!(raw.is_empty(), "{:?}", String::from_utf8_lossy(&raw));
+            assert!(
+                matches!(
+                    kind,
+                    ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+                ),
+                "unexpected error: {kind:?}"
+            );
+        }
+    }
+    let mut silent = connect(addr);
+    if let Ok(raw) = read_until_close(&mut silent) {
+        assert!(!String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 2"));
+    }
+    assert_eq!(get(addr, "/healthz").status, 200);
+}
+
 /// Sends a keep-alive request and reads exactly one response (by
 /// Content-Length), leaving the connection open.
 fn keep_alive_get(s: &mut TcpStream, addr: SocketAddr, path: &str) -> Resp {
