@@ -579,6 +579,15 @@ fn certificate_chain_constraints_are_enforced() {
     common::issue_cert(t, "ncint", Some("root"), &nc);
     common::issue_cert(t, "ncleaf", Some("ncint"), leaf_ext);
     refused(signed("ncleaf", &["ncint"]), "2.5.29.30");
+    // Name constraints not marked critical are refused too: ignoring them
+    // would accept names the issuer may not vouch for.
+    let nc_soft = format!("{ca}nameConstraints=permitted;email:.example.com\n");
+    common::issue_cert(t, "ncsoft", Some("root"), &nc_soft);
+    common::issue_cert(t, "ncsoftleaf", Some("ncsoft"), leaf_ext);
+    refused(
+        signed("ncsoftleaf", &["ncsoft"]),
+        "constraint ccnode does not process",
+    );
     // The same extension not critical is only information.
     common::issue_cert(
         t,
@@ -608,6 +617,13 @@ fn certificate_chain_constraints_are_enforced() {
         "extendedKeyUsage=anyExtendedKeyUsage\n",
     );
     signed("anyusage", &["int"]).unwrap();
+
+    // A self-signed signing certificate configured as its own root is
+    // trusted directly: no keyCertSign is asked of it.
+    let own = common::issue_cert(t, "own", None, "keyUsage=critical,digitalSignature\n");
+    let own_root = TrustPolicy::global_roots(oms::policy::load_certificates(&own).unwrap());
+    let sig = common::sign_with_chain(&dir, &t.join("own.key"), &[common::pem_to_der(&own)]);
+    verify(&dir, &sig, &own_root).unwrap();
 }
 
 /// A policy's identities match the certificate's alternative names; the

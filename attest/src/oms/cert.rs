@@ -243,8 +243,23 @@ const KNOWN_CRITICAL: [ObjectIdentifier; 4] = [
     ID_CE_SUBJECT_ALT_NAME,
 ];
 
+/// Constraints ccnode does not process, refused whether marked critical
+/// or not: ignoring a name constraint that an issuer marked non-critical
+/// (as "technically constrained" sub-CAs often do) would accept names the
+/// issuer may not vouch for, where OpenSSL enforces it either way.
+const REFUSED: [ObjectIdentifier; 2] = [
+    const_oid::db::rfc5280::ID_CE_NAME_CONSTRAINTS,
+    const_oid::db::rfc5280::ID_CE_POLICY_CONSTRAINTS,
+];
+
 fn check_critical(cert: &Certificate) -> Result<(), OmsError> {
     for e in cert.tbs_certificate.extensions.iter().flatten() {
+        if REFUSED.contains(&e.extn_id) {
+            return Err(refuse(format!(
+                "{} has a constraint ccnode does not process ({})",
+                cert.tbs_certificate.subject, e.extn_id
+            )));
+        }
         if e.critical && !KNOWN_CRITICAL.contains(&e.extn_id) {
             return Err(refuse(format!(
                 "{} has a critical extension ccnode does not process ({})",
@@ -329,7 +344,12 @@ pub fn verify_chain(
     for below in 0..=MAX_CHAIN {
         if let Some(root) = roots.iter().find(|r| signed_by(current, r)) {
             check_validity(root, now)?;
-            check_issuer(root, below, false)?;
+            // A self-signed signing certificate configured as its own root
+            // is trusted directly (as OpenSSL's store trusts it): it is no
+            // issuer of anything else.
+            if !(below == 0 && root == leaf) {
+                check_issuer(root, below, false)?;
+            }
             anchored = true;
             break;
         }

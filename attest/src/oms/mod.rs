@@ -182,13 +182,21 @@ fn describe_mismatch(extra: &[String], missing: &[String], mismatched: &[String]
 }
 
 /// `s` safe to print on a terminal or in a log line: control characters
-/// (newlines, escape sequences) and Unicode bidirectional controls, which
+/// (newlines, escape sequences), line and paragraph separators, zero-width
+/// characters and Unicode bidirectional controls, which
 /// file names and signed model names may carry, are written as `\u{…}`
 /// escapes; anything else, non-ASCII names included, is unchanged.
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
     let hostile = |c: char| {
         c.is_control()
-            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+            || matches!(
+                c,
+                '\u{061c}'
+                    | '\u{200b}'..='\u{200f}'
+                    | '\u{2028}'..='\u{202e}'
+                    | '\u{2060}'..='\u{2069}'
+                    | '\u{feff}'
+            )
     };
     if !s.chars().any(hostile) {
         return std::borrow::Cow::Borrowed(s);
@@ -339,6 +347,7 @@ mod tests {
             printable("a\nverified: model x\u{1b}[2K\u{202e}"),
             "a\\u{a}verified: model x\\u{1b}[2K\\u{202e}"
         );
+        assert_eq!(printable("a\u{200b}b\u{2028}"), "a\\u{200b}b\\u{2028}");
     }
 
     #[test]
