@@ -170,6 +170,10 @@ pub const SEND_QUEUE: usize = 16;
 #[derive(Debug, Clone, Default)]
 pub struct ControlSender {
     queue: Arc<Mutex<Option<mpsc::SyncSender<Vec<u8>>>>>,
+    /// Set by the writer when a write to this life failed (and it shut the
+    /// socket down): the end of file the supervision loop then reads is
+    /// ccnoded's doing, not the worker's.
+    write_failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ControlSender {
@@ -187,7 +191,14 @@ impl ControlSender {
 
     /// Starts writing to `s` (a new life's socket), or stops (`None`): the
     /// old writer ends once what it has queued is written or fails.
+    fn write_failed(&self) -> bool {
+        self.write_failed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     fn set(&self, s: Option<UnixStream>) {
+        self.write_failed
+            .store(false, std::sync::atomic::Ordering::Release);
+        let failed = self.write_failed.clone();
         let queue = s.and_then(|mut s| {
             let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(SEND_QUEUE);
             std::thread::Builder::new()
@@ -197,6 +208,7 @@ impl ControlSender {
                         if std::io::Write::write_all(&mut s, &frame).is_err() {
                             // A partial frame may be on the stream: nothing
                             // more can be said on it.
+                            failed.store(true, std::sync::atomic::Ordering::Release);
                             let _ = s.shutdown(std::net::Shutdown::Both);
                             return;
                         }
@@ -255,6 +267,12 @@ impl Supervisor {
         self.sender.clone()
     }
 
+    /// A handle that ends this worker now from any thread, even while
+    /// another waits in [`Supervisor::stop`] for its grace to run out.
+    pub fn killer(&self) -> Killer {
+        Killer(self.commands.clone())
+    }
+
     /// The jail's pid in the current life, if one runs.
     pub fn pid(&self) -> Option<i32> {
         *self.pid.lock().unwrap_or_else(|e| e.into_inner())
@@ -279,6 +297,17 @@ impl Supervisor {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Ends a supervised worker now (SIGKILL, no restart); see
+/// [`Supervisor::killer`]. Does nothing once the supervision has ended.
+#[derive(Debug, Clone)]
+pub struct Killer(Sender<Command>);
+
+impl Killer {
+    pub fn kill(&self) {
+        let _ = self.0.send(Command::Kill);
     }
 }
 
@@ -428,7 +457,7 @@ fn run_once(
     let signal = |s| {
         let _ = nix::sys::signal::kill(jail_pid, s);
     };
-    let (mut verdict, requested) = converse(
+    let (mut verdict, mut requested) = converse(
         ours,
         policy,
         commands,
@@ -438,6 +467,33 @@ fn run_once(
         spec.frames.as_ref(),
         &signal,
     );
+    // The conversation is over: nothing more is sent to this life, and no
+    // generation is handed to it while it ends.
+    life.sender.set(None);
+    if !matches!(verdict, Some(ExitReason::Killed)) {
+        set(state, events, WorkerState::Stopping);
+    }
+    // Waits up to a few seconds for the jail to exit by itself; a kill
+    // asked for meanwhile (a quarantine) is not held for them. True if it
+    // exited.
+    let mut exits_soon = |verdict: &mut Option<ExitReason>| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if !matches!(jailed.child.try_wait(), Ok(None)) {
+                return true;
+            }
+            if matches!(
+                commands.try_recv(),
+                Ok(Command::Kill) | Err(mpsc::TryRecvError::Disconnected)
+            ) {
+                *verdict = Some(ExitReason::Killed);
+                requested = true;
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    };
     match &verdict {
         // Ending by request or by violation: the jail goes now.
         Some(reason) if !matches!(reason, ExitReason::Stopped) => {
@@ -446,25 +502,20 @@ fn run_once(
         // A stopped worker has had its grace and a SIGTERM: a few more
         // seconds to exit, then SIGKILL.
         Some(_) => {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while matches!(jailed.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            exits_soon(&mut verdict);
             signal(nix::sys::signal::Signal::SIGKILL);
         }
         // The worker closed its socket: it should be exiting. One that
         // stays, deaf to every command, is ended after the same few
         // seconds.
         None => {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while matches!(jailed.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if matches!(jailed.child.try_wait(), Ok(None)) {
+            if !exits_soon(&mut verdict) {
                 signal(nix::sys::signal::Signal::SIGKILL);
-                verdict = Some(ExitReason::ProtocolViolation(
-                    "closed its control socket but did not exit".into(),
-                ));
+                if verdict.is_none() {
+                    verdict = Some(ExitReason::ProtocolViolation(
+                        "closed its control socket but did not exit".into(),
+                    ));
+                }
             }
         }
     }
@@ -594,6 +645,10 @@ fn converse(
                 }
             }
             Err(e) if e.is_timeout() => {}
+            // ccnoded's writer gave up on a worker that does not read.
+            Err(FrameError::Closed) if sender.write_failed() => {
+                return (Some(ExitReason::Unresponsive), false)
+            }
             Err(FrameError::Closed) => {
                 // The worker closed its end: it is exiting. Let the exit
                 // status say why.

@@ -198,6 +198,37 @@ fn a_worker_that_stops_reading_never_blocks_its_sender() {
     assert_eq!(next_exit(&rx).0, ExitReason::Killed);
 }
 
+/// When ccnoded's own write to a worker that does not read times out, the
+/// worker is ended as unresponsive (not blamed for closing the socket,
+/// which the writer shut down).
+#[test]
+fn a_write_that_times_out_ends_the_worker_as_unresponsive() {
+    let (tx, rx) = mpsc::channel();
+    let policy = Policy {
+        health_interval: Duration::from_secs(3600),
+        health_timeout: Duration::from_millis(300),
+        ..quick()
+    };
+    let sup = Supervisor::start(spec(&["deaf"], 65534), policy, tx).unwrap();
+    wait_state(&rx, WorkerState::Ready);
+    let big = serde_json::json!({"v": 1, "type": "noise", "pad": "x".repeat(1 << 20)});
+    assert!(sup.sender().send(&big));
+    assert_eq!(next_exit(&rx).0, ExitReason::Unresponsive);
+}
+
+/// While the supervisor gives a worker that closed its socket a few
+/// seconds to exit, a kill (a quarantine) is not held for them.
+#[test]
+fn a_kill_while_a_worker_is_given_time_to_exit_is_applied() {
+    let (tx, rx) = mpsc::channel();
+    let sup = Supervisor::start(spec(&["close-linger"], 65534), quick(), tx).unwrap();
+    wait_state(&rx, WorkerState::Ready);
+    // The conversation is over once the state says stopping.
+    wait_state(&rx, WorkerState::Stopping);
+    sup.kill();
+    assert_eq!(next_exit(&rx), (ExitReason::Killed, None));
+}
+
 #[test]
 fn setup_failures_do_not_restart() {
     let (tx, rx) = mpsc::channel();
