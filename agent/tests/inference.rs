@@ -967,6 +967,10 @@ fn children(pid: u32) -> Vec<u32> {
 }
 
 #[test]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "the pause point exists in debug builds only"
+)]
 fn a_quarantine_while_a_model_loads_leaves_no_worker_and_the_model_unserved() {
     let pause_dir = tempfile::tempdir().unwrap();
     let m = make_model("tiny", &small(), 22);
@@ -1034,6 +1038,10 @@ fn wait_all_exited(node: &TestNode, name: Option<&str>, what: &str) {
 }
 
 #[test]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "the pause point exists in debug builds only"
+)]
 fn a_quarantine_during_the_reloads_after_an_undrain_is_applied_at_once() {
     let pause_dir = tempfile::tempdir().unwrap();
     let a = make_model("a", &small(), 23);
@@ -1076,10 +1084,20 @@ fn a_quarantine_during_the_reloads_after_an_undrain_is_applied_at_once() {
         assert!(Instant::now() < deadline, "{audit}\n{}", node.log());
         std::thread::sleep(Duration::from_millis(20));
     }
+    // `b` stays listed, its workers stopped, for the next time the node is
+    // active; none of them runs.
+    let ms = models(&node);
+    let b = ms
+        .iter()
+        .find(|m| m["name"] == "b")
+        .expect("b is still listed");
     assert!(
-        models(&node).iter().all(|m| m["name"] != "b"),
-        "{:?}",
-        models(&node)
+        b["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["state"] == "exited"),
+        "{b}"
     );
     assert!(children(node.pid()).is_empty(), "{}", node.log());
 }
@@ -1219,6 +1237,46 @@ fn misbehaving_workers_are_ended_for_it_while_ccnoded_keeps_answering() {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// A drain stops workers gracefully, giving each its grace (30 s) to
+/// finish; a quarantine that comes meanwhile kills them at once instead of
+/// waiting behind that stop.
+#[test]
+fn a_quarantine_during_a_drains_graceful_stop_kills_at_once() {
+    let (node, _m) = misbehaving("ignore-shutdown");
+    wait_ready(&node, "tiny", 1);
+    let r = node.request(r#"{"v":1,"cmd":"drain","reason":"test"}"#);
+    assert_eq!(r["result"]["to"], "drained", "{r}");
+    // The worker ignores the shutdown: its stop waits out the grace.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let ms = models(&node);
+        let stopping = ms
+            .iter()
+            .flat_map(|m| m["workers"].as_array().cloned().unwrap_or_default())
+            .any(|w| w["state"] == "stopping");
+        if stopping {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{ms:?}\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = node.request(r#"{"v":1,"cmd":"quarantine","reason":"test"}"#);
+    assert_eq!(r["result"]["to"], "quarantined", "{r}");
+    let killed = "ccnode_worker_exits_total{reason=\"killed\"}";
+    let stopped = "ccnode_worker_exits_total{reason=\"stopped\"}";
+    let deadline = Instant::now() + PATIENCE * 2;
+    while metric(&node, killed) < 1.0 {
+        assert!(
+            metric(&node, stopped) == 0.0 && Instant::now() < deadline,
+            "the quarantine waited for the drain's stop:\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(metric(&node, stopped), 0.0);
+    wait_all_exited(&node, None, "the quarantine");
 }
 
 /// `sandbox.cgroup_delegated`: ccnoded started in a cgroup v2 group of its

@@ -192,6 +192,10 @@ struct Model {
     replicas: Vec<Arc<Replica>>,
     queue: Mutex<VecDeque<Job>>,
     manager: Weak<Manager>,
+    /// The workers graceful stops are waiting for, by stop: a kill ends
+    /// them too ([`Model::stop_workers`]).
+    stopping: Mutex<Vec<(u64, ccnode_sandbox::supervise::Killer)>>,
+    stops: AtomicU64,
 }
 
 /// The model manager ([`Inference`] for the API).
@@ -205,9 +209,11 @@ pub struct Manager {
     /// Configured models an admin unloaded: not loaded again on undrain.
     unloaded: Mutex<std::collections::BTreeSet<String>>,
     next_id: AtomicU64,
-    /// Held by a pass that loads models again after the node became
-    /// active: one pass at a time.
-    reloading: Mutex<()>,
+    /// The slow halves of node transitions (a drain's graceful stop, the
+    /// reloads when the node is active again), run in order on one thread
+    /// of their own ([`Manager::in_order`]), so that the follower is free
+    /// to apply a quarantine at once.
+    transitions: Mutex<std::sync::mpsc::Sender<Transition>>,
     blocked: Option<Arc<crate::gpu::GpuMonitor>>,
     /// For audit records written from worker threads.
     runtime: tokio::runtime::Handle,
@@ -266,7 +272,7 @@ impl Manager {
             models: Mutex::new(BTreeMap::new()),
             unloaded: Mutex::new(std::collections::BTreeSet::new()),
             next_id: AtomicU64::new(1),
-            reloading: Mutex::new(()),
+            transitions: Mutex::new(transitions()),
             blocked: gpu,
             config,
             runtime: tokio::runtime::Handle::current(),
@@ -517,6 +523,8 @@ impl Manager {
                 loaded_at: unix_now(),
                 replicas,
                 queue: Mutex::new(VecDeque::new()),
+                stopping: Mutex::new(Vec::new()),
+                stops: AtomicU64::new(0),
                 manager: Arc::downgrade(self),
             }
         });
@@ -743,15 +751,35 @@ impl Manager {
         }
     }
 
+    /// Runs `work` after the transitions queued before it, on the
+    /// transitions thread.
+    fn in_order(self: &Arc<Self>, work: impl FnOnce(&Arc<Manager>) + Send + 'static) {
+        let me = self.clone();
+        let job: Transition = Box::new(move || work(&me));
+        if let Err(e) = lock(&self.transitions).send(job) {
+            // The thread is gone (it could not be started): here, then.
+            (e.0)();
+        }
+    }
+
     fn apply_state(self: &Arc<Self>, state: NodeState) {
         tracing::debug!(state = %state, "inference follows the node");
-        if state == NodeState::Active {
+        match state {
             // Reloading verifies every model again (seconds to minutes
-            // each): on a thread of its own, so that the follower applies
-            // a quarantine that comes meanwhile at once.
-            let me = self.clone();
-            self.runtime.spawn_blocking(move || me.reload());
-            return;
+            // each), and a graceful stop waits up to the workers' grace:
+            // both in order on the transitions thread, so that a
+            // quarantine meanwhile is applied at once (its kill reaches
+            // the workers a graceful stop waits for).
+            NodeState::Active => return self.in_order(|m| m.reload()),
+            NodeState::Drained => {
+                return self.in_order(|m| {
+                    let models: Vec<Arc<Model>> = lock(&m.models).values().cloned().collect();
+                    for model in models {
+                        model.stop_workers(false);
+                    }
+                })
+            }
+            _ => {}
         }
         let models: Vec<Arc<Model>> = lock(&self.models).values().cloned().collect();
         for m in models {
@@ -763,8 +791,7 @@ impl Manager {
                     m.fail_in_flight("node_quarantined", "the node was quarantined");
                     m.stop_workers(true);
                 }
-                NodeState::Drained => m.stop_workers(false),
-                NodeState::Active => {}
+                NodeState::Drained | NodeState::Active => {}
                 NodeState::Draining => {
                     m.fail_queue("node_draining", "the node is draining");
                 }
@@ -784,9 +811,9 @@ impl Manager {
     /// not loaded yet (the node started drained or quarantined, or a load
     /// failed before). Stops at the first model after the node leaves
     /// active; the load in progress then refuses itself (`load_inner`).
-    /// One pass at a time: a later one finds the earlier one's work done.
+    /// On the transitions thread: one pass at a time, after the stops
+    /// queued before it.
     fn reload(self: &Arc<Self>) {
-        let _one = lock(&self.reloading);
         let models: Vec<Arc<Model>> = lock(&self.models).values().cloned().collect();
         for m in models {
             if self.node.snapshot().state != NodeState::Active {
@@ -819,6 +846,27 @@ fn worker_text(frame: &serde_json::Value, key: &str, max: usize) -> String {
         .chars()
         .take(max)
         .collect()
+}
+
+/// Work queued for the transitions thread.
+type Transition = Box<dyn FnOnce() + Send>;
+
+/// Starts the transitions thread; it ends when its sender is dropped (with
+/// the manager). If it cannot start, the sender's sends fail and the work
+/// runs on the caller ([`Manager::in_order`]).
+fn transitions() -> std::sync::mpsc::Sender<Transition> {
+    let (tx, rx) = std::sync::mpsc::channel::<Transition>();
+    let started = std::thread::Builder::new()
+        .name("ccnode-transitions".into())
+        .spawn(move || {
+            for work in rx {
+                work();
+            }
+        });
+    if let Err(e) = started {
+        tracing::error!(error = %e, "cannot start the model transitions thread");
+    }
+    tx
 }
 
 /// The worker's exit code for a model it cannot load (no restart).
@@ -1234,12 +1282,26 @@ impl Model {
             .iter()
             .filter_map(|r| lock(&r.sup).take())
             .collect();
+        // A graceful stop leaves a way to kill its workers while it waits
+        // out their grace; a kill uses every such way first, so that a
+        // quarantine during a drain's stop is not held for the grace.
+        let stop_id = self.stops.fetch_add(1, Ordering::Relaxed);
+        if kill {
+            for (_, k) in lock(&self.stopping).drain(..) {
+                k.kill();
+            }
+        } else {
+            lock(&self.stopping).extend(sups.iter().map(|s| (stop_id, s.killer())));
+        }
         let handles: Vec<_> = sups
             .into_iter()
             .map(|s| std::thread::spawn(move || if kill { s.kill() } else { s.stop() }))
             .collect();
         for h in handles {
             let _ = h.join();
+        }
+        if !kill {
+            lock(&self.stopping).retain(|(id, _)| *id != stop_id);
         }
         self.release_devices();
     }
@@ -1271,7 +1333,7 @@ impl Model {
         }
         let cfg = self.cfg.clone();
         let name = cfg.name.clone();
-        {
+        let old = {
             // Only if it is still this model: not unloaded or loaded anew
             // since the reload pass listed it.
             let mut models = lock(&m.models);
@@ -1281,10 +1343,22 @@ impl Model {
             {
                 return;
             }
-            models.remove(&name);
-        }
-        if let Err(e) = m.load(cfg) {
-            tracing::error!(model = %name, error = %e, "model not reloaded after undrain");
+            models.remove(&name)
+        };
+        match m.load(cfg) {
+            Ok(()) => {}
+            // A drain or quarantine overtook the reload: the model stays
+            // listed, its workers stopped, for the next time the node is
+            // active (an admin-loaded model is in no config to come back
+            // from).
+            Err(LoadError::NodeState(_) | LoadError::Quarantined(_)) => {
+                if let Some(old) = old {
+                    lock(&m.models).entry(name).or_insert(old);
+                }
+            }
+            Err(e) => {
+                tracing::error!(model = %name, error = %e, "model not reloaded after undrain")
+            }
         }
     }
 }
@@ -1569,6 +1643,8 @@ mod tests {
                 last_exit: Mutex::new(None),
             })],
             queue: Mutex::new(VecDeque::new()),
+            stopping: Mutex::new(Vec::new()),
+            stops: AtomicU64::new(0),
             manager: Weak::new(),
         }
     }

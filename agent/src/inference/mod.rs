@@ -87,6 +87,10 @@ pub enum Piece {
 /// a client disconnect does.
 #[derive(Debug)]
 pub struct Generation {
+    /// Declared first, so dropped first: the job's channel is closed
+    /// before `cancel` runs, and a job that `pump` holds between queue and
+    /// worker when the client goes is dropped for its closed channel
+    /// (`Model::try_start`), since the cancel cannot find it then.
     pub pieces: tokio::sync::mpsc::Receiver<Piece>,
     /// Cancels on drop.
     pub cancel: CancelOnDrop,
