@@ -482,13 +482,16 @@ fn run_once(
             if !matches!(jailed.child.try_wait(), Ok(None)) {
                 return true;
             }
-            if matches!(
-                commands.try_recv(),
-                Ok(Command::Kill) | Err(mpsc::TryRecvError::Disconnected)
-            ) {
-                *verdict = Some(ExitReason::Killed);
-                requested = true;
-                return false;
+            match commands.try_recv() {
+                Ok(Command::Kill) | Err(mpsc::TryRecvError::Disconnected) => {
+                    *verdict = Some(ExitReason::Killed);
+                    requested = true;
+                    return false;
+                }
+                // The worker is ending already; a stop asked for now
+                // means it is not started again.
+                Ok(Command::Stop) => requested = true,
+                Err(mpsc::TryRecvError::Empty) => {}
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -229,6 +229,30 @@ fn a_kill_while_a_worker_is_given_time_to_exit_is_applied() {
     assert_eq!(next_exit(&rx), (ExitReason::Killed, None));
 }
 
+/// A stop that comes while the supervisor gives a worker time to exit is
+/// not lost: the worker is not started again, and the stop returns.
+#[test]
+fn a_stop_while_a_worker_is_given_time_to_exit_is_kept() {
+    let (tx, rx) = mpsc::channel();
+    let policy = Policy {
+        max_restarts: 3,
+        ..quick()
+    };
+    let sup = Supervisor::start(spec(&["close-linger"], 65534), policy, tx).unwrap();
+    wait_state(&rx, WorkerState::Ready);
+    wait_state(&rx, WorkerState::Stopping);
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        sup.stop();
+        let _ = done_tx.send(());
+    });
+    done_rx
+        .recv_timeout(PATIENCE)
+        .expect("the stop was lost: the worker was started again");
+    let (_, restart) = next_exit(&rx);
+    assert_eq!(restart, None, "started again after a stop");
+}
+
 #[test]
 fn setup_failures_do_not_restart() {
     let (tx, rx) = mpsc::channel();
