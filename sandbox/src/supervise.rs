@@ -17,6 +17,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -173,7 +174,7 @@ pub struct ControlSender {
     /// Set by the writer when a write to this life failed (and it shut the
     /// socket down): the end of file the supervision loop then reads is
     /// ccnoded's doing, not the worker's.
-    write_failed: Arc<std::sync::atomic::AtomicBool>,
+    write_failed: Arc<AtomicBool>,
 }
 
 impl ControlSender {
@@ -189,15 +190,15 @@ impl ControlSender {
         guard.as_ref().is_some_and(|q| q.try_send(frame).is_ok())
     }
 
-    /// Starts writing to `s` (a new life's socket), or stops (`None`): the
-    /// old writer ends once what it has queued is written or fails.
+    /// Whether this life's writer gave up (see `write_failed`).
     fn write_failed(&self) -> bool {
-        self.write_failed.load(std::sync::atomic::Ordering::Acquire)
+        self.write_failed.load(Ordering::Acquire)
     }
 
+    /// Starts writing to `s` (a new life's socket), or stops (`None`): the
+    /// old writer ends once what it has queued is written or fails.
     fn set(&self, s: Option<UnixStream>) {
-        self.write_failed
-            .store(false, std::sync::atomic::Ordering::Release);
+        self.write_failed.store(false, Ordering::Release);
         let failed = self.write_failed.clone();
         let queue = s.and_then(|mut s| {
             let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(SEND_QUEUE);
@@ -208,7 +209,7 @@ impl ControlSender {
                         if std::io::Write::write_all(&mut s, &frame).is_err() {
                             // A partial frame may be on the stream: nothing
                             // more can be said on it.
-                            failed.store(true, std::sync::atomic::Ordering::Release);
+                            failed.store(true, Ordering::Release);
                             let _ = s.shutdown(std::net::Shutdown::Both);
                             return;
                         }

@@ -216,15 +216,22 @@ fn a_write_that_times_out_ends_the_worker_as_unresponsive() {
     assert_eq!(next_exit(&rx).0, ExitReason::Unresponsive);
 }
 
+/// A `close-linger` worker whose conversation has ended (its socket shut
+/// down): the supervisor is giving it a few seconds to exit.
+fn lingering(policy: Policy) -> (Supervisor, Receiver<Event>) {
+    let (tx, rx) = mpsc::channel();
+    let sup = Supervisor::start(spec(&["close-linger"], 65534), policy, tx).unwrap();
+    wait_state(&rx, WorkerState::Ready);
+    // The conversation is over once the state says stopping.
+    wait_state(&rx, WorkerState::Stopping);
+    (sup, rx)
+}
+
 /// While the supervisor gives a worker that closed its socket a few
 /// seconds to exit, a kill (a quarantine) is not held for them.
 #[test]
 fn a_kill_while_a_worker_is_given_time_to_exit_is_applied() {
-    let (tx, rx) = mpsc::channel();
-    let sup = Supervisor::start(spec(&["close-linger"], 65534), quick(), tx).unwrap();
-    wait_state(&rx, WorkerState::Ready);
-    // The conversation is over once the state says stopping.
-    wait_state(&rx, WorkerState::Stopping);
+    let (sup, rx) = lingering(quick());
     sup.kill();
     assert_eq!(next_exit(&rx), (ExitReason::Killed, None));
 }
@@ -233,14 +240,10 @@ fn a_kill_while_a_worker_is_given_time_to_exit_is_applied() {
 /// not lost: the worker is not started again, and the stop returns.
 #[test]
 fn a_stop_while_a_worker_is_given_time_to_exit_is_kept() {
-    let (tx, rx) = mpsc::channel();
-    let policy = Policy {
+    let (sup, rx) = lingering(Policy {
         max_restarts: 3,
         ..quick()
-    };
-    let sup = Supervisor::start(spec(&["close-linger"], 65534), policy, tx).unwrap();
-    wait_state(&rx, WorkerState::Ready);
-    wait_state(&rx, WorkerState::Stopping);
+    });
     let (done_tx, done_rx) = mpsc::channel();
     std::thread::spawn(move || {
         sup.stop();

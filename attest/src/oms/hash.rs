@@ -12,7 +12,7 @@
 //! rayon's pool, largest first; BLAKE3 additionally hashes each chunk across
 //! cores, so one large file uses every core.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::ErrorKind;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -348,12 +348,11 @@ pub fn hash_and_seal(
         .iter()
         .filter(|i| !manifest.resources.contains_key(&i.key))
         .map(|i| i.key.clone())
-        .collect::<std::collections::BTreeSet<_>>()
+        .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
     let missing: Vec<String> = {
-        let present: std::collections::BTreeSet<&str> =
-            items.iter().map(|i| i.key.as_str()).collect();
+        let present: BTreeSet<&str> = items.iter().map(|i| i.key.as_str()).collect();
         manifest
             .resources
             .keys()
