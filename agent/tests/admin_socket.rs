@@ -404,6 +404,16 @@ fn ccnodectl_speaks_for_humans_and_scripts() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("kernel update"));
 
+    // A reason may hold any non-control character; bidi controls and
+    // zero-width characters, which could make a line read as another,
+    // are shown escaped.
+    let out = ctl(&["quarantine", "--reason", "ok\u{202e}gnp.exe\u{200b}"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = ctl(&["audit", "-n", "5"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("ok\\u{202e}gnp.exe\\u{200b}"), "{text}");
+    assert!(!text.contains(['\u{202e}', '\u{200b}']), "{text}");
+
     let out = Command::new(CCNODECTL)
         .args(["--socket", "/nonexistent/admin.sock", "status"])
         .output()

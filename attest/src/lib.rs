@@ -33,6 +33,7 @@ pub mod verify;
 #[cfg(feature = "tpm")]
 pub use attester::{AttestError, Attester, GpuAttestation};
 pub use evidence::{Claims, Evidence, ModelClaim};
+pub use oms::printable;
 
 /// An error and its sources, once each, joined with ": " (the house
 /// style: messages never repeat their source, so the chain is printed

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use ccnode_agent::admin::client::{AdminClient, ClientError};
 use ccnode_agent::admin::protocol::{Command, ErrorCode};
+use ccnode_attest::printable;
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
@@ -302,8 +303,17 @@ fn finish(
         (Some(err), _) => {
             if !json {
                 match &err.detail {
-                    Some(d) => eprintln!("ccnodectl: {} ({}: {d})", err.message, err.code.as_str()),
-                    None => eprintln!("ccnodectl: {} ({})", err.message, err.code.as_str()),
+                    Some(d) => eprintln!(
+                        "ccnodectl: {} ({}: {})",
+                        printable(&err.message),
+                        err.code.as_str(),
+                        printable(d)
+                    ),
+                    None => eprintln!(
+                        "ccnodectl: {} ({})",
+                        printable(&err.message),
+                        err.code.as_str()
+                    ),
                 }
             }
             ExitCode::from(match err.code {
@@ -381,20 +391,12 @@ fn client_failure(err: &ClientError) -> ExitCode {
     })
 }
 
-/// A string field, with control characters escaped: what the daemon sends
-/// may carry text from other users (reasons), and must not drive the
-/// terminal.
+/// A string field, passed through [`printable`]: what the daemon sends may
+/// carry text from other users (reasons) and from model directories, and
+/// must not drive the terminal.
 fn s(v: &Value, key: &str) -> String {
     let raw = v.get(key).and_then(Value::as_str).unwrap_or("-");
-    raw.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
+    printable(raw).into_owned()
 }
 
 fn actor(v: Option<&Value>) -> String {

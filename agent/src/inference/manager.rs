@@ -838,14 +838,17 @@ impl Manager {
 const MAX_WORKER_TEXT: usize = 512;
 
 /// A string field of a worker's frame, cut to `max` characters (empty when
-/// absent or not a string).
+/// absent or not a string) and escaped with [`ccnode_attest::printable`]: a
+/// worker runs model code, and its words go into log lines and ccnodectl's
+/// output, where a newline or an escape sequence could forge a line.
 fn worker_text(frame: &serde_json::Value, key: &str, max: usize) -> String {
-    frame[key]
+    let cut: String = frame[key]
         .as_str()
         .unwrap_or("")
         .chars()
         .take(max)
-        .collect()
+        .collect();
+    ccnode_attest::printable(&cut).into_owned()
 }
 
 /// Work queued for the transitions thread.
@@ -1716,6 +1719,22 @@ mod tests {
         assert_eq!(queued, [2]);
         let (more, _rx2) = job(&node, 3);
         assert!(matches!(m.submit(more), Err(SubmitError::QueueFull { .. })));
+    }
+
+    #[test]
+    fn a_workers_error_cannot_forge_a_log_line() {
+        let m = model(WorkerState::Ready, 8);
+        let frame = serde_json::json!({
+            "type": "error",
+            "code": "oom\nlevel=INFO",
+            "message": "x\n2026-12-03T00:00:00Z INFO worker ready\u{1b}[2K",
+        });
+        assert!(!m.on_frame(&m.replicas[0], frame));
+        let last = lock(&m.replicas[0].last_exit).clone().unwrap();
+        assert_eq!(
+            last,
+            "oom\\u{a}level=INFO: x\\u{a}2026-12-03T00:00:00Z INFO worker ready\\u{1b}[2K"
+        );
     }
 
     #[test]

@@ -56,10 +56,14 @@ pub use policy::TrustPolicy;
 
 /// Why a model failed verification. Variants are stable: callers (exit
 /// codes, metrics labels) match on them, never on the message text.
+///
+/// Messages pass every name and detail through [`printable`]: they carry
+/// file names from the model directory and strings from the signature
+/// bundle, and they end up in log lines, audit records and terminals.
 #[derive(Debug, thiserror::Error)]
 pub enum OmsError {
     /// Reading the signature, a key, a certificate or a model file failed.
-    #[error("cannot read {path}")]
+    #[error("cannot read {}", printable(&.path.to_string_lossy()))]
     Io {
         path: PathBuf,
         #[source]
@@ -74,51 +78,51 @@ pub enum OmsError {
     },
     /// The signature file is not a well-formed Sigstore bundle with a DSSE
     /// envelope.
-    #[error("malformed signature bundle: {0}")]
+    #[error("malformed signature bundle: {}", printable(.0))]
     Bundle(String),
     /// The DSSE payload is not a model-signing v1.0 in-toto statement.
-    #[error("malformed signed statement: {0}")]
+    #[error("malformed signed statement: {}", printable(.0))]
     Statement(String),
     /// The statement's subject digest does not match its resources.
     #[error("statement subject digest does not match its resources")]
     SubjectDigest,
     /// A key or certificate in the trust configuration is unusable.
-    #[error("unusable trust material {what}: {reason}")]
+    #[error("unusable trust material {}: {}", printable(.what), printable(.reason))]
     TrustMaterial { what: String, reason: String },
     /// The bundle names a public key other than the configured one.
-    #[error("public key hint {found} does not match the configured key {expected}")]
+    #[error("public key hint {} does not match the configured key {}", printable(.found), printable(.expected))]
     KeyHint { expected: String, found: String },
     /// The DSSE signature does not verify under any allowed key.
     #[error("signature does not verify under any trusted key")]
     BadSignature,
     /// The signing certificate is not acceptable.
-    #[error("signing certificate refused: {0}")]
+    #[error("signing certificate refused: {}", printable(.0))]
     Certificate(String),
     /// A keyless signature's transparency-log entry does not prove what it
     /// must (log not trusted, signed entry timestamp, inclusion proof,
     /// checkpoint, or a body about another signature).
-    #[error("transparency log entry refused: {0}")]
+    #[error("transparency log entry refused: {}", printable(.0))]
     TransparencyLog(String),
     /// A keyless signature's RFC 3161 timestamps cannot be used: more or
     /// other than the trust root allows, or a verified timestamp at which
     /// the signing certificate was not valid.
-    #[error("timestamp refused: {0}")]
+    #[error("timestamp refused: {}", printable(.0))]
     Timestamp(String),
     /// No trust policy entry covers this model and signer.
-    #[error("no trust policy entry allows signer {signer} for model {model}")]
+    #[error("no trust policy entry allows signer {} for model {}", printable(.signer), printable(.model))]
     Untrusted { model: String, signer: String },
     /// The signature was made with a method ccnode does not verify offline.
-    #[error("unsupported signing method: {0}")]
+    #[error("unsupported signing method: {}", printable(.0))]
     UnsupportedMethod(String),
     /// The model directory holds a symbolic link the signature does not allow.
-    #[error("symbolic link refused: {0}")]
+    #[error("symbolic link refused: {}", printable(.0))]
     Symlink(String),
     /// The model directory holds something that is neither a regular file nor
     /// a directory, or a name that is not UTF-8.
-    #[error("unsupported entry in model directory: {path}: {reason}")]
+    #[error("unsupported entry in model directory: {}: {reason}", printable(.path))]
     Entry { path: String, reason: &'static str },
     /// A file changed size while it was being read.
-    #[error("file changed while being read: {0}")]
+    #[error("file changed while being read: {}", printable(.0))]
     Changed(String),
     /// The files on disk do not match the signed manifest.
     #[error("model does not match its signature: {}", describe_mismatch(.extra, .missing, .mismatched))]
@@ -128,10 +132,10 @@ pub enum OmsError {
         mismatched: Vec<String>,
     },
     /// A file is in a pickle-based format.
-    #[error("pickle-based file refused: {0}")]
+    #[error("pickle-based file refused: {}", printable(.0))]
     Pickle(String),
     /// A safetensors file has an invalid header.
-    #[error("invalid safetensors file {path}: {reason}")]
+    #[error("invalid safetensors file {}: {}", printable(.path), printable(.reason))]
     Safetensors { path: String, reason: String },
     /// Creating or sealing the in-memory copy failed.
     #[error("cannot create sealed copy")]
@@ -348,6 +352,52 @@ mod tests {
             "a\\u{a}verified: model x\\u{1b}[2K\\u{202e}"
         );
         assert_eq!(printable("a\u{200b}b\u{2028}"), "a\\u{200b}b\\u{2028}");
+    }
+
+    #[test]
+    fn every_message_escapes_names() {
+        let hostile = "a\nINFO verified\u{1b}[2K\u{202e}";
+        let escaped = "a\\u{a}INFO verified\\u{1b}[2K\\u{202e}";
+        let errors = [
+            OmsError::Io {
+                path: hostile.into(),
+                source: std::io::Error::other("gone"),
+            },
+            OmsError::Bundle(hostile.into()),
+            OmsError::Statement(hostile.into()),
+            OmsError::TrustMaterial {
+                what: hostile.into(),
+                reason: hostile.into(),
+            },
+            OmsError::KeyHint {
+                expected: hostile.into(),
+                found: hostile.into(),
+            },
+            OmsError::Certificate(hostile.into()),
+            OmsError::TransparencyLog(hostile.into()),
+            OmsError::Timestamp(hostile.into()),
+            OmsError::Untrusted {
+                model: hostile.into(),
+                signer: hostile.into(),
+            },
+            OmsError::UnsupportedMethod(hostile.into()),
+            OmsError::Symlink(hostile.into()),
+            OmsError::Entry {
+                path: hostile.into(),
+                reason: "a fifo",
+            },
+            OmsError::Changed(hostile.into()),
+            OmsError::Pickle(hostile.into()),
+            OmsError::Safetensors {
+                path: hostile.into(),
+                reason: hostile.into(),
+            },
+        ];
+        for err in errors {
+            let text = err.to_string();
+            assert!(text.contains(escaped), "{text}");
+            assert!(!text.contains(['\n', '\u{1b}', '\u{202e}']), "{text}");
+        }
     }
 
     #[test]
