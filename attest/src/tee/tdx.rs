@@ -62,15 +62,21 @@
 //!    issuers CAs with keyCertSign, the leaf with digitalSignature, no
 //!    unknown critical extension, and the top issuer the pinned
 //!    [`INTEL_SGX_ROOT_CA_PEM`].
+//! 5. The QE report is Intel's TD QE: MRSIGNER [`TD_QE_MRSIGNER`], ISVPRODID
+//!    [`TD_QE_ISVPRODID`], MISCSELECT and ATTRIBUTES under Intel's masks
+//!    (DEBUG clear), and ISVSVN at least the policy's `min_qe_isvsvn`
+//!    (default [`DEFAULT_MIN_QE_ISVSVN`]). Without this, a PCK-certified
+//!    debug QE, whose key the host can read, could sign any TD report.
 //!
 //! # What it does NOT check
 //!
-//! TCB status and revocation are not checked: no TCB info, no QE identity,
-//! no PCK or root CRLs (Intel's collateral from the PCS). A quote from a
-//! platform whose TCB is out of date, or whose PCK certificate was revoked,
-//! verifies here. The QE report's identity (MRSIGNER, ISVPRODID, ISVSVN) is
-//! not compared with Intel's QE identity either. The policy
-//! ([`TdxPolicy`]) decides on the TD's measurements only.
+//! TCB status and revocation are not checked: no TCB info, no PCK or root
+//! CRLs (Intel's collateral from the PCS). A quote from a platform whose TCB
+//! is out of date, or whose PCK certificate was revoked, verifies here. The
+//! QE identity is checked against values pinned here from Intel's `TD_QE`
+//! identity (see below), not against a signed QE identity document. The
+//! policy ([`TdxPolicy`]) decides on the TD's measurements and the QE's
+//! ISVSVN.
 
 use std::collections::BTreeMap;
 use std::time::SystemTime;
@@ -118,6 +124,28 @@ pub const CERT_TYPE_QE_REPORT: u16 = 6;
 pub const CERT_TYPE_PCK_CHAIN: u16 = 5;
 /// TDATTRIBUTES bit 0: the TD is debuggable (its memory is not private).
 pub const TD_ATTRIBUTE_DEBUG: u64 = 1;
+
+/// Intel's TD quoting enclave, as Intel's `TD_QE` identity (version 2,
+/// from the PCS `tdx/certification/v4/qe/identity`) describes it: the
+/// enclave signer, the product id, the expected MISCSELECT and ATTRIBUTES
+/// under their masks. The attributes mask covers DEBUG (bit 1), so a
+/// debug-mode QE, whose attestation key the host can read, is refused.
+pub const TD_QE_MRSIGNER: [u8; 32] = [
+    0xdc, 0x9e, 0x2a, 0x7c, 0x6f, 0x94, 0x8f, 0x17, 0x47, 0x4e, 0x34, 0xa7, 0xfc, 0x43, 0xed, 0x03,
+    0x0f, 0x7c, 0x15, 0x63, 0xf1, 0xba, 0xbd, 0xdf, 0x63, 0x40, 0xc8, 0x2e, 0x0e, 0x54, 0xa8, 0xc5,
+];
+/// The TD QE's ISVPRODID.
+pub const TD_QE_ISVPRODID: u16 = 2;
+const TD_QE_MISCSELECT: [u8; 4] = [0; 4];
+const TD_QE_MISCSELECT_MASK: [u8; 4] = [0xff; 4];
+const TD_QE_ATTRIBUTES: [u8; 16] = [0x11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+const TD_QE_ATTRIBUTES_MASK: [u8; 16] = [
+    0xfb, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0,
+];
+/// The lowest TD QE ISVSVN accepted when the policy names none: the
+/// `UpToDate` level of Intel's `TD_QE` identity (tcbEvaluationDataNumber
+/// 14 to 18).
+pub const DEFAULT_MIN_QE_ISVSVN: u16 = 4;
 
 /// The Intel SGX Root CA (CN=Intel SGX Root CA, O=Intel Corporation,
 /// L=Santa Clara, ST=CA, C=US; serial 22650cd65a9d3489f383b49552bf501b392706ac;
@@ -188,6 +216,8 @@ pub enum TdxError {
     QeReportData,
     #[error("qe report signature does not verify with the pck certificate key")]
     QeReportSignature,
+    #[error("the quoting enclave is not intel's td qe: {0}")]
+    QeIdentity(String),
     #[error("pck chain refused: {0}")]
     Chain(String),
     #[error("malformed tdx evidence: {0}")]
@@ -266,6 +296,9 @@ pub struct VerifiedTdx {
     /// The PCK leaf certificate's subject and serial (hex), for the record.
     pub pck_subject: String,
     pub pck_serial: String,
+    /// The quoting enclave's ISVSVN (its identity was checked against
+    /// Intel's TD QE).
+    pub qe_isvsvn: u16,
 }
 
 impl VerifiedTdx {
@@ -273,7 +306,7 @@ impl VerifiedTdx {
     pub fn summary(&self) -> String {
         let r = &self.report;
         format!(
-            "mrtd={} rtmr0={} rtmr1={} rtmr2={} rtmr3={} mrseam={} td_attributes={} xfam={} tee_tcb_svn={}",
+            "mrtd={} rtmr0={} rtmr1={} rtmr2={} rtmr3={} mrseam={} td_attributes={} xfam={} tee_tcb_svn={} qe_isvsvn={}",
             hex::encode(r.mrtd),
             hex::encode(r.rtmr[0]),
             hex::encode(r.rtmr[1]),
@@ -283,6 +316,7 @@ impl VerifiedTdx {
             hex::encode(r.td_attributes),
             hex::encode(r.xfam),
             hex::encode(r.tee_tcb_svn),
+            self.qe_isvsvn,
         )
     }
 }
@@ -742,13 +776,42 @@ fn verify_quote_with_root(
     let qe_sig = raw_signature(&quote.qe_report_signature, "qe report signature")?;
     pck.verify(&quote.qe_report, &qe_sig)
         .map_err(|_| TdxError::QeReportSignature)?;
+    // (e) The signed QE report is Intel's TD QE, not a debug build of it
+    // and not another enclave the PCK certified.
+    let qe_isvsvn = check_qe_identity(&quote.qe_report)?;
     let leaf = quote.pck_chain.first().ok_or_else(|| chain_err("empty"))?;
     Ok(VerifiedTdx {
         header: quote.header.clone(),
         report: quote.report.clone(),
         pck_subject: leaf.tbs_certificate.subject.to_string(),
         pck_serial: hex::encode(leaf.tbs_certificate.serial_number.as_bytes()),
+        qe_isvsvn,
     })
+}
+
+/// Compares a QE report (an SGX report body) with Intel's TD QE identity;
+/// returns its ISVSVN. Offsets: MISCSELECT 16, ATTRIBUTES 48, MRSIGNER
+/// 128, ISVPRODID 256, ISVSVN 258.
+fn check_qe_identity(qe: &[u8; QE_REPORT_LEN]) -> Result<u16, TdxError> {
+    let masked = |bytes: &[u8], mask: &[u8]| -> Vec<u8> {
+        bytes.iter().zip(mask).map(|(b, m)| b & m).collect()
+    };
+    let refuse = |m: String| Err(TdxError::QeIdentity(m));
+    if qe[128..160] != TD_QE_MRSIGNER {
+        return refuse(format!("mrsigner {}", hex::encode(&qe[128..160])));
+    }
+    let prodid = u16::from_le_bytes([qe[256], qe[257]]);
+    if prodid != TD_QE_ISVPRODID {
+        return refuse(format!("isvprodid {prodid}, not {TD_QE_ISVPRODID}"));
+    }
+    if masked(&qe[16..20], &TD_QE_MISCSELECT_MASK) != TD_QE_MISCSELECT {
+        return refuse(format!("miscselect {}", hex::encode(&qe[16..20])));
+    }
+    if masked(&qe[48..64], &TD_QE_ATTRIBUTES_MASK) != TD_QE_ATTRIBUTES {
+        let debug = if qe[48] & 0x02 != 0 { " (debug)" } else { "" };
+        return refuse(format!("attributes {}{debug}", hex::encode(&qe[48..64])));
+    }
+    Ok(u16::from_le_bytes([qe[258], qe[259]]))
 }
 
 /// The `tdx` evidence document (`tee.evidence`).
@@ -800,6 +863,10 @@ pub struct TdxPolicy {
     /// MRSEAM values accepted (hex); absent: not checked.
     #[serde(default)]
     pub allowed_mrseam: Option<Vec<String>>,
+    /// Lowest quoting-enclave ISVSVN accepted; absent:
+    /// [`DEFAULT_MIN_QE_ISVSVN`].
+    #[serde(default)]
+    pub min_qe_isvsvn: Option<u16>,
 }
 
 fn hex_n<const N: usize>(s: &str, what: &str) -> Result<[u8; N], TdxError> {
@@ -911,6 +978,13 @@ impl TdxPolicy {
             return refuse(
                 "the td is debuggable (td attributes bit 0) and allow_debug is false".into(),
             );
+        }
+        let min_qe = self.min_qe_isvsvn.unwrap_or(DEFAULT_MIN_QE_ISVSVN);
+        if v.qe_isvsvn < min_qe {
+            return refuse(format!(
+                "quoting enclave isvsvn {} is below the minimum {min_qe}",
+                v.qe_isvsvn
+            ));
         }
         if let Some(min) = c.min_svn {
             if let Some(i) = (0..16).find(|&i| r.tee_tcb_svn.get(i) < min.get(i)) {

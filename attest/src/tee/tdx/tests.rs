@@ -107,6 +107,8 @@ fn genuine_verifies() {
     assert_eq!(hex::encode(v.report.mrtd), MRTD);
     assert!(v.pck_subject.contains("Intel SGX PCK Certificate"));
     assert_eq!(v.pck_serial, "00b4794c84fdfbd9ec075053675b2b5d0e256f0441");
+    // Intel's TD QE signed it: the pinned identity matches a genuine quote.
+    assert_eq!(v.qe_isvsvn, 6);
     let s = v.summary();
     assert!(s.contains(&format!("mrtd={MRTD}")) && s.contains(&format!("rtmr3={RTMR3}")));
 }
@@ -370,6 +372,8 @@ struct Opts {
     td_attributes: u64,
     ca_is_ca: bool,
     include_root: bool,
+    /// Applied to the QE report after it is filled in as Intel's TD QE.
+    qe_tweak: fn(&mut [u8]),
 }
 
 fn opts(binding: &[u8; 32]) -> Opts {
@@ -378,7 +382,17 @@ fn opts(binding: &[u8; 32]) -> Opts {
         td_attributes: 0x1000_0000,
         ca_is_ca: true,
         include_root: true,
+        qe_tweak: |_| {},
     }
+}
+
+/// A QE report body as Intel's TD QE signs it (the genuine fixture's
+/// values: attributes 0x15, ISVSVN 6).
+fn intel_qe(qe: &mut [u8]) {
+    qe[48] = 0x15;
+    qe[128..160].copy_from_slice(&TD_QE_MRSIGNER);
+    qe[256..258].copy_from_slice(&TD_QE_ISVPRODID.to_le_bytes());
+    qe[258..260].copy_from_slice(&6u16.to_le_bytes());
 }
 
 fn pem(c: &Certificate) -> String {
@@ -417,6 +431,8 @@ fn synth(o: &Opts) -> Synth {
     let ak_xy = ak.verifying_key().to_encoded_point(false).as_bytes()[1..].to_vec();
     let auth: Vec<u8> = (0u8..32).collect();
     let mut qe = vec![0u8; QE_REPORT_LEN];
+    intel_qe(&mut qe);
+    (o.qe_tweak)(&mut qe);
     let mut h = Sha256::new();
     h.update(&ak_xy);
     h.update(&auth);
@@ -488,6 +504,95 @@ fn built_quote_verifies_with_its_root_and_binding() {
         &s.root,
     )
     .unwrap();
+}
+
+#[test]
+fn a_quoting_enclave_other_than_intels_td_qe_is_refused() {
+    let binding = [9u8; 32];
+    let cases: [(fn(&mut [u8]), &str); 6] = [
+        (|qe| qe[128..160].fill(0), "mrsigner 0000"),
+        (|qe| qe[160] ^= 1, ""), // outside the identity: still Intel's QE
+        (|qe| qe[256] = 1, "isvprodid 1, not 2"),
+        (|qe| qe[48] |= 0x02, "(debug)"),
+        (|qe| qe[16] = 1, "miscselect 01000000"),
+        (|qe| qe[49] = 1, "attributes 1501"),
+    ];
+    for (tweak, want) in cases {
+        let s = synth(&Opts {
+            qe_tweak: tweak,
+            ..opts(&binding)
+        });
+        let res = verify_evidence_with_root(
+            &evidence(&s.quote),
+            &binding,
+            &synth_policy(),
+            synth_now(),
+            &s.root,
+        );
+        if want.is_empty() {
+            res.unwrap();
+            continue;
+        }
+        match res.unwrap_err() {
+            TdxError::QeIdentity(m) => assert!(m.contains(want), "{m} lacks {want}"),
+            e => panic!("expected a QE identity refusal, got {e}"),
+        }
+    }
+    // The attributes mask leaves bit 2 out (the genuine QE has it set);
+    // flipping it is still Intel's QE.
+    let s = synth(&Opts {
+        qe_tweak: |qe| qe[48] ^= 0x04,
+        ..opts(&binding)
+    });
+    verify_evidence_with_root(
+        &evidence(&s.quote),
+        &binding,
+        &synth_policy(),
+        synth_now(),
+        &s.root,
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_quoting_enclave_below_the_minimum_svn_is_refused() {
+    let binding = [9u8; 32];
+    let s = synth(&Opts {
+        qe_tweak: |qe| qe[258..260].copy_from_slice(&3u16.to_le_bytes()),
+        ..opts(&binding)
+    });
+    let verify = |policy: &TdxPolicy| {
+        verify_evidence_with_root(&evidence(&s.quote), &binding, policy, synth_now(), &s.root)
+    };
+    let e = verify(&synth_policy()).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("quoting enclave isvsvn 3 is below the minimum 4"),
+        "{e}"
+    );
+    let lower = TdxPolicy {
+        min_qe_isvsvn: Some(3),
+        ..synth_policy()
+    };
+    assert!(verify(&lower).unwrap().contains("qe_isvsvn=3"));
+    let higher = TdxPolicy {
+        min_qe_isvsvn: Some(7),
+        ..synth_policy()
+    };
+    // The genuine QE's 6 is below 7 too.
+    let s6 = synth(&opts(&binding));
+    let e = verify_evidence_with_root(
+        &evidence(&s6.quote),
+        &binding,
+        &higher,
+        synth_now(),
+        &s6.root,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("isvsvn 6 is below the minimum 7"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -595,6 +700,7 @@ fn policy_checks_each_refuse_the_genuine_quote() {
         allow_debug: false,
         min_tee_tcb_svn: Some("05010200000000000000000000000000".into()),
         allowed_mrseam: Some(vec![MRSEAM.into()]),
+        min_qe_isvsvn: Some(6),
     };
     base.check(&v).unwrap();
     let refuse = |p: TdxPolicy, want: &str| {
@@ -607,6 +713,13 @@ fn policy_checks_each_refuse_the_genuine_quote() {
             ..base.clone()
         },
         "allowed_mrtd is empty",
+    );
+    refuse(
+        TdxPolicy {
+            min_qe_isvsvn: Some(7),
+            ..base.clone()
+        },
+        "quoting enclave isvsvn 6 is below the minimum 7",
     );
     refuse(
         TdxPolicy {
