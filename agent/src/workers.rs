@@ -167,7 +167,7 @@ pub fn profile(
         .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
         .collect();
     p.devices = devices;
-    p.optional_read_only = vec![PathBuf::from("/proc/driver/nvidia")];
+    // /proc/driver/nvidia needs no bind: the jail's new procfs shows it.
     p.tmp_size = cfg.tmp_size_bytes;
     p.rlimits = ccnode_sandbox::profile::Rlimits {
         open_files: cfg.max_open_files,

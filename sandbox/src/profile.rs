@@ -101,8 +101,8 @@ pub struct Profile {
     /// Device nodes bound into `/dev` at the same paths, with read, write
     /// and ioctl access: the GPU or MIG slice assigned to this worker.
     pub devices: Vec<PathBuf>,
-    /// Paths bound read-only if they exist (e.g. `/proc/driver/nvidia` is
-    /// part of /proc; other driver files).
+    /// Paths bound read-only if they exist (driver files outside `/proc`,
+    /// `/tmp` and `/dev`, which the jail mounts itself).
     #[serde(default)]
     pub optional_read_only: Vec<PathBuf>,
     /// Size of the private `/tmp`, bytes.
@@ -180,6 +180,21 @@ impl Profile {
             }
             if p == std::path::Path::new("/") {
                 return err("the host root may not be bound into a worker".into());
+            }
+        }
+        // The jail makes these itself (a new procfs, a private /tmp, a /dev
+        // of the listed devices); a bind under one would be made first and
+        // then fail or be hidden. /proc's global entries (/proc/driver/...)
+        // are in the new procfs anyway.
+        for p in self.read_only.iter().chain(&self.optional_read_only) {
+            if let Some(top) = ["/proc", "/tmp", "/dev"]
+                .into_iter()
+                .find(|top| p.starts_with(top))
+            {
+                return err(format!(
+                    "path {} is under {top}, which the jail mounts itself",
+                    p.display()
+                ));
             }
         }
         for d in &self.devices {
@@ -297,6 +312,24 @@ mod tests {
         let mut p = Profile::new("/usr/bin/true".into(), 1000, 1000);
         p.env.push(("A=B".into(), "x".into()));
         assert!(p.validate().is_err());
+        // What the jail mounts itself cannot take a bind: it would be made
+        // before the jail's own mount and fail it (EEXIST) or be hidden.
+        for (path, top) in [
+            ("/proc/driver/nvidia", "/proc"),
+            ("/tmp/model", "/tmp"),
+            ("/dev/shm", "/dev"),
+        ] {
+            let mut p = Profile::new("/usr/bin/true".into(), 1000, 1000);
+            p.optional_read_only.push(path.into());
+            let e = p.validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("under {top}, which the jail mounts")), "{e}");
+            let mut p = Profile::new("/usr/bin/true".into(), 1000, 1000);
+            p.read_only.push(path.into());
+            assert!(p.validate().is_err());
+        }
+        let mut p = Profile::new("/usr/bin/true".into(), 1000, 1000);
+        p.optional_read_only.push("/procfs-not".into());
+        p.validate().unwrap();
     }
 
     #[test]

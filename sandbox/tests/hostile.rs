@@ -227,6 +227,7 @@ fn every_escape_is_blocked_and_every_control_works() {
         "control_write_own_tmp",
         "control_open_assigned_device",
         "control_read_passed_fd",
+        "control_read_proc_global",
     ];
     let expected_blocked = [
         "read_etc_shadow",
@@ -270,6 +271,7 @@ fn every_escape_is_blocked_and_every_control_works() {
         assert!(got.iter().all(|(o, _)| o == "allowed"), "{name}: {got:?}");
     }
     assert_eq!(probes["control_read_passed_fd"][0].1, "handed-over");
+    assert_eq!(probes["control_read_proc_global"][0].1, "Linux");
     for name in expected_blocked {
         let got = probes
             .get(name)

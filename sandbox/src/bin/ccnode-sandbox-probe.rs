@@ -250,6 +250,15 @@ fn main() {
             .map(|()| "wrote /tmp/ccnode-probe-ok".into())
             .map_err(|e| e.to_string())
     });
+    probe("control_read_proc_global", || {
+        // /proc/driver/nvidia is not bound in (a bind under /proc would
+        // shadow the jail's own procfs): the new procfs carries /proc's
+        // global entries. /proc/sys stands for it on a host without the
+        // driver.
+        std::fs::read_to_string("/proc/sys/kernel/ostype")
+            .map(|s| s.trim().to_string())
+            .map_err(|e| e.to_string())
+    });
     probe("exec_bin_sh", || exec("/bin/sh"));
     probe("exec_from_tmp", || {
         // The copy is created executable (no chmod: seccomp forbids it), so
