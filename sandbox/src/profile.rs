@@ -322,7 +322,10 @@ mod tests {
             let mut p = Profile::new("/usr/bin/true".into(), 1000, 1000);
             p.optional_read_only.push(path.into());
             let e = p.validate().unwrap_err().to_string();
-            assert!(e.contains(&format!("under {top}, which the jail mounts")), "{e}");
+            assert!(
+                e.contains(&format!("under {top}, which the jail mounts")),
+                "{e}"
+            );
             let mut p = Profile::new("/usr/bin/true".into(), 1000, 1000);
             p.read_only.push(path.into());
             assert!(p.validate().is_err());

@@ -14,6 +14,7 @@ use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::sys;
 
 use ccnode_gpu::scrub::{ScrubFailure, ScrubReport, REPORT_VERSION};
+use ccnode_worker::device_id::{same_device, uuid_string};
 
 use crate::failure;
 
@@ -30,29 +31,6 @@ const PTX: &str = concat!(include_str!("nonzero.ptx"), "\0");
 
 fn cuda_error(device: &str, call: &str, e: DriverError) -> ScrubFailure {
     failure(device, "cuda_error", format!("{call}: {e}"))
-}
-
-/// The device's UUID as NVML and `CUDA_VISIBLE_DEVICES` write it, without
-/// the `GPU-`/`MIG-` prefix: 8-4-4-4-12 hex digits.
-fn uuid_string(bytes: &[u8; 16]) -> String {
-    let h: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        h[0..4].concat(),
-        h[4..6].concat(),
-        h[6..8].concat(),
-        h[8..10].concat(),
-        h[10..16].concat()
-    )
-}
-
-/// Whether `shown` (what CUDA reports) is `wanted` (`GPU-…` or `MIG-…`).
-fn same_device(shown: &str, wanted: &str) -> bool {
-    let bare = wanted
-        .strip_prefix("GPU-")
-        .or_else(|| wanted.strip_prefix("MIG-"))
-        .unwrap_or(wanted);
-    bare.eq_ignore_ascii_case(shown)
 }
 
 pub fn scrub(device: &str, chunk: u64) -> Result<ScrubReport, ScrubFailure> {
@@ -247,18 +225,6 @@ fn run(device: &str, chunk: u64) -> Result<ScrubReport, ScrubFailure> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn uuids_compare_as_nvml_writes_them() {
-        let raw = [
-            0x8a, 0x1c, 0x2e, 0x44, 0x01, 0x02, 0x03, 0x04, 0xaa, 0xbb, 0, 1, 2, 3, 4, 5,
-        ];
-        let s = uuid_string(&raw);
-        assert_eq!(s, "8a1c2e44-0102-0304-aabb-000102030405");
-        assert!(same_device(&s, "GPU-8a1c2e44-0102-0304-aabb-000102030405"));
-        assert!(same_device(&s, "MIG-8A1C2E44-0102-0304-AABB-000102030405"));
-        assert!(!same_device(&s, "MIG-8a1c2e44-0102-0304-aabb-000102030406"));
-    }
 
     #[test]
     fn the_kernel_text_is_one_nul_terminated_string() {

@@ -72,12 +72,11 @@ fn scrub_cuda(args: &Args) -> Result<ccnode_gpu::scrub::ScrubReport, ScrubFailur
 
 #[cfg(not(feature = "cuda"))]
 fn scrub_cuda(args: &Args) -> Result<ccnode_gpu::scrub::ScrubReport, ScrubFailure> {
-    Err(ScrubFailure {
-        version: REPORT_VERSION,
-        device: args.device.clone(),
-        error: "no_driver".into(),
-        message: "built without the cuda feature: only --sim-vram scrubs".into(),
-    })
+    Err(failure(
+        &args.device,
+        "no_driver",
+        "built without the cuda feature: only --sim-vram scrubs".into(),
+    ))
 }
 
 /// A failure report for `device`.

@@ -14,13 +14,25 @@ use candle_nn::VarBuilder;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use candle_transformers::models::llama::{Cache, Config, Llama, LlamaConfig, LlamaEosToks};
 
-use crate::protocol::{codes, Finish};
+use crate::protocol::{codes, Finish, MAX_TOKEN_TEXT};
 use crate::shape;
 
 /// Largest config.json accepted, bytes.
 pub const MAX_CONFIG_BYTES: usize = 1024 * 1024;
 /// Largest tokenizer.json accepted, bytes.
 pub const MAX_TOKENIZER_BYTES: usize = 64 * 1024 * 1024;
+
+/// Most prompt tokens (BOS included) one generation takes, whatever the
+/// model's context length: what bounds a prefill's KV cache and its cached
+/// attention masks (about prompt² / 2 bytes with [`PREFILL_CHUNK`]), so a
+/// long prompt on a long-context model cannot take a shared worker's
+/// memory. Longer prompts are refused, `context_length_exceeded`.
+pub const MAX_PROMPT_TOKENS: usize = 8192;
+
+/// Prompt tokens per prefill forward pass: a layer's attention scores are
+/// then at most heads × 256 × [`MAX_PROMPT_TOKENS`] f32 (256 MiB for 32
+/// heads; candle holds a few such tensors at once), not heads × prompt².
+pub const PREFILL_CHUNK: usize = 256;
 
 /// Fixes the number of threads candle computes with, once, to what candle
 /// itself would pick, and returns it. Without `RAYON_NUM_THREADS` candle
@@ -98,6 +110,9 @@ pub struct Engine {
     eos: Vec<u32>,
     context_length: u32,
     parameters: u64,
+    /// [`MAX_PROMPT_TOKENS`] and [`PREFILL_CHUNK`], smaller in tests.
+    max_prompt_tokens: usize,
+    prefill_chunk: usize,
 }
 
 impl std::fmt::Debug for Engine {
@@ -171,6 +186,28 @@ pub fn parse_config(bytes: &[u8]) -> Result<(LlamaConfig, shape::Dims), EngineEr
             return Err(invalid("rope_scaling has non-positive or equal factors"));
         }
     }
+    // The BOS id goes into every prompt, into the embedding lookup; an EOS
+    // id is compared with sampled ids, which are all below vocab_size. Out
+    // of range, the first would be a device-side assert on CUDA, the second
+    // a model that never stops.
+    let eos: &[u32] = match &cfg.eos_token_id {
+        Some(LlamaEosToks::Single(t)) => std::slice::from_ref(t),
+        Some(LlamaEosToks::Multiple(ts)) => ts,
+        None => &[],
+    };
+    for (key, id) in cfg
+        .bos_token_id
+        .iter()
+        .map(|t| ("bos_token_id", t))
+        .chain(eos.iter().map(|t| ("eos_token_id", t)))
+    {
+        if *id as usize >= dims.vocab_size {
+            return Err(invalid(format!(
+                "{key} {id} is not below vocab_size {}",
+                dims.vocab_size
+            )));
+        }
+    }
     Ok((cfg, dims))
 }
 
@@ -193,12 +230,17 @@ impl Engine {
         }
         let tokenizer = tokenizers::Tokenizer::from_bytes(tok_bytes)
             .map_err(|e| invalid(format!("tokenizer.json: {e}")))?;
-        let tok_vocab = tokenizer.get_vocab_size(true);
-        if tok_vocab > dims.vocab_size {
-            return Err(invalid(format!(
-                "the tokenizer has {tok_vocab} tokens, the model only {}",
-                dims.vocab_size
-            )));
+        // Every id the tokenizer can produce indexes the embedding table
+        // (an id out of range is, on CUDA, a device-side assert that
+        // poisons the context): the largest, added tokens included, must be
+        // below vocab_size. Ids may be sparse, so the count is not enough.
+        if let Some(top) = tokenizer.get_vocab(true).into_values().max() {
+            if top as usize >= dims.vocab_size {
+                return Err(invalid(format!(
+                    "the tokenizer has token id {top}, the model only {} embeddings",
+                    dims.vocab_size
+                )));
+            }
         }
         // Every shard's tensors, each name once.
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
@@ -269,7 +311,18 @@ impl Engine {
             eos,
             context_length: u32::try_from(dims.max_position_embeddings).unwrap_or(u32::MAX),
             parameters,
+            max_prompt_tokens: MAX_PROMPT_TOKENS,
+            prefill_chunk: PREFILL_CHUNK,
         })
+    }
+
+    /// The same engine with other prompt limits (tests: the tiny model's
+    /// context is far below [`MAX_PROMPT_TOKENS`]).
+    #[cfg(test)]
+    fn with_prompt_limits(mut self, max_prompt_tokens: usize, prefill_chunk: usize) -> Self {
+        self.max_prompt_tokens = max_prompt_tokens;
+        self.prefill_chunk = prefill_chunk.max(1);
+        self
     }
 
     pub fn context_length(&self) -> u32 {
@@ -293,7 +346,8 @@ impl Engine {
 
     /// Generates for `req`, giving each piece of text to `emit` as soon as
     /// it is whole (never half a UTF-8 character, never text of a stop
-    /// string). `cancelled` is asked before every token.
+    /// string, never more than [`MAX_TOKEN_TEXT`] bytes). `cancelled` is
+    /// asked before every forward pass.
     pub fn generate(
         &self,
         req: &Request,
@@ -308,6 +362,15 @@ impl Engine {
             ));
         }
         let prompt_tokens = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
+        if prompt.len() > self.max_prompt_tokens {
+            return Err(EngineError::new(
+                codes::CONTEXT_LENGTH_EXCEEDED,
+                format!(
+                    "{prompt_tokens} prompt tokens exceed the worker's limit of {} per prompt",
+                    self.max_prompt_tokens
+                ),
+            ));
+        }
         if u64::from(prompt_tokens) + u64::from(req.max_tokens) > u64::from(self.context_length) {
             return Err(EngineError::new(
                 codes::CONTEXT_LENGTH_EXCEEDED,
@@ -333,31 +396,30 @@ impl Engine {
         let mut cache = self.empty_cache.clone();
         let mut text = TextStream::new(&req.stop);
         let mut generated: Vec<u32> = Vec::new();
-        let mut input = prompt;
-        let mut pos = 0usize;
         let outcome = |finish, n: usize| Outcome {
             finish,
             prompt_tokens,
             completion_tokens: u32::try_from(n).unwrap_or(u32::MAX),
         };
-        loop {
+        if req.max_tokens == 0 {
+            return Ok(outcome(Finish::Length, 0));
+        }
+        // The prompt in chunks of `prefill_chunk` tokens, each attending to
+        // the cache of those before: attention holds heads × chunk ×
+        // (position + chunk) scores at a time, not heads × prompt².
+        let mut pos = 0usize;
+        let mut logits = None;
+        for chunk in prompt.chunks(self.prefill_chunk) {
             if cancelled() {
-                return Ok(outcome(Finish::Cancelled, generated.len()));
+                return Ok(outcome(Finish::Cancelled, 0));
             }
-            if generated.len() >= req.max_tokens as usize {
-                return Ok(self.finish(&generated, &mut text, emit, || {
-                    outcome(Finish::Length, generated.len())
-                }));
-            }
-            let x = Tensor::new(input.as_slice(), &self.device)
-                .and_then(|t| t.unsqueeze(0))
-                .map_err(engine)?;
-            let logits = self
-                .model
-                .forward(&x, pos, &mut cache)
-                .and_then(|l| l.squeeze(0))
-                .map_err(engine)?;
-            pos += input.len();
+            logits = Some(self.forward(chunk, pos, &mut cache)?);
+            pos += chunk.len();
+        }
+        let Some(mut logits) = logits else {
+            return Err(EngineError::new(codes::ENGINE, "no prompt was run"));
+        };
+        loop {
             let next = sampler.sample(&logits).map_err(engine)?;
             if self.eos.contains(&next) {
                 let n = generated.len() + 1;
@@ -366,12 +428,35 @@ impl Engine {
             generated.push(next);
             let piece = self.decode_tail(&generated, &mut text.prev, &mut text.cur)?;
             let (out, stopped) = text.push(&piece);
-            emit_nonempty(emit, &out);
+            emit_pieces(emit, &out);
             if stopped {
                 return Ok(outcome(Finish::Stop, generated.len()));
             }
-            input = vec![next];
+            if cancelled() {
+                return Ok(outcome(Finish::Cancelled, generated.len()));
+            }
+            if generated.len() >= req.max_tokens as usize {
+                return Ok(self.finish(&generated, &mut text, emit, || {
+                    outcome(Finish::Length, generated.len())
+                }));
+            }
+            logits = self.forward(&[next], pos, &mut cache)?;
+            pos += 1;
         }
+    }
+
+    /// The logits after `tokens`, the first of them at position `pos`.
+    fn forward(
+        &self,
+        tokens: &[u32],
+        pos: usize,
+        cache: &mut Cache,
+    ) -> Result<Tensor, EngineError> {
+        Tensor::new(tokens, &self.device)
+            .and_then(|t| t.unsqueeze(0))
+            .and_then(|x| self.model.forward(&x, pos, cache))
+            .and_then(|l| l.squeeze(0))
+            .map_err(engine)
     }
 
     /// The end of a generation: what the decoder held back (an incomplete
@@ -388,11 +473,11 @@ impl Engine {
         let mut out = outcome();
         let tail = self.decode_rest(tokens, text.prev, text.cur);
         let (piece, stopped) = text.push(&tail);
-        emit_nonempty(emit, &piece);
+        emit_pieces(emit, &piece);
         if stopped {
             out.finish = Finish::Stop;
         } else {
-            emit_nonempty(emit, &text.flush());
+            emit_pieces(emit, &text.flush());
         }
         out
     }
@@ -445,10 +530,33 @@ impl Engine {
     }
 }
 
-fn emit_nonempty(emit: &mut dyn FnMut(&str), s: &str) {
-    if !s.is_empty() {
-        emit(s);
+/// Gives `s` to `emit` in [`pieces`] of at most [`MAX_TOKEN_TEXT`] bytes
+/// (what ccnoded takes in one `token` frame); nothing when it is empty.
+fn emit_pieces(emit: &mut dyn FnMut(&str), s: &str) {
+    for piece in pieces(s, MAX_TOKEN_TEXT) {
+        emit(piece);
     }
+}
+
+/// `text` cut into pieces of at most `max` bytes, each ending on a
+/// character boundary, that join back to `text`; none when it is empty.
+/// (A `max` under 4 could fall inside one character: such a piece is that
+/// whole character.)
+fn pieces(text: &str, max: usize) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        let first = rest.chars().next()?;
+        let mut cut = rest.len().min(max);
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        if cut == 0 {
+            cut = first.len_utf8();
+        }
+        let (piece, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(piece)
+    })
 }
 
 /// Text on its way out: holds back what could be the start of a stop
@@ -506,6 +614,161 @@ impl TextStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testmodel::{self, Shape, EOS_TOKEN_ID, VOCAB_SIZE};
+
+    /// The tiny test model's files, config.json and tokenizer.json as
+    /// `edit` leaves them.
+    fn tiny_files(
+        edit: impl FnOnce(&mut serde_json::Value, &mut serde_json::Value),
+    ) -> Vec<(String, Vec<u8>)> {
+        let dir = tempfile::tempdir().unwrap();
+        testmodel::write_model(dir.path(), &Shape::tiny(), 1).unwrap();
+        let read = |n: &str| std::fs::read(dir.path().join(n)).unwrap();
+        let mut config: serde_json::Value = serde_json::from_slice(&read("config.json")).unwrap();
+        let mut tokenizer: serde_json::Value =
+            serde_json::from_slice(&read("tokenizer.json")).unwrap();
+        edit(&mut config, &mut tokenizer);
+        vec![
+            ("config.json".into(), serde_json::to_vec(&config).unwrap()),
+            (
+                "tokenizer.json".into(),
+                serde_json::to_vec(&tokenizer).unwrap(),
+            ),
+            ("model.safetensors".into(), read("model.safetensors")),
+        ]
+    }
+
+    fn load(files: &[(String, Vec<u8>)]) -> Result<Engine, EngineError> {
+        let files: Vec<(&str, &[u8])> = files
+            .iter()
+            .map(|(n, b)| (n.as_str(), b.as_slice()))
+            .collect();
+        Engine::load(&files, &Device::Cpu)
+    }
+
+    fn greedy(prompt: &str, max_tokens: u32) -> Request {
+        Request {
+            prompt: prompt.into(),
+            max_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            stop: vec![],
+        }
+    }
+
+    /// The text `engine` generates for `req`, and how it ended.
+    fn run(engine: &Engine, req: &Request) -> Result<(String, Outcome), EngineError> {
+        let mut text = String::new();
+        let o = engine.generate(req, &|| false, &mut |p| text.push_str(p))?;
+        Ok((text, o))
+    }
+
+    #[test]
+    fn token_ids_beyond_the_vocabulary_are_refused_at_load() {
+        assert!(load(&tiny_files(|_, _| {})).is_ok());
+        let refused = |edit: fn(&mut serde_json::Value, &mut serde_json::Value)| {
+            let e = load(&tiny_files(edit)).unwrap_err();
+            assert_eq!(e.code, codes::INVALID_MODEL, "{e}");
+            e.message
+        };
+        let m = refused(|c, _| c["bos_token_id"] = VOCAB_SIZE.into());
+        assert!(m.contains("bos_token_id"), "{m}");
+        let m = refused(|c, _| c["eos_token_id"] = serde_json::json!([EOS_TOKEN_ID, VOCAB_SIZE]));
+        assert!(m.contains("eos_token_id"), "{m}");
+        refused(|c, _| c["eos_token_id"] = (VOCAB_SIZE + 7).into());
+        // As many tokens as vocab_size, but sparse: the last merge's id is
+        // past the embeddings.
+        let m = refused(|_, t| {
+            let vocab = t["model"]["vocab"].as_object_mut().unwrap();
+            let last = vocab
+                .iter()
+                .find(|(_, id)| id.as_u64() == Some(VOCAB_SIZE as u64 - 1))
+                .map(|(k, _)| k.clone())
+                .unwrap();
+            vocab[&last] = (VOCAB_SIZE + 10).into();
+        });
+        assert!(m.contains("token id"), "{m}");
+        // An added token past the embeddings (as the reserved tokens of
+        // some tokenizers are).
+        let m = refused(|_, t| {
+            let mut pad = t["added_tokens"][1].clone();
+            pad["content"] = "<pad>".into();
+            pad["id"] = VOCAB_SIZE.into();
+            t["added_tokens"].as_array_mut().unwrap().push(pad);
+        });
+        assert!(m.contains("token id"), "{m}");
+    }
+
+    #[test]
+    fn emitted_pieces_are_at_most_max_token_text_on_char_boundaries() {
+        let pieces_of = |s: &str| {
+            let mut out: Vec<String> = Vec::new();
+            emit_pieces(&mut |p| out.push(p.to_owned()), s);
+            out
+        };
+        for text in [
+            "é".repeat(3000),
+            format!("a{}", "é".repeat(3000)),
+            "€".repeat(2000),
+            "x".repeat(MAX_TOKEN_TEXT),
+            "short".to_owned(),
+        ] {
+            let out = pieces_of(&text);
+            assert!(out
+                .iter()
+                .all(|p| !p.is_empty() && p.len() <= MAX_TOKEN_TEXT));
+            assert_eq!(out.concat(), text);
+        }
+        let lens = |s: &str| pieces_of(s).iter().map(String::len).collect::<Vec<_>>();
+        assert_eq!(lens(&"é".repeat(3000)), [4096, 1904]);
+        // 4096 would cut an é in two.
+        assert_eq!(lens(&format!("a{}", "é".repeat(3000))), [4095, 1906]);
+        assert_eq!(lens(&"x".repeat(MAX_TOKEN_TEXT)), [4096]);
+        assert!(pieces_of("").is_empty());
+        // A limit inside one character still moves on, a character a time.
+        assert_eq!(pieces("a€b", 2).collect::<Vec<_>>(), ["a", "€", "b"]);
+    }
+
+    #[test]
+    fn prompts_over_the_token_cap_are_refused_and_at_the_cap_served() {
+        let engine = load(&tiny_files(|_, _| {})).unwrap();
+        let prompt = "the quick brown fox jumps over the lazy dog";
+        let cap = engine.encode(prompt).unwrap().len();
+        let longer = format!("{prompt}!");
+        assert_eq!(engine.encode(&longer).unwrap().len(), cap + 1);
+        let engine = engine.with_prompt_limits(cap, 4);
+        let (_, o) = run(&engine, &greedy(prompt, 4)).unwrap();
+        assert_eq!(o.prompt_tokens as usize, cap);
+        assert!(o.completion_tokens >= 1);
+        let e = run(&engine, &greedy(&longer, 4)).unwrap_err();
+        assert_eq!(e.code, codes::CONTEXT_LENGTH_EXCEEDED, "{e}");
+        assert!(e.message.contains("limit"), "{e}");
+        // The production cap holds whatever the model's context.
+        assert_eq!(
+            load(&tiny_files(|_, _| {})).unwrap().max_prompt_tokens,
+            MAX_PROMPT_TOKENS
+        );
+    }
+
+    #[test]
+    fn a_prompt_prefilled_in_chunks_generates_what_one_pass_does() {
+        let dir = tempfile::tempdir().unwrap();
+        testmodel::write_model(dir.path(), &Shape::tiny(), 1).unwrap();
+        let prompt = "the quick brown fox jumps over the lazy dog, twice: the quick brown fox";
+        let direct = crate::reference::Direct::load(dir.path())
+            .unwrap()
+            .greedy(prompt, 12)
+            .unwrap();
+        for chunk in [1, 3, 7, PREFILL_CHUNK] {
+            let engine = load(&tiny_files(|_, _| {}))
+                .unwrap()
+                .with_prompt_limits(MAX_PROMPT_TOKENS, chunk);
+            let (text, o) = run(&engine, &greedy(prompt, 12)).unwrap();
+            assert_eq!(o.prompt_tokens as usize, direct.prompt_tokens);
+            assert_eq!(text, direct.text, "prefill chunks of {chunk}");
+        }
+    }
 
     #[test]
     fn stop_strings_are_held_back_and_cut() {

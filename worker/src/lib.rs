@@ -1,9 +1,11 @@
 //! ccnode-worker: the sandboxed inference process (candle), the control
 //! protocol ccnoded speaks with it, and a generator of small test models.
 //!
-//! Without the `engine` feature only [`protocol`] and [`shape`] (and the
-//! test-model generator) are built: what ccnoded needs.
+//! Without the `engine` feature only [`protocol`], [`shape`] and
+//! [`device_id`] (and the test-model generator) are built: what ccnoded
+//! and ccnode-scrub need.
 
+pub mod device_id;
 pub mod protocol;
 pub mod shape;
 pub mod testmodel;

@@ -157,7 +157,9 @@ mod cuda {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
-    use candle_core::cuda_backend::cudarc::driver::result;
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+
+    use crate::device_id;
 
     /// CUDA must show exactly one device, and it must be the one granted
     /// (by UUID: `GPU-…` or `MIG-…`, as CUDA_VISIBLE_DEVICES names it).
@@ -179,25 +181,21 @@ mod cuda {
             )));
         }
         let dev = result::device::get(0).map_err(|e| unavailable(e.to_string()))?;
-        let uuid = result::device::get_uuid(dev).map_err(|e| unavailable(e.to_string()))?;
-        let b = uuid.bytes.map(|c| c as u8);
-        let hex = hex::encode(b);
-        let text = format!(
-            "{}-{}-{}-{}-{}",
-            &hex[0..8],
-            &hex[8..12],
-            &hex[12..16],
-            &hex[16..20],
-            &hex[20..32]
-        );
-        let granted = gpus[0].to_ascii_lowercase();
-        let granted = granted
-            .strip_prefix("gpu-")
-            .or_else(|| granted.strip_prefix("mig-"))
-            .unwrap_or(&granted);
-        if granted != text {
+        // Not result::device::get_uuid: below CUDA 13 it calls
+        // cuDeviceGetUuid (v1), which gives a MIG device its parent GPU's
+        // UUID; only the _v2 call gives the MIG device's own.
+        let mut uuid = std::mem::MaybeUninit::<sys::CUuuid>::uninit();
+        // SAFETY: `uuid` is a valid place for one CUuuid; `dev` came from
+        // cuDeviceGet after a successful cuInit.
+        unsafe { sys::cuDeviceGetUuid_v2(uuid.as_mut_ptr(), dev) }
+            .result()
+            .map_err(|e| unavailable(format!("cuDeviceGetUuid_v2: {e}")))?;
+        // SAFETY: initialised by the successful call above.
+        let raw = unsafe { uuid.assume_init() }.bytes.map(|c| c as u8);
+        let shown = device_id::uuid_string(&raw);
+        if !device_id::same_device(&shown, &gpus[0]) {
             return Err(mismatch(format!(
-                "CUDA device 0 is {text}, the granted device is {}",
+                "CUDA device 0 is {shown}, the granted device is {}",
                 gpus[0]
             )));
         }
@@ -265,7 +263,10 @@ enum Work {
 
 struct Shared {
     writer: Mutex<UnixStream>,
-    /// The generation running now (0: none), and whether it is cancelled.
+    /// The generation taken and not yet answered (0: none), and whether
+    /// it is cancelled. The reader sets both when it takes a `generate`
+    /// (so a `cancel` right behind it finds it, even before it runs);
+    /// `serve_one` clears `current` before it answers.
     current: AtomicU64,
     cancelled: AtomicBool,
     shutdown: AtomicBool,
@@ -348,13 +349,13 @@ pub fn run(sock: UnixStream, fd_min: RawFd) -> ExitCode {
     }
 }
 
-/// Runs one generation; false when ccnoded can no longer be told.
+/// Runs one generation, which the reader has made `current`; false when
+/// ccnoded can no longer be told.
 fn serve_one(engine: &Engine, shared: &Shared, g: Generate, read_at: Instant) -> bool {
     if let Err(e) = g.check() {
+        shared.current.store(0, Ordering::Release);
         return shared.send(&protocol::error(Some(g.id), codes::INVALID_REQUEST, &e));
     }
-    shared.cancelled.store(false, Ordering::Release);
-    shared.current.store(g.id, Ordering::Release);
     let req = Request {
         prompt: g.prompt,
         max_tokens: g.max_tokens,
@@ -411,17 +412,27 @@ fn read_loop(mut reader: FrameReader<UnixStream>, shared: Arc<Shared>, tx: mpsc:
                 shared.send(&control::message("healthy"));
             }
             "generate" => match protocol::parse::<Generate>(&frame) {
-                Ok(g) if shared.current.load(Ordering::Acquire) != 0 => {
-                    shared.send(&protocol::error(
-                        Some(g.id),
-                        codes::BUSY,
-                        "a generation is running",
-                    ));
-                }
                 Ok(g) if g.id == 0 => {
                     shared.send(&protocol::error(None, codes::PROTOCOL, "id 0 is reserved"));
                 }
                 Ok(g) => {
+                    // Taken here, not when it starts: a `cancel` read
+                    // before serve_one runs must find it. Only this thread
+                    // sets `current` to an id and `cancelled` to true, so
+                    // no cancel can fall between the claim and the reset.
+                    if shared
+                        .current
+                        .compare_exchange(0, g.id, Ordering::AcqRel, Ordering::Acquire)
+                        .is_err()
+                    {
+                        shared.send(&protocol::error(
+                            Some(g.id),
+                            codes::BUSY,
+                            "a generation is running",
+                        ));
+                        continue;
+                    }
+                    shared.cancelled.store(false, Ordering::Release);
                     if tx.send(Work::Generate(g, read_at)).is_err() {
                         return;
                     }
@@ -671,19 +682,116 @@ mod tests {
                 ..load(model_files(true))
             });
             assert_eq!(two["code"], codes::DEVICE_MISMATCH, "{two}");
-            // One named: where CUDA has no device (CI, or a driver without
-            // a GPU) it fails itself; where it has one, this UUID is none
-            // of them. Either way nothing is served.
             let one = refused(Load {
                 device: "cuda".into(),
                 gpus: vec!["GPU-00000000-0000-0000-0000-000000000000".into()],
                 ..load(model_files(true))
             });
-            assert!(
-                one["code"] == codes::DEVICE_UNAVAILABLE || one["code"] == codes::DEVICE_MISMATCH,
-                "{one}"
-            );
+            // One named: where CUDA starts it shows some device, and this
+            // UUID is none of them; where it cannot (CI, a driver without a
+            // GPU), the worker cannot either.
+            use candle_core::cuda_backend::cudarc::driver::result;
+            let want = if result::init().is_ok() {
+                codes::DEVICE_MISMATCH
+            } else {
+                codes::DEVICE_UNAVAILABLE
+            };
+            assert_eq!(one["code"], want, "{one}");
         }
+    }
+
+    /// What the worker's reader shares with the generation loop, writing
+    /// to `sock`.
+    fn shared(sock: &UnixStream) -> Arc<Shared> {
+        Arc::new(Shared {
+            writer: Mutex::new(sock.try_clone().unwrap()),
+            current: AtomicU64::new(0),
+            cancelled: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+        })
+    }
+
+    fn generate(id: u64) -> Value {
+        let g = Generate {
+            id,
+            prompt: "hi".into(),
+            max_tokens: 8,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            stop: vec![],
+        };
+        protocol::with_body("generate", &g)
+    }
+
+    /// Starts a reader on `theirs` after writing `frames` to `ours`.
+    fn reader_after(
+        ours: &UnixStream,
+        theirs: UnixStream,
+        frames: &[Value],
+    ) -> (
+        Arc<Shared>,
+        mpsc::Receiver<Work>,
+        std::thread::JoinHandle<()>,
+    ) {
+        let shared = shared(&theirs);
+        let mut w = ours.try_clone().unwrap();
+        for f in frames {
+            control::write_frame(&mut w, f).unwrap();
+        }
+        let (tx, rx) = mpsc::channel();
+        let reader = {
+            let shared = shared.clone();
+            std::thread::spawn(move || read_loop(FrameReader::new(theirs, MAX_FRAME), shared, tx))
+        };
+        (shared, rx, reader)
+    }
+
+    #[test]
+    fn a_cancel_right_behind_its_generate_is_not_lost() {
+        let engine = load_engine(&load(model_files(true)), 3).unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut cancel = control::message("cancel");
+        cancel["id"] = 7.into();
+        let frames = [generate(7), cancel, control::message("shutdown")];
+        let (shared, rx, reader) = reader_after(&ours, theirs, &frames);
+        // The generation starts only once the reader has read all three
+        // frames: the shutdown behind the cancel is queued after it.
+        let Ok(Work::Generate(g, read_at)) = rx.recv() else {
+            panic!("the generate is not queued first");
+        };
+        assert!(matches!(rx.recv(), Ok(Work::Shutdown)));
+        assert!(serve_one(&engine, &shared, g, read_at));
+        let done = FrameReader::new(ours.try_clone().unwrap(), MAX_FRAME)
+            .next_frame()
+            .unwrap();
+        assert_eq!(done["type"], "done", "{done}");
+        assert_eq!(done["id"], 7);
+        assert_eq!(done["finish"], "cancelled", "{done}");
+        assert_eq!(done["completion_tokens"], 0);
+        assert_eq!(shared.current.load(Ordering::Acquire), 0);
+        ours.shutdown(std::net::Shutdown::Both).unwrap();
+        reader.join().unwrap();
+    }
+
+    #[test]
+    fn a_generate_behind_one_not_yet_answered_is_refused_busy() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let frames = [generate(7), generate(8), control::message("shutdown")];
+        let (_shared, rx, reader) = reader_after(&ours, theirs, &frames);
+        assert!(matches!(rx.recv(), Ok(Work::Generate(g, _)) if g.id == 7));
+        assert!(
+            matches!(rx.recv(), Ok(Work::Shutdown)),
+            "one generate queued"
+        );
+        let busy = FrameReader::new(ours.try_clone().unwrap(), MAX_FRAME)
+            .next_frame()
+            .unwrap();
+        assert_eq!(busy["type"], "error", "{busy}");
+        assert_eq!(busy["id"], 8);
+        assert_eq!(busy["code"], codes::BUSY);
+        ours.shutdown(std::net::Shutdown::Both).unwrap();
+        reader.join().unwrap();
     }
 
     #[test]

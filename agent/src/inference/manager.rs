@@ -164,11 +164,67 @@ enum Started {
 struct Job {
     id: u64,
     msg: Value,
-    /// Tokens asked for, and token frames received so far.
+    /// Tokens asked for; `token` frames and their text bytes so far.
     max_tokens: u32,
-    tokens: u32,
+    frames: u64,
+    text_bytes: u64,
     tx: mpsc::Sender<Piece>,
     _work: WorkGuard,
+}
+
+/// What one generation's `token` frames may carry, and why.
+///
+/// An honest worker emits text at most once per generated token and twice
+/// at the end (the decoder's and the stop filter's held-back text): at
+/// most `max_tokens + 2` emissions. It cuts each emission into frames of
+/// at most `MAX_TOKEN_TEXT` bytes on character boundaries, so every frame
+/// but an emission's last holds at least `MAX_TOKEN_TEXT - 3` bytes (a cut
+/// backs off at most three bytes of a four-byte character). After `bytes`
+/// bytes it has therefore sent at most `emissions + bytes / (MAX_TOKEN_TEXT
+/// - 3)` frames. The text itself is budgeted at `MAX_TOKEN_TEXT` bytes per
+/// emission on average: a model whose tokens decode to more is refused.
+/// Together the two bound what a hostile worker can make ccnoded hold for
+/// one generation: `(max_tokens + 2) × MAX_TOKEN_TEXT` bytes in at most
+/// [`max_token_frames`] frames. Frames are not tokens: the usage a client
+/// sees is the worker's count in `done`.
+struct TextBudget;
+
+impl TextBudget {
+    const PIECE_MIN: u64 = wp::MAX_TOKEN_TEXT as u64 - 3;
+
+    fn emissions(max_tokens: u32) -> u64 {
+        u64::from(max_tokens) + 2
+    }
+
+    fn bytes(max_tokens: u32) -> u64 {
+        Self::emissions(max_tokens) * wp::MAX_TOKEN_TEXT as u64
+    }
+}
+
+/// Most `token` frames [`Job::take_text`] lets through for `max_tokens`.
+fn max_token_frames(max_tokens: u32) -> u64 {
+    TextBudget::emissions(max_tokens) + TextBudget::bytes(max_tokens) / TextBudget::PIECE_MIN
+}
+
+/// A generation's channel of pieces: room for every `token` frame
+/// [`Job::take_text`] lets through and the end, so a send never finds it
+/// full.
+fn pieces_channel(max_tokens: u32) -> (mpsc::Sender<Piece>, mpsc::Receiver<Piece>) {
+    let room = usize::try_from(max_token_frames(max_tokens) + 1).unwrap_or(usize::MAX);
+    mpsc::channel(room)
+}
+
+impl Job {
+    /// Counts a `token` frame of `len` bytes against the [`TextBudget`];
+    /// false when an honest worker could not have sent it.
+    fn take_text(&mut self, len: usize) -> bool {
+        self.frames += 1;
+        self.text_bytes = self.text_bytes.saturating_add(len as u64);
+        len <= wp::MAX_TOKEN_TEXT
+            && self.text_bytes <= TextBudget::bytes(self.max_tokens)
+            && self.frames
+                <= TextBudget::emissions(self.max_tokens) + self.text_bytes / TextBudget::PIECE_MIN
+    }
 }
 
 struct Replica {
@@ -1078,15 +1134,12 @@ impl Model {
                 let Some(job) = busy.as_mut().filter(|j| j.id == id) else {
                     return false;
                 };
-                job.tokens += 1;
                 let text = frame["text"].as_str().unwrap_or("");
-                // One frame per token at most, and two at the end (the
-                // decoder's and the stop filter's held-back text).
-                if text.len() > wp::MAX_TOKEN_TEXT || job.tokens > job.max_tokens + 2 {
+                if !job.take_text(text.len()) {
                     if let Some(job) = busy.take() {
                         let _ = job.tx.try_send(Piece::Error {
                             code: "worker_error",
-                            message: "the worker sent more or larger tokens than asked for".into(),
+                            message: "the worker sent more or larger text than asked for".into(),
                         });
                     }
                     drop(busy);
@@ -1097,7 +1150,7 @@ impl Model {
                     }
                     return false;
                 }
-                // Capacity covers max_tokens pieces: never full.
+                // The channel has room for every frame take_text allows.
                 let _ = job.tx.try_send(Piece::Token {
                     text: text.to_owned(),
                 });
@@ -1454,14 +1507,13 @@ impl Inference for Manager {
                 "the request, encoded for the worker, is too large".into(),
             ));
         }
-        // What on_frame lets through (max_tokens + 2 token pieces) plus the
-        // end: never full.
-        let (tx, rx) = mpsc::channel(params.max_tokens as usize + 3);
+        let (tx, rx) = pieces_channel(params.max_tokens);
         let job = Job {
             id,
             msg,
             max_tokens: params.max_tokens,
-            tokens: 0,
+            frames: 0,
+            text_bytes: 0,
             tx,
             _work: work,
         };
@@ -1654,12 +1706,13 @@ mod tests {
 
     /// A job and its client's end of the channel.
     fn job(node: &Arc<Node>, id: u64) -> (Job, mpsc::Receiver<Piece>) {
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = pieces_channel(1);
         let job = Job {
             id,
             msg: wp::message("generate"),
             max_tokens: 1,
-            tokens: 0,
+            frames: 0,
+            text_bytes: 0,
             tx,
             _work: node.begin_work().expect("an active node"),
         };
@@ -1735,6 +1788,92 @@ mod tests {
             last,
             "oom\\u{a}level=INFO: x\\u{a}2026-12-03T00:00:00Z INFO worker ready\\u{1b}[2K"
         );
+    }
+
+    fn token(id: u64, text: &str) -> Value {
+        serde_json::json!({"type": "token", "id": id, "text": text})
+    }
+
+    /// The pieces waiting on `rx`, as (text, or the error's code).
+    fn drain(rx: &mut mpsc::Receiver<Piece>) -> Vec<Result<usize, &'static str>> {
+        let mut out = Vec::new();
+        while let Ok(p) = rx.try_recv() {
+            out.push(match p {
+                Piece::Token { text } => Ok(text.len()),
+                Piece::Error { code, .. } => Err(code),
+                Piece::Done { .. } => Err("done"),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn one_token_in_full_size_chunks_is_taken_and_text_over_the_budget_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path());
+        let m = model(WorkerState::Ready, 8);
+        let r = &m.replicas[0];
+        let max = wp::MAX_TOKEN_TEXT;
+        // max_tokens 1: one token of 10000 bytes in three frames, then the
+        // two held-back pieces at the end; five frames, under the budget
+        // of three emissions × MAX_TOKEN_TEXT.
+        let (j, mut rx) = job(&node, 1);
+        *lock(&r.busy) = Some(j);
+        for len in [max, max, 10_000 - 2 * max, 1, 1] {
+            assert!(m.on_frame(r, token(1, &"x".repeat(len))), "{len}");
+        }
+        assert_eq!(drain(&mut rx), [Ok(max), Ok(max), Ok(1808), Ok(1), Ok(1)]);
+        // One byte more than the budget's rest: the generation fails.
+        let rest = 3 * max - 10_002;
+        assert!(!m.on_frame(r, token(1, &"x".repeat(rest + 1))));
+        assert_eq!(drain(&mut rx), [Err("worker_error")]);
+        assert!(lock(&r.busy).is_none());
+
+        // One frame over MAX_TOKEN_TEXT.
+        let (j, mut rx) = job(&node, 2);
+        *lock(&r.busy) = Some(j);
+        assert!(!m.on_frame(r, token(2, &"x".repeat(max + 1))));
+        assert_eq!(drain(&mut rx), [Err("worker_error")]);
+
+        // Small frames: no more than one per emission.
+        let (j, mut rx) = job(&node, 3);
+        *lock(&r.busy) = Some(j);
+        for _ in 0..3 {
+            assert!(m.on_frame(r, token(3, "x")));
+        }
+        assert!(!m.on_frame(r, token(3, "x")));
+        assert_eq!(drain(&mut rx), [Ok(1), Ok(1), Ok(1), Err("worker_error")]);
+    }
+
+    #[test]
+    fn the_pieces_channel_has_room_for_every_frame_the_budget_allows() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path());
+        let piece_min = TextBudget::PIECE_MIN as usize;
+        for max_tokens in [1, 7] {
+            let most = max_token_frames(max_tokens);
+            for len in [0, 1, 100, piece_min, wp::MAX_TOKEN_TEXT] {
+                let (mut j, _rx) = job(&node, 1);
+                j.max_tokens = max_tokens;
+                let (tx, _rx) = pieces_channel(max_tokens);
+                let mut taken = 0;
+                while j.take_text(len) {
+                    assert!(tx
+                        .try_send(Piece::Token {
+                            text: String::new()
+                        })
+                        .is_ok());
+                    taken += 1;
+                }
+                assert!(taken <= most, "{len}: {taken} > {most}");
+                // And the end still fits.
+                assert!(tx
+                    .try_send(Piece::Token {
+                        text: String::new()
+                    })
+                    .is_ok());
+            }
+        }
     }
 
     #[test]
