@@ -2,11 +2,15 @@
 //! on anything not listed. Every allowed call is listed with why a worker
 //! (a Rust program loading weights and running CUDA) needs it.
 //!
-//! Two filters are installed; the kernel applies the strictest verdict:
+//! Three filters are installed; the kernel applies the strictest verdict:
 //! 1. `clone3` answered with `ENOSYS`, so libc falls back to `clone`, whose
-//!    flags filter 2 can inspect (clone3 passes its flags in memory, which
+//!    flags filter 3 can inspect (clone3 passes its flags in memory, which
 //!    seccomp cannot read);
-//! 2. the allow-list, default action `KILL_PROCESS`, installed last because
+//! 2. socket ioctls (type bytes 0x89, `SIOC*`, and 0x8B, wireless
+//!    extensions) answered with `EPERM`: they act on the socket's network
+//!    namespace, and a socket made outside the jail (the control socket
+//!    ccnoded hands over) would list and query the host's interfaces;
+//! 3. the allow-list, default action `KILL_PROCESS`, installed last because
 //!    it forbids `seccomp(2)` itself.
 //!
 //! Deliberately absent (each kills the worker): ptrace, process_vm_readv,
@@ -100,7 +104,7 @@ const ALLOWED: &[Allowed] = allow![
     SYS_memfd_create: "anonymous buffers (CUDA, allocators)",
     SYS_pipe2: "internal pipes",
     SYS_eventfd2: "event notification (tokio, CUDA)",
-    SYS_ioctl: "the GPU driver's interface; Landlock limits it to assigned devices",
+    SYS_ioctl: "the GPU driver's interface; Landlock limits it to assigned devices, filter 2 refuses socket ioctls",
     SYS_flock: "advisory locks in its tmp",
     // Time.
     SYS_clock_gettime: "time",
@@ -255,13 +259,48 @@ pub fn worker_filters() -> Result<Vec<BpfProgram>, SeccompError> {
         target_arch(),
     )
     .map_err(SeccompError)?;
+    let mut ioctl = BTreeMap::new();
+    ioctl.insert(
+        libc::SYS_ioctl,
+        SOCKET_IOCTL_TYPES
+            .iter()
+            .map(|&t| ioctl_type_rule(t))
+            .collect::<Result<Vec<_>, _>>()?,
+    );
+    let socket_ioctls_eperm = SeccompFilter::new(
+        ioctl,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        target_arch(),
+    )
+    .map_err(SeccompError)?;
     // The allow-list goes last: it forbids seccomp(2), which installs
     // filters. The kernel applies the strictest verdict of all filters,
     // whatever their order.
     Ok(vec![
         clone3_enosys.try_into().map_err(SeccompError)?,
+        socket_ioctls_eperm.try_into().map_err(SeccompError)?,
         allow_list.try_into().map_err(SeccompError)?,
     ])
+}
+
+/// ioctl type bytes (bits 8 to 15 of the request) of socket ioctls, which
+/// act on the socket's network namespace: 0x89 (`SIOC*`: interfaces,
+/// routes, ARP, bridges) and 0x8B (wireless extensions). The NVIDIA
+/// driver's are type `'F'` (0x46), terminals' 0x54.
+const SOCKET_IOCTL_TYPES: [u64; 2] = [0x89, 0x8b];
+
+/// Matches an ioctl whose request (argument 1, 32 bits as the kernel
+/// takes it) has type byte `ty`.
+fn ioctl_type_rule(ty: u64) -> Result<SeccompRule, SeccompError> {
+    SeccompRule::new(vec![SeccompCondition::new(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(0xff00),
+        ty << 8,
+    )
+    .map_err(SeccompError)?])
+    .map_err(SeccompError)
 }
 
 /// Installs the filters on the calling thread. `no_new_privs` must be set.
@@ -284,8 +323,8 @@ mod tests {
     #[test]
     fn filters_compile() {
         let f = worker_filters().unwrap();
-        assert_eq!(f.len(), 2);
-        assert!(!f[1].is_empty());
+        assert_eq!(f.len(), 3);
+        assert!(f.iter().all(|p| !p.is_empty()));
     }
 
     #[test]

@@ -145,6 +145,9 @@ fn every_escape_is_blocked_and_every_control_works() {
     let (passed_r, mut passed_w) = std::io::pipe().unwrap();
     passed_w.write_all(b"handed-over").unwrap();
     drop(passed_w);
+    // A socket of the host's network namespace, as the worker's control
+    // socket is: its socket ioctls would see the host's interfaces.
+    let (host_sock, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
 
     let pid = std::process::id().to_string();
     let dev0 = devices.paths[0].display().to_string();
@@ -154,7 +157,7 @@ fn every_escape_is_blocked_and_every_control_works() {
         PROBE,
         &[
             "--passed",
-            "1",
+            "2",
             "--device",
             &dev0,
             "--forbidden-device",
@@ -168,9 +171,9 @@ fn every_escape_is_blocked_and_every_control_works() {
         ],
     );
     p.devices = vec![devices.paths[0].clone()];
-    p.passed_fds = 1;
+    p.passed_fds = 2;
     p.env = vec![("CCNODE_PROBE".into(), "1".into())];
-    let r = run(&p, &[passed_r.as_fd()]);
+    let r = run(&p, &[passed_r.as_fd(), host_sock.as_fd()]);
     assert!(
         r.status.success(),
         "{:?}\n{}\n{:?}",
@@ -263,6 +266,8 @@ fn every_escape_is_blocked_and_every_control_works() {
         "open_unassigned_device",
         "exceed_file_size",
         "exceed_open_files",
+        "socket_ioctl_host_netns",
+        "socket_ioctl_own",
     ];
     for name in controls {
         let got = probes
@@ -307,6 +312,22 @@ fn every_escape_is_blocked_and_every_control_works() {
             .contains("execve /tmp/ccnode-copy"),
         "{:?}",
         probes["exec_from_tmp"]
+    );
+    // The seccomp filter refuses socket ioctls (EPERM) rather than the
+    // jail's namespace hiding interfaces: the host's socket would show
+    // them. The PID namespace, not a permission check, hides the pid
+    // outside.
+    for name in ["socket_ioctl_host_netns", "socket_ioctl_own"] {
+        assert!(
+            probes[name][0].1.contains("Operation not permitted"),
+            "{name}: {:?}",
+            probes[name]
+        );
+    }
+    assert!(
+        probes["signal_outside"][0].1.contains("No such process"),
+        "{:?}",
+        probes["signal_outside"]
     );
     // The limits are the profile's.
     assert!(

@@ -10,14 +10,15 @@
 //! controls that a working sandbox allows (writing its own /tmp, using its
 //! assigned device), so a broken probe cannot pass for a tight sandbox.
 //!
-//! Options: `--passed N` (fds handed over), `--device PATH` (assigned),
+//! Options: `--passed N` (fds handed over: the first is read, a second is
+//! taken for a socket made outside the jail), `--device PATH` (assigned),
 //! `--forbidden-device PATH`, `--outside-pid PID` (a process outside),
 //! `--abstract NAME` (an abstract socket outside), `--socket PATH` (a
 //! Unix socket outside, e.g. ccnoded's admin socket).
 
 use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 #[derive(Default)]
 struct Args {
@@ -443,6 +444,46 @@ fn main() {
             Ok(s)
         });
     }
+    // The second passed fd, when given, is a socket made in the host's
+    // network namespace: socket ioctls on it would list the host's
+    // interfaces, whatever namespace the jail is in.
+    if args.passed > 1 {
+        probe("socket_ioctl_host_netns", || interfaces_by_ioctl(4));
+    }
+    // On a socket of its own the same ioctls are refused too (the filter
+    // cannot tell sockets apart).
+    probe("socket_ioctl_own", || {
+        let s = std::os::unix::net::UnixDatagram::unbound().map_err(|e| e.to_string())?;
+        interfaces_by_ioctl(s.as_raw_fd())
+    });
+}
+
+/// The IPv4 interfaces the network namespace of socket `fd` has, by
+/// SIOCGIFCONF: on a socket made in the host's namespace, the host's.
+fn interfaces_by_ioctl(fd: RawFd) -> Result<String, String> {
+    // SAFETY: all-zero is a valid ifreq (integers and byte arrays).
+    let mut reqs: [libc::ifreq; 64] = unsafe { std::mem::zeroed() };
+    let mut conf = libc::ifconf {
+        ifc_len: std::mem::size_of_val(&reqs) as libc::c_int,
+        ifc_ifcu: libc::__c_anonymous_ifc_ifcu {
+            ifcu_req: reqs.as_mut_ptr(),
+        },
+    };
+    // SAFETY: `conf` points at `reqs` and says how large it is; the kernel
+    // writes at most that many bytes into it and sets ifc_len.
+    if unsafe { libc::ioctl(fd, libc::SIOCGIFCONF, &mut conf) } < 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    let n = conf.ifc_len as usize / std::mem::size_of::<libc::ifreq>();
+    let names: Vec<String> = reqs[..n.min(reqs.len())]
+        .iter()
+        .map(|r| {
+            let bytes: Vec<u8> = r.ifr_name.iter().map(|&c| c as u8).collect();
+            let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+            String::from_utf8_lossy(&bytes[..end]).into_owned()
+        })
+        .collect();
+    Ok(format!("interfaces {names:?}"))
 }
 
 /// A raw system call for the probes above. Its arguments are integers,
