@@ -1001,6 +1001,51 @@ fn move_fds(profile: &Profile, keep_open_until_exec: RawFd) -> Result<(), SetupE
     Ok(())
 }
 
+/// The Landlock rules for the worker's view: bound paths (`true` for a
+/// directory), devices, `/proc` and `/tmp`, each with its rights. Every
+/// right is one the ruleset for `abi` handles: a rule with a right the
+/// ruleset does not handle is refused by the kernel (`IoctlDev` exists from
+/// ABI 5, `Truncate` from 3, `Refer` from 2), so a profile asking for an
+/// older ABI would otherwise fail to start at all.
+fn landlock_rules<'a>(
+    abi: ABI,
+    binds: impl Iterator<Item = (&'a Path, bool)>,
+    devices: impl Iterator<Item = &'a Path>,
+) -> Vec<(&'a Path, landlock::BitFlags<AccessFs>)> {
+    let handled = AccessFs::from_all(abi);
+    let read_exec = AccessFs::from_read(abi);
+    let device = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev;
+    let basic = AccessFs::ReadFile | AccessFs::WriteFile;
+    let tmp = handled & !AccessFs::Execute;
+    // Directory-only rights (listing, creating) cannot be granted on files.
+    let file_rights = AccessFs::ReadFile
+        | AccessFs::WriteFile
+        | AccessFs::Execute
+        | AccessFs::Truncate
+        | AccessFs::IoctlDev;
+    let mut rules: Vec<(&Path, landlock::BitFlags<AccessFs>)> = Vec::new();
+    for (path, is_dir) in binds {
+        rules.push((
+            path,
+            if is_dir {
+                read_exec
+            } else {
+                read_exec & file_rights
+            },
+        ));
+    }
+    for path in devices {
+        let is_basic = BASIC_DEVICES.iter().any(|b| Path::new(b) == path);
+        rules.push((path, if is_basic { basic } else { device }));
+    }
+    rules.push((Path::new("/proc"), AccessFs::ReadFile | AccessFs::ReadDir));
+    rules.push((Path::new("/tmp"), tmp));
+    for (_, access) in &mut rules {
+        *access &= handled;
+    }
+    rules
+}
+
 fn landlock(profile: &Profile, p: &Prepared) -> Result<&'static str, SetupError> {
     let l = fail("landlock");
     let abi = p.landlock_abi;
@@ -1009,10 +1054,6 @@ fn landlock(profile: &Profile, p: &Prepared) -> Result<&'static str, SetupError>
     } else {
         CompatLevel::HardRequirement
     };
-    let read_exec = AccessFs::from_read(abi);
-    let device = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev;
-    let basic = AccessFs::ReadFile | AccessFs::WriteFile;
-    let tmp = AccessFs::from_all(abi) & !AccessFs::Execute;
     let mut ruleset = Ruleset::default()
         .set_compatibility(level)
         .handle_access(AccessFs::from_all(abi))
@@ -1025,29 +1066,13 @@ fn landlock(profile: &Profile, p: &Prepared) -> Result<&'static str, SetupError>
     if abi >= ABI::V6 {
         ruleset = ruleset.scope(Scope::from_all(abi)).map_err(&l)?;
     }
-    // Directory-only rights (listing, creating) cannot be granted on files.
-    let file_rights = AccessFs::ReadFile
-        | AccessFs::WriteFile
-        | AccessFs::Execute
-        | AccessFs::Truncate
-        | AccessFs::IoctlDev;
-    let mut rules: Vec<(&Path, landlock::BitFlags<AccessFs>)> = Vec::new();
-    for (path, _, is_dir) in &p.binds {
-        rules.push((
-            path,
-            if *is_dir {
-                read_exec
-            } else {
-                read_exec & file_rights
-            },
-        ));
-    }
-    for (path, _) in &p.devices {
-        let is_basic = BASIC_DEVICES.iter().any(|b| Path::new(b) == path);
-        rules.push((path, if is_basic { basic } else { device }));
-    }
-    rules.push((Path::new("/proc"), AccessFs::ReadFile | AccessFs::ReadDir));
-    rules.push((Path::new("/tmp"), tmp));
+    let rules = landlock_rules(
+        abi,
+        p.binds
+            .iter()
+            .map(|(path, _, is_dir)| (path.as_path(), *is_dir)),
+        p.devices.iter().map(|(path, _)| path.as_path()),
+    );
     let mut created = ruleset.create().map_err(&l)?;
     for (path, access) in rules {
         let fd = PathFd::new(path).map_err(|e| SetupError {
@@ -1074,4 +1099,53 @@ fn landlock(profile: &Profile, p: &Prepared) -> Result<&'static str, SetupError>
             })
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn landlock_rules_grant_only_what_the_abi_handles() {
+        let abis = [
+            ABI::V1,
+            ABI::V2,
+            ABI::V3,
+            ABI::V4,
+            ABI::V5,
+            ABI::V6,
+            ABI::V7,
+        ];
+        let gpu = Path::new("/dev/nvidia0");
+        for abi in abis {
+            let handled = AccessFs::from_all(abi);
+            let rules = landlock_rules(
+                abi,
+                [(Path::new("/usr/lib"), true), (Path::new("/worker"), false)].into_iter(),
+                [gpu, Path::new("/dev/null")].into_iter(),
+            );
+            assert_eq!(rules.len(), 6, "{abi:?}");
+            for (path, access) in &rules {
+                assert!(!access.is_empty(), "{abi:?} {}", path.display());
+                assert_eq!(
+                    *access & !handled,
+                    landlock::BitFlags::empty(),
+                    "{abi:?} {}",
+                    path.display()
+                );
+            }
+            let of = |p: &str| rules.iter().find(|(q, _)| *q == Path::new(p)).unwrap().1;
+            // The GPU keeps its ioctls where the ABI can say so; below 5
+            // Landlock does not govern ioctls at all.
+            assert_eq!(
+                of("/dev/nvidia0").contains(AccessFs::IoctlDev),
+                abi >= ABI::V5
+            );
+            assert!(!of("/dev/null").contains(AccessFs::IoctlDev));
+            assert!(!of("/tmp").contains(AccessFs::Execute));
+            assert!(of("/usr/lib").contains(AccessFs::Execute));
+            assert!(!of("/usr/lib").contains(AccessFs::WriteFile));
+            assert!(!of("/worker").contains(AccessFs::ReadDir));
+        }
+    }
 }
