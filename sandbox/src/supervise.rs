@@ -504,10 +504,13 @@ fn run_once(
             signal(nix::sys::signal::Signal::SIGKILL)
         }
         // A stopped worker has had its grace and a SIGTERM: a few more
-        // seconds to exit, then SIGKILL.
+        // seconds to exit, then SIGKILL. Not once it has exited: then
+        // try_wait has reaped it, and its pid may already be another
+        // process's.
         Some(_) => {
-            exits_soon(&mut verdict);
-            signal(nix::sys::signal::Signal::SIGKILL);
+            if !exits_soon(&mut verdict) {
+                signal(nix::sys::signal::Signal::SIGKILL);
+            }
         }
         // The worker closed its socket: it should be exiting. One that
         // stays, deaf to every command, is ended after the same few
