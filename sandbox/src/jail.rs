@@ -28,7 +28,13 @@
 //!    left in the namespace;
 //! 5. the jail forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT to that init, waits,
 //!    and exits the way the worker did (same code, or killed by the same
-//!    signal), so ccnoded sees a SIGSYS as a SIGSYS.
+//!    signal), so ccnoded sees a SIGSYS as a SIGSYS. [`KILL_SIGNAL`]
+//!    (SIGUSR1) asks it to SIGKILL the init instead: the kernel ends every
+//!    other process of the namespace before the init can be reaped, so
+//!    when the jail exits (killed by SIGKILL, as it reports) the worker is
+//!    gone, its device files closed, and its cgroups removed. A SIGKILL
+//!    to the jail itself leaves the init to its parent-death signal,
+//!    asynchronously, and the cgroups behind.
 //!
 //! Progress and failures are reported as JSON lines on fd 4.
 
@@ -141,6 +147,21 @@ fn send_line(out: &mut File, v: &Value) -> std::io::Result<()> {
     let mut line = v.to_string();
     line.push('\n');
     out.write_all(line.as_bytes())
+}
+
+/// The signal that asks a running jail to end its worker now: it SIGKILLs
+/// the namespace's init, waits for it (and so for every process of the
+/// namespace), removes the worker's cgroups and exits killed by SIGKILL.
+/// Before the jail has forked the init, the signal's default action ends
+/// the jail, which then holds no cgroup.
+pub const KILL_SIGNAL: nix::sys::signal::Signal = nix::sys::signal::Signal::SIGUSR1;
+
+extern "C" fn kill_init(_: libc::c_int) {
+    let pid = CHILD.load(Ordering::Relaxed);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe; `pid` is our child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
 }
 
 extern "C" fn forward_signal(sig: libc::c_int) {
@@ -436,6 +457,13 @@ fn parent(
         // SAFETY: the handler only calls kill(2), which is async-signal-safe.
         unsafe { libc::signal(sig, forward_signal as *const () as libc::sighandler_t) };
     }
+    // SAFETY: as above.
+    unsafe {
+        libc::signal(
+            KILL_SIGNAL as libc::c_int,
+            kill_init as *const () as libc::sighandler_t,
+        )
+    };
     let kill_child = || {
         let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
         let _ = waitpid(child, None);
@@ -695,6 +723,13 @@ fn init(
         // SAFETY: the handler only calls kill(2), which is async-signal-safe.
         unsafe { libc::signal(sig, forward_signal as *const () as libc::sighandler_t) };
     }
+    // SAFETY: as above.
+    unsafe {
+        libc::signal(
+            KILL_SIGNAL as libc::c_int,
+            kill_init as *const () as libc::sighandler_t,
+        )
+    };
     let _ = send_line(status, &json!({"event": "running"}));
     let end = loop {
         match waitpid(None, None) {

@@ -158,6 +158,11 @@ impl std::fmt::Debug for FrameSink {
     }
 }
 
+/// How long a jail asked to end its worker ([`crate::jail::KILL_SIGNAL`])
+/// has to kill its namespace, remove the cgroups and exit before it is
+/// itself SIGKILLed.
+pub const KILL_GRACE: Duration = Duration::from_secs(10);
+
 /// Frames queued for one worker before [`ControlSender::send`] refuses
 /// more: a generation's request, its cancel and the health checks fit many
 /// times over; a worker that stops reading fills it at once.
@@ -498,18 +503,31 @@ fn run_once(
         }
         false
     };
+    // Ends the jail: asks it to kill its namespace and to wait until every
+    // process in it is gone (the worker's device files closed) and its
+    // cgroups are removed; SIGKILL only if it has not exited after
+    // KILL_GRACE (a worker stuck in the kernel, a jail that hangs).
+    // Never once the jail is reaped: its pid may already be another
+    // process's.
+    let end = |jailed: &mut crate::Jailed| {
+        signal(crate::jail::KILL_SIGNAL);
+        let deadline = Instant::now() + KILL_GRACE;
+        while Instant::now() < deadline {
+            if !matches!(jailed.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        signal(nix::sys::signal::Signal::SIGKILL);
+    };
     match &verdict {
         // Ending by request or by violation: the jail goes now.
-        Some(reason) if !matches!(reason, ExitReason::Stopped) => {
-            signal(nix::sys::signal::Signal::SIGKILL)
-        }
+        Some(reason) if !matches!(reason, ExitReason::Stopped) => end(&mut jailed),
         // A stopped worker has had its grace and a SIGTERM: a few more
-        // seconds to exit, then SIGKILL. Not once it has exited: then
-        // try_wait has reaped it, and its pid may already be another
-        // process's.
+        // seconds to exit, then it is ended. Not once it has exited.
         Some(_) => {
             if !exits_soon(&mut verdict) {
-                signal(nix::sys::signal::Signal::SIGKILL);
+                end(&mut jailed);
             }
         }
         // The worker closed its socket: it should be exiting. One that
@@ -517,7 +535,7 @@ fn run_once(
         // seconds.
         None => {
             if !exits_soon(&mut verdict) {
-                signal(nix::sys::signal::Signal::SIGKILL);
+                end(&mut jailed);
                 if verdict.is_none() {
                     verdict = Some(ExitReason::ProtocolViolation(
                         "closed its control socket but did not exit".into(),

@@ -403,6 +403,53 @@ fn setup_failures_are_reported_not_started() {
 }
 
 #[test]
+fn the_kill_signal_ends_the_whole_namespace_before_the_jail_exits() {
+    use std::os::unix::process::ExitStatusExt;
+    // A worker that ignores SIGTERM, and a child of its own: all of the
+    // namespace must be gone by the time the jail is.
+    let p = profile("/usr/bin/sleep", &["600"]);
+    let mut jailed = start(&p);
+    let events = jailed.wait_started().expect("started");
+    let init = events.last().unwrap()["pid"].as_i64().unwrap() as i32;
+    let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).unwrap();
+    let worker: i32 = children.trim().parse().expect("one worker under init");
+    let start_time = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit(')')
+                    .next()?
+                    .split_whitespace()
+                    .nth(19)
+                    .map(str::to_owned)
+            })
+    };
+    let (init_started, worker_started) = (start_time(init), start_time(worker));
+    assert!(init_started.is_some() && worker_started.is_some());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(jailed.child.id() as i32),
+        ccnode_sandbox::jail::KILL_SIGNAL,
+    )
+    .unwrap();
+    assert_eq!(wait(&mut jailed.child).signal(), Some(libc::SIGKILL));
+    // Not dying, not a zombie: reaped (or its pid now another process's,
+    // which started later).
+    assert_ne!(start_time(init), init_started, "init outlived its jail");
+    assert_ne!(
+        start_time(worker),
+        worker_started,
+        "the worker outlived its jail"
+    );
+    let mut rest = String::new();
+    jailed.reports.read_to_string(&mut rest).unwrap();
+    assert!(
+        rest.lines()
+            .any(|l| l.contains(r#""event":"exited""#) && l.contains("SIGKILL")),
+        "{rest}"
+    );
+}
+
+#[test]
 fn signals_reach_the_worker_and_a_killed_jail_takes_it_along() {
     use std::os::unix::process::ExitStatusExt;
     let p = profile("/usr/bin/sleep", &["600"]);
