@@ -16,4 +16,4 @@ pub mod spawn;
 pub mod supervise;
 
 pub use profile::Profile;
-pub use spawn::{spawn, Jailed, SpawnError};
+pub use spawn::{spawn, Jailed, NotStarted, SpawnError};

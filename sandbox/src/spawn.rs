@@ -38,17 +38,71 @@ pub struct Jailed {
     pub reports: BufReader<File>,
 }
 
+/// Why [`Jailed::wait_started_within`] returned without a started worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotStarted {
+    /// Setup failed: the events end with the `error` event, or the reports
+    /// ended.
+    Failed,
+    /// No `started` or `error` within the time given.
+    TimedOut,
+    /// The caller's `abort` said so.
+    Aborted,
+}
+
 impl Jailed {
     /// Reads report lines until the worker has started or setup failed:
     /// `Ok(events)` ending with `started`, or `Err(events)` ending with the
-    /// `error` event (or EOF). Blocking.
+    /// `error` event (or EOF). Blocking, without a deadline: for tests and
+    /// benchmarks; a supervisor uses [`Jailed::wait_started_within`].
     pub fn wait_started(&mut self) -> Result<Vec<Value>, Vec<Value>> {
+        self.wait_started_within(std::time::Duration::MAX, &mut || false)
+            .map_err(|(events, _)| events)
+    }
+
+    /// As [`Jailed::wait_started`], but gives up after `timeout`, and when
+    /// `abort` (asked at least every 50 ms) says so. The jail is left as
+    /// it is: ending it is the caller's business.
+    pub fn wait_started_within(
+        &mut self,
+        timeout: std::time::Duration,
+        abort: &mut dyn FnMut() -> bool,
+    ) -> Result<Vec<Value>, (Vec<Value>, NotStarted)> {
+        let deadline = std::time::Instant::now().checked_add(timeout);
         let mut events = Vec::new();
         let mut line = String::new();
         loop {
+            // The jail writes each report in one write: once the fd is
+            // readable, or a line is buffered, read_line does not wait long.
+            while !self.reports.buffer().contains(&b'\n') {
+                if abort() {
+                    return Err((events, NotStarted::Aborted));
+                }
+                let left = match deadline {
+                    Some(d) => match d.checked_duration_since(std::time::Instant::now()) {
+                        Some(left) if !left.is_zero() => left,
+                        _ => return Err((events, NotStarted::TimedOut)),
+                    },
+                    None => std::time::Duration::MAX,
+                };
+                let ms = left.as_millis().clamp(1, 50) as libc::c_int;
+                let mut pfd = libc::pollfd {
+                    fd: self.reports.get_ref().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one pollfd, valid for the call.
+                let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+                if rc > 0 {
+                    break;
+                }
+                if rc < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                    return Err((events, NotStarted::Failed));
+                }
+            }
             line.clear();
             match self.reports.read_line(&mut line) {
-                Ok(0) | Err(_) => return Err(events),
+                Ok(0) | Err(_) => return Err((events, NotStarted::Failed)),
                 Ok(_) => {}
             }
             let Ok(v) = serde_json::from_str::<Value>(&line) else {
@@ -58,7 +112,7 @@ impl Jailed {
             events.push(v);
             match event.as_str() {
                 "started" => return Ok(events),
-                "error" => return Err(events),
+                "error" => return Err((events, NotStarted::Failed)),
                 _ => {}
             }
         }

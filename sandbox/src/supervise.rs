@@ -96,6 +96,10 @@ pub enum Event {
 /// Limits and restart policy.
 #[derive(Debug, Clone)]
 pub struct Policy {
+    /// How long the jail has to set the worker up and start it (a second
+    /// or so is usual); longer, it is ended and the life fails
+    /// (`SetupFailed`, stage `start`, no restart).
+    pub setup_timeout: Duration,
     pub ready_timeout: Duration,
     pub health_interval: Duration,
     pub health_timeout: Duration,
@@ -116,6 +120,7 @@ pub struct Policy {
 impl Default for Policy {
     fn default() -> Self {
         Policy {
+            setup_timeout: Duration::from_secs(30),
             ready_timeout: Duration::from_secs(120),
             health_interval: Duration::from_secs(5),
             health_timeout: Duration::from_secs(5),
@@ -409,7 +414,23 @@ fn run_once(
         Err(e) => return (setup_failed("spawn", e), false),
     };
     drop(theirs);
-    let started = jailed.wait_started();
+    *life.pid.lock().unwrap_or_else(|e| e.into_inner()) = Some(jailed.child.id() as i32);
+    // Setup takes a second or so; one that hangs (a mount, a cgroup
+    // write) is ended, and a stop or kill asked for meanwhile is applied
+    // at once, not after the worker has started.
+    let mut asked = None;
+    let started =
+        jailed.wait_started_within(policy.setup_timeout, &mut || match commands.try_recv() {
+            Ok(c) => {
+                asked = Some(c);
+                true
+            }
+            Err(mpsc::TryRecvError::Disconnected) => {
+                asked = Some(Command::Kill);
+                true
+            }
+            Err(mpsc::TryRecvError::Empty) => false,
+        });
     let reports = std::mem::replace(
         &mut jailed.reports,
         std::io::BufReader::new(tempfile_reader()),
@@ -425,9 +446,31 @@ fn run_once(
         }
         rest
     });
-    if let Err(events_so_far) = started {
+    if let Err((events_so_far, why)) = started {
+        if why != crate::NotStarted::Failed {
+            end_jail(&mut jailed);
+        }
         let _ = jailed.child.wait();
         let _ = reports_thread.join();
+        match (why, asked) {
+            (crate::NotStarted::TimedOut, _) => {
+                return (
+                    setup_failed(
+                        "start",
+                        format!(
+                            "the jail did not start the worker within {:?}",
+                            policy.setup_timeout
+                        ),
+                    ),
+                    false,
+                )
+            }
+            (crate::NotStarted::Aborted, Some(Command::Stop)) => {
+                return (ExitReason::Stopped, true)
+            }
+            (crate::NotStarted::Aborted, _) => return (ExitReason::Killed, true),
+            (crate::NotStarted::Failed, _) => {}
+        }
         let err = events_so_far.iter().rev().find(|e| e["event"] == "error");
         return (
             ExitReason::SetupFailed {
@@ -444,14 +487,13 @@ fn run_once(
         );
     }
     set(state, events, WorkerState::Loading);
-    *life.pid.lock().unwrap_or_else(|e| e.into_inner()) = Some(jailed.child.id() as i32);
     if let Ok(w) = ours.try_clone() {
         let _ = w.set_write_timeout(Some(policy.health_timeout));
         life.sender.set(Some(w));
     }
     if let Some(init) = &spec.init {
         if !life.sender.send(init) {
-            let _ = jailed.child.kill();
+            end_jail(&mut jailed);
             let _ = jailed.child.wait();
             return (
                 setup_failed("init frame", "the worker closed its socket"),
@@ -503,31 +545,14 @@ fn run_once(
         }
         false
     };
-    // Ends the jail: asks it to kill its namespace and to wait until every
-    // process in it is gone (the worker's device files closed) and its
-    // cgroups are removed; SIGKILL only if it has not exited after
-    // KILL_GRACE (a worker stuck in the kernel, a jail that hangs).
-    // Never once the jail is reaped: its pid may already be another
-    // process's.
-    let end = |jailed: &mut crate::Jailed| {
-        signal(crate::jail::KILL_SIGNAL);
-        let deadline = Instant::now() + KILL_GRACE;
-        while Instant::now() < deadline {
-            if !matches!(jailed.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        signal(nix::sys::signal::Signal::SIGKILL);
-    };
     match &verdict {
         // Ending by request or by violation: the jail goes now.
-        Some(reason) if !matches!(reason, ExitReason::Stopped) => end(&mut jailed),
+        Some(reason) if !matches!(reason, ExitReason::Stopped) => end_jail(&mut jailed),
         // A stopped worker has had its grace and a SIGTERM: a few more
         // seconds to exit, then it is ended. Not once it has exited.
         Some(_) => {
             if !exits_soon(&mut verdict) {
-                end(&mut jailed);
+                end_jail(&mut jailed);
             }
         }
         // The worker closed its socket: it should be exiting. One that
@@ -535,7 +560,7 @@ fn run_once(
         // seconds.
         None => {
             if !exits_soon(&mut verdict) {
-                end(&mut jailed);
+                end_jail(&mut jailed);
                 if verdict.is_none() {
                     verdict = Some(ExitReason::ProtocolViolation(
                         "closed its control socket but did not exit".into(),
@@ -560,6 +585,27 @@ fn run_once(
 
 fn tempfile_reader() -> std::fs::File {
     std::fs::File::open("/dev/null").expect("/dev/null opens")
+}
+
+/// Ends the jail: asks it to kill its namespace and to wait until every
+/// process in it is gone (the worker's device files closed) and its
+/// cgroups are removed; SIGKILL only if it has not exited after
+/// [`KILL_GRACE`] (a worker stuck in the kernel, a jail that hangs). Never
+/// once the jail is reaped: its pid may already be another process's.
+fn end_jail(jailed: &mut crate::Jailed) {
+    let pid = nix::unistd::Pid::from_raw(jailed.child.id() as i32);
+    if !matches!(jailed.child.try_wait(), Ok(None)) {
+        return;
+    }
+    let _ = nix::sys::signal::kill(pid, crate::jail::KILL_SIGNAL);
+    let deadline = Instant::now() + KILL_GRACE;
+    while Instant::now() < deadline {
+        if !matches!(jailed.child.try_wait(), Ok(None)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
 }
 
 fn setup_failed(stage: &str, e: impl std::fmt::Display) -> ExitReason {

@@ -256,6 +256,66 @@ fn a_stop_while_a_worker_is_given_time_to_exit_is_kept() {
     assert_eq!(restart, None, "started again after a stop");
 }
 
+/// A "jail" that never reports: its setup hangs.
+fn hanging_setup() -> Spec {
+    let mut s = spec(&["well"], 65534);
+    s.jail = PathBuf::from("/usr/bin/sleep");
+    s.jail_args = vec!["600".into()];
+    s
+}
+
+#[test]
+fn a_kill_during_a_hanging_setup_is_applied_at_once() {
+    for stop in [false, true] {
+        let (tx, rx) = mpsc::channel();
+        let policy = Policy {
+            setup_timeout: Duration::from_secs(3600),
+            max_restarts: 3,
+            ..quick()
+        };
+        let sup = Supervisor::start(hanging_setup(), policy, tx).unwrap();
+        let jail = loop {
+            if let Some(pid) = sup.pid() {
+                break pid;
+            }
+            assert_eq!(sup.state(), WorkerState::Starting);
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let killer = sup.killer();
+        let done = std::thread::spawn(move || if stop { sup.stop() } else { sup.kill() });
+        let want = if stop {
+            ExitReason::Stopped
+        } else {
+            ExitReason::Killed
+        };
+        assert_eq!(next_exit(&rx), (want, None), "stop: {stop}");
+        done.join().unwrap();
+        drop(killer);
+        // Ended and reaped, not left behind.
+        assert!(!std::path::Path::new(&format!("/proc/{jail}")).exists());
+    }
+}
+
+#[test]
+fn a_setup_that_hangs_past_its_timeout_fails_without_restart() {
+    let (tx, rx) = mpsc::channel();
+    let policy = Policy {
+        setup_timeout: Duration::from_millis(300),
+        max_restarts: 3,
+        ..quick()
+    };
+    let _sup = Supervisor::start(hanging_setup(), policy, tx).unwrap();
+    let (reason, restart) = next_exit(&rx);
+    match reason {
+        ExitReason::SetupFailed { stage, message } => {
+            assert_eq!(stage, "start");
+            assert!(message.contains("did not start the worker"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(restart, None);
+}
+
 #[test]
 fn setup_failures_do_not_restart() {
     let (tx, rx) = mpsc::channel();
