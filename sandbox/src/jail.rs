@@ -44,7 +44,7 @@ use std::io::{BufRead, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use landlock::{
     Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset,
@@ -164,10 +164,34 @@ extern "C" fn kill_init(_: libc::c_int) {
     }
 }
 
+/// Whether the child has its own handlers (the jail: init said `running`;
+/// init: the worker is exec'd). Until then a forwarded signal would be
+/// lost (a namespace's init gets only signals it handles), so the last one
+/// waits in [`PENDING`].
+static RUNNING: AtomicBool = AtomicBool::new(false);
+static PENDING: AtomicI32 = AtomicI32::new(0);
+
 extern "C" fn forward_signal(sig: libc::c_int) {
+    if !RUNNING.load(Ordering::SeqCst) {
+        PENDING.store(sig, Ordering::SeqCst);
+        return;
+    }
     let pid = CHILD.load(Ordering::Relaxed);
     if pid > 0 {
         // SAFETY: kill(2) is async-signal-safe; `pid` is our child.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// From now on signals are forwarded at once; one that came before is
+/// forwarded now. A signal during the swap is forwarded by its handler,
+/// or swapped here: either way once.
+fn start_forwarding() {
+    RUNNING.store(true, Ordering::SeqCst);
+    let sig = PENDING.swap(0, Ordering::SeqCst);
+    let pid = CHILD.load(Ordering::Relaxed);
+    if sig != 0 && pid > 0 {
+        // SAFETY: kill(2) on our child.
         unsafe { libc::kill(pid, sig) };
     }
 }
@@ -560,6 +584,7 @@ fn parent(
         match v["event"].as_str() {
             Some("running") => {
                 started = true;
+                start_forwarding();
                 report.send(&json!({"event": "started", "pid": child.as_raw()}));
                 continue;
             }
@@ -719,17 +744,13 @@ fn init(
         });
     }
     CHILD.store(worker.as_raw(), Ordering::Relaxed);
+    // The worker is exec'd: it has whatever handlers it set up itself, and
+    // a signal to it is no longer lost (it is not a namespace's init).
+    RUNNING.store(true, Ordering::SeqCst);
     for sig in FORWARDED {
         // SAFETY: the handler only calls kill(2), which is async-signal-safe.
         unsafe { libc::signal(sig, forward_signal as *const () as libc::sighandler_t) };
     }
-    // SAFETY: as above.
-    unsafe {
-        libc::signal(
-            KILL_SIGNAL as libc::c_int,
-            kill_init as *const () as libc::sighandler_t,
-        )
-    };
     let _ = send_line(status, &json!({"event": "running"}));
     let end = loop {
         match waitpid(None, None) {

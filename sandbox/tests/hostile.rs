@@ -450,6 +450,39 @@ fn the_kill_signal_ends_the_whole_namespace_before_the_jail_exits() {
 }
 
 #[test]
+fn a_signal_during_setup_reaches_the_worker_once_it_runs() {
+    use std::io::BufRead;
+    use std::os::unix::process::ExitStatusExt;
+    let p = profile("/usr/bin/sleep", &["600"]);
+    let mut jailed = start(&p);
+    // The jail has forked init and forwards signals from here on; init is
+    // still setting up, with no handler of its own yet (a namespace's init
+    // gets only signals it handles).
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            jailed.reports.read_line(&mut line).unwrap() > 0,
+            "no cgroup event"
+        );
+        if line.contains(r#""event":"cgroup""#) {
+            break;
+        }
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(jailed.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    // Held until the worker runs, then given to it: not lost, so sleep
+    // does not sleep on.
+    assert_eq!(wait(&mut jailed.child).signal(), Some(libc::SIGTERM));
+    let mut rest = String::new();
+    jailed.reports.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains(r#""event":"started""#), "{rest}");
+}
+
+#[test]
 fn signals_reach_the_worker_and_a_killed_jail_takes_it_along() {
     use std::os::unix::process::ExitStatusExt;
     let p = profile("/usr/bin/sleep", &["600"]);
