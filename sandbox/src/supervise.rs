@@ -86,6 +86,11 @@ impl ExitReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     State(WorkerState),
+    /// A line the worker (or its jail) wrote to stderr, as it wrote it
+    /// (invalid UTF-8 replaced), cut at [`MAX_STDERR_LINE`] bytes; at most
+    /// [`MAX_STDERR_LINES`] a life, then one saying how many more there
+    /// were. Untrusted text: escape it before it is logged.
+    Stderr(String),
     /// The worker ended; it restarts after `restart_in`, or never.
     Exited {
         reason: ExitReason,
@@ -408,12 +413,19 @@ fn run_once(
         &profile,
         &passed,
         Stdio::null(),
-        Stdio::inherit(),
+        Stdio::piped(),
     ) {
         Ok(j) => j,
         Err(e) => return (setup_failed("spawn", e), false),
     };
     drop(theirs);
+    // The worker's (and the jail's) stderr: bounded lines, as events; never
+    // ccnoded's own stderr, where it could write log lines of its choosing.
+    let stderr = jailed
+        .child
+        .stderr
+        .take()
+        .map(|pipe| StderrLines::start(pipe, events.clone()));
     *life.pid.lock().unwrap_or_else(|e| e.into_inner()) = Some(jailed.child.id() as i32);
     // Setup takes a second or so; one that hangs (a mount, a cgroup
     // write) is ended, and a stop or kill asked for meanwhile is applied
@@ -452,6 +464,9 @@ fn run_once(
         }
         let _ = jailed.child.wait();
         let _ = reports_thread.join();
+        if let Some(s) = stderr {
+            s.finish();
+        }
         match (why, asked) {
             (crate::NotStarted::TimedOut, _) => {
                 return (
@@ -571,6 +586,9 @@ fn run_once(
     }
     let status = jailed.child.wait();
     let _ = reports_thread.join();
+    if let Some(s) = stderr {
+        s.finish();
+    }
     let reason = match verdict {
         Some(r) => r,
         None => match status {
@@ -585,6 +603,90 @@ fn run_once(
 
 fn tempfile_reader() -> std::fs::File {
     std::fs::File::open("/dev/null").expect("/dev/null opens")
+}
+
+/// Longest stderr line passed on, bytes; the rest of a longer line is
+/// dropped.
+pub const MAX_STDERR_LINE: usize = 1024;
+/// stderr lines passed on per life; the rest are counted, and the count
+/// is passed on at the end.
+pub const MAX_STDERR_LINES: usize = 200;
+
+/// Reads a life's stderr into [`Event::Stderr`] events, bounded.
+struct StderrLines {
+    done: Receiver<()>,
+}
+
+impl StderrLines {
+    fn start(pipe: std::process::ChildStderr, events: Sender<Event>) -> StderrLines {
+        let (tx, done) = mpsc::channel();
+        // If no thread can be started, the pipe is dropped with the
+        // closure: the worker's writes then fail (EPIPE) rather than block.
+        let _ = std::thread::Builder::new()
+            .name("ccnode-worker-stderr".into())
+            .spawn(move || {
+                forward_stderr(std::io::BufReader::new(pipe), &events);
+                let _ = tx.send(());
+            });
+        StderrLines { done }
+    }
+
+    /// Waits a moment for the last lines: once the namespace is gone the
+    /// pipe has no writer left. A worker that outlives its jail (stuck in
+    /// the kernel) is not waited for.
+    fn finish(self) {
+        let _ = self.done.recv_timeout(Duration::from_secs(1));
+    }
+}
+
+fn forward_stderr(mut r: impl std::io::BufRead, events: &Sender<Event>) {
+    use std::io::{BufRead, Read};
+    let (mut sent, mut dropped) = (0usize, 0u64);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut r)
+            .take(MAX_STDERR_LINE as u64)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        } else if line.len() == MAX_STDERR_LINE {
+            // Cut: skip to the end of this line.
+            while let Ok(buf) = r.fill_buf() {
+                if buf.is_empty() {
+                    break;
+                }
+                match buf.iter().position(|&b| b == b'\n') {
+                    Some(i) => {
+                        r.consume(i + 1);
+                        break;
+                    }
+                    None => {
+                        let n = buf.len();
+                        r.consume(n);
+                    }
+                }
+            }
+        }
+        if sent < MAX_STDERR_LINES {
+            sent += 1;
+            let text = String::from_utf8_lossy(&line).into_owned();
+            if events.send(Event::Stderr(text)).is_err() {
+                return;
+            }
+        } else {
+            dropped += 1;
+        }
+    }
+    if dropped > 0 {
+        let _ = events.send(Event::Stderr(format!(
+            "({dropped} more stderr lines not shown)"
+        )));
+    }
 }
 
 /// Ends the jail: asks it to kill its namespace and to wait until every

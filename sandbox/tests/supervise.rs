@@ -47,7 +47,7 @@ fn next_exit(rx: &Receiver<Event>) -> (ExitReason, Option<Duration>) {
     loop {
         match rx.recv_timeout(PATIENCE).expect("an event") {
             Event::Exited { reason, restart_in } => return (reason, restart_in),
-            Event::State(_) => {}
+            Event::State(_) | Event::Stderr(_) => {}
         }
     }
 }
@@ -76,6 +76,7 @@ fn a_worker_goes_through_its_lifecycle_and_stops_on_request() {
                 }
             }
             Event::Exited { reason, .. } => panic!("{reason:?}"),
+            Event::Stderr(l) => panic!("unexpected stderr: {l}"),
         }
     }
     assert_eq!(
@@ -314,6 +315,36 @@ fn a_setup_that_hangs_past_its_timeout_fails_without_restart() {
         other => panic!("{other:?}"),
     }
     assert_eq!(restart, None);
+}
+
+#[test]
+fn a_workers_stderr_arrives_as_bounded_lines() {
+    use ccnode_sandbox::supervise::{MAX_STDERR_LINE, MAX_STDERR_LINES};
+    let (tx, rx) = mpsc::channel();
+    let _sup = Supervisor::start(spec(&["stderr"], 65534), quick(), tx).unwrap();
+    let mut lines = Vec::new();
+    let reason = loop {
+        match rx.recv_timeout(PATIENCE).expect("an event") {
+            Event::Stderr(l) => lines.push(l),
+            Event::Exited { reason, .. } => break reason,
+            Event::State(_) => {}
+        }
+    };
+    assert_eq!(reason, ExitReason::Code(3));
+    assert_eq!(lines.len(), MAX_STDERR_LINES + 1, "{:?}", lines.last());
+    assert_eq!(lines[0], "x".repeat(MAX_STDERR_LINE));
+    // As written: escaping is for whoever logs it. The rest of the long
+    // line did not become lines of its own.
+    assert_eq!(lines[1], "forged\rline\u{1b}[2J");
+    assert_eq!(lines[2], "line 0");
+    assert_eq!(
+        lines[MAX_STDERR_LINES - 1],
+        format!("line {}", MAX_STDERR_LINES - 3)
+    );
+    assert_eq!(
+        lines[MAX_STDERR_LINES],
+        format!("({} more stderr lines not shown)", 1002 - MAX_STDERR_LINES)
+    );
 }
 
 #[test]

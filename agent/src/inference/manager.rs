@@ -1218,6 +1218,10 @@ impl Model {
 
     fn on_event(&self, r: &Replica, ev: SupEvent) {
         match ev {
+            SupEvent::Stderr(line) => {
+                // The worker's words: escaped, a field of ccnoded's line.
+                tracing::warn!(model = %self.cfg.name, worker = r.index, line = %ccnode_attest::printable(&line), "worker stderr");
+            }
             SupEvent::State(s) => {
                 *lock(&r.state) = s;
                 if let Some(m) = self.manager() {

@@ -57,6 +57,15 @@ fn main() {
     // SAFETY: fd 3 is the control socket the supervisor hands every worker.
     let mut sock = unsafe { UnixStream::from_raw_fd(3) };
     match mode {
+        "stderr" => {
+            // A long line, one that would forge a log line, then many.
+            eprintln!("{}", "x".repeat(10_000));
+            eprintln!("forged\rline\u{1b}[2J");
+            for i in 0..1000 {
+                eprintln!("line {i}");
+            }
+            std::process::exit(3);
+        }
         "silent" => loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         },
