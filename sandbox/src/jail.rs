@@ -831,7 +831,64 @@ fn bind(src: &OwnedFd, target: &Path, is_dir: bool, flags: MsFlags) -> Result<()
         MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags,
         None::<&str>,
     )
-    .map_err(err("remounting"))
+    .map_err(err("remounting"))?;
+    // The remount above changes the top mount only: mounts below it in the
+    // bound tree keep their own flags (a writable, suid or device-bearing
+    // submount). mount_setattr with AT_RECURSIVE sets them on all.
+    if is_dir {
+        set_recursive(target, flags).map_err(err("remounting submounts of"))?;
+    }
+    Ok(())
+}
+
+/// `struct mount_attr` of linux/mount.h.
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// The `MOUNT_ATTR_*` bits for the flags `bind` applies.
+fn mount_attr_bits(flags: MsFlags) -> u64 {
+    [
+        (MsFlags::MS_RDONLY, 0x1),
+        (MsFlags::MS_NOSUID, 0x2),
+        (MsFlags::MS_NODEV, 0x4),
+        (MsFlags::MS_NOEXEC, 0x8),
+    ]
+    .into_iter()
+    .filter(|(f, _)| flags.contains(*f))
+    .fold(0, |bits, (_, b)| bits | b)
+}
+
+/// Sets `flags` on the mount at `target` and every mount below it.
+fn set_recursive(target: &Path, flags: MsFlags) -> Result<(), nix::errno::Errno> {
+    let path =
+        CString::new(target.as_os_str().as_bytes()).map_err(|_| nix::errno::Errno::EINVAL)?;
+    let attr = MountAttr {
+        attr_set: mount_attr_bits(flags),
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: `path` is a NUL-terminated string and `attr` a mount_attr,
+    // both alive for the call; the size passed is the struct's.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_RECURSIVE as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(nix::errno::Errno::last());
+    }
+    Ok(())
 }
 
 fn build_root(profile: &Profile, p: &Prepared) -> Result<(), SetupError> {
@@ -1203,5 +1260,16 @@ mod tests {
             assert!(!of("/usr/lib").contains(AccessFs::WriteFile));
             assert!(!of("/worker").contains(AccessFs::ReadDir));
         }
+    }
+
+    #[test]
+    fn bind_flags_map_to_mount_attributes() {
+        let ro = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        assert_eq!(mount_attr_bits(ro), 0x7);
+        assert_eq!(
+            mount_attr_bits(MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC),
+            0xa
+        );
+        assert_eq!(mount_attr_bits(MsFlags::empty()), 0);
     }
 }

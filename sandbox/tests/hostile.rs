@@ -483,6 +483,51 @@ fn a_signal_during_setup_reaches_the_worker_once_it_runs() {
 }
 
 #[test]
+fn mounts_below_a_read_only_bind_are_read_only_too() {
+    // A library directory with a writable mount below it, as a host may
+    // have: the bind brings it along (MS_REC), and it must not stay
+    // writable, suid or device-bearing in the jail.
+    let lib = tempfile::tempdir_in("/var/tmp").unwrap();
+    let sub = lib.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &sub,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=64k"),
+    )
+    .unwrap();
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _unmount = Unmount(sub.clone());
+    let mut p = profile(PROBE, &[]);
+    p.read_only.push(lib.path().to_owned());
+    let r = run(&p, &[]);
+    assert!(r.status.success(), "{:?}", r.events);
+    let mounts = r
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["fact"] == "mounts")
+        .expect("the mounts fact")["value"]
+        .clone();
+    for at in [lib.path(), sub.as_path()] {
+        let opts = mounts[at.to_str().unwrap()]
+            .as_str()
+            .unwrap_or_else(|| panic!("{} not mounted in {mounts}", at.display()));
+        let opts: Vec<&str> = opts.split(',').collect();
+        for want in ["ro", "nosuid", "nodev"] {
+            assert!(opts.contains(&want), "{}: {opts:?}", at.display());
+        }
+    }
+}
+
+#[test]
 fn signals_reach_the_worker_and_a_killed_jail_takes_it_along() {
     use std::os::unix::process::ExitStatusExt;
     let p = profile("/usr/bin/sleep", &["600"]);

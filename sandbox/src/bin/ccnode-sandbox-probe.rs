@@ -189,6 +189,17 @@ fn facts(args: &Args) {
         .filter_map(|l| l.split(':').next().map(|n| n.trim().to_owned()))
         .collect();
     emit(serde_json::json!({"fact": "interfaces", "value": interfaces}));
+    // Every mount point of the view, with its per-mount options.
+    let mounts: serde_json::Map<String, serde_json::Value> =
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                Some((f.get(4)?.to_string(), (*f.get(5)?).into()))
+            })
+            .collect();
+    emit(serde_json::json!({"fact": "mounts", "value": mounts}));
     let mut pids: Vec<i64> = std::fs::read_dir("/proc")
         .map(|d| {
             d.filter_map(|e| e.ok())
