@@ -119,6 +119,28 @@ impl Jailed {
     }
 }
 
+/// Takes each of `numbers` that is free, as a close-on-exec duplicate of
+/// /dev/null, and holds it until the result is dropped. A number in use
+/// already (by another thread) is left as it is.
+fn hold_free(numbers: impl Iterator<Item = RawFd>) -> io::Result<Vec<OwnedFd>> {
+    let null = File::open("/dev/null")?;
+    let mut held = Vec::new();
+    for n in numbers {
+        // SAFETY: F_DUPFD_CLOEXEC on an open descriptor returns a new one,
+        // the lowest free at or above `n`, owned by nobody else.
+        let raw = unsafe { libc::fcntl(null.as_raw_fd(), libc::F_DUPFD_CLOEXEC, n) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: as above.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        if raw == n {
+            held.push(fd);
+        }
+    }
+    Ok(held)
+}
+
 fn dup_high(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC on a borrowed, open descriptor returns a new
     // descriptor, which we take ownership of.
@@ -178,6 +200,11 @@ pub fn spawn(
     }
     drop(report_w);
     let plan: Vec<(RawFd, RawFd)> = sources.iter().map(|(s, d)| (s.as_raw_fd(), *d)).collect();
+    // std opens a pipe for exec errors inside spawn(); were it given one
+    // of the numbers the child dup2s onto, the dup2 would close it and an
+    // exec error would read as success. Every free target number is held
+    // until spawn() returns.
+    let _held = hold_free(plan.iter().map(|&(_, d)| d)).map_err(SpawnError::Fds)?;
     let mut cmd = Command::new(jail);
     cmd.args(jail_args)
         .env_clear()
@@ -205,4 +232,36 @@ pub fn spawn(
         child,
         reports: BufReader::new(File::from(report_r)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_jail_that_cannot_be_executed_is_a_spawn_error() {
+        // With ten fds to hand over the child dup2s onto 3 to 14, numbers
+        // that are free in a test process when std opens its exec-error
+        // pipe: the pipe must not be among them, or the exec error is
+        // lost (the parent reads end of file, as after a good exec).
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let passed: Vec<BorrowedFd<'_>> = (0..10).map(|_| a.as_fd()).collect();
+        let mut p = Profile::new("/usr/bin/true".into(), 65534, 65534);
+        p.passed_fds = 10;
+        let e = spawn(
+            Path::new("/nonexistent/ccnode-jail"),
+            &[],
+            &p,
+            &passed,
+            Stdio::null(),
+            Stdio::null(),
+        )
+        .expect_err("nothing to execute");
+        match e {
+            SpawnError::Spawn { source, .. } => {
+                assert_eq!(source.kind(), io::ErrorKind::NotFound, "{source}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }
