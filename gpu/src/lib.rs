@@ -15,6 +15,7 @@
 //! one GPU or MIG device may open. [`scrub`] is what a VRAM scrub reports
 //! and the simulated VRAM.
 
+pub mod device_id;
 pub mod devices;
 pub mod drift;
 pub mod nvml;

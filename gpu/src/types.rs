@@ -244,13 +244,5 @@ pub enum GpuEventKind {
 /// Formats a 128-bit value as an NVIDIA-style UUID body
 /// (`xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`).
 pub(crate) fn uuid_body(v: u128) -> String {
-    let h = format!("{v:032x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    crate::device_id::uuid_string(&v.to_be_bytes())
 }

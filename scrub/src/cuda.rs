@@ -13,8 +13,8 @@ use std::time::Instant;
 use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::sys;
 
+use ccnode_gpu::device_id::{same_device, uuid_string};
 use ccnode_gpu::scrub::{ScrubFailure, ScrubReport, REPORT_VERSION};
-use ccnode_worker::device_id::{same_device, uuid_string};
 
 use crate::failure;
 

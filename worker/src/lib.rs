@@ -1,11 +1,9 @@
 //! ccnode-worker: the sandboxed inference process (candle), the control
 //! protocol ccnoded speaks with it, and a generator of small test models.
 //!
-//! Without the `engine` feature only [`protocol`], [`shape`] and
-//! [`device_id`] (and the test-model generator) are built: what ccnoded
-//! and ccnode-scrub need.
+//! Without the `engine` feature only [`protocol`] and [`shape`] (and the
+//! test-model generator) are built: what ccnoded needs.
 
-pub mod device_id;
 pub mod protocol;
 pub mod shape;
 pub mod testmodel;

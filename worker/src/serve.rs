@@ -159,7 +159,7 @@ mod cuda {
     use super::*;
     use candle_core::cuda_backend::cudarc::driver::{result, sys};
 
-    use crate::device_id;
+    use ccnode_gpu::device_id;
 
     /// CUDA must show exactly one device, and it must be the one granted
     /// (by UUID: `GPU-…` or `MIG-…`, as CUDA_VISIBLE_DEVICES names it).
