@@ -208,6 +208,23 @@ fn key_p256_files_sha256_cli() {
 }
 
 #[test]
+fn the_reference_tool_names_the_directory_and_subject_is_model_holds_it() {
+    let Some((r, tmp, dir)) = setup() else { return };
+    let (key, public) = ec_key(tmp.path(), "p256", "prime256v1");
+    let sig = tmp.path().join("model.sig");
+    r.sign_key(&dir, &key, &sig);
+    let mut policy = key_policy(&public);
+    policy.entries[0].subject_is_model = true;
+    // model_signing names the statement after the model directory, "m".
+    oms::verify_model(&dir, &sig, &policy, &VerifyOptions::new("m")).unwrap();
+    let err = oms::verify_model(&dir, &sig, &policy, &VerifyOptions::new("other")).unwrap_err();
+    assert!(
+        matches!(&err, OmsError::SubjectName { model, name } if model == "other" && name == "m"),
+        "{err:?}"
+    );
+}
+
+#[test]
 fn key_p384_files_sha256_and_legacy_raw_bytes() {
     let Some((r, tmp, dir)) = setup() else { return };
     let (key, public) = ec_key(tmp.path(), "p384", "secp384r1");

@@ -262,6 +262,72 @@ fn trust_config_applies_per_model() {
 }
 
 #[test]
+fn subject_is_model_binds_the_signed_name_to_the_model_verified() {
+    // The local signer names its statement "local"; the directory is "m".
+    let (tmp, dir, sig, pem) = signed_model();
+    let sig_path = tmp.path().join("model.sig");
+    fs::write(&sig_path, &sig).unwrap();
+    let as_model = |policy: &TrustPolicy, id: &str| {
+        oms::verify_model(&dir, &sig_path, policy, &VerifyOptions::new(id)).map(|_| ())
+    };
+    let mut bound = key_policy(&pem);
+    bound.entries[0].subject_is_model = true;
+    as_model(&bound, "local").unwrap();
+    let err = as_model(&bound, "m").unwrap_err();
+    assert!(
+        matches!(&err, OmsError::SubjectName { model, name } if model == "m" && name == "local"),
+        "{err:?}"
+    );
+    assert_eq!(err.kind(), "subject_name");
+    // Without it, the same signature verifies as any model the key covers.
+    as_model(&key_policy(&pem), "m").unwrap();
+    // Entries are alternatives: another entry trusting the same key
+    // without the requirement still lets it through.
+    let mut either = bound.clone();
+    either.entries.push(key_policy(&pem).entries.remove(0));
+    as_model(&either, "m").unwrap();
+
+    // Certificate-signed: the same.
+    let t = tmp.path();
+    let ca = "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign\n";
+    let root = common::issue_cert(t, "root", None, ca);
+    let leaf = common::issue_cert(
+        t,
+        "leaf",
+        Some("root"),
+        "keyUsage=critical,digitalSignature\n",
+    );
+    let chain_sig =
+        common::sign_with_chain(&dir, &t.join("leaf.key"), &[common::pem_to_der(&leaf)]);
+    fs::write(&sig_path, &chain_sig).unwrap();
+    let mut roots = TrustPolicy::global_roots(oms::policy::load_certificates(&root).unwrap());
+    as_model(&roots, "m").unwrap();
+    roots.entries[0].subject_is_model = true;
+    as_model(&roots, "local").unwrap();
+    assert!(matches!(
+        as_model(&roots, "m"),
+        Err(OmsError::SubjectName { .. })
+    ));
+
+    // The trust configuration's key.
+    fs::create_dir(t.join("keys")).unwrap();
+    fs::write(t.join("keys/publisher.pem"), &pem).unwrap();
+    fs::write(&sig_path, &sig).unwrap();
+    let config = t.join("trust.toml");
+    fs::write(
+        &config,
+        "[[signer]]\nmodels = [\"*\"]\npublic_keys = [\"keys/publisher.pem\"]\nsubject_is_model = true\n",
+    )
+    .unwrap();
+    let loaded = TrustPolicy::load(&config).unwrap();
+    assert!(loaded.entries[0].subject_is_model);
+    assert!(matches!(
+        as_model(&loaded, "m"),
+        Err(OmsError::SubjectName { .. })
+    ));
+}
+
+#[test]
 fn signature_inside_the_model_directory_is_not_an_extra_file() {
     let (_tmp, dir, sig, pem) = signed_model();
     let inside = dir.join("model.sig");

@@ -146,6 +146,25 @@ fn flip_each_checkpoint_byte(
 }
 
 #[test]
+fn subject_is_model_holds_for_keyless_signatures() {
+    let mut policy = production_policy();
+    policy.entries[0].subject_is_model = true;
+    check(&genuine(), &policy).expect("the statement names the model");
+    let parsed = Bundle::parse(&serde_json::to_vec(&genuine()).unwrap()).unwrap();
+    let err = policy
+        .verify_bundle(&parsed, &VerifyOptions::new("another-model"))
+        .unwrap_err();
+    assert!(
+        matches!(&err, OmsError::SubjectName { model, name } if model == "another-model" && name == MODEL),
+        "{err:?}"
+    );
+    // Without the requirement the signature is the signer's for any model.
+    production_policy()
+        .verify_bundle(&parsed, &VerifyOptions::new("another-model"))
+        .unwrap();
+}
+
+#[test]
 fn genuine_keyless_model_verifies_offline() {
     let model = oms::verify_model_with(
         &fixtures().join(MODEL),

@@ -216,6 +216,7 @@ fn exit_code(err: &OmsError) -> u8 {
         | OmsError::TransparencyLog(_)
         | OmsError::Timestamp(_)
         | OmsError::Untrusted { .. }
+        | OmsError::SubjectName { .. }
         | OmsError::UnsupportedMethod(_) => 3,
         OmsError::Io { .. }
         | OmsError::TrustMaterial { .. }

@@ -124,6 +124,24 @@ struct RawStatement {
     predicate: RawPredicate,
 }
 
+/// The subject name of a verified statement, read alone (a trust policy
+/// entry may require it to be the model's id before the rest is parsed).
+pub fn subject_name(payload: &[u8]) -> Result<String, OmsError> {
+    #[derive(Deserialize)]
+    struct Named {
+        subject: Vec<NameOnly>,
+    }
+    #[derive(Deserialize)]
+    struct NameOnly {
+        name: String,
+    }
+    let named: Named = serde_json::from_slice(payload)
+        .map_err(|e| OmsError::Statement(format!("subject: {e}")))?;
+    let [subject] = <[NameOnly; 1]>::try_from(named.subject)
+        .map_err(|s| OmsError::Statement(format!("{} subjects, expected one", s.len())))?;
+    Ok(subject.name)
+}
+
 #[derive(Deserialize)]
 struct RawSubject {
     name: String,

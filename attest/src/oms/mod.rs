@@ -111,6 +111,10 @@ pub enum OmsError {
     /// No trust policy entry covers this model and signer.
     #[error("no trust policy entry allows signer {} for model {}", printable(.signer), printable(.model))]
     Untrusted { model: String, signer: String },
+    /// The signature verifies, but the trust policy entry requires the
+    /// statement to name the model verified, and it names another.
+    #[error("the signed statement is for model {}, not {} (subject_is_model)", printable(.name), printable(.model))]
+    SubjectName { model: String, name: String },
     /// The signature was made with a method ccnode does not verify offline.
     #[error("unsupported signing method: {}", printable(.0))]
     UnsupportedMethod(String),
@@ -232,6 +236,7 @@ impl OmsError {
             OmsError::TransparencyLog(_) => "transparency_log",
             OmsError::Timestamp(_) => "timestamp",
             OmsError::Untrusted { .. } => "untrusted",
+            OmsError::SubjectName { .. } => "subject_name",
             OmsError::UnsupportedMethod(_) => "unsupported_method",
             OmsError::Symlink(_) => "symlink",
             OmsError::Entry { .. } => "entry",
@@ -379,6 +384,10 @@ mod tests {
             OmsError::Untrusted {
                 model: hostile.into(),
                 signer: hostile.into(),
+            },
+            OmsError::SubjectName {
+                model: hostile.into(),
+                name: hostile.into(),
             },
             OmsError::UnsupportedMethod(hostile.into()),
             OmsError::Symlink(hostile.into()),

@@ -14,6 +14,7 @@
 //! models = ["llama-3-8b"]
 //! ca_roots = ["ca/root.pem"]
 //! identities = ["release@example.com"] # SAN email/URI/DNS or subject CN; empty = any
+//! subject_is_model = true              # the statement must name the model verified
 //!
 //! [[signer]]
 //! models = ["*"]
@@ -53,11 +54,32 @@ pub struct PolicyEntry {
     /// ...and the (SAN, OIDC issuer) pairs allowed to sign; never empty
     /// when `sigstore_root` is set.
     pub sigstore_identities: Vec<Identity>,
+    /// The signed statement's subject name must be the id of the model
+    /// being verified. Without it a signer trusted for two models can have
+    /// one's signed directory served as the other.
+    pub subject_is_model: bool,
 }
 
 impl PolicyEntry {
     fn covers(&self, model: &str) -> bool {
         self.models.iter().any(|m| m == "*" || m == model)
+    }
+
+    /// With `subject_is_model`, whether the verified `payload` names
+    /// `model`; without, always.
+    fn names_ok(&self, payload: &[u8], model: &str) -> Result<(), OmsError> {
+        if !self.subject_is_model {
+            return Ok(());
+        }
+        let name = super::manifest::subject_name(payload)?;
+        if name == model {
+            Ok(())
+        } else {
+            Err(OmsError::SubjectName {
+                model: model.to_owned(),
+                name,
+            })
+        }
     }
 }
 
@@ -87,6 +109,8 @@ struct RawEntry {
     sigstore_trust_root: Option<PathBuf>,
     #[serde(default)]
     sigstore_identities: Vec<Identity>,
+    #[serde(default)]
+    subject_is_model: bool,
 }
 
 fn material(what: impl Into<String>, reason: impl Into<String>) -> OmsError {
@@ -229,6 +253,7 @@ impl TrustPolicy {
                 identities: e.identities,
                 sigstore_root,
                 sigstore_identities: e.sigstore_identities,
+                subject_is_model: e.subject_is_model,
             });
         }
         Ok(TrustPolicy { entries })
@@ -284,13 +309,23 @@ impl TrustPolicy {
                     }
                     return check_hint(keys[0], hint.as_deref()).map(|_| signer);
                 }
-                if candidates
-                    .iter()
-                    .any(|k| k.verify(&message, &bundle.signature))
-                {
-                    return Ok(signer);
+                // Entries are alternatives: the signature must verify under
+                // a key of one of them, and the statement satisfy that one.
+                let mut refused = None;
+                for entry in &applicable {
+                    let verifies = entry
+                        .public_keys
+                        .iter()
+                        .filter(|k| candidates.iter().any(|c| std::ptr::eq(*c, *k)))
+                        .any(|k| k.verify(&message, &bundle.signature));
+                    if verifies {
+                        match entry.names_ok(&bundle.payload, model) {
+                            Ok(()) => return Ok(signer),
+                            Err(e) => refused = Some(e),
+                        }
+                    }
                 }
-                Err(OmsError::BadSignature)
+                Err(refused.unwrap_or(OmsError::BadSignature))
             }
             Material::CertificateChain(chain) => {
                 let with_roots: Vec<&&PolicyEntry> = applicable
@@ -321,7 +356,11 @@ impl TrustPolicy {
                                 continue;
                             }
                             if signing.key.verify(&message, &bundle.signature) {
-                                return Ok(signer);
+                                match entry.names_ok(&bundle.payload, model) {
+                                    Ok(()) => return Ok(signer),
+                                    Err(e) => last = Some(e),
+                                }
+                                continue;
                             }
                             last = Some(OmsError::BadSignature);
                         }
@@ -335,12 +374,12 @@ impl TrustPolicy {
                 entries,
                 timestamps,
             } => {
-                let with_root: Vec<(&TrustedRoot, &[Identity])> = applicable
+                let with_root: Vec<(&PolicyEntry, &TrustedRoot, &[Identity])> = applicable
                     .iter()
                     .filter_map(|e| {
                         e.sigstore_root
                             .as_ref()
-                            .map(|r| (r, &e.sigstore_identities[..]))
+                            .map(|r| (*e, r, &e.sigstore_identities[..]))
                     })
                     .collect();
                 if with_root.is_empty() {
@@ -350,7 +389,7 @@ impl TrustPolicy {
                     });
                 }
                 let mut last = None;
-                for (root, allowed) in with_root {
+                for (entry, root, allowed) in with_root {
                     match sigstore::verify(bundle, certificate, entries, timestamps, root, &message)
                     {
                         Ok(who) => {
@@ -371,7 +410,13 @@ impl TrustPolicy {
                             if allowed.iter().any(|a| {
                                 a.issuer == who.issuer && who.identities.contains(&a.identity)
                             }) {
-                                return Ok(signer);
+                                match entry.names_ok(&bundle.payload, model) {
+                                    Ok(()) => return Ok(signer),
+                                    Err(e) => {
+                                        last = Some(e);
+                                        continue;
+                                    }
+                                }
                             }
                             last = Some(OmsError::Untrusted {
                                 model: model.clone(),
