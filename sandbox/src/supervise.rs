@@ -95,6 +95,11 @@ pub enum Event {
     Exited {
         reason: ExitReason,
         restart_in: Option<Duration>,
+        /// The jail did not end its namespace in time and was SIGKILLed:
+        /// the worker may still be running (stuck in the kernel, say),
+        /// with its device open. Never restarted then; its device must
+        /// not be given to anyone else.
+        outlived: bool,
     },
 }
 
@@ -117,6 +122,9 @@ pub struct Policy {
     pub backoff_max: Duration,
     /// How long a stopped worker has to exit before SIGTERM, then SIGKILL.
     pub stop_grace: Duration,
+    /// How long a jail asked to end its worker has before it is SIGKILLed
+    /// (then the worker may outlive it: [`Event::Exited`]'s `outlived`).
+    pub kill_grace: Duration,
     /// Exit codes that mean a restart cannot help (the worker refused its
     /// input, e.g. a model it cannot load): no restart after them.
     pub no_restart_codes: Vec<i32>,
@@ -135,6 +143,7 @@ impl Default for Policy {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             stop_grace: Duration::from_secs(30),
+            kill_grace: KILL_GRACE,
             no_restart_codes: Vec::new(),
         }
     }
@@ -170,7 +179,7 @@ impl std::fmt::Debug for FrameSink {
 
 /// How long a jail asked to end its worker ([`crate::jail::KILL_SIGNAL`])
 /// has to kill its namespace, remove the cgroups and exit before it is
-/// itself SIGKILLed.
+/// itself SIGKILLed: the default of [`Policy::kill_grace`].
 pub const KILL_GRACE: Duration = Duration::from_secs(10);
 
 /// Frames queued for one worker before [`ControlSender::send`] refuses
@@ -249,6 +258,7 @@ pub struct Supervisor {
     state: Arc<Mutex<WorkerState>>,
     sender: ControlSender,
     pid: Arc<Mutex<Option<i32>>>,
+    outlived: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -261,10 +271,12 @@ impl Supervisor {
         let state = Arc::new(Mutex::new(WorkerState::Starting));
         let sender = ControlSender::default();
         let pid = Arc::new(Mutex::new(None));
+        let outlived = Arc::new(AtomicBool::new(false));
         let life = Life {
             state: state.clone(),
             sender: sender.clone(),
             pid: pid.clone(),
+            outlived: outlived.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("ccnode-supervise".into())
@@ -274,6 +286,7 @@ impl Supervisor {
             state,
             sender,
             pid,
+            outlived,
             thread: Some(thread),
         })
     }
@@ -298,21 +311,34 @@ impl Supervisor {
         *self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether a life of this worker may have outlived its jail (see
+    /// [`Event::Exited`]'s `outlived`).
+    pub fn outlived(&self) -> bool {
+        self.outlived.load(Ordering::Acquire)
+    }
+
     /// Drain: ask the worker to finish and exit; SIGTERM, then SIGKILL,
-    /// after the grace period. No restart. Blocks until it has ended.
-    pub fn stop(mut self) {
+    /// after the grace period. No restart. Blocks until it has ended, and
+    /// returns whether every process of it is known to be gone (false:
+    /// [`Supervisor::outlived`]).
+    #[must_use = "a worker that outlived its jail still holds its device"]
+    pub fn stop(mut self) -> bool {
         let _ = self.commands.send(Command::Stop);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        !self.outlived()
     }
 
-    /// Quarantine: SIGKILL now. No restart. Blocks until it has ended.
-    pub fn kill(mut self) {
+    /// Quarantine: end it now. No restart. Blocks until it has ended, and
+    /// returns as [`Supervisor::stop`] does.
+    #[must_use = "a worker that outlived its jail still holds its device"]
+    pub fn kill(mut self) -> bool {
         let _ = self.commands.send(Command::Kill);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        !self.outlived()
     }
 }
 
@@ -346,6 +372,7 @@ struct Life {
     state: Arc<Mutex<WorkerState>>,
     sender: ControlSender,
     pid: Arc<Mutex<Option<i32>>>,
+    outlived: Arc<AtomicBool>,
 }
 
 fn run(spec: Spec, policy: Policy, commands: Receiver<Command>, events: Sender<Event>, life: Life) {
@@ -354,7 +381,12 @@ fn run(spec: Spec, policy: Policy, commands: Receiver<Command>, events: Sender<E
     loop {
         set(state, &events, WorkerState::Starting);
         let began = Instant::now();
-        let (reason, requested) = run_once(&spec, &policy, &commands, &events, &life);
+        let mut outlived = false;
+        let (reason, requested) =
+            run_once(&spec, &policy, &commands, &events, &life, &mut outlived);
+        if outlived {
+            life.outlived.store(true, Ordering::Release);
+        }
         // A worker that ran longer than the longest backoff was not
         // crash-looping: its earlier failures no longer count.
         if began.elapsed() > policy.backoff_max {
@@ -368,7 +400,9 @@ fn run(spec: Spec, policy: Policy, commands: Receiver<Command>, events: Sender<E
             ExitReason::Code(c) => policy.no_restart_codes.contains(c),
             _ => false,
         };
-        let restart = !requested && !hopeless && failures < policy.max_restarts;
+        // A worker that may still run keeps its device: another life would
+        // share it.
+        let restart = !requested && !hopeless && !outlived && failures < policy.max_restarts;
         let delay = restart.then(|| {
             let exp = policy
                 .backoff_initial
@@ -378,6 +412,7 @@ fn run(spec: Spec, policy: Policy, commands: Receiver<Command>, events: Sender<E
         let _ = events.send(Event::Exited {
             reason,
             restart_in: delay,
+            outlived,
         });
         let Some(delay) = delay else { return };
         failures += 1;
@@ -389,13 +424,15 @@ fn run(spec: Spec, policy: Policy, commands: Receiver<Command>, events: Sender<E
 }
 
 /// One life of the worker. Returns why it ended, and whether that was
-/// asked for (stop or kill).
+/// asked for (stop or kill); sets `outlived` when the jail had to be
+/// SIGKILLed.
 fn run_once(
     spec: &Spec,
     policy: &Policy,
     commands: &Receiver<Command>,
     events: &Sender<Event>,
     life: &Life,
+    outlived: &mut bool,
 ) -> (ExitReason, bool) {
     let state = &*life.state;
     let (ours, theirs) = match UnixStream::pair() {
@@ -460,7 +497,7 @@ fn run_once(
     });
     if let Err((events_so_far, why)) = started {
         if why != crate::NotStarted::Failed {
-            end_jail(&mut jailed);
+            *outlived |= end_jail(&mut jailed, policy.kill_grace);
         }
         let _ = jailed.child.wait();
         let _ = reports_thread.join();
@@ -508,7 +545,7 @@ fn run_once(
     }
     if let Some(init) = &spec.init {
         if !life.sender.send(init) {
-            end_jail(&mut jailed);
+            *outlived |= end_jail(&mut jailed, policy.kill_grace);
             let _ = jailed.child.wait();
             return (
                 setup_failed("init frame", "the worker closed its socket"),
@@ -562,12 +599,14 @@ fn run_once(
     };
     match &verdict {
         // Ending by request or by violation: the jail goes now.
-        Some(reason) if !matches!(reason, ExitReason::Stopped) => end_jail(&mut jailed),
+        Some(reason) if !matches!(reason, ExitReason::Stopped) => {
+            *outlived |= end_jail(&mut jailed, policy.kill_grace)
+        }
         // A stopped worker has had its grace and a SIGTERM: a few more
         // seconds to exit, then it is ended. Not once it has exited.
         Some(_) => {
             if !exits_soon(&mut verdict) {
-                end_jail(&mut jailed);
+                *outlived |= end_jail(&mut jailed, policy.kill_grace);
             }
         }
         // The worker closed its socket: it should be exiting. One that
@@ -575,7 +614,7 @@ fn run_once(
         // seconds.
         None => {
             if !exits_soon(&mut verdict) {
-                end_jail(&mut jailed);
+                *outlived |= end_jail(&mut jailed, policy.kill_grace);
                 if verdict.is_none() {
                     verdict = Some(ExitReason::ProtocolViolation(
                         "closed its control socket but did not exit".into(),
@@ -692,22 +731,24 @@ fn forward_stderr(mut r: impl std::io::BufRead, events: &Sender<Event>) {
 /// Ends the jail: asks it to kill its namespace and to wait until every
 /// process in it is gone (the worker's device files closed) and its
 /// cgroups are removed; SIGKILL only if it has not exited after
-/// [`KILL_GRACE`] (a worker stuck in the kernel, a jail that hangs). Never
-/// once the jail is reaped: its pid may already be another process's.
-fn end_jail(jailed: &mut crate::Jailed) {
+/// `grace` (a worker stuck in the kernel, a jail that hangs). Never once
+/// the jail is reaped: its pid may already be another process's. True
+/// when it had to be SIGKILLed: its namespace may live on.
+fn end_jail(jailed: &mut crate::Jailed, grace: Duration) -> bool {
     let pid = nix::unistd::Pid::from_raw(jailed.child.id() as i32);
     if !matches!(jailed.child.try_wait(), Ok(None)) {
-        return;
+        return false;
     }
     let _ = nix::sys::signal::kill(pid, crate::jail::KILL_SIGNAL);
-    let deadline = Instant::now() + KILL_GRACE;
+    let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if !matches!(jailed.child.try_wait(), Ok(None)) {
-            return;
+            return false;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    true
 }
 
 fn setup_failed(stage: &str, e: impl std::fmt::Display) -> ExitReason {

@@ -46,7 +46,14 @@ fn quick() -> Policy {
 fn next_exit(rx: &Receiver<Event>) -> (ExitReason, Option<Duration>) {
     loop {
         match rx.recv_timeout(PATIENCE).expect("an event") {
-            Event::Exited { reason, restart_in } => return (reason, restart_in),
+            Event::Exited {
+                reason,
+                restart_in,
+                outlived,
+            } => {
+                assert!(!outlived, "{reason:?}: the jail had to be SIGKILLed");
+                return (reason, restart_in);
+            }
             Event::State(_) | Event::Stderr(_) => {}
         }
     }
@@ -90,7 +97,7 @@ fn a_worker_goes_through_its_lifecycle_and_stops_on_request() {
     // It answers health checks: still ready several intervals later.
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(sup.state(), WorkerState::Ready);
-    sup.stop();
+    assert!(sup.stop(), "every process of it is gone");
     let (reason, restart) = next_exit(&rx);
     assert_eq!(reason, ExitReason::Stopped);
     assert_eq!(restart, None, "a requested stop does not restart");
@@ -101,7 +108,7 @@ fn kill_ends_a_worker_now() {
     let (tx, rx) = mpsc::channel();
     let sup = Supervisor::start(spec(&["ignore-shutdown"], 65534), quick(), tx).unwrap();
     wait_state(&rx, WorkerState::Ready);
-    sup.kill();
+    assert!(sup.kill(), "every process of it is gone");
     assert_eq!(next_exit(&rx), (ExitReason::Killed, None));
 }
 
@@ -110,7 +117,7 @@ fn a_worker_that_ignores_shutdown_is_ended_after_its_grace() {
     let (tx, rx) = mpsc::channel();
     let sup = Supervisor::start(spec(&["ignore-shutdown"], 65534), quick(), tx).unwrap();
     wait_state(&rx, WorkerState::Ready);
-    sup.stop();
+    assert!(sup.stop(), "every process of it is gone");
     assert_eq!(next_exit(&rx).0, ExitReason::Stopped);
 }
 
@@ -195,7 +202,7 @@ fn a_worker_that_stops_reading_never_blocks_its_sender() {
         "{accepted} frames of 1 MiB taken for a worker that reads none"
     );
     assert!(!sent[sent.len() - 1], "a full queue refuses");
-    sup.kill();
+    assert!(sup.kill(), "every process of it is gone");
     assert_eq!(next_exit(&rx).0, ExitReason::Killed);
 }
 
@@ -233,7 +240,7 @@ fn lingering(policy: Policy) -> (Supervisor, Receiver<Event>) {
 #[test]
 fn a_kill_while_a_worker_is_given_time_to_exit_is_applied() {
     let (sup, rx) = lingering(quick());
-    sup.kill();
+    assert!(sup.kill(), "every process of it is gone");
     assert_eq!(next_exit(&rx), (ExitReason::Killed, None));
 }
 
@@ -247,7 +254,7 @@ fn a_stop_while_a_worker_is_given_time_to_exit_is_kept() {
     });
     let (done_tx, done_rx) = mpsc::channel();
     std::thread::spawn(move || {
-        sup.stop();
+        assert!(sup.stop(), "every process of it is gone");
         let _ = done_tx.send(());
     });
     done_rx
@@ -295,6 +302,41 @@ fn a_kill_during_a_hanging_setup_is_applied_at_once() {
         // Ended and reaped, not left behind.
         assert!(!std::path::Path::new(&format!("/proc/{jail}")).exists());
     }
+}
+
+#[test]
+fn a_jail_that_will_not_end_is_killed_and_its_worker_presumed_alive() {
+    // A "jail" that says the worker started, then ignores the kill
+    // signal: as one whose worker is stuck in the kernel would stay.
+    let mut s = spec(&["well"], 65534);
+    s.jail = PathBuf::from("/bin/sh");
+    s.jail_args = vec![
+        "-c".into(),
+        "trap '' USR1 TERM; echo '{\"event\":\"started\",\"pid\":1}' >&4; exec sleep 600".into(),
+    ];
+    let policy = Policy {
+        kill_grace: Duration::from_millis(300),
+        ready_timeout: Duration::from_millis(300),
+        max_restarts: 3,
+        ..quick()
+    };
+    let (tx, rx) = mpsc::channel();
+    let sup = Supervisor::start(s, policy, tx).unwrap();
+    let (reason, restart_in, outlived) = loop {
+        if let Event::Exited {
+            reason,
+            restart_in,
+            outlived,
+        } = rx.recv_timeout(PATIENCE).expect("an event")
+        {
+            break (reason, restart_in, outlived);
+        }
+    };
+    assert_eq!(reason, ExitReason::ReadyTimeout);
+    assert!(outlived, "SIGKILLed after its grace");
+    assert_eq!(restart_in, None, "not restarted onto the same device");
+    assert!(sup.outlived());
+    assert!(!sup.kill(), "kill says the worker may live on");
 }
 
 #[test]
@@ -400,6 +442,6 @@ fn a_fork_bomb_is_contained_by_its_process_limit() {
         })
         .count();
     assert!((1..=32).contains(&count), "{count} processes");
-    sup.kill();
+    assert!(sup.kill(), "every process of it is gone");
     assert_eq!(next_exit(&rx).0, ExitReason::Killed);
 }

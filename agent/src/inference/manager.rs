@@ -1232,7 +1232,11 @@ impl Model {
                     self.pump();
                 }
             }
-            SupEvent::Exited { reason, restart_in } => {
+            SupEvent::Exited {
+                reason,
+                restart_in,
+                outlived,
+            } => {
                 let job = lock(&r.busy).take();
                 if let Some(job) = job {
                     let _ = job.tx.try_send(Piece::Error {
@@ -1297,8 +1301,10 @@ impl Model {
                     self.fail_queue("model_not_ready", "no worker serves this model now");
                 }
                 // This worker is gone for good: its device is scrubbed
-                // before it serves anyone else.
-                if restart_in.is_none() {
+                // before it serves anyone else. Unless it may not be gone.
+                if outlived {
+                    self.hold_device(r);
+                } else if restart_in.is_none() {
                     self.release_device(r);
                 }
             }
@@ -1337,10 +1343,10 @@ impl Model {
                 *st = WorkerState::Stopping;
             }
         }
-        let sups: Vec<Supervisor> = self
+        let sups: Vec<(usize, Supervisor)> = self
             .replicas
             .iter()
-            .filter_map(|r| lock(&r.sup).take())
+            .filter_map(|r| lock(&r.sup).take().map(|s| (r.index, s)))
             .collect();
         // A graceful stop leaves a way to kill its workers while it waits
         // out their grace; a kill uses every such way first, so that a
@@ -1351,19 +1357,59 @@ impl Model {
                 k.kill();
             }
         } else {
-            lock(&self.stopping).extend(sups.iter().map(|s| (stop_id, s.killer())));
+            lock(&self.stopping).extend(sups.iter().map(|(_, s)| (stop_id, s.killer())));
         }
         let handles: Vec<_> = sups
             .into_iter()
-            .map(|s| std::thread::spawn(move || if kill { s.kill() } else { s.stop() }))
+            .map(|(i, s)| {
+                (
+                    i,
+                    std::thread::spawn(move || if kill { s.kill() } else { s.stop() }),
+                )
+            })
             .collect();
-        for h in handles {
-            let _ = h.join();
+        let mut outlived = Vec::new();
+        for (i, h) in handles {
+            // A supervision thread that panicked: nothing is known of its
+            // worker either.
+            if !h.join().unwrap_or(false) {
+                outlived.push(i);
+            }
         }
         if !kill {
             lock(&self.stopping).retain(|(id, _)| *id != stop_id);
         }
-        self.release_devices();
+        for r in &self.replicas {
+            if outlived.contains(&r.index) {
+                self.hold_device(r);
+            } else {
+                self.release_device(r);
+            }
+        }
+    }
+
+    /// A worker that may have outlived its jail keeps its device: it is
+    /// neither scrubbed nor given to anyone while the process may still
+    /// have it open. It stays held until ccnoded restarts (and scrubs
+    /// every device at start).
+    fn hold_device(&self, r: &Replica) {
+        // The claim's token is dropped, not released: the ledger keeps the
+        // device taken, and no later release (an unload) can free it.
+        let held = lock(&r.claim).take().is_some();
+        let Some(m) = self.manager() else { return };
+        let device = match (&r.device, held) {
+            (Some(d), true) => format!("device {d} stays held until ccnoded restarts"),
+            _ => "it held no device".to_owned(),
+        };
+        tracing::error!(model = %self.cfg.name, worker = r.index, "worker may have outlived its jail; {device}");
+        m.audit(
+            "worker_outlived",
+            format!(
+                "model {} worker {}: the jail did not end it in time and was killed; {device}",
+                self.cfg.name, r.index
+            ),
+            "held",
+        );
     }
 
     /// Gives every replica's device back to the ledger, which scrubs it
