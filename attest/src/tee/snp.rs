@@ -202,6 +202,8 @@ pub enum SnpError {
     NoAllowedMeasurements,
     #[error("measurement {measurement} is not among the policy's {allowed} allowed_measurements")]
     MeasurementNotAllowed { measurement: String, allowed: usize },
+    #[error("the policy sets no min_tcb, so any firmware TCB, an old vulnerable one too, would pass: set min_tcb, or allow_any_tcb = true")]
+    NoMinTcb,
     #[error("reported TCB {component} is {found}, the policy's min_tcb is {min}")]
     TcbTooLow {
         component: &'static str,
@@ -1748,6 +1750,11 @@ pub struct SnpPolicy {
     /// the certificate check ties to the VCEK).
     #[serde(default)]
     pub min_tcb: Option<MinTcb>,
+    /// Accept any REPORTED_TCB when `min_tcb` is unset. Without either,
+    /// every report is refused: a verifier that does not say which
+    /// firmware it accepts would accept a rollback to any.
+    #[serde(default)]
+    pub allow_any_tcb: bool,
     /// Accept guests whose policy allows debugging.
     #[serde(default)]
     pub allow_debug: bool,
@@ -1862,6 +1869,9 @@ pub fn check_policy(report: &SnpReport, policy: &SnpPolicy) -> Result<String, Sn
         return Err(SnpError::SingleSocketRequired);
     }
     let t = &report.reported_tcb;
+    if policy.min_tcb.is_none() && !policy.allow_any_tcb {
+        return Err(SnpError::NoMinTcb);
+    }
     if let Some(min) = &policy.min_tcb {
         let low = |component: &'static str, found: u8, min: u8| {
             (found < min).then(|| SnpError::TcbTooLow {
@@ -1906,7 +1916,7 @@ pub fn check_policy(report: &SnpReport, policy: &SnpPolicy) -> Result<String, Sn
         if policy.min_tcb.is_some() {
             " meets min_tcb"
         } else {
-            ""
+            " not checked (allow_any_tcb)"
         }
     ))
 }

@@ -660,8 +660,13 @@ fn malformed_cert_tables() {
     assert!(err(&vec![0; MAX_CERT_TABLE + 1]).contains("exceed"));
 }
 
+/// Accepts the genuine Milan report: its measurement, and its TCB (3, 0,
+/// 8, 115) as the minimum.
 fn policy() -> SnpPolicy {
-    SnpPolicy::from_toml(&format!("allowed_measurements = [\"{MEASUREMENT}\"]\n")).unwrap()
+    SnpPolicy::from_toml(&format!(
+        "allowed_measurements = [\"{MEASUREMENT}\"]\nmin_tcb = {{ bootloader = 3, tee = 0, snp = 8, microcode = 115 }}\n"
+    ))
+    .unwrap()
 }
 
 #[test]
@@ -710,7 +715,7 @@ fn policy_parsing() {
         assert!(SnpPolicy::from_toml(bad).is_err(), "{bad}");
     }
     // The [snp] table of a verifier policy.
-    let v = format!("allowed_aks = []\n[snp]\nallowed_measurements = [\"{MEASUREMENT}\"]\n");
+    let v = format!("allowed_aks = []\n[snp]\nallowed_measurements = [\"{MEASUREMENT}\"]\n[snp.min_tcb]\nbootloader = 3\ntee = 0\nsnp = 8\nmicrocode = 115\n");
     assert_eq!(SnpPolicy::from_verifier_toml(&v).unwrap(), Some(policy()));
     assert_eq!(
         SnpPolicy::from_verifier_toml("allowed_aks = []").unwrap(),
@@ -789,6 +794,18 @@ fn policy_checks() {
         q
     };
     check_policy(&r, &min(3, 0, 8, 115, None)).unwrap();
+    // No min_tcb: refused, unless any TCB is accepted explicitly.
+    let mut none = p.clone();
+    none.min_tcb = None;
+    assert!(matches!(check_policy(&r, &none), Err(SnpError::NoMinTcb)));
+    none.allow_any_tcb = true;
+    let ok = check_policy(&r, &none).unwrap();
+    assert!(ok.contains("not checked (allow_any_tcb)"), "{ok}");
+    assert!(
+        SnpPolicy::from_toml("allow_any_tcb = true")
+            .unwrap()
+            .allow_any_tcb
+    );
     // fmc is compared only where the TCB has one (Turin).
     check_policy(&r, &min(3, 0, 8, 115, Some(9))).unwrap();
     for (q, component) in [
