@@ -856,10 +856,14 @@ pub struct TdxPolicy {
     /// Accept a debuggable TD (TDATTRIBUTES bit 0). Default false.
     #[serde(default)]
     pub allow_debug: bool,
-    /// Minimum TEE_TCB_SVN, component-wise (16 bytes, hex); absent: not
-    /// checked.
+    /// Minimum TEE_TCB_SVN, component-wise (16 bytes, hex); absent: every
+    /// quote is refused unless `allow_any_tcb`.
     #[serde(default)]
     pub min_tee_tcb_svn: Option<String>,
+    /// Accept any TEE_TCB_SVN when `min_tee_tcb_svn` is unset (a policy
+    /// that names no minimum accepts a rollback to any TDX module).
+    #[serde(default)]
+    pub allow_any_tcb: bool,
     /// MRSEAM values accepted (hex); absent: not checked.
     #[serde(default)]
     pub allowed_mrseam: Option<Vec<String>>,
@@ -985,6 +989,11 @@ impl TdxPolicy {
                 "quoting enclave isvsvn {} is below the minimum {min_qe}",
                 v.qe_isvsvn
             ));
+        }
+        if c.min_svn.is_none() && !self.allow_any_tcb {
+            return refuse(
+                "the policy sets no min_tee_tcb_svn, so any tdx module, an old vulnerable one too, would pass: set min_tee_tcb_svn, or allow_any_tcb = true".into(),
+            );
         }
         if let Some(min) = c.min_svn {
             if let Some(i) = (0..16).find(|&i| r.tee_tcb_svn.get(i) < min.get(i)) {

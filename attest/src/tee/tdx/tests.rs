@@ -471,6 +471,7 @@ fn synth(o: &Opts) -> Synth {
 fn synth_policy() -> TdxPolicy {
     TdxPolicy {
         allowed_mrtd: vec!["11".repeat(48)],
+        min_tee_tcb_svn: Some("00".repeat(16)),
         ..TdxPolicy::default()
     }
 }
@@ -659,6 +660,7 @@ fn report_data_must_be_the_binding() {
     // else's data.
     let p = TdxPolicy {
         allowed_mrtd: vec![MRTD.into()],
+        allow_any_tcb: true,
         ..TdxPolicy::default()
     };
     let e = verify_evidence(&evidence(&genuine()), &[0; 32], &p, now()).unwrap_err();
@@ -696,6 +698,7 @@ fn policy_checks_each_refuse_the_genuine_quote() {
         allowed_mrconfigid: Some(vec!["00".repeat(48)]),
         allow_debug: false,
         min_tee_tcb_svn: Some("05010200000000000000000000000000".into()),
+        allow_any_tcb: false,
         allowed_mrseam: Some(vec![MRSEAM.into()]),
         min_qe_isvsvn: Some(6),
     };
@@ -763,6 +766,15 @@ fn policy_checks_each_refuse_the_genuine_quote() {
     }
     .check(&debug)
     .unwrap();
+    // No minimum TDX module SVN: refused unless any is accepted.
+    let mut any = TdxPolicy {
+        min_tee_tcb_svn: None,
+        ..base.clone()
+    };
+    let e = any.check(&v).unwrap_err().to_string();
+    assert!(e.contains("sets no min_tee_tcb_svn"), "{e}");
+    any.allow_any_tcb = true;
+    any.check(&v).unwrap();
 }
 
 #[test]
