@@ -728,6 +728,48 @@ fn a_cn_is_an_identity_only_without_alternative_names() {
     assert!(matches!(signed("copied"), Err(OmsError::Untrusted { .. })));
 }
 
+/// A typed policy identity (`email:`, `uri:`, `dns:`, `cn:`) matches
+/// only an identity of that kind; a bare one matches any kind.
+#[test]
+fn typed_identities_match_their_kind_only() {
+    let (tmp, dir, _, _) = signed_model();
+    let t = tmp.path();
+    let ca = "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign\n";
+    common::issue_cert(t, "root", None, ca);
+    // A URI alternative name spelled like an address, and a DNS name.
+    common::issue_cert(
+        t,
+        "leaf",
+        Some("root"),
+        "keyUsage=critical,digitalSignature\nsubjectAltName=URI:release@example.com,DNS:models.example.com\n",
+    );
+    let chain = [common::pem_to_der(&t.join("leaf.pem"))];
+    let sig = common::sign_with_chain(&dir, &t.join("leaf.key"), &chain);
+    let config = t.join("trust.toml");
+    let with = |identity: &str| {
+        fs::write(
+            &config,
+            format!("[[signer]]\nmodels = [\"m\"]\nca_roots = [\"root.pem\"]\nidentities = [\"{identity}\"]\n"),
+        )
+        .unwrap();
+        verify(&dir, &sig, &TrustPolicy::load(&config).unwrap())
+    };
+    with("release@example.com").unwrap();
+    with("uri:release@example.com").unwrap();
+    with("dns:models.example.com").unwrap();
+    for refused in [
+        "email:release@example.com",
+        "dns:release@example.com",
+        "uri:models.example.com",
+        "cn:leaf",
+    ] {
+        assert!(
+            matches!(with(refused), Err(OmsError::Untrusted { .. })),
+            "{refused}"
+        );
+    }
+}
+
 /// A model with more files than the caller's soft open-file limit: the
 /// verifier holds every file (and, with `--sealed-copy`, a memfd for each)
 /// open at once, so it raises its soft limit to the hard one first.

@@ -36,9 +36,32 @@ pub struct SigningCert {
     /// Subject distinguished name.
     pub subject: String,
     /// Subject alternative names (email, URI, DNS); the subject's CN where
-    /// the certificate has no subject alternative name extension.
-    pub identities: Vec<String>,
+    /// the certificate has no subject alternative name extension. Each with
+    /// its kind: `email`, `uri`, `dns` or `cn`.
+    pub identities: Vec<(&'static str, String)>,
 }
+
+impl SigningCert {
+    /// Whether `wanted`, a trust policy identity, names this certificate:
+    /// `kind:value` (`email:`, `uri:`, `dns:`, `cn:`) matches that kind
+    /// only; a bare value matches any kind spelled so.
+    pub fn has_identity(&self, wanted: &str) -> bool {
+        let typed = IDENTITY_KINDS.iter().find_map(|k| {
+            wanted
+                .strip_prefix(k)
+                .and_then(|r| r.strip_prefix(':'))
+                .map(|v| (*k, v))
+        });
+        self.identities.iter().any(|(kind, value)| match typed {
+            Some((k, v)) => *kind == k && value == v,
+            None => value == wanted,
+        })
+    }
+}
+
+/// The kinds of identity a signing certificate carries, as a trust policy
+/// may prefix them.
+pub const IDENTITY_KINDS: [&str; 4] = ["email", "uri", "dns", "cn"];
 
 fn refuse(reason: impl Into<String>) -> OmsError {
     OmsError::Certificate(reason.into())
@@ -371,9 +394,9 @@ pub fn verify_chain(
     let has_san = san.is_some();
     for name in san.into_iter().flat_map(|s| s.0) {
         match name {
-            GeneralName::Rfc822Name(s) => identities.push(s.to_string()),
-            GeneralName::UniformResourceIdentifier(s) => identities.push(s.to_string()),
-            GeneralName::DnsName(s) => identities.push(s.to_string()),
+            GeneralName::Rfc822Name(s) => identities.push(("email", s.to_string())),
+            GeneralName::UniformResourceIdentifier(s) => identities.push(("uri", s.to_string())),
+            GeneralName::DnsName(s) => identities.push(("dns", s.to_string())),
             _ => {}
         }
     }
@@ -384,9 +407,9 @@ pub fn verify_chain(
         for atv in rdn.0.iter() {
             if atv.oid == const_oid::db::rfc4519::CN {
                 if let Ok(s) = atv.value.decode_as::<der::asn1::Utf8StringRef<'_>>() {
-                    identities.push(s.to_string());
+                    identities.push(("cn", s.to_string()));
                 } else if let Ok(s) = atv.value.decode_as::<der::asn1::PrintableStringRef<'_>>() {
-                    identities.push(s.to_string());
+                    identities.push(("cn", s.to_string()));
                 }
             }
         }

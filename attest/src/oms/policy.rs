@@ -13,7 +13,7 @@
 //! [[signer]]
 //! models = ["llama-3-8b"]
 //! ca_roots = ["ca/root.pem"]
-//! identities = ["release@example.com"] # SAN email/URI/DNS or subject CN; empty = any
+//! identities = ["email:release@example.com"] # email:/uri:/dns:/cn: or bare (any kind); empty = any
 //! subject_is_model = true              # the statement must name the model verified
 //!
 //! [[signer]]
@@ -344,10 +344,7 @@ impl TrustPolicy {
                         Ok(signing) => {
                             let signer = format!("certificate {}", signing.subject);
                             if !entry.identities.is_empty()
-                                && !signing
-                                    .identities
-                                    .iter()
-                                    .any(|id| entry.identities.contains(id))
+                                && !entry.identities.iter().any(|id| signing.has_identity(id))
                             {
                                 last = Some(OmsError::Untrusted {
                                     model: model.clone(),
