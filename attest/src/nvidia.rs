@@ -30,7 +30,8 @@
 //!
 //! - the report parses strictly: every length is checked, nothing trails,
 //!   at most [`MAX_REPORT`] bytes, SPDM version 1.1 in both messages,
-//!   signature requested, response slot = request slot, at least one block,
+//!   signature requested, every measurement requested (Param2 `0xFF`),
+//!   response slot = request slot, at least one block,
 //!   unique block indices, DMTF measurement specification, each block's
 //!   size agrees with its value's size, unique opaque types;
 //! - the chain ([`parse_pem_chain`]: at most [`MAX_CHAIN_CERTS`]
@@ -91,6 +92,8 @@ pub const SIGNATURE_LEN: usize = 96;
 pub const SPDM_VERSION: u8 = 0x11;
 /// GET_MEASUREMENTS request code.
 pub const GET_MEASUREMENTS: u8 = 0xE0;
+/// GET_MEASUREMENTS Param2 (measurement operation) asking for every block.
+pub const ALL_MEASUREMENTS: u8 = 0xFF;
 /// MEASUREMENTS response code.
 pub const MEASUREMENTS: u8 = 0x60;
 /// MeasurementSpecification value for DMTF.
@@ -211,6 +214,10 @@ pub enum NvidiaError {
     },
     #[error("the request does not ask for a signature (param1 {param1:#04x})")]
     SignatureNotRequested { param1: u8 },
+    #[error(
+        "the request asks for measurement operation {param2:#04x}, not all measurements (0xff)"
+    )]
+    NotAllMeasurements { param2: u8 },
     #[error("response slot {found} is not the requested slot {expected}")]
     SlotMismatch { expected: u8, found: u8 },
     #[error("the response has no measurement blocks")]
@@ -526,6 +533,12 @@ fn parse_request(r: &mut Reader<'_>) -> Result<SpdmRequest, NvidiaError> {
     };
     if !request.signature_requested() {
         return Err(NvidiaError::SignatureNotRequested { param1 });
+    }
+    // 0xFF: every measurement block. A request for one index (1..=0xFE)
+    // or for the count alone (0) gets a report that leaves the rest of the
+    // GPU's state out, signed all the same.
+    if param2 != ALL_MEASUREMENTS {
+        return Err(NvidiaError::NotAllMeasurements { param2 });
     }
     Ok(request)
 }

@@ -373,6 +373,13 @@ fn each_structural_check_rejects() {
         patched(|b| b[2] = 0).unwrap_err(),
         NvidiaError::SignatureNotRequested { param1: 0 }
     );
+    // One block (index 1), or the count alone (0): not the whole GPU.
+    for op in [0x00, 0x01, 0xFE] {
+        assert_eq!(
+            patched(|b| b[3] = op).unwrap_err(),
+            NvidiaError::NotAllMeasurements { param2: op }
+        );
+    }
     assert!(matches!(
         patched(|b| b[R] = 0x12),
         Err(NvidiaError::SpdmVersion {
