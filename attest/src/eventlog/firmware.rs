@@ -7,7 +7,9 @@
 //! [`replay`] parses the log (bounded: size, event count, digests per event,
 //! event size; never panics) and replays the sha256 bank from zeros.
 //! `EV_NO_ACTION` events are not extended; a `StartupLocality` event sets
-//! PCR 0's initial value to the locality, as the specification says.
+//! PCR 0's initial value to the locality, as the specification says: once,
+//! 17 bytes, before anything is measured into PCR 0 (a later one would
+//! drop the events before it from the replay, so the log could show any).
 
 use std::collections::BTreeMap;
 
@@ -154,7 +156,22 @@ pub fn replay(log: &[u8]) -> Result<FirmwareReplay, FirmwareLogError> {
         let data = c.take(size as usize, "event data")?;
         events += 1;
         if ty == EV_NO_ACTION {
-            if pcr == 0 && data.len() >= 17 && data[..16] == STARTUP_LOCALITY_SIGNATURE[..] {
+            if pcr == 0 && data.len() >= 16 && data[..16] == STARTUP_LOCALITY_SIGNATURE[..] {
+                // It sets PCR0's starting value, so it comes once, before
+                // anything is measured into PCR0: a later one would let
+                // the log show any events before it, which the replay
+                // would then drop.
+                if data.len() != 17 {
+                    return Err(c.err(format!(
+                        "StartupLocality event of {} bytes, not 17",
+                        data.len()
+                    )));
+                }
+                if pcrs.contains_key(&0) {
+                    return Err(
+                        c.err("StartupLocality event after PCR0 was measured or set already")
+                    );
+                }
                 let mut init = [0u8; 32];
                 init[31] = data[16];
                 pcrs.insert(0, init);
@@ -298,5 +315,31 @@ mod tests {
         bad.extend_from_slice(&1u32.to_le_bytes());
         bad.extend_from_slice(&1000u32.to_le_bytes());
         assert!(replay(&bad).unwrap_err().reason.contains("digests"));
+    }
+
+    #[test]
+    fn startup_locality_comes_once_before_pcr0_is_measured() {
+        let mut locality = STARTUP_LOCALITY_SIGNATURE.to_vec();
+        locality.push(3);
+        // After a PCR0 measurement it would drop that measurement (and any
+        // fake ones before it) from the replay.
+        let late = build_log(&[
+            (0, 0x8000_0008, b"shown, not replayed"),
+            (0, EV_NO_ACTION, &locality),
+        ]);
+        let e = replay(&late).unwrap_err().reason;
+        assert!(e.contains("after PCR0"), "{e}");
+        let twice = build_log(&[(0, EV_NO_ACTION, &locality), (0, EV_NO_ACTION, &locality)]);
+        assert!(replay(&twice).unwrap_err().reason.contains("after PCR0"));
+        let mut long = locality.clone();
+        long.push(0);
+        let e = replay(&build_log(&[(0, EV_NO_ACTION, &long)]))
+            .unwrap_err()
+            .reason;
+        assert!(e.contains("not 17"), "{e}");
+        // A measurement in another PCR first is fine.
+        let other = build_log(&[(7, 0x8000_00e0, b"sb"), (0, EV_NO_ACTION, &locality)]);
+        let r = replay(&other).unwrap();
+        assert_eq!(r.pcrs[&0][31], 3);
     }
 }
