@@ -490,7 +490,7 @@ fn parent(
     };
     let kill_child = || {
         let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
-        let _ = waitpid(child, None);
+        reap(child);
     };
     // On cgroup v2 the allow-list is a program, loaded here (after the fork:
     // the child never holds its fd) and attached before the child enters
@@ -600,13 +600,7 @@ fn parent(
         }
         report.send(&v);
     }
-    loop {
-        match waitpid(child, None) {
-            Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => break,
-            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(fail("wait")(e)),
-        }
-    }
+    reap_with(child).map_err(fail("wait"))?;
     // Before any exit below (some do not return).
     drop(device_cgroup);
     drop(cgroup);
@@ -625,6 +619,33 @@ fn parent(
     Ok(ended["code"]
         .as_i64()
         .unwrap_or(i64::from(EXIT_SETUP_FAILED)) as i32)
+}
+
+/// Waits for `child` to exit and reaps it, with the signal handlers told
+/// first: until it is reaped its pid cannot be another process's, and
+/// after that they must not signal it (the jail runs as root in the host's
+/// PID namespace). So: wait without reaping, forget the pid, then reap.
+fn reap_with(child: Pid) -> Result<(), nix::errno::Errno> {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag};
+    loop {
+        match waitid(Id::Pid(child), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+            Ok(_) => break,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    CHILD.store(0, Ordering::SeqCst);
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => return Ok(()),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn reap(child: Pid) {
+    let _ = reap_with(child);
 }
 
 /// Ends this process with signal `sig`, as the worker ended.

@@ -174,6 +174,7 @@ impl Profile {
             .iter()
             .chain(&self.devices)
             .chain(&self.optional_read_only)
+            .chain(std::iter::once(&self.program))
         {
             if !p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir) {
                 return err(format!("path {} must be absolute, without ..", p.display()));
@@ -186,7 +187,12 @@ impl Profile {
         // of the listed devices); a bind under one would be made first and
         // then fail or be hidden. /proc's global entries (/proc/driver/...)
         // are in the new procfs anyway.
-        for p in self.read_only.iter().chain(&self.optional_read_only) {
+        for p in self
+            .read_only
+            .iter()
+            .chain(&self.optional_read_only)
+            .chain(std::iter::once(&self.program))
+        {
             if let Some(top) = ["/proc", "/tmp", "/dev"]
                 .into_iter()
                 .find(|top| p.starts_with(top))
@@ -333,6 +339,11 @@ mod tests {
         let mut p = Profile::new("/usr/bin/true".into(), 1000, 1000);
         p.optional_read_only.push("/procfs-not".into());
         p.validate().unwrap();
+        // The program is bound too.
+        for program in ["/tmp/worker", "/dev/shm/worker", "/usr/../tmp/worker"] {
+            let p = Profile::new(program.into(), 1000, 1000);
+            assert!(p.validate().is_err(), "{program}");
+        }
     }
 
     #[test]

@@ -121,14 +121,27 @@ impl Jailed {
 
 /// Takes each of `numbers` that is free, as a close-on-exec duplicate of
 /// /dev/null, and holds it until the result is dropped. A number in use
-/// already (by another thread) is left as it is.
+/// already (by another thread) is left as it is: should that thread close
+/// it before std opens its pipe, the pipe may still get it (the exec error
+/// is then lost and the jail reads as ended, not started: closed, not
+/// open).
 fn hold_free(numbers: impl Iterator<Item = RawFd>) -> io::Result<Vec<OwnedFd>> {
-    let null = File::open("/dev/null")?;
+    let null = OwnedFd::from(File::open("/dev/null")?);
     let mut held = Vec::new();
+    let mut null = Some(null);
     for n in numbers {
+        // Opening /dev/null took the lowest free number, which may be one
+        // of these: it is held as it is.
+        if null.as_ref().is_some_and(|f| f.as_raw_fd() == n) {
+            held.extend(null.take());
+            continue;
+        }
+        let Some(src) = held.first().or(null.as_ref()).map(|f| f.as_raw_fd()) else {
+            break;
+        };
         // SAFETY: F_DUPFD_CLOEXEC on an open descriptor returns a new one,
         // the lowest free at or above `n`, owned by nobody else.
-        let raw = unsafe { libc::fcntl(null.as_raw_fd(), libc::F_DUPFD_CLOEXEC, n) };
+        let raw = unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, n) };
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }

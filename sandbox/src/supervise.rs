@@ -485,22 +485,30 @@ fn run_once(
         std::io::BufReader::new(tempfile_reader()),
     );
     // Drain the rest of the reports in the background (the jail blocks if
-    // nobody reads its pipe).
-    let reports_thread = std::thread::spawn(move || {
-        let mut rest = Vec::new();
-        for line in std::io::BufRead::lines(reports).map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                rest.push(v);
+    // nobody reads its pipe), noting whether the jail said how the worker
+    // ended.
+    let (reports_tx, reports_rx) = mpsc::channel();
+    let _ = std::thread::Builder::new()
+        .name("ccnode-jail-reports".into())
+        .spawn(move || {
+            let mut exited = false;
+            for line in std::io::BufRead::lines(reports).map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    exited |= v["event"] == "exited";
+                }
             }
-        }
-        rest
-    });
+            let _ = reports_tx.send(exited);
+        });
+    // Whether the reports, to their end, said `exited`: known a moment
+    // after the jail exits (a process stuck in setup may hold the pipe
+    // open; it is not waited for). None: not known.
+    let late_reports = || reports_rx.recv_timeout(Duration::from_secs(1)).ok();
     if let Err((events_so_far, why)) = started {
-        if why != crate::NotStarted::Failed {
-            *outlived |= end_jail(&mut jailed, policy.kill_grace);
-        }
+        // No worker has run: whatever is left of the jail holds no device
+        // open, so ending it decides nothing about the device.
+        end_jail(&mut jailed, policy.kill_grace);
         let _ = jailed.child.wait();
-        let _ = reports_thread.join();
+        let _ = late_reports();
         if let Some(s) = stderr {
             s.finish();
         }
@@ -624,7 +632,18 @@ fn run_once(
         }
     }
     let status = jailed.child.wait();
-    let _ = reports_thread.join();
+    // A jail that exits after its worker started says how the worker ended
+    // (`exited`) once its namespace is gone, whether the worker ended by
+    // itself or the jail was asked to end it. A jail killed by a signal
+    // without that word was killed from outside (SIGKILL by someone, the
+    // OOM killer): its init follows by its parent-death signal, but when,
+    // and whether the worker goes with it, is not known.
+    let said_exited = late_reports() == Some(true);
+    match &status {
+        Ok(s) if s.signal().is_some() && !said_exited => *outlived = true,
+        Err(_) => *outlived = true,
+        Ok(_) => {}
+    }
     if let Some(s) = stderr {
         s.finish();
     }
@@ -736,8 +755,11 @@ fn forward_stderr(mut r: impl std::io::BufRead, events: &Sender<Event>) {
 /// when it had to be SIGKILLed: its namespace may live on.
 fn end_jail(jailed: &mut crate::Jailed, grace: Duration) -> bool {
     let pid = nix::unistd::Pid::from_raw(jailed.child.id() as i32);
-    if !matches!(jailed.child.try_wait(), Ok(None)) {
-        return false;
+    match jailed.child.try_wait() {
+        Ok(Some(_)) => return false,
+        Ok(None) => {}
+        // Not ours to wait for any more: what became of it is not known.
+        Err(_) => return true,
     }
     let _ = nix::sys::signal::kill(pid, crate::jail::KILL_SIGNAL);
     let deadline = Instant::now() + grace;

@@ -340,6 +340,43 @@ fn a_jail_that_will_not_end_is_killed_and_its_worker_presumed_alive() {
 }
 
 #[test]
+fn a_jail_killed_from_outside_is_presumed_to_leave_its_worker() {
+    // SIGKILL to the jail from someone else: init follows by its
+    // parent-death signal, but the jail never said how the worker ended.
+    let (tx, rx) = mpsc::channel();
+    let sup = Supervisor::start(
+        spec(&["well"], 65534),
+        Policy {
+            max_restarts: 3,
+            ..quick()
+        },
+        tx,
+    )
+    .unwrap();
+    wait_state(&rx, WorkerState::Ready);
+    let jail = sup.pid().expect("a jail runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(jail),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let (reason, restart_in, outlived) = loop {
+        if let Event::Exited {
+            reason,
+            restart_in,
+            outlived,
+        } = rx.recv_timeout(PATIENCE).expect("an event")
+        {
+            break (reason, restart_in, outlived);
+        }
+    };
+    assert_eq!(reason, ExitReason::Signal(libc::SIGKILL));
+    assert!(outlived);
+    assert_eq!(restart_in, None);
+    assert!(!sup.kill());
+}
+
+#[test]
 fn a_setup_that_hangs_past_its_timeout_fails_without_restart() {
     let (tx, rx) = mpsc::channel();
     let policy = Policy {

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -236,6 +236,9 @@ struct Replica {
     state: Mutex<WorkerState>,
     busy: Mutex<Option<Job>>,
     last_exit: Mutex<Option<String>>,
+    /// Its worker may have outlived its jail: the device is held, and said
+    /// so once.
+    held: AtomicBool,
 }
 
 struct Model {
@@ -248,9 +251,10 @@ struct Model {
     replicas: Vec<Arc<Replica>>,
     queue: Mutex<VecDeque<Job>>,
     manager: Weak<Manager>,
-    /// The workers graceful stops are waiting for, by stop: a kill ends
-    /// them too ([`Model::stop_workers`]).
-    stopping: Mutex<Vec<(u64, ccnode_sandbox::supervise::Killer)>>,
+    /// The workers graceful stops are waiting for, by stop and replica: a
+    /// kill ends them too ([`Model::stop_workers`]), and leaves their
+    /// devices to the stop that waits for them.
+    stopping: Mutex<Vec<(u64, usize, ccnode_sandbox::supervise::Killer)>>,
     stops: AtomicU64,
 }
 
@@ -567,6 +571,7 @@ impl Manager {
                         state: Mutex::new(WorkerState::Starting),
                         busy: Mutex::new(None),
                         last_exit: Mutex::new(None),
+                        held: AtomicBool::new(false),
                     })
                 })
                 .collect::<Vec<_>>();
@@ -1353,12 +1358,13 @@ impl Model {
         // quarantine during a drain's stop is not held for the grace.
         let stop_id = self.stops.fetch_add(1, Ordering::Relaxed);
         if kill {
-            for (_, k) in lock(&self.stopping).drain(..) {
+            for (_, _, k) in lock(&self.stopping).iter() {
                 k.kill();
             }
         } else {
-            lock(&self.stopping).extend(sups.iter().map(|(_, s)| (stop_id, s.killer())));
+            lock(&self.stopping).extend(sups.iter().map(|(i, s)| (stop_id, *i, s.killer())));
         }
+        let taken: Vec<usize> = sups.iter().map(|(i, _)| *i).collect();
         let handles: Vec<_> = sups
             .into_iter()
             .map(|(i, s)| {
@@ -1376,13 +1382,21 @@ impl Model {
                 outlived.push(i);
             }
         }
+        // Each device is decided by the stop that joined its supervisor: a
+        // replica another stop is still ending keeps its device until that
+        // stop knows whether its worker is gone. One no stop holds (its
+        // load failed part-way, or its worker ended and was decided then)
+        // has nothing running.
+        let mut stopping = lock(&self.stopping);
         if !kill {
-            lock(&self.stopping).retain(|(id, _)| *id != stop_id);
+            stopping.retain(|(id, _, _)| *id != stop_id);
         }
+        let elsewhere: Vec<usize> = stopping.iter().map(|(_, i, _)| *i).collect();
+        drop(stopping);
         for r in &self.replicas {
             if outlived.contains(&r.index) {
                 self.hold_device(r);
-            } else {
+            } else if taken.contains(&r.index) || !elsewhere.contains(&r.index) {
                 self.release_device(r);
             }
         }
@@ -1393,6 +1407,9 @@ impl Model {
     /// have it open. It stays held until ccnoded restarts (and scrubs
     /// every device at start).
     fn hold_device(&self, r: &Replica) {
+        if r.held.swap(true, Ordering::AcqRel) {
+            return;
+        }
         // The claim's token is dropped, not released: the ledger keeps the
         // device taken, and no later release (an unload) can free it.
         let held = lock(&r.claim).take().is_some();
@@ -1746,6 +1763,7 @@ mod tests {
                 state: Mutex::new(state),
                 busy: Mutex::new(None),
                 last_exit: Mutex::new(None),
+                held: AtomicBool::new(false),
             })],
             queue: Mutex::new(VecDeque::new()),
             stopping: Mutex::new(Vec::new()),
