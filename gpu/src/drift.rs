@@ -88,13 +88,16 @@ impl Baseline {
     }
 }
 
-/// `<n>g.<m>gb`, optionally with a suffix (`1g.10gb+me`, `1c.2g.20gb`).
+/// `<n>g.<m>gb`, optionally with a suffix as the inventory names them
+/// (`1g.10gb+me`, `1g.10gb+me.all`, `1g.10gb-me`, `2g.20gb+gfx`,
+/// `1c.2g.20gb`).
 fn valid_profile(p: &str) -> bool {
     p.len() <= 32
         && p.contains('g')
+        && p.starts_with(|c: char| c.is_ascii_digit())
         && p.ends_with(|c: char| c.is_ascii_alphanumeric())
         && p.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '+')
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '+' | '-'))
 }
 
 /// A MIG layout as text: `off`, or `1g.10gb x4, 2g.20gb x1` in profile
@@ -397,6 +400,9 @@ mod tests {
                 "8 instances in all",
             ),
             ("0", layout(&[("big slice", 1)]), "not a MIG profile"),
+            ("0", layout(&[("1g.10gb\n", 1)]), "not a MIG profile"),
+            ("0", layout(&[("-1g.10gb", 1)]), "not a MIG profile"),
+            ("0", layout(&[("1g.10gb-", 1)]), "not a MIG profile"),
             (" ", layout(&[("1g.10gb", 1)]), "empty"),
             (
                 "00",
@@ -419,6 +425,17 @@ mod tests {
         )]
         .into();
         assert!(b.validate().is_ok());
+        // Every suffix the inventory writes (profile_suffix in nvml.rs).
+        b.mig_layout = [(
+            "0".to_string(),
+            layout(&[
+                ("1g.10gb-me", 1),
+                ("1g.10gb+me.all", 1),
+                ("2g.20gb+gfx", 1),
+            ]),
+        )]
+        .into();
+        assert!(b.validate().is_ok(), "{:?}", b.validate());
     }
 
     #[test]
