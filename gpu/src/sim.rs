@@ -30,7 +30,7 @@
 //! [[gpus]]
 //! count = 8                           # eight GPUs like this one
 //! name = "NVIDIA H100 80GB HBM3"
-//! memory_gib = 80
+//! memory_gib = 80                     # 1 to 4096; MIG instances fit in it
 //! vbios_version = "96.00.99.00.01"
 //! inforom_version = "G520.0200.00.05"
 //! gsp_firmware_version = "550.127.05"
@@ -60,6 +60,9 @@ pub const MAX_EVENT_LINE: usize = 4096;
 pub const MAX_GPUS: u32 = 64;
 /// MIG compute slices per GPU (A100, H100, H200).
 pub const MIG_SLICES: u32 = 7;
+/// Largest simulated GPU memory, GiB (sizes are shifted into bytes; a
+/// larger value would wrap).
+pub const MAX_MEMORY_GIB: u64 = 4096;
 
 /// The simulation file.
 #[derive(Debug, Clone, Deserialize)]
@@ -225,15 +228,26 @@ fn read_spec(path: &Path) -> Result<Spec, GpuError> {
         ));
     }
     for g in &spec.gpus {
+        if !(1..=MAX_MEMORY_GIB).contains(&g.memory_gib) {
+            return Err(spec_error(
+                path,
+                format!(
+                    "{}: memory_gib {} is not between 1 and {MAX_MEMORY_GIB}",
+                    g.name, g.memory_gib
+                ),
+            ));
+        }
         let mut slices = 0u32;
+        let mut mig_gib = 0u64;
         for (profile, n) in &g.mig {
-            let (s, _) = parse_profile(profile).ok_or_else(|| {
+            let (s, gib) = parse_profile(profile).ok_or_else(|| {
                 spec_error(
                     path,
                     format!("MIG profile `{profile}` is not of the form <N>g.<M>gb"),
                 )
             })?;
             slices = slices.saturating_add(s.saturating_mul(*n));
+            mig_gib = mig_gib.saturating_add(gib.saturating_mul(u64::from(*n)));
         }
         if slices > MIG_SLICES {
             return Err(spec_error(
@@ -241,6 +255,15 @@ fn read_spec(path: &Path) -> Result<Spec, GpuError> {
                 format!(
                     "MIG layout of {} uses {slices} compute slices, more than {MIG_SLICES}",
                     g.name
+                ),
+            ));
+        }
+        if mig_gib > g.memory_gib {
+            return Err(spec_error(
+                path,
+                format!(
+                    "MIG layout of {} takes {mig_gib} GiB, more than its memory_gib {}",
+                    g.name, g.memory_gib
                 ),
             ));
         }
@@ -732,6 +755,18 @@ mig_mode = "unsupported"
             ),
             (&SPEC.replace("1g.10gb", "big"), "`big` is not of the form"),
             (&SPEC.replace("count = 2", "count = 65"), "66 GPUs"),
+            (
+                &SPEC.replace("memory_gib = 80", "memory_gib = 0"),
+                "memory_gib 0 is not between 1 and 4096",
+            ),
+            (
+                &SPEC.replace("memory_gib = 80", "memory_gib = 17179869184"),
+                "is not between 1 and 4096",
+            ),
+            (
+                &SPEC.replace("memory_gib = 80", "memory_gib = 60"),
+                "takes 70 GiB, more than its memory_gib 60",
+            ),
         ];
         for (text, want) in cases {
             let p = write(dir.path(), "bad.toml", text);
