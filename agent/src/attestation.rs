@@ -440,9 +440,7 @@ async fn run_batcher(source: Arc<Source>, mut rx: mpsc::Receiver<Job>, max: usiz
         let claims = claims(&source);
         let attester = source.attester.clone();
         let started = Instant::now();
-        let produced = tokio::task::spawn_blocking(move || attester.attest_batch(&nonces, claims))
-            .await
-            .expect("attestation does not panic");
+        let produced = produce(move || attester.attest_batch(&nonces, claims)).await;
         let metrics = source.node.metrics();
         metrics
             .attestation_seconds
@@ -454,22 +452,43 @@ async fn run_batcher(source: Arc<Source>, mut rx: mpsc::Receiver<Job>, max: usiz
                     let _ = job.reply.send(Ok(evidence));
                 }
             }
-            Err(err) => {
-                let code = match &err {
-                    AttestError::Nonce(_) => "bad_nonce",
-                    other => other.code(),
-                };
-                let message = crate::error_chain(&err);
-                if code != "bad_nonce" {
-                    tracing::error!(error = %message, code, "attestation failed");
-                }
+            Err(failure) => {
                 for job in jobs {
                     let _ = job.reply.send(Err(Failure {
-                        code,
-                        message: message.clone(),
+                        code: failure.code,
+                        message: failure.message.clone(),
                     }));
                 }
             }
+        }
+    }
+}
+
+/// Runs one attestation off the runtime. A failure gets its code; one that
+/// panicked (a bug in a TPM, TEE or GPU path) is `internal` and logged, and
+/// the batcher goes on: later verifiers are not left without an answer.
+async fn produce(
+    f: impl FnOnce() -> Result<Vec<Evidence>, AttestError> + Send + 'static,
+) -> Result<Vec<Evidence>, Failure> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(answers)) => Ok(answers),
+        Ok(Err(err)) => {
+            let code = match &err {
+                AttestError::Nonce(_) => "bad_nonce",
+                other => other.code(),
+            };
+            let message = crate::error_chain(&err);
+            if code != "bad_nonce" {
+                tracing::error!(error = %message, code, "attestation failed");
+            }
+            Err(Failure { code, message })
+        }
+        Err(join) => {
+            tracing::error!(error = %join, "attestation panicked");
+            Err(Failure {
+                code: "internal",
+                message: "evidence could not be produced (internal error)".into(),
+            })
         }
     }
 }
@@ -804,6 +823,19 @@ fn claims(ctx: &Source) -> Claims {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_attestation_is_an_internal_failure_not_the_end() {
+        let f = produce(|| panic!("a bug in a TPM path")).await.unwrap_err();
+        assert_eq!(f.code, "internal");
+        assert!(!f.message.contains("TPM path"), "{}", f.message);
+        let f = produce(|| Err(AttestError::Nonce("short".into())))
+            .await
+            .unwrap_err();
+        assert_eq!(f.code, "bad_nonce");
+        // The same batcher's next attestation is served.
+        assert!(produce(|| Ok(Vec::new())).await.unwrap().is_empty());
+    }
 
     #[test]
     fn buckets_allow_a_burst_then_say_when_to_retry() {
