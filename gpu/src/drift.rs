@@ -428,11 +428,7 @@ mod tests {
         // Every suffix the inventory writes (profile_suffix in nvml.rs).
         b.mig_layout = [(
             "0".to_string(),
-            layout(&[
-                ("1g.10gb-me", 1),
-                ("1g.10gb+me.all", 1),
-                ("2g.20gb+gfx", 1),
-            ]),
+            layout(&[("1g.10gb-me", 1), ("1g.10gb+me.all", 1), ("2g.20gb+gfx", 1)]),
         )]
         .into();
         assert!(b.validate().is_ok(), "{:?}", b.validate());
