@@ -791,6 +791,10 @@ fn claims(ctx: &Source) -> Claims {
                 "simulated": g.is_simulated(),
                 "inventory": view.inventory,
                 "health": g.health(),
+                // How fresh the inventory and health are: a failed poll
+                // leaves the last good ones in place.
+                "last_poll": view.last_poll.map(crate::timefmt::format),
+                "last_error": view.last_error,
             });
             let drift = view
                 .drift

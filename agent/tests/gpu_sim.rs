@@ -249,6 +249,38 @@ fn drift_at_run_time_blocks_workers_and_clears_when_the_driver_is_back() {
 }
 
 #[test]
+fn a_failed_poll_blocks_workers_until_one_succeeds() {
+    let node = sim_node(&spec(DRIVER, 2, 0, "", None), "", "");
+    let text = scrape(&node);
+    assert_eq!(value(&text, "ccnode_gpu_workers_blocked"), Some(0.0));
+    // The backend stops answering: health and layout are not known now.
+    rewrite(&sim_path(&node), "not a simulation file");
+    let text = wait_scrape(&node, "blocked by a failed poll", |t| {
+        value(t, "ccnode_gpu_workers_blocked") == Some(1.0)
+    });
+    assert!(
+        text.contains("ccnode_gpu_polls_total{result=\"error\"}"),
+        "{text}"
+    );
+    let gpus = node.request(r#"{"v":1,"cmd":"gpus"}"#)["result"].clone();
+    assert_eq!(gpus["workers_blocked"], true, "{gpus}");
+    let reasons = gpus["blocked_reasons"].to_string();
+    assert!(reasons.contains("the last GPU poll failed"), "{reasons}");
+    assert!(gpus["last_error"].is_string(), "{gpus}");
+    // The last good inventory is still shown, and says when it was taken.
+    assert_eq!(gpus["inventory"]["gpus"].as_array().map(Vec::len), Some(2));
+    assert!(gpus["last_poll"].is_string());
+
+    rewrite(&sim_path(&node), &spec(DRIVER, 2, 0, "", None));
+    let text = wait_scrape(&node, "a good poll again", |t| {
+        value(t, "ccnode_gpu_workers_blocked") == Some(0.0)
+    });
+    assert_eq!(value(&text, "ccnode_gpu_workers_blocked"), Some(0.0));
+    let gpus = node.request(r#"{"v":1,"cmd":"gpus"}"#)["result"].clone();
+    assert!(gpus["last_error"].is_null(), "{gpus}");
+}
+
+#[test]
 fn a_mig_layout_that_drifts_from_the_policy_blocks_workers_or_quarantines() {
     let policy =
         "[gpu.baseline.mig_layout]\n\"NVIDIA H100 80GB HBM3\" = { \"1g.10gb\" = 7 }\n\"1\" = {}\n";

@@ -214,16 +214,22 @@ impl GpuMonitor {
         out
     }
 
-    /// Why new workers may not start now (empty: they may): drift whose
+    /// Why new workers may not start now (empty: they may): a failed last
+    /// poll (the GPUs' health and layout are not known now), drift whose
     /// action is `block` or `quarantine`, and unhealthy GPUs.
     pub fn blocked_reasons(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .view()
-            .drift
+        let view = self.view();
+        let mut out: Vec<String> = view
+            .last_error
             .iter()
-            .filter(|d| d.action >= DriftAction::Block)
-            .map(|d| format!("drift: {}", d.drift))
+            .map(|e| format!("the last GPU poll failed: {e}"))
             .collect();
+        out.extend(
+            view.drift
+                .iter()
+                .filter(|d| d.action >= DriftAction::Block)
+                .map(|d| format!("drift: {}", d.drift)),
+        );
         for (gpu, h) in self.health() {
             if !h.healthy {
                 out.push(format!("gpu {gpu} unhealthy: {}", h.problems.join(", ")));
