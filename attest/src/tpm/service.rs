@@ -350,18 +350,42 @@ impl TpmService {
             HashingAlgorithm::Sha256,
             Digest::try_from(digest.to_vec()).map_err(cmd("digest"))?,
         );
+        let index = self.config.ccnode_pcr;
+        // The value before, so that a failed extend can be told apart from
+        // one whose answer was lost.
+        let before = match read_pcrs(&mut inner.ctx, &[index]) {
+            Ok(v) => v.get(&index).copied(),
+            Err(e) => {
+                let _ = inner.log.rollback_last();
+                return Err(e);
+            }
+        };
         let extended = inner
             .ctx
             .execute_with_session(Some(AuthSession::Password), |ctx| {
                 ctx.pcr_extend(pcr, values)
             })
             .map_err(cmd("PCR_Extend"));
-        if let Err(e) = extended {
+        let Err(e) = extended else {
+            return Ok(event);
+        };
+        let now = read_pcrs(&mut inner.ctx, &[index])
+            .ok()
+            .and_then(|v| v.get(&index).copied());
+        match after_failed_extend(before, &digest, now) {
+            // The TPM did it and the answer was lost: the entry stays, or
+            // the PCR would be ahead of the log for the rest of the boot.
+            ExtendOutcome::Extended => Ok(event),
             // Not extended: the entry must go, or the log would be ahead.
-            let _ = inner.log.rollback_last();
-            return Err(e);
+            ExtendOutcome::NotExtended => {
+                let _ = inner.log.rollback_last();
+                Err(e)
+            }
+            ExtendOutcome::Unknown => Err(TpmError::Unexpected(format!(
+                "PCR_Extend of pcr {index} failed and its value is now neither the one before nor \
+                 the one after this event ({e}): the event log and the PCR may disagree until reboot"
+            ))),
         }
-        Ok(event)
     }
 
     /// Reads the configured PCRs. Blocks.
@@ -458,4 +482,60 @@ fn create_ak(
     })();
     let _ = ctx.flush_context(ObjectHandle::from(ek));
     result
+}
+
+/// What a PCR_Extend that returned an error did, from the PCR's value
+/// before and after.
+#[derive(Debug, PartialEq, Eq)]
+enum ExtendOutcome {
+    Extended,
+    NotExtended,
+    Unknown,
+}
+
+fn after_failed_extend(
+    before: Option<[u8; 32]>,
+    digest: &[u8; 32],
+    now: Option<[u8; 32]>,
+) -> ExtendOutcome {
+    match (before, now) {
+        (Some(b), Some(n)) if n == crate::eventlog::ccnode::extend(&b, digest) => {
+            ExtendOutcome::Extended
+        }
+        (Some(b), Some(n)) if n == b => ExtendOutcome::NotExtended,
+        _ => ExtendOutcome::Unknown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_extend_is_judged_by_the_pcr() {
+        let before = [7u8; 32];
+        let digest = [9u8; 32];
+        let after = crate::eventlog::ccnode::extend(&before, &digest);
+        assert_eq!(
+            after_failed_extend(Some(before), &digest, Some(after)),
+            ExtendOutcome::Extended
+        );
+        assert_eq!(
+            after_failed_extend(Some(before), &digest, Some(before)),
+            ExtendOutcome::NotExtended
+        );
+        // Something else extended it, or it cannot be read: not known.
+        assert_eq!(
+            after_failed_extend(Some(before), &digest, Some([1; 32])),
+            ExtendOutcome::Unknown
+        );
+        assert_eq!(
+            after_failed_extend(Some(before), &digest, None),
+            ExtendOutcome::Unknown
+        );
+        assert_eq!(
+            after_failed_extend(None, &digest, Some(after)),
+            ExtendOutcome::Unknown
+        );
+    }
 }
