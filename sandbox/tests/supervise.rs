@@ -43,20 +43,26 @@ fn quick() -> Policy {
     }
 }
 
-fn next_exit(rx: &Receiver<Event>) -> (ExitReason, Option<Duration>) {
+/// The next end of a life: why, the restart delay, and whether the worker
+/// may have outlived its jail.
+fn next_exit_outlived(rx: &Receiver<Event>) -> (ExitReason, Option<Duration>, bool) {
     loop {
-        match rx.recv_timeout(PATIENCE).expect("an event") {
-            Event::Exited {
-                reason,
-                restart_in,
-                outlived,
-            } => {
-                assert!(!outlived, "{reason:?}: the jail had to be SIGKILLed");
-                return (reason, restart_in);
-            }
-            Event::State(_) | Event::Stderr(_) => {}
+        if let Event::Exited {
+            reason,
+            restart_in,
+            outlived,
+        } = rx.recv_timeout(PATIENCE).expect("an event")
+        {
+            return (reason, restart_in, outlived);
         }
     }
+}
+
+/// The next end of a life whose namespace is known to be gone.
+fn next_exit(rx: &Receiver<Event>) -> (ExitReason, Option<Duration>) {
+    let (reason, restart_in, outlived) = next_exit_outlived(rx);
+    assert!(!outlived, "{reason:?}: the jail had to be SIGKILLed");
+    (reason, restart_in)
 }
 
 fn wait_state(rx: &Receiver<Event>, want: WorkerState) {
@@ -322,16 +328,7 @@ fn a_jail_that_will_not_end_is_killed_and_its_worker_presumed_alive() {
     };
     let (tx, rx) = mpsc::channel();
     let sup = Supervisor::start(s, policy, tx).unwrap();
-    let (reason, restart_in, outlived) = loop {
-        if let Event::Exited {
-            reason,
-            restart_in,
-            outlived,
-        } = rx.recv_timeout(PATIENCE).expect("an event")
-        {
-            break (reason, restart_in, outlived);
-        }
-    };
+    let (reason, restart_in, outlived) = next_exit_outlived(&rx);
     assert_eq!(reason, ExitReason::ReadyTimeout);
     assert!(outlived, "SIGKILLed after its grace");
     assert_eq!(restart_in, None, "not restarted onto the same device");
@@ -360,16 +357,7 @@ fn a_jail_killed_from_outside_is_presumed_to_leave_its_worker() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let (reason, restart_in, outlived) = loop {
-        if let Event::Exited {
-            reason,
-            restart_in,
-            outlived,
-        } = rx.recv_timeout(PATIENCE).expect("an event")
-        {
-            break (reason, restart_in, outlived);
-        }
-    };
+    let (reason, restart_in, outlived) = next_exit_outlived(&rx);
     assert_eq!(reason, ExitReason::Signal(libc::SIGKILL));
     assert!(outlived);
     assert_eq!(restart_in, None);
