@@ -256,6 +256,28 @@ pub fn kernel_landlock_abi() -> i32 {
     }
 }
 
+/// Where the worker finds its program: at its own path, unless that is
+/// under a directory the jail makes itself (`/proc`, `/tmp`, `/dev`; a
+/// build tree in /tmp, say), where a bind would be hidden or land in the
+/// worker's own writable /tmp. Then at [`PROGRAM_DIR`]`/<file name>`.
+pub(crate) fn program_in_jail(program: &Path) -> PathBuf {
+    if crate::profile::JAIL_MADE
+        .iter()
+        .any(|top| program.starts_with(top))
+    {
+        let name = program
+            .file_name()
+            .map_or_else(|| "program".into(), |n| n.to_os_string());
+        Path::new(PROGRAM_DIR).join(name)
+    } else {
+        program.to_path_buf()
+    }
+}
+
+/// The directory a program from under `/proc`, `/tmp` or `/dev` is bound
+/// in, inside the worker.
+pub(crate) const PROGRAM_DIR: &str = "/.ccnode-program";
+
 /// What the child needs, prepared before the fork.
 struct Prepared {
     program: CString,
@@ -329,7 +351,16 @@ fn prepare(profile: &Profile, report: &mut Reporter) -> Result<Prepared, SetupEr
         .iter()
         .map(|p| (p.clone(), true))
         .collect();
-    if !program_dir_bound {
+    let program = program_in_jail(&profile.program);
+    if program != profile.program {
+        // Under a directory the jail makes itself: bound elsewhere.
+        let fd = open_path(&profile.program).map_err(|e| SetupError {
+            stage: "paths",
+            message: format!("{}: {e}", profile.program.display()),
+        })?;
+        seen.insert(program.clone());
+        binds.push((program.clone(), fd, false));
+    } else if !program_dir_bound {
         ro.push((profile.program.clone(), true));
     }
     for p in &profile.optional_read_only {
@@ -376,7 +407,7 @@ fn prepare(profile: &Profile, report: &mut Reporter) -> Result<Prepared, SetupEr
         device_rules.extend(crate::cgroup::DeviceRule::of(&st));
     }
     Ok(Prepared {
-        program: cstring(profile.program.as_os_str().as_bytes(), "program")?,
+        program: cstring(program.as_os_str().as_bytes(), "program")?,
         argv: profile
             .args
             .iter()

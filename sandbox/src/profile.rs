@@ -11,6 +11,11 @@ pub const MAX_PROFILE_BYTES: usize = 256 * 1024;
 /// sockets and signals; ABI 5 adds ioctl control on device files; ABI 4 TCP.
 pub const DEFAULT_LANDLOCK_ABI: u8 = 6;
 
+/// The directories the jail makes itself in a worker's root (a new procfs,
+/// a private /tmp, a /dev of the granted devices): nothing is bound under
+/// them.
+pub const JAIL_MADE: [&str; 3] = ["/proc", "/tmp", "/dev"];
+
 /// Resource limits set with `setrlimit` before the worker starts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -187,16 +192,10 @@ impl Profile {
         // of the listed devices); a bind under one would be made first and
         // then fail or be hidden. /proc's global entries (/proc/driver/...)
         // are in the new procfs anyway.
-        for p in self
-            .read_only
-            .iter()
-            .chain(&self.optional_read_only)
-            .chain(std::iter::once(&self.program))
-        {
-            if let Some(top) = ["/proc", "/tmp", "/dev"]
-                .into_iter()
-                .find(|top| p.starts_with(top))
-            {
+        // The program is not a bind of its directory: one from under these
+        // is bound elsewhere (`jail::program_in_jail`).
+        for p in self.read_only.iter().chain(&self.optional_read_only) {
+            if let Some(top) = JAIL_MADE.into_iter().find(|top| p.starts_with(top)) {
                 return err(format!(
                     "path {} is under {top}, which the jail mounts itself",
                     p.display()
@@ -339,11 +338,13 @@ mod tests {
         let mut p = Profile::new("/usr/bin/true".into(), 1000, 1000);
         p.optional_read_only.push("/procfs-not".into());
         p.validate().unwrap();
-        // The program is bound too.
-        for program in ["/tmp/worker", "/dev/shm/worker", "/usr/../tmp/worker"] {
-            let p = Profile::new(program.into(), 1000, 1000);
-            assert!(p.validate().is_err(), "{program}");
+        // The program may be anywhere (it is bound elsewhere if need be),
+        // but not with `..`.
+        for program in ["/tmp/worker", "/dev/shm/worker"] {
+            Profile::new(program.into(), 1000, 1000).validate().unwrap();
         }
+        let p = Profile::new("/usr/../tmp/worker".into(), 1000, 1000);
+        assert!(p.validate().is_err());
     }
 
     #[test]

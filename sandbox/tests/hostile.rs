@@ -556,3 +556,33 @@ fn signals_reach_the_worker_and_a_killed_jail_takes_it_along() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn a_program_under_tmp_runs_bound_outside_the_workers_tmp() {
+    // A build tree under /tmp (a CI checkout, say): the jail makes its own
+    // /tmp, so the program is bound read-only at its own directory instead.
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let copy = dir.path().join("probe");
+    std::fs::copy(PROBE, &copy).unwrap();
+    let mut perms = std::fs::metadata(dir.path()).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(dir.path(), perms).unwrap();
+    let p = profile(copy.to_str().unwrap(), &[]);
+    let r = run(&p, &[]);
+    assert!(r.status.success(), "{:?}", r.events);
+    let mounts = r
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["fact"] == "mounts")
+        .expect("the mounts fact")["value"]
+        .clone();
+    let opts = mounts["/.ccnode-program/probe"]
+        .as_str()
+        .unwrap_or_else(|| panic!("program not bound: {mounts}"));
+    assert!(opts.split(',').any(|o| o == "ro"), "{opts}");
+    assert!(
+        mounts.get(copy.to_str().unwrap()).is_none(),
+        "bound at its host path too: {mounts}"
+    );
+}
