@@ -13,11 +13,12 @@
 //! | `qualifying_data` | extraData equals the binding recomputed from the nonce (or the verified batch root), the claims, the AK and the bound evidence |
 //! | `pcr_digest` | the reported PCRs are exactly the quoted selection and their sha256 is the quote's pcrDigest |
 //! | `firmware_event_log` | the firmware log replays to the reported PCRs it touches (skip when absent) |
-//! | `ccnode_event_log` | ccnode's log is well-formed and replays to the ccnode PCR |
+//! | `ccnode_event_log` | ccnode's log names the policy's `ccnode_pcr` (default 13), is well-formed and replays to that PCR |
 //! | `claims_digest` | the reported claims digest is sha256(JCS(claims)) |
+//! | `models_measured` | every model the claims list has a `model_load` event with its name and digest in ccnode's log |
 //! | `policy_ak` | the AK's SPKI sha256 is in the policy's `allowed_aks` |
 //! | `policy_pcrs` | reported PCRs equal the policy's `expected_pcrs` (skip when none) |
-//! | `policy_models` | every loaded model's digest is in `allowed_models` (skip when unset) |
+//! | `policy_models` | the digest of every model the claims list and of every `model_load` event in the log is in `allowed_models` (skip when unset) |
 //! | `policy_node_state` | the node state is `active` |
 //! | `policy_drift` | the claims report no drift |
 //! | `tee` | the TEE evidence verifies and is bound: `sev-snp` (VCEK/VLEK chain to a pinned AMD root, report signature, REPORT_DATA is the binding, the `[snp]` policy), `tdx` (quote signature chain to Intel's root, REPORTDATA is the binding, the `[tdx]` policy); `simulated` only with `allow_simulated_tee`, `none` only with `allow_no_tee`; other kinds fail |
@@ -135,10 +136,13 @@ pub fn check_tls_binding(result: &mut AttestationResult, peer_spki_sha256: &str)
 }
 
 /// The verifier's policy (`verifier.toml`; see attest/examples/verifier.toml).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifierPolicy {
     /// sha256 of the SPKI of every attestation key trusted (hex).
     pub allowed_aks: BTreeSet<[u8; 32]>,
+    /// The PCR the node's ccnode event log must extend (the node's
+    /// `[attestation] ccnode_pcr`); the evidence's own `pcr` is not trusted.
+    pub ccnode_pcr: u32,
     /// bank → PCR index → expected value.
     pub expected_pcrs: BTreeMap<String, BTreeMap<u32, Vec<u8>>>,
     /// Allowed model digests; `None`: models are not checked.
@@ -159,10 +163,31 @@ pub struct VerifierPolicy {
     pub require_gpu_cc: bool,
 }
 
+impl Default for VerifierPolicy {
+    /// Trusts nothing: no AK, no TEE, no simulated GPU.
+    fn default() -> Self {
+        VerifierPolicy {
+            allowed_aks: BTreeSet::new(),
+            ccnode_pcr: crate::tpm::DEFAULT_CCNODE_PCR,
+            expected_pcrs: BTreeMap::new(),
+            allowed_models: None,
+            allow_simulated_tee: false,
+            allow_no_tee: false,
+            snp: None,
+            tdx: None,
+            nvidia: crate::nvidia::NvidiaPolicy::default(),
+            allow_simulated_gpus: false,
+            require_gpu_cc: false,
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
     allowed_aks: Vec<String>,
+    #[serde(default)]
+    ccnode_pcr: Option<u32>,
     #[serde(default)]
     expected_pcrs: BTreeMap<String, BTreeMap<String, String>>,
     #[serde(default)]
@@ -257,6 +282,12 @@ impl VerifierPolicy {
             }
             expected_pcrs.insert(bank, m);
         }
+        let ccnode_pcr = raw.ccnode_pcr.unwrap_or(crate::tpm::DEFAULT_CCNODE_PCR);
+        if !crate::tpm::CCNODE_PCR_RANGE.contains(&ccnode_pcr) {
+            return Err(bad(format!(
+                "ccnode_pcr {ccnode_pcr} must be one of 8..=15, as ccnoded's own setting"
+            )));
+        }
         if let Some(t) = &raw.tdx {
             t.validate().map_err(|e| bad(format!("tdx: {e}")))?;
         }
@@ -268,6 +299,7 @@ impl VerifierPolicy {
             .map_err(|e| bad(format!("nvidia: {e}")))?;
         Ok(VerifierPolicy {
             allowed_aks,
+            ccnode_pcr,
             expected_pcrs,
             allowed_models: raw.allowed_models.map(|v| v.into_iter().collect()),
             allow_simulated_tee: raw.allow_simulated_tee,
@@ -479,7 +511,7 @@ pub fn verify(
                     .ok_or("no sha256 PCRs reported")?;
                 let mut compared = 0;
                 for (idx, value) in &replayed.pcrs {
-                    if *idx == evidence.tpm.ccnode_event_log.pcr {
+                    if *idx == policy.ccnode_pcr {
                         continue;
                     }
                     if let Some(reported) = sha.get(idx) {
@@ -506,6 +538,12 @@ pub fn verify(
         "ccnode_event_log",
         (|| {
             let log = &evidence.tpm.ccnode_event_log;
+            if log.pcr != policy.ccnode_pcr {
+                return Err(format!(
+                    "the log names PCR {}, the policy's ccnode_pcr is {}",
+                    log.pcr, policy.ccnode_pcr
+                ));
+            }
             let replayed = ccnode::replay(&log.events, log.pcr).map_err(|e| e.to_string())?;
             let reported = pcrs
                 .as_ref()
@@ -544,6 +582,32 @@ pub fn verify(
                 hex::encode(d)
             )),
         },
+    );
+
+    // models_measured
+    let loads = model_loads(&evidence.tpm.ccnode_event_log.events);
+    checks.push(
+        "models_measured",
+        (|| {
+            let unmeasured: Vec<String> = evidence
+                .claims
+                .models
+                .iter()
+                .filter(|m| !loads.iter().any(|(n, d)| *n == m.name && *d == m.digest))
+                .map(|m| format!("{:?} ({:?})", m.name, m.digest))
+                .collect();
+            if !unmeasured.is_empty() {
+                return Err(format!(
+                    "claimed models with no model_load event: {}",
+                    unmeasured.join(", ")
+                ));
+            }
+            Ok(format!(
+                "{} claimed models among {} loads this boot",
+                evidence.claims.models.len(),
+                loads.len()
+            ))
+        })(),
     );
 
     // policy_ak
@@ -595,17 +659,27 @@ pub fn verify(
     match &policy.allowed_models {
         None => checks.skip("policy_models", "the policy does not restrict models"),
         Some(allowed) => {
+            // What is loaded now and everything loaded since boot: a model
+            // unloaded before the quote has still had the GPU.
+            let mut seen = BTreeSet::new();
             let refused: Vec<String> = evidence
                 .claims
                 .models
                 .iter()
-                .filter(|m| !allowed.contains(&m.digest))
-                .map(|m| format!("{} ({})", m.name, m.digest))
+                .map(|m| (m.name.as_str(), m.digest.as_str()))
+                .chain(loads.iter().map(|(n, d)| (*n, *d)))
+                .filter(|(_, d)| !allowed.contains(*d))
+                .filter(|m| seen.insert(*m))
+                .map(|(n, d)| format!("{n:?} ({d:?})"))
                 .collect();
             checks.push(
                 "policy_models",
                 if refused.is_empty() {
-                    Ok(format!("{} models allowed", evidence.claims.models.len()))
+                    Ok(format!(
+                        "{} models and {} loads allowed",
+                        evidence.claims.models.len(),
+                        loads.len()
+                    ))
                 } else {
                     Err(format!("models not allowed: {}", refused.join(", ")))
                 },
@@ -959,6 +1033,20 @@ fn claimed_gpus(gpu: Option<&serde_json::Value>) -> Result<ClaimedGpus, String> 
     Ok(ClaimedGpus { simulated, gpus })
 }
 
+/// The `(name, digest)` of every `model_load` event in ccnode's log; a
+/// field that is missing or not a string reads `"?"` (which no policy
+/// allows and no claim names).
+fn model_loads(events: &[ccnode::CcnodeEvent]) -> Vec<(&str, &str)> {
+    events
+        .iter()
+        .filter(|e| e.event_type == ccnode::event_type::MODEL_LOAD)
+        .map(|e| {
+            let field = |k: &str| e.data.get(k).and_then(|v| v.as_str()).unwrap_or("?");
+            (field("name"), field("digest"))
+        })
+        .collect()
+}
+
 /// The reported PCR values, decoded and length-checked.
 fn decode_pcrs(evidence: &Evidence) -> Result<BTreeMap<String, BTreeMap<u32, Vec<u8>>>, String> {
     let mut out = BTreeMap::new();
@@ -1191,8 +1279,19 @@ mod tests {
         assert_eq!(p.allowed_aks.len(), 1);
         assert!(p.allow_simulated_tee && !p.allow_no_tee);
         assert_eq!(p.expected_pcrs["sha256"][&0], vec![0; 32]);
+        assert_eq!(p.ccnode_pcr, 13, "the default is ccnoded's default");
+        assert_eq!(VerifierPolicy::default().ccnode_pcr, 13);
+        let p = VerifierPolicy::from_toml("allowed_aks = []\nccnode_pcr = 8").unwrap();
+        assert_eq!(p.ccnode_pcr, 8);
+        for pcr in [0, 7, 16, 23, 24] {
+            let e = VerifierPolicy::from_toml(&format!("allowed_aks = []\nccnode_pcr = {pcr}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("must be one of 8..=15"), "{pcr}: {e}");
+        }
         for bad in [
             "",
+            "allowed_aks = []\nccnode_pcr = -1",
             "allowed_aks = [\"zz\"]",
             "allowed_aks = []\nunknown = 1",
             "allowed_aks = []\n[expected_pcrs.md5]\n\"0\" = \"00\"",

@@ -14,7 +14,7 @@ use ccnode_attest::eventlog::ccnode::{event_type, LogStatus};
 use ccnode_attest::eventlog::firmware;
 use ccnode_attest::evidence::{Claims, Evidence, ModelClaim};
 use ccnode_attest::tee::{SimulatedTee, Tee};
-use ccnode_attest::tpm::{AkAlgorithm, TpmConfig, TpmError, TpmService};
+use ccnode_attest::tpm::{AkAlgorithm, PcrSelection, TpmConfig, TpmError, TpmService};
 use ccnode_attest::verify::{verify, AttestationResult, Status, VerifierPolicy};
 use ccnode_attest::{AttestError, Attester, GpuAttestation};
 use ccnode_testkit::swtpm::Swtpm;
@@ -76,6 +76,16 @@ struct Node {
     attester: Attester,
 }
 
+/// Measures the load of the model [`claims`] lists, as ccnoded does.
+fn measure_tiny(service: &TpmService) {
+    service
+        .measure(
+            event_type::MODEL_LOAD,
+            json!({"name": "tiny", "digest": format!("sha256:{}", "cc".repeat(32)), "signer": "k"}),
+        )
+        .unwrap();
+}
+
 fn node(alg: AkAlgorithm) -> Node {
     let tpm = Swtpm::start();
     let state = tempfile::tempdir().unwrap();
@@ -83,12 +93,7 @@ fn node(alg: AkAlgorithm) -> Node {
     service
         .measure(event_type::POLICY_LOAD, json!({"digest": "sha256:bb"}))
         .unwrap();
-    service
-        .measure(
-            event_type::MODEL_LOAD,
-            json!({"name": "tiny", "digest": format!("sha256:{}", "cc".repeat(32))}),
-        )
-        .unwrap();
+    measure_tiny(&service);
     let attester = Attester::new(
         Arc::new(service),
         Tee::Simulated(SimulatedTee::new([9; 32])),
@@ -208,6 +213,7 @@ fn evidence_verifies_ecc_and_rsa() {
             "firmware_event_log",
             "ccnode_event_log",
             "claims_digest",
+            "models_measured",
             "policy_ak",
             "policy_pcrs",
             "policy_models",
@@ -439,8 +445,39 @@ fn negative_cases_fail_on_the_right_check() {
     let q = n.attester.attest(&nonce(8), c).unwrap();
     assert_eq!(
         verify(&q, &nonce(8), &p, SystemTime::now()).failed(),
-        vec!["policy_models"]
+        vec!["models_measured", "policy_models"]
     );
+    // A claimed model whose digest differs from the one measured.
+    let mut c = claims();
+    c.models[0].digest = format!("sha256:{}", "ce".repeat(32));
+    let q = n.attester.attest(&nonce(13), c).unwrap();
+    assert_eq!(
+        verify(&q, &nonce(13), &p, SystemTime::now()).failed(),
+        vec!["models_measured", "policy_models"]
+    );
+    // A model loaded this boot and unloaded before the quote: the claims
+    // no longer list it, the log does.
+    n.attester
+        .tpm()
+        .measure(
+            event_type::MODEL_LOAD,
+            json!({"name": "rogue", "digest": format!("sha256:{}", "dd".repeat(32))}),
+        )
+        .unwrap();
+    let q = n.attester.attest(&nonce(14), claims()).unwrap();
+    let r = verify(&q, &nonce(14), &p, SystemTime::now());
+    assert_eq!(r.failed(), vec!["policy_models"]);
+    assert!(r.check("policy_models").unwrap().message.contains("rogue"));
+    // A log that names another PCR than the policy's.
+    let mut e = ev.clone();
+    e.tpm.ccnode_event_log.pcr = 0;
+    let r = verify(&e, &nonce(3), &p, SystemTime::now());
+    assert_fails(&r, "ccnode_event_log");
+    assert!(r
+        .check("ccnode_event_log")
+        .unwrap()
+        .message
+        .contains("policy's ccnode_pcr is 13"));
     // An unknown TEE kind.
     let mut e = ev.clone();
     e.tee.kind = "sev-snp".into();
@@ -458,9 +495,7 @@ fn event_log_survives_restart_and_detects_reset() {
     first
         .measure(event_type::AGENT_START, json!({"version": "0.1.0"}))
         .unwrap();
-    first
-        .measure(event_type::MODEL_LOAD, json!({"name": "m"}))
-        .unwrap();
+    measure_tiny(&first);
     drop(first);
     // A restart of ccnoded: same TPM (PCR kept), log read back.
     let again = Arc::new(TpmService::open(cfg.clone()).unwrap());
@@ -497,6 +532,7 @@ fn foreign_extension_of_the_ccnode_pcr_is_reported() {
     let svc = TpmService::open(cfg.clone()).unwrap();
     svc.measure(event_type::POLICY_LOAD, json!({"digest": "x"}))
         .unwrap();
+    measure_tiny(&svc);
     drop(svc);
     // Something else extends the ccnode PCR while ccnoded is down.
     let out = Command::new(tool("tpm2_pcrextend"))
@@ -524,6 +560,27 @@ fn foreign_extension_of_the_ccnode_pcr_is_reported() {
         SystemTime::now(),
     );
     assert_eq!(r.failed(), vec!["ccnode_event_log"]);
+}
+
+/// A node configured with another ccnode PCR verifies only against a
+/// policy that names it: the verifier does not take the PCR from the log.
+#[test]
+fn the_ccnode_pcr_is_the_policys_not_the_logs() {
+    let tpm = Swtpm::start();
+    let state = tempfile::tempdir().unwrap();
+    let mut cfg = config(&tpm, AkAlgorithm::EccP256, state.path());
+    cfg.ccnode_pcr = 14;
+    cfg.pcrs = PcrSelection::default_with(14).unwrap();
+    let svc = Arc::new(TpmService::open(cfg).unwrap());
+    measure_tiny(&svc);
+    let a = Attester::new(svc.clone(), Tee::Simulated(SimulatedTee::new([0; 32])));
+    let ev = a.attest(&nonce(15), claims()).unwrap();
+    assert_eq!(ev.tpm.ccnode_event_log.pcr, 14);
+    let mut p = policy(&svc.ak().spki_sha256);
+    let r = verify(&ev, &nonce(15), &p, SystemTime::now());
+    assert_eq!(r.failed(), vec!["ccnode_event_log"]);
+    p.ccnode_pcr = 14;
+    assert_all_pass(&verify(&ev, &nonce(15), &p, SystemTime::now()));
 }
 
 /// A firmware event log is included and replayed: PCRs 0 and 7 are extended
@@ -558,6 +615,7 @@ fn firmware_event_log_is_replayed() {
     let mut cfg = config(&tpm, AkAlgorithm::EccP256, state.path());
     cfg.firmware_log = Some(log_path.clone());
     let svc = Arc::new(TpmService::open(cfg).unwrap());
+    measure_tiny(&svc);
     let a = Attester::new(svc.clone(), Tee::Simulated(SimulatedTee::new([0; 32])));
     let p = policy(&svc.ak().spki_sha256);
     let ev = a.attest(&nonce(11), claims()).unwrap();

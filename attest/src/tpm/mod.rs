@@ -53,6 +53,12 @@ pub const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
 pub const DEFAULT_AK_HANDLE: u32 = 0x8101_0002;
 /// The PCR ccnoded extends by default (see the module documentation).
 pub const DEFAULT_CCNODE_PCR: u32 = 13;
+
+/// The PCRs ccnoded may extend, and a verifier may name as ccnode's: the
+/// static OS range. 0–7 belong to the firmware (whose log the verifier
+/// replays), 16 and 23 can be reset from locality 0, 17–22 cannot be
+/// extended from it.
+pub const CCNODE_PCR_RANGE: std::ops::RangeInclusive<u32> = 8..=15;
 /// The firmware event log's usual place.
 pub const DEFAULT_FIRMWARE_LOG: &str = "/sys/kernel/security/tpm0/binary_bios_measurements";
 /// PCRs a TPM 2.0 PC Client TPM has (0–23).
@@ -375,9 +381,9 @@ impl TpmConfig {
                 self.ak_handle
             )));
         }
-        if !(0..16).contains(&self.ccnode_pcr) {
+        if !CCNODE_PCR_RANGE.contains(&self.ccnode_pcr) {
             return Err(TpmError::Config(format!(
-                "ccnode pcr {} must be one of 0..=15 (16 and 23 can be reset from locality 0, 17-22 cannot be extended from it)",
+                "ccnode pcr {} must be one of 8..=15 (0-7 are the firmware's, 16 and 23 can be reset from locality 0, 17-22 cannot be extended from it)",
                 self.ccnode_pcr
             )));
         }
@@ -446,8 +452,13 @@ mod tests {
     fn config_validation() {
         let mut c = TpmConfig::new("/tmp/x");
         c.validate().unwrap();
-        c.ccnode_pcr = 16;
-        assert!(c.validate().is_err());
+        for outside in [0, 7, 16, 23] {
+            c.ccnode_pcr = outside;
+            c.pcrs = PcrSelection::default_with(outside).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("must be one of 8..=15"), "{outside}: {e}");
+        }
+        c.pcrs = PcrSelection::default_with(13).unwrap();
         c.ccnode_pcr = 9;
         assert!(c
             .validate()
