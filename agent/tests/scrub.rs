@@ -401,3 +401,39 @@ fn a_mig_layout_change_makes_a_scrubbed_device_unscrubbed_again() {
     let s = scrub_state(&node, &dev);
     assert_eq!(s["last_scrub"]["trigger"], "claim", "{s}");
 }
+
+#[test]
+fn a_scrub_the_layout_changed_under_does_not_count() {
+    // A scrub covers a layout only if it held still throughout: here GPU 1
+    // is repartitioned while the start-up scrub of `dev` runs, so the
+    // claim scrubs `dev` again under the new layout.
+    let gpus = SimGpus::new();
+    let dev = migs(&gpus)[0].clone();
+    let spec = std::fs::read_to_string(&gpus.sim).unwrap();
+    let changed = spec.replace("\"1g.10gb\" = 3", "\"1g.10gb\" = 2");
+    assert_ne!(spec, changed);
+    let next = gpus.sim.with_extension("next");
+    std::fs::write(&next, changed).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let wrapper = script(
+        tmp.path(),
+        "repartition",
+        &format!(
+            "if [ \"$2\" = '{dev}' ] && [ -e '{next}' ]; then mv '{next}' '{sim}'; fi\nexec '{real}' \"$@\"",
+            next = next.display(),
+            sim = gpus.sim.display(),
+            real = api::workspace_bin("ccnode-scrub").display()
+        ),
+    );
+    let node = node(&gpus, &format!("binary = \"{}\"\n", wrapper.display()));
+    let ok = format!("ccnode_scrubs_total{{device=\"{dev}\",result=\"ok\"}}");
+    wait_metric(&node, &ok, 1.0);
+    assert!(!next.exists(), "the wrapper repartitioned the GPU");
+    assert_eq!(migs(&gpus)[0], dev, "the first MIG device keeps its UUID");
+    let a = model("tenant-a", 8);
+    assert_eq!(load(&node, entry("tenant-a", &a, &dev))["ok"], true);
+    wait_worker(&node, "tenant-a", |s, _| s == "ready");
+    assert_eq!(metric(&node, &ok), 2.0, "scrubbed again before the worker");
+    let s = scrub_state(&node, &dev);
+    assert_eq!(s["last_scrub"]["trigger"], "claim", "{s}");
+}

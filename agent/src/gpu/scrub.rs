@@ -148,7 +148,8 @@ pub struct LastScrub {
 struct Dev {
     state: State,
     last: Option<LastScrub>,
-    /// The parent GPU's layout when the device last became free.
+    /// The parent GPU's layout its last passing scrub ran under, the same
+    /// before and after the scrub; `None` when that is not known.
     layout: Option<String>,
 }
 
@@ -386,7 +387,7 @@ impl Scrubber {
     pub fn claim(self: &Arc<Self>, device: &str, holder: &str) -> Result<u64, ClaimError> {
         // The layout now, to tell whether the device's last scrub still
         // covers it (a MIG change since makes it unscrubbed again).
-        let layout = self
+        let mut layout = self
             .backend
             .inventory()
             .ok()
@@ -396,21 +397,24 @@ impl Scrubber {
         // scrub runs `parallel` at a time).
         let rounds = devs.len().div_ceil(self.policy.parallel) as u32 + 1;
         let deadline = Instant::now() + self.policy.timeout * rounds + Duration::from_secs(5);
+        // Scrubs this claim may run: one, and one more if the layout moved
+        // under the first.
+        let mut scrubs_left = 2;
         loop {
             let d = devs.entry(device.to_owned()).or_insert_with(|| Dev {
                 state: self.fresh_state(),
                 last: None,
                 layout: None,
             });
+            // Fail closed: a layout that is not known now, or was not known
+            // when the device was scrubbed, is a changed one.
             if self.policy.enabled
                 && d.state == State::Free
-                && d.layout.is_some()
-                && layout.is_some()
-                && d.layout != layout
+                && (layout.is_none() || d.layout != layout)
             {
                 tracing::warn!(
                     device,
-                    "the GPU's MIG layout changed since the device's last scrub: scrubbing again"
+                    "the GPU's MIG layout changed (or cannot be read) since the device's last scrub: scrubbing again"
                 );
                 d.state = State::Unscrubbed;
             }
@@ -437,11 +441,23 @@ impl Scrubber {
                         why,
                     })
                 }
+                State::Unscrubbed if scrubs_left == 0 => {
+                    return Err(ClaimError::Busy {
+                        device: device.to_owned(),
+                    });
+                }
                 State::Unscrubbed => {
+                    scrubs_left -= 1;
                     d.state = State::Scrubbing;
                     drop(devs);
                     self.scrub_now(device, "claim");
                     devs = lock(&self.devices);
+                    // Judge the new scrub against the layout it ran under.
+                    if let Some(d) = devs.get(device) {
+                        if d.state == State::Free {
+                            layout = d.layout.clone().or(layout);
+                        }
+                    }
                 }
                 State::Scrubbing => {
                     let left = deadline.saturating_duration_since(Instant::now());
@@ -494,13 +510,18 @@ impl Scrubber {
     /// Runs one scrub of `device` (already marked scrubbing), records it
     /// and applies the policy.
     fn scrub_now(&self, device: &str, trigger: &str) {
+        let layout_now = || {
+            self.backend
+                .inventory()
+                .ok()
+                .and_then(|inv| layout_of(&inv, device))
+        };
+        let before = layout_now();
         let started = Instant::now();
         let out = self.run_child(device);
-        let layout = self
-            .backend
-            .inventory()
-            .ok()
-            .and_then(|inv| layout_of(&inv, device));
+        let after = layout_now();
+        // A scrub covers the layout only if it held still throughout.
+        let layout = before.filter(|b| after.as_ref() == Some(b));
         self.metrics
             .duration
             .observe(started.elapsed().as_secs_f64());
