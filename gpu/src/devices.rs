@@ -87,6 +87,10 @@ pub enum DeviceError {
         "GPU {index} ({uuid}) has MIG enabled: assign one of its MIG devices, not the whole GPU"
     )]
     MigEnabled { index: u32, uuid: String },
+    #[error(
+        "GPU {index} ({uuid}) has a MIG mode change pending (or a mode ccnode does not know): nothing on it is granted until the GPU is reset and the mode settles"
+    )]
+    MigPending { index: u32, uuid: String },
     #[error("GPU {0} has no device minor number")]
     NoMinor(u32),
     #[error("device node {0} does not exist")]
@@ -189,6 +193,12 @@ pub fn grant(inv: &Inventory, target: &str, roots: &DeviceRoots) -> Result<Grant
         return Err(DeviceError::Unknown(format!(
             "{target} (lost from the bus)"
         )));
+    }
+    if gpu.mig_mode == MigMode::Pending {
+        return Err(DeviceError::MigPending {
+            index: gpu.index,
+            uuid: gpu.uuid.clone(),
+        });
     }
     let minor = gpu.minor_number.ok_or(DeviceError::NoMinor(gpu.index))?;
     let mut nodes = vec![existing(roots.dev.join(format!("nvidia{minor}")))?];
@@ -360,6 +370,19 @@ mod tests {
             grant(&inv, "1", &roots),
             Err(DeviceError::MigEnabled { index: 1, .. })
         ));
+        // A MIG mode change pending: neither the GPU nor a MIG device of
+        // it is handed out.
+        let mut pending = inv.clone();
+        pending.gpus[0].mig_mode = MigMode::Pending;
+        pending.gpus[1].mig_mode = MigMode::Pending;
+        let mig = pending.gpus[1].mig_devices[0].uuid.clone();
+        for target in ["0".to_string(), mig] {
+            let err = grant(&pending, &target, &roots).unwrap_err();
+            assert!(
+                matches!(err, DeviceError::MigPending { .. }),
+                "{target}: {err}"
+            );
+        }
         // A node gone: named.
         std::fs::remove_file(roots.dev.join("nvidia3")).unwrap();
         let err = grant(&inv, "MIG-1-7-0", &roots).unwrap_err();

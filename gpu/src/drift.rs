@@ -46,6 +46,12 @@ impl Baseline {
     /// Checks what serde cannot: MIG layout keys and counts. The error
     /// names the offending entry.
     pub fn validate(&self) -> Result<(), String> {
+        if self.mig_mode == Some(MigMode::Pending) {
+            return Err(
+                "mig_mode: \"pending\" is a transition, not a mode to pin (enabled, disabled, unsupported)"
+                    .into(),
+            );
+        }
         for (gpu, layout) in &self.mig_layout {
             if gpu.trim().is_empty() {
                 return Err("mig_layout: a GPU key is empty".into());
@@ -432,6 +438,12 @@ mod tests {
         )]
         .into();
         assert!(b.validate().is_ok(), "{:?}", b.validate());
+
+        let pending = Baseline {
+            mig_mode: Some(MigMode::Pending),
+            ..Baseline::default()
+        };
+        assert!(pending.validate().unwrap_err().contains("transition"));
     }
 
     #[test]

@@ -765,11 +765,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 fn read_mig_mode(index: u32, device: &Device<'_>) -> DeviceResult<MigMode> {
     Ok(
         match optional(index, "nvmlDeviceGetMigMode", device.mig_mode())? {
-            Some(m) if m.current == sys::NVML_DEVICE_MIG_ENABLE => MigMode::Enabled,
-            Some(_) => MigMode::Disabled,
+            Some(m) => mig_mode_of(m.current, m.pending),
             None => MigMode::Unsupported,
         },
     )
+}
+
+/// NVML's current and pending MIG modes as one: settled only when both
+/// agree on a mode ccnode knows (fail closed: an unknown value is not
+/// "disabled").
+fn mig_mode_of(current: u32, pending: u32) -> MigMode {
+    match (current, pending) {
+        (sys::NVML_DEVICE_MIG_ENABLE, sys::NVML_DEVICE_MIG_ENABLE) => MigMode::Enabled,
+        (sys::NVML_DEVICE_MIG_DISABLE, sys::NVML_DEVICE_MIG_DISABLE) => MigMode::Disabled,
+        _ => MigMode::Pending,
+    }
 }
 
 /// The MIG devices of `parent`, in NVML's MIG device index order.
@@ -1119,6 +1129,17 @@ fn timeout_ms(timeout: Duration) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_settled_known_mig_mode_is_enabled_or_disabled() {
+        let (on, off) = (sys::NVML_DEVICE_MIG_ENABLE, sys::NVML_DEVICE_MIG_DISABLE);
+        assert_eq!(mig_mode_of(on, on), MigMode::Enabled);
+        assert_eq!(mig_mode_of(off, off), MigMode::Disabled);
+        assert_eq!(mig_mode_of(off, on), MigMode::Pending);
+        assert_eq!(mig_mode_of(on, off), MigMode::Pending);
+        assert_eq!(mig_mode_of(7, 7), MigMode::Pending);
+        assert_eq!(mig_mode_of(off, 7), MigMode::Pending);
+    }
 
     #[test]
     fn a_missing_library_is_named_in_the_error() {

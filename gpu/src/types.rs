@@ -72,6 +72,10 @@ pub enum MigMode {
     Enabled,
     /// The GPU has no MIG support.
     Unsupported,
+    /// A change of MIG mode waits for the next GPU reset, or NVML reports
+    /// a mode ccnode does not know: the layout is not settled, so no
+    /// worker is given the GPU or any MIG device of it until it is.
+    Pending,
 }
 
 impl MigMode {
@@ -80,6 +84,7 @@ impl MigMode {
             MigMode::Disabled => "disabled",
             MigMode::Enabled => "enabled",
             MigMode::Unsupported => "unsupported",
+            MigMode::Pending => "pending",
         }
     }
 }
