@@ -437,3 +437,54 @@ fn a_scrub_the_layout_changed_under_does_not_count() {
     let s = scrub_state(&node, &dev);
     assert_eq!(s["last_scrub"]["trigger"], "claim", "{s}");
 }
+
+#[test]
+fn a_device_held_for_a_worker_that_outlived_its_jail_is_scrubbed_once_its_namespace_is_gone() {
+    // The jail is SIGKILLed from outside: it never says how its worker
+    // ended, so the device is held, not scrubbed. Its init follows by its
+    // parent-death signal, the kernel empties the namespace, and only then
+    // is the device scrubbed and free again.
+    let gpus = SimGpus::new();
+    let dev = migs(&gpus)[0].clone();
+    let node = node(&gpus, "");
+    let ok = format!("ccnode_scrubs_total{{device=\"{dev}\",result=\"ok\"}}");
+    wait_metric(&node, &ok, 1.0);
+    let a = model("tenant-a", 9);
+    assert_eq!(load(&node, entry("tenant-a", &a, &dev))["ok"], true);
+    wait_worker(&node, "tenant-a", |s, _| s == "ready");
+    let r = node.request(r#"{"v":1,"cmd":"models"}"#);
+    let jail = r["result"]["models"][0]["workers"][0]["pid"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no jail pid: {r}")) as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(jail),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + PATIENCE * 2;
+    let records = loop {
+        let audit = node.request(r#"{"v":1,"cmd":"audit","limit":200}"#);
+        let records = audit["result"]["records"].as_array().unwrap().clone();
+        if records.iter().any(|r| r["command"] == "worker_gone") {
+            break records;
+        }
+        assert!(Instant::now() < deadline, "{audit}\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(25));
+    };
+    assert!(
+        records
+            .iter()
+            .any(|r| r["command"] == "worker_outlived" && r["result"] == "held"),
+        "{records:?}"
+    );
+    let gone = records
+        .iter()
+        .find(|r| r["command"] == "worker_gone")
+        .unwrap();
+    assert_eq!(gone["result"], "released");
+    assert!(gone["reason"].as_str().unwrap().contains(&dev), "{gone}");
+    wait_metric(&node, &ok, 2.0);
+    let s = scrub_state(&node, &dev);
+    assert_eq!(s["last_scrub"]["trigger"], "release", "{s}");
+    assert_eq!(s["state"], "free", "{s}");
+}

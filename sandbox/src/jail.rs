@@ -508,6 +508,9 @@ fn parent(
     report: &mut Reporter,
 ) -> Result<i32, SetupError> {
     CHILD.store(child.as_raw(), Ordering::Relaxed);
+    // Read now, while the child waits for `go`: once it pivots, this
+    // process's root is the new one too, whose procfs is the worker's.
+    let init_start = crate::remains::start_time(child.as_raw());
     for sig in FORWARDED {
         // SAFETY: the handler only calls kill(2), which is async-signal-safe.
         unsafe { libc::signal(sig, forward_signal as *const () as libc::sighandler_t) };
@@ -616,7 +619,13 @@ fn parent(
             Some("running") => {
                 started = true;
                 start_forwarding();
-                report.send(&json!({"event": "started", "pid": child.as_raw()}));
+                // The start time lets ccnoded tell this init from a later
+                // process with its pid (crate::remains).
+                report.send(&json!({
+                    "event": "started",
+                    "pid": child.as_raw(),
+                    "start_time": init_start,
+                }));
                 continue;
             }
             Some("exited") => {

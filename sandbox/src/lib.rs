@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod control;
 pub mod jail;
 pub mod profile;
+pub mod remains;
 pub mod seccomp;
 pub mod spawn;
 pub mod supervise;

@@ -259,6 +259,7 @@ pub struct Supervisor {
     sender: ControlSender,
     pid: Arc<Mutex<Option<i32>>>,
     outlived: Arc<AtomicBool>,
+    remains: crate::remains::Remains,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -272,11 +273,13 @@ impl Supervisor {
         let sender = ControlSender::default();
         let pid = Arc::new(Mutex::new(None));
         let outlived = Arc::new(AtomicBool::new(false));
+        let remains = crate::remains::Remains::default();
         let life = Life {
             state: state.clone(),
             sender: sender.clone(),
             pid: pid.clone(),
             outlived: outlived.clone(),
+            remains: remains.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("ccnode-supervise".into())
@@ -287,8 +290,16 @@ impl Supervisor {
             sender,
             pid,
             outlived,
+            remains,
             thread: Some(thread),
         })
+    }
+
+    /// The worker's PID namespace, to wait for when a life may have
+    /// outlived its jail ([`Supervisor::outlived`]): usable after this
+    /// handle is stopped or dropped.
+    pub fn remains(&self) -> crate::remains::Remains {
+        self.remains.clone()
     }
 
     /// Writes frames to the current worker (see [`ControlSender`]).
@@ -373,6 +384,7 @@ struct Life {
     sender: ControlSender,
     pid: Arc<Mutex<Option<i32>>>,
     outlived: Arc<AtomicBool>,
+    remains: crate::remains::Remains,
 }
 
 fn run(spec: Spec, policy: Policy, commands: Receiver<Command>, events: Sender<Event>, life: Life) {
@@ -503,6 +515,15 @@ fn run_once(
     // after the jail exits (a process stuck in setup may hold the pipe
     // open; it is not waited for). None: not known.
     let late_reports = || reports_rx.recv_timeout(Duration::from_secs(1)).ok();
+    if let Ok(evs) = &started {
+        // The namespace init, while the jail (its parent, which alone may
+        // reap it) still runs or has not been waited for.
+        let init = evs.last().and_then(|e| {
+            let pid = i32::try_from(e["pid"].as_i64()?).ok()?;
+            crate::remains::open_verified(pid, e["start_time"].as_u64()?)
+        });
+        life.remains.set(init);
+    }
     if let Err((events_so_far, why)) = started {
         // No worker has run: whatever is left of the jail holds no device
         // open, so ending it decides nothing about the device.

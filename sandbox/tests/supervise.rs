@@ -333,6 +333,9 @@ fn a_jail_that_will_not_end_is_killed_and_its_worker_presumed_alive() {
     assert!(outlived, "SIGKILLed after its grace");
     assert_eq!(restart_in, None, "not restarted onto the same device");
     assert!(sup.outlived());
+    // Pid 1 with no start time: never taken to be the init, so never gone.
+    assert!(!sup.remains().watched());
+    assert!(!sup.remains().wait_gone(Some(Duration::from_millis(10))));
     assert!(!sup.kill(), "kill says the worker may live on");
 }
 
@@ -351,6 +354,8 @@ fn a_jail_killed_from_outside_is_presumed_to_leave_its_worker() {
     )
     .unwrap();
     wait_state(&rx, WorkerState::Ready);
+    let remains = sup.remains();
+    assert!(remains.watched(), "the jail's init was seen");
     let jail = sup.pid().expect("a jail runs");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(jail),
@@ -362,6 +367,55 @@ fn a_jail_killed_from_outside_is_presumed_to_leave_its_worker() {
     assert!(outlived);
     assert_eq!(restart_in, None);
     assert!(!sup.kill());
+    // Init followed its jail, and the namespace with it: the device may be
+    // given back now.
+    assert!(remains.wait_gone(Some(PATIENCE)), "the namespace is gone");
+}
+
+#[test]
+fn remains_are_gone_only_when_the_reported_init_is() {
+    // A "jail" that reports a real process (not in a namespace of its
+    // own, so nothing ends it with the jail) as its init, then ignores
+    // the kill signal.
+    let mut s = spec(&["well"], 65534);
+    s.jail = PathBuf::from("/bin/sh");
+    s.jail_args = vec![
+        "-c".into(),
+        r#"trap '' USR1 TERM; sleep 600 & t=$(cut -d' ' -f22 /proc/$!/stat)
+printf '{"event":"started","pid":%s,"start_time":%s}\n' $! $t >&4
+echo $! >&2; exec sleep 600"#
+            .into(),
+    ];
+    let policy = Policy {
+        kill_grace: Duration::from_millis(300),
+        ready_timeout: Duration::from_millis(300),
+        ..quick()
+    };
+    let (tx, rx) = mpsc::channel();
+    let sup = Supervisor::start(s, policy, tx).unwrap();
+    let mut init = None;
+    let (reason, outlived) = loop {
+        match rx.recv_timeout(PATIENCE).expect("an event") {
+            Event::Stderr(line) => init = line.trim().parse::<i32>().ok(),
+            Event::Exited {
+                reason, outlived, ..
+            } => break (reason, outlived),
+            _ => {}
+        }
+    };
+    assert_eq!(reason, ExitReason::ReadyTimeout);
+    assert!(outlived);
+    let init = init.expect("the init's pid on stderr");
+    let remains = sup.remains();
+    assert!(remains.watched());
+    // The jail is gone; what it reported as init lives on.
+    assert!(!remains.wait_gone(Some(Duration::from_millis(100))));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(init),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(remains.wait_gone(Some(PATIENCE)));
 }
 
 #[test]

@@ -239,6 +239,9 @@ struct Replica {
     /// Its worker may have outlived its jail: the device is held, and said
     /// so once.
     held: AtomicBool,
+    /// The worker's PID namespace, waited for when it may have outlived
+    /// its jail.
+    remains: Mutex<Option<ccnode_sandbox::remains::Remains>>,
 }
 
 struct Model {
@@ -572,6 +575,7 @@ impl Manager {
                         busy: Mutex::new(None),
                         last_exit: Mutex::new(None),
                         held: AtomicBool::new(false),
+                        remains: Mutex::new(None),
                     })
                 })
                 .collect::<Vec<_>>();
@@ -683,6 +687,7 @@ impl Manager {
                         name: name.clone(),
                         message: e.to_string(),
                     })?;
+                *lock(&r.remains) = Some(sup.remains());
                 *lock(&r.sup) = Some(sup);
             }
             Ok(())
@@ -1404,18 +1409,55 @@ impl Model {
 
     /// A worker that may have outlived its jail keeps its device: it is
     /// neither scrubbed nor given to anyone while the process may still
-    /// have it open. It stays held until ccnoded restarts (and scrubs
-    /// every device at start).
+    /// have it open. It is held until the worker's PID namespace is seen
+    /// to be empty (its init's pidfd; `ccnode_sandbox::remains`), then
+    /// scrubbed and given back; when that cannot be seen, until ccnoded
+    /// restarts.
     fn hold_device(&self, r: &Replica) {
         if r.held.swap(true, Ordering::AcqRel) {
             return;
         }
-        // The claim's token is dropped, not released: the ledger keeps the
-        // device taken, and no later release (an unload) can free it.
-        let held = lock(&r.claim).take().is_some();
+        // The claim's token leaves the replica: no later release (an
+        // unload) can free the device; only the watch below can.
+        let token = lock(&r.claim).take();
         let Some(m) = self.manager() else { return };
-        let device = match (&r.device, held) {
-            (Some(d), true) => format!("device {d} stays held until ccnoded restarts"),
+        let remains = lock(&r.remains).clone().filter(|w| w.watched());
+        let device = match (&r.device, token, &m.scrubber, remains) {
+            (Some(d), Some(token), Some(scrubber), Some(remains)) => {
+                let (dev, scrubber, node, rt) = (
+                    d.clone(),
+                    scrubber.clone(),
+                    m.node.clone(),
+                    m.runtime.clone(),
+                );
+                let what = format!("model {} worker {}", self.cfg.name, r.index);
+                let watch = std::thread::Builder::new()
+                    .name("ccnode-remains".into())
+                    .spawn(move || {
+                        if !remains.wait_gone(None) {
+                            return;
+                        }
+                        tracing::warn!(device = %dev, "the namespace of a worker that outlived its jail is gone: scrubbing its device");
+                        let record = AuditRecord {
+                            ts: SystemTime::now(),
+                            actor: Actor::system("inference"),
+                            command: "worker_gone".into(),
+                            reason: Some(format!(
+                                "{what}: its PID namespace is empty; device {dev} is scrubbed and given back"
+                            )),
+                            result: "released".into(),
+                            from: None,
+                            to: None,
+                        };
+                        rt.spawn(async move { node.audit(record).await });
+                        scrubber.release(&dev, token);
+                    });
+                match watch {
+                    Ok(_) => format!("device {d} stays held until its PID namespace is empty"),
+                    Err(_) => format!("device {d} stays held until ccnoded restarts"),
+                }
+            }
+            (Some(d), Some(_), _, _) => format!("device {d} stays held until ccnoded restarts"),
             _ => "it held no device".to_owned(),
         };
         tracing::error!(model = %self.cfg.name, worker = r.index, "worker may have outlived its jail; {device}");
@@ -1764,6 +1806,7 @@ mod tests {
                 busy: Mutex::new(None),
                 last_exit: Mutex::new(None),
                 held: AtomicBool::new(false),
+                remains: Mutex::new(None),
             })],
             queue: Mutex::new(VecDeque::new()),
             stopping: Mutex::new(Vec::new()),
