@@ -238,9 +238,8 @@ pub fn run(mut config: Config) -> Result<(), DaemonError> {
     m.sandbox
         .with_label_values(&["device_cgroup"])
         .set(i64::from(support.device_cgroup.is_ok()));
-    // Groups that jails killed outright (SIGKILL, a crash of the host's
-    // ccnoded) could not remove: empty, named after a dead jail's pid.
-    for (parent, usable) in [
+    // The directories workers' groups are made in.
+    let worker_parents: Vec<std::path::PathBuf> = [
         (
             &config.sandbox.cgroup_parent,
             support.cgroup_unavailable.is_none(),
@@ -249,12 +248,18 @@ pub fn run(mut config: Config) -> Result<(), DaemonError> {
             &config.sandbox.device_cgroup_parent,
             support.device_cgroup.is_ok(),
         ),
-    ] {
-        if let (Some(parent), true) = (parent, usable) {
-            let removed = ccnode_sandbox::cgroup::sweep(parent);
-            if removed > 0 {
-                tracing::info!(parent = %parent.display(), removed, "removed worker cgroups left by dead jails");
-            }
+    ]
+    .into_iter()
+    .filter_map(|(p, usable)| p.clone().filter(|_| usable))
+    .collect();
+    // Groups that jails killed outright (SIGKILL, a crash of the host's
+    // ccnoded) could not remove: empty, named after a dead jail's pid.
+    // Ones that still hold processes stay, and so do their devices
+    // (Scrubber::hold_leftovers).
+    for parent in &worker_parents {
+        let removed = ccnode_sandbox::cgroup::sweep(parent);
+        if removed > 0 {
+            tracing::info!(parent = %parent.display(), removed, "removed worker cgroups left by dead jails");
         }
     }
     match (
@@ -306,6 +311,7 @@ pub fn run(mut config: Config) -> Result<(), DaemonError> {
             read_only_gid,
             mode,
             notifier,
+            worker_parents,
         )
         .instrument(span),
     )
@@ -321,6 +327,7 @@ async fn serve(
     read_only_gid: Option<u32>,
     mode: u32,
     notifier: Notifier,
+    worker_parents: Vec<std::path::PathBuf>,
 ) -> Result<(), DaemonError> {
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -427,6 +434,10 @@ async fn serve(
         let m = inference.clone();
         tokio::task::spawn_blocking(move || {
             if let Some(s) = m.scrubber() {
+                // Worker groups a previous run left with processes in
+                // them: the devices those have open are held, not
+                // scrubbed, until they end.
+                s.hold_leftovers(&worker_parents);
                 s.scrub_all("start");
             }
             m.load_configured();

@@ -488,3 +488,99 @@ fn a_device_held_for_a_worker_that_outlived_its_jail_is_scrubbed_once_its_namesp
     assert_eq!(s["last_scrub"]["trigger"], "release", "{s}");
     assert_eq!(s["state"], "free", "{s}");
 }
+
+#[test]
+fn a_device_a_previous_runs_worker_still_holds_is_kept_until_its_group_is_empty() {
+    // A worker of an earlier ccnoded, still alive in its group (stuck in
+    // the driver, say, past a crash of ccnoded): the device it has open is
+    // held, neither scrubbed nor given, until the group is empty.
+    let Some(parent) = ccnode_testkit::scratch_cgroup2("leftover") else {
+        return;
+    };
+    /// Removes the groups, whatever the test did (declared first: dropped
+    /// after the node and the old worker).
+    struct Groups(PathBuf);
+    impl Drop for Groups {
+        fn drop(&mut self) {
+            for g in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+                if g.file_type().is_ok_and(|t| t.is_dir()) {
+                    for pid in ccnode_sandbox::cgroup::procs(&g.path()) {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                    // Gone already (its jail removed it) is fine.
+                    if g.path().exists() {
+                        ccnode_testkit::remove_cgroup(&g.path());
+                    }
+                }
+            }
+            ccnode_testkit::remove_cgroup(&self.0);
+        }
+    }
+    let _groups = Groups(parent.clone());
+    let gpus = SimGpus::new();
+    let devs = migs(&gpus);
+    let (dev, other) = (devs[0].clone(), devs[1].clone());
+    let sim = ccnode_gpu::sim::SimBackend::open(&gpus.sim).unwrap();
+    let inv = ccnode_gpu::GpuBackend::inventory(&sim).unwrap();
+    let roots = ccnode_gpu::GpuBackend::device_roots(&sim);
+    let own = ccnode_gpu::devices::own_nodes(&inv, &dev, &roots).unwrap();
+    let mut dead = std::process::Command::new("/bin/true").spawn().unwrap();
+    let dead_pid = dead.id();
+    dead.wait().unwrap();
+    let group = parent.join(format!("tenant-a-0-{dead_pid}"));
+    std::fs::create_dir(&group).unwrap();
+    let mut old = std::process::Command::new("sleep")
+        .arg("600")
+        .stdin(std::fs::File::open(&own[0]).unwrap())
+        .spawn()
+        .unwrap();
+    std::fs::write(group.join("cgroup.procs"), old.id().to_string()).unwrap();
+    let node = TestNode::new(CCNODED)
+        .with_gpu(&gpus.gpu_toml())
+        .with_env(
+            "CCNODE_TEST_WORKER_MODE",
+            &format!("plant {}", gpus.devtree.join("sim-vram").display()),
+        )
+        .with_toml(&format!(
+            "[sandbox]\nworker_user = \"nobody\"\ndevice_cgroup_parent = \"{}\"\n\
+             env_allow = [\"CCNODE_TEST_WORKER_MODE\"]\n\n\
+             [inference]\nworker_binary = \"{}\"\nload_timeout = \"20s\"\n",
+            parent.display(),
+            api::workspace_bin("ccnode-test-worker").display()
+        ))
+        .start();
+    // The others are scrubbed at start; this one is held.
+    wait_metric(
+        &node,
+        &format!("ccnode_scrubs_total{{device=\"{other}\",result=\"ok\"}}"),
+        1.0,
+    );
+    let s = scrub_state(&node, &dev);
+    assert_eq!(s["state"], "held", "{s}");
+    assert!(
+        s["reason"]
+            .as_str()
+            .unwrap()
+            .contains(group.to_str().unwrap()),
+        "{s}"
+    );
+    let m = model("tenant-b", 10);
+    let r = load(&node, entry("tenant-b", &m, &dev));
+    assert_eq!(r["error"]["detail"], "device_out_of_service", "{r}");
+    // The old worker ends: the device is scrubbed, then free.
+    old.kill().unwrap();
+    old.wait().unwrap();
+    wait_metric(
+        &node,
+        &format!("ccnode_scrubs_total{{device=\"{dev}\",result=\"ok\"}}"),
+        1.0,
+    );
+    let s = scrub_state(&node, &dev);
+    assert_eq!(s["last_scrub"]["trigger"], "leftover", "{s}");
+    assert_eq!(s["state"], "free", "{s}");
+    assert_eq!(load(&node, entry("tenant-b", &m, &dev))["ok"], true);
+    wait_worker(&node, "tenant-b", |s, _| s == "ready");
+}

@@ -407,6 +407,53 @@ pub fn place_devices(
     }
 }
 
+/// A worker group's name, `<name>-<jail pid>`: the jail's pid.
+fn jail_pid_of(name: &std::ffi::OsStr) -> Option<i32> {
+    name.to_str()
+        .and_then(|n| n.rsplit_once('-'))
+        .filter(|(base, pid)| {
+            !base.is_empty()
+                && !pid.is_empty()
+                && !pid.starts_with('0')
+                && pid.bytes().all(|b| b.is_ascii_digit())
+        })
+        .and_then(|(_, pid)| pid.parse::<i32>().ok())
+        .filter(|&pid| pid > 0)
+}
+
+/// The processes of a group (`cgroup.procs`, v1 or v2); empty when it has
+/// none or cannot be read.
+pub fn procs(group: &Path) -> Vec<i32> {
+    std::fs::read_to_string(group.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Worker groups under `parent` (named `<name>-<pid>`, as jails make
+/// them) that still hold processes, with those processes. Called before
+/// this ccnoded starts any worker, every one is a previous run's: a worker
+/// that outlived its jail, or survived a crash of ccnoded.
+pub fn populated_groups(parent: &Path) -> Vec<(PathBuf, Vec<i32>)> {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        if jail_pid_of(&entry.file_name()).is_none() || !entry.file_type().is_ok_and(|t| t.is_dir())
+        {
+            continue;
+        }
+        let pids = procs(&entry.path());
+        if !pids.is_empty() {
+            out.push((entry.path(), pids));
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Removes the groups under `parent` that jails killed before they could
 /// clean up left behind: directories named `<name>-<pid>` whose pid is no
 /// live process and which hold no process (the kernel refuses to remove a
@@ -418,19 +465,7 @@ pub fn sweep(parent: &Path) -> usize {
     };
     let mut removed = 0;
     for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.rsplit_once('-'))
-            .filter(|(base, pid)| {
-                !base.is_empty()
-                    && !pid.is_empty()
-                    && !pid.starts_with('0')
-                    && pid.bytes().all(|b| b.is_ascii_digit())
-            })
-            .and_then(|(_, pid)| pid.parse::<i32>().ok())
-            .filter(|&pid| pid > 0)
-        else {
+        let Some(pid) = jail_pid_of(&entry.file_name()) else {
             continue;
         };
         let alive = !matches!(

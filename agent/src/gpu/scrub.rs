@@ -106,14 +106,39 @@ fn layout_of(inv: &ccnode_gpu::Inventory, device: &str) -> Option<String> {
         })
 }
 
+/// The files `pids` have open, as (device, inode): at most 65536 each.
+fn open_files(pids: &[i32]) -> std::collections::BTreeSet<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeSet::new();
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten().take(65536) {
+            // metadata() follows the magic link to the open file itself,
+            // whatever mount namespace the process sees it in.
+            if let Ok(m) = std::fs::metadata(fd.path()) {
+                out.insert((m.dev(), m.ino()));
+            }
+        }
+    }
+    out
+}
+
 /// Where a device stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
     Unscrubbed,
     Free,
-    Claimed { token: u64, holder: String },
+    Claimed {
+        token: u64,
+        holder: String,
+    },
     Scrubbing,
     OutOfService(String),
+    /// Open in a process of a worker group from before this ccnoded
+    /// started: neither scrubbed nor claimed until that group is empty.
+    Held(String),
 }
 
 impl State {
@@ -124,6 +149,7 @@ impl State {
             State::Claimed { .. } => "claimed",
             State::Scrubbing => "scrubbing",
             State::OutOfService(_) => "out_of_service",
+            State::Held(_) => "held",
         }
     }
 }
@@ -381,6 +407,126 @@ impl Scrubber {
         });
     }
 
+    /// Holds every device a process of a previous run's worker group (under
+    /// `parents`) has open: a worker that outlived its jail, or survived a
+    /// crash of ccnoded, may still use it. Each stays `held` (not scrubbed,
+    /// not claimed) until its group is empty, then is scrubbed. Call at
+    /// start, before the start scrub and before any worker starts.
+    pub fn hold_leftovers(self: &Arc<Self>, parents: &[std::path::PathBuf]) {
+        use std::os::unix::fs::MetadataExt;
+        let groups: Vec<_> = parents
+            .iter()
+            .flat_map(|p| ccnode_sandbox::cgroup::populated_groups(p))
+            .collect();
+        if groups.is_empty() {
+            return;
+        }
+        let inv = match self.backend.inventory() {
+            Ok(inv) => inv,
+            Err(e) => {
+                // The start scrub fails without an inventory too.
+                tracing::error!(error = %e, "no GPU inventory to find the devices of leftover worker groups");
+                return;
+            }
+        };
+        let roots = self.backend.device_roots();
+        // Each device by the files only its worker opens.
+        let owned: Vec<(String, Vec<(u64, u64)>)> = ccnode_gpu::scrub::devices(&inv)
+            .into_iter()
+            .filter_map(|d| {
+                let nodes = ccnode_gpu::devices::own_nodes(&inv, &d, &roots).ok()?;
+                let ids = nodes
+                    .iter()
+                    .filter_map(|n| std::fs::metadata(n).ok())
+                    .map(|m| (m.dev(), m.ino()))
+                    .collect();
+                Some((d, ids))
+            })
+            .collect();
+        for (group, pids) in groups {
+            let open = open_files(&pids);
+            let held: Vec<String> = owned
+                .iter()
+                .filter(|(_, ids)| ids.iter().any(|id| open.contains(id)))
+                .map(|(d, _)| d.clone())
+                .collect();
+            tracing::error!(
+                group = %group.display(),
+                pids = ?pids,
+                devices = ?held,
+                "a worker group from before this start still holds processes: the devices they have open stay held until it is empty"
+            );
+            if held.is_empty() {
+                continue;
+            }
+            let why = format!(
+                "open in {} process(es) of {}, a worker group from before ccnoded started",
+                pids.len(),
+                group.display()
+            );
+            {
+                let mut devs = lock(&self.devices);
+                for d in &held {
+                    let dev = devs.entry(d.clone()).or_insert_with(|| Dev {
+                        state: State::Unscrubbed,
+                        last: None,
+                        layout: None,
+                    });
+                    // A worker of this run got there first (a load raced
+                    // the start): its own group is among those found.
+                    if matches!(dev.state, State::Claimed { .. } | State::Scrubbing) {
+                        continue;
+                    }
+                    dev.state = State::Held(why.clone());
+                    self.metrics
+                        .out_of_service
+                        .with_label_values(&[d.as_str()])
+                        .set(1);
+                }
+            }
+            let me = self.clone();
+            let watch = std::thread::Builder::new()
+                .name("ccnode-leftover".into())
+                .spawn(move || {
+                    while !ccnode_sandbox::cgroup::procs(&group).is_empty() {
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    tracing::warn!(group = %group.display(), "the leftover worker group is empty: scrubbing its devices");
+                    for d in &held {
+                        me.end_hold(d);
+                    }
+                });
+            if let Err(e) = watch {
+                tracing::error!(error = %e, "no thread to watch a leftover worker group: its devices stay held until ccnoded restarts");
+            }
+        }
+    }
+
+    /// A held device whose group is empty: scrubbed (or free, with
+    /// scrubbing off) like one just released.
+    fn end_hold(self: &Arc<Self>, device: &str) {
+        {
+            let mut devs = lock(&self.devices);
+            let Some(d) = devs.get_mut(device) else {
+                return;
+            };
+            if !matches!(d.state, State::Held(_)) {
+                return;
+            }
+            if !self.policy.enabled {
+                d.state = State::Free;
+                self.metrics
+                    .out_of_service
+                    .with_label_values(&[device])
+                    .set(0);
+                self.changed.notify_all();
+                return;
+            }
+            d.state = State::Scrubbing;
+        }
+        self.scrub_now(device, "leftover");
+    }
+
     /// Takes `device` for `holder` (`model/replica`), waiting for a scrub in
     /// progress and scrubbing it first if it never was. Blocking. The token
     /// goes back to [`Scrubber::release`].
@@ -435,7 +581,7 @@ impl Scrubber {
                         holder: h,
                     })
                 }
-                State::OutOfService(why) => {
+                State::OutOfService(why) | State::Held(why) => {
                     return Err(ClaimError::OutOfService {
                         device: device.to_owned(),
                         why,
@@ -798,7 +944,7 @@ impl Scrubber {
                 let mut v = serde_json::json!({"device": k, "state": d.state.label()});
                 match &d.state {
                     State::Claimed { holder, .. } => v["holder"] = holder.clone().into(),
-                    State::OutOfService(why) => v["reason"] = why.clone().into(),
+                    State::OutOfService(why) | State::Held(why) => v["reason"] = why.clone().into(),
                     _ => {}
                 }
                 if let Some(l) = &d.last {
