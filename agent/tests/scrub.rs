@@ -123,6 +123,20 @@ fn holds_secret(path: &Path) -> bool {
     bytes.windows(SECRET.len()).any(|w| w == SECRET)
 }
 
+/// ccnoded on `gpus` after its start scrub, with model `tenant-a` (from
+/// `seed`) ready on GPU 1's MIG device `which`: the node, the device, and
+/// the device's passing-scrub series.
+fn serving(gpus: &SimGpus, which: usize, seed: u64) -> (TestNode, String, String) {
+    let dev = migs(gpus)[which].clone();
+    let node = node(gpus, "");
+    let ok = format!("ccnode_scrubs_total{{device=\"{dev}\",result=\"ok\"}}");
+    wait_metric(&node, &ok, 1.0);
+    let a = model("tenant-a", seed);
+    assert_eq!(load(&node, entry("tenant-a", &a, &dev))["ok"], true);
+    wait_worker(&node, "tenant-a", |s, _| s == "ready");
+    (node, dev, ok)
+}
+
 fn load(node: &TestNode, e: Value) -> Value {
     node.request(&json!({"v": 1, "cmd": "model_load", "model": e}).to_string())
 }
@@ -224,13 +238,7 @@ fn without_scrubbing_the_next_tenant_finds_the_secret() {
 #[test]
 fn a_worker_killed_by_quarantine_still_gets_its_device_scrubbed() {
     let gpus = SimGpus::new();
-    let dev = migs(&gpus)[2].clone();
-    let node = node(&gpus, "");
-    let ok = format!("ccnode_scrubs_total{{device=\"{dev}\",result=\"ok\"}}");
-    wait_metric(&node, &ok, 1.0);
-    let a = model("tenant-a", 5);
-    assert_eq!(load(&node, entry("tenant-a", &a, &dev))["ok"], true);
-    wait_worker(&node, "tenant-a", |s, _| s == "ready");
+    let (node, dev, ok) = serving(&gpus, 2, 5);
     assert!(holds_secret(&vram(&gpus, &dev)));
     let r = node.request(r#"{"v":1,"cmd":"quarantine","reason":"test"}"#);
     assert_eq!(r["ok"], true, "{r}");
@@ -445,13 +453,7 @@ fn a_device_held_for_a_worker_that_outlived_its_jail_is_scrubbed_once_its_namesp
     // parent-death signal, the kernel empties the namespace, and only then
     // is the device scrubbed and free again.
     let gpus = SimGpus::new();
-    let dev = migs(&gpus)[0].clone();
-    let node = node(&gpus, "");
-    let ok = format!("ccnode_scrubs_total{{device=\"{dev}\",result=\"ok\"}}");
-    wait_metric(&node, &ok, 1.0);
-    let a = model("tenant-a", 9);
-    assert_eq!(load(&node, entry("tenant-a", &a, &dev))["ok"], true);
-    wait_worker(&node, "tenant-a", |s, _| s == "ready");
+    let (node, dev, ok) = serving(&gpus, 0, 9);
     let r = node.request(r#"{"v":1,"cmd":"models"}"#);
     let jail = r["result"]["models"][0]["workers"][0]["pid"]
         .as_i64()

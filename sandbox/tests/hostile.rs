@@ -482,6 +482,19 @@ fn a_signal_during_setup_reaches_the_worker_once_it_runs() {
     assert!(rest.contains(r#""event":"started""#), "{rest}");
 }
 
+/// The probe's `mounts` fact (mount point → options) from a run of `p`,
+/// which must succeed.
+fn mounts_fact(p: &Profile) -> Value {
+    let r = run(p, &[]);
+    assert!(r.status.success(), "{:?}", r.events);
+    r.stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["fact"] == "mounts")
+        .expect("the mounts fact")["value"]
+        .clone()
+}
+
 #[test]
 fn mounts_below_a_read_only_bind_are_read_only_too() {
     // A library directory with a writable mount below it, as a host may
@@ -507,15 +520,7 @@ fn mounts_below_a_read_only_bind_are_read_only_too() {
     let _unmount = Unmount(sub.clone());
     let mut p = profile(PROBE, &[]);
     p.read_only.push(lib.path().to_owned());
-    let r = run(&p, &[]);
-    assert!(r.status.success(), "{:?}", r.events);
-    let mounts = r
-        .stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["fact"] == "mounts")
-        .expect("the mounts fact")["value"]
-        .clone();
+    let mounts = mounts_fact(&p);
     for at in [lib.path(), sub.as_path()] {
         let opts = mounts[at.to_str().unwrap()]
             .as_str()
@@ -568,15 +573,7 @@ fn a_program_under_tmp_runs_bound_outside_the_workers_tmp() {
     std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
     std::fs::set_permissions(dir.path(), perms).unwrap();
     let p = profile(copy.to_str().unwrap(), &[]);
-    let r = run(&p, &[]);
-    assert!(r.status.success(), "{:?}", r.events);
-    let mounts = r
-        .stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["fact"] == "mounts")
-        .expect("the mounts fact")["value"]
-        .clone();
+    let mounts = mounts_fact(&p);
     let opts = mounts["/.ccnode-program/probe"]
         .as_str()
         .unwrap_or_else(|| panic!("program not bound: {mounts}"));
