@@ -10,10 +10,14 @@
 //!
 //! The jail reports init's pid and start time (`/proc/<pid>/stat` field
 //! 22, clock ticks since boot) in its `started` event. The supervisor
-//! opens a pidfd for the pid and then checks the start time: equal, the
-//! pidfd is that process and not one that got its pid later. Anything
-//! not known (no start time, a mismatch, no pidfd support) is never taken
-//! to mean "gone".
+//! opens a pidfd for the pid and then checks that it is still init: its
+//! start time is the one reported, or (where ccnoded may not read a
+//! process of the worker's uid, as under systemd's `ProtectProc=invisible`)
+//! the jail, ccnoded's own unreaped child, lists it among its children
+//! (`/proc/<jail>/task/<jail>/children`): the jail forks nothing else, so
+//! a pid it lists after the pidfd was opened was init's throughout. Anything
+//! not known (neither check passes, no pidfd support) is never taken to
+//! mean "gone".
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
@@ -33,9 +37,27 @@ pub fn start_time(pid: i32) -> Option<u64> {
     rest.split_ascii_whitespace().nth(19)?.parse().ok()
 }
 
+/// The children of `pid` (of each of its threads, at most 64 threads);
+/// empty when they cannot be read.
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .take(64)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_ascii_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
 /// A pidfd for `pid`, if it is still the process that started at
-/// `start_time`.
-pub(crate) fn open_verified(pid: i32, start_time: u64) -> Option<OwnedFd> {
+/// `start_time`, or still a child of `parent` (which must fork no other).
+pub(crate) fn open_verified(pid: i32, start_time: Option<u64>, parent: i32) -> Option<OwnedFd> {
     if pid <= 0 {
         return None;
     }
@@ -48,9 +70,14 @@ pub(crate) fn open_verified(pid: i32, start_time: u64) -> Option<OwnedFd> {
     // SAFETY: the fd was just returned by pidfd_open and is owned by no
     // one else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // Checked after opening: the pidfd pins the process it refers to, so
-    // a start time read now that matches is that process's.
-    (self::start_time(pid) == Some(start_time)).then_some(fd)
+    // Checked after opening: the pidfd refers to whatever had the pid at
+    // that moment. A process that has it now and had it before (init was
+    // reported before the pidfd was opened) is that process, unless the
+    // pid was freed and reused in between, which a matching start time (a
+    // reuse within one clock tick aside) or being the parent's only child
+    // rules out.
+    let same_start = start_time.is_some() && self::start_time(pid) == start_time;
+    (same_start || children_of(parent).contains(&pid)).then_some(fd)
 }
 
 /// Waits for the worker's namespace, if its init was seen.
@@ -121,6 +148,21 @@ mod tests {
         assert_eq!(start_time(me), Some(t), "stable");
         assert_eq!(start_time(0), None);
         assert_eq!(start_time(i32::MAX), None);
+        // A command name with spaces and a parenthesis: counting fields
+        // from the start would read the wrong one.
+        let dir = tempfile::tempdir().unwrap();
+        let odd = dir.path().join("a) (b c");
+        std::fs::copy("/bin/sleep", &odd).unwrap();
+        let mut child = std::process::Command::new(&odd).arg("600").spawn().unwrap();
+        let pid = child.id() as i32;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        assert!(stat.contains("(a) (b c)"), "{stat}");
+        let naive: Option<u64> = stat.split(' ').nth(21).and_then(|f| f.parse().ok());
+        let got = start_time(pid).expect("its start time");
+        assert!(got >= t, "started after this test: {got} < {t}");
+        assert_ne!(Some(got), naive, "{stat}");
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     #[test]
@@ -131,10 +173,16 @@ mod tests {
             .unwrap();
         let pid = child.id() as i32;
         let t = start_time(pid).unwrap();
-        assert!(open_verified(pid, t + 1).is_none(), "another start time");
+        let me = std::process::id() as i32;
+        assert!(
+            open_verified(pid, Some(t + 1), 1).is_none(),
+            "another start time, and not a child of the parent named"
+        );
+        assert!(open_verified(pid, None, 1).is_none());
+        assert!(open_verified(pid, None, me).is_some(), "our child");
         let r = Remains::default();
         assert!(!r.wait_gone(Some(Duration::from_millis(1))), "unknown");
-        r.set(open_verified(pid, t));
+        r.set(open_verified(pid, Some(t), 1));
         assert!(r.watched());
         assert!(!r.wait_gone(Some(Duration::from_millis(50))), "alive");
         child.kill().unwrap();

@@ -518,9 +518,10 @@ fn run_once(
     if let Ok(evs) = &started {
         // The namespace init, while the jail (its parent, which alone may
         // reap it) still runs or has not been waited for.
+        let jail = jailed.child.id() as i32;
         let init = evs.last().and_then(|e| {
             let pid = i32::try_from(e["pid"].as_i64()?).ok()?;
-            crate::remains::open_verified(pid, e["start_time"].as_u64()?)
+            crate::remains::open_verified(pid, e["start_time"].as_u64(), jail)
         });
         life.remains.set(init);
     }
