@@ -432,12 +432,14 @@ async fn serve(
         // last process left in VRAM (before a crash or a reboot of
         // ccnoded) does not reach a tenant.
         let m = inference.clone();
+        // Worker groups a previous run left with processes in them: their
+        // devices are held, not scrubbed, until they end. Before anything
+        // serves, so no load can claim one first.
+        if let Some(s) = m.scrubber() {
+            tokio::task::block_in_place(|| s.hold_leftovers(&worker_parents));
+        }
         tokio::task::spawn_blocking(move || {
             if let Some(s) = m.scrubber() {
-                // Worker groups a previous run left with processes in
-                // them: the devices those have open are held, not
-                // scrubbed, until they end.
-                s.hold_leftovers(&worker_parents);
                 s.scrub_all("start");
             }
             m.load_configured();

@@ -244,7 +244,14 @@ pub fn sandbox_exec(
     let mut profile = profile(
         cfg,
         &support,
-        &format!("sandbox-exec-{}", std::process::id()),
+        &ccnode_sandbox::cgroup::worker_group_name(
+            &format!("sandbox-exec-{}", std::process::id()),
+            &visible
+                .split(',')
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+                .collect::<Vec<_>>(),
+        ),
         program,
         args.to_vec(),
         devices,

@@ -492,15 +492,17 @@ fn a_device_held_for_a_worker_that_outlived_its_jail_is_scrubbed_once_its_namesp
 }
 
 #[test]
-fn a_device_a_previous_runs_worker_still_holds_is_kept_until_its_group_is_empty() {
-    // A worker of an earlier ccnoded, still alive in its group (stuck in
-    // the driver, say, past a crash of ccnoded): the device it has open is
-    // held, neither scrubbed nor given, until the group is empty.
+fn devices_a_previous_runs_workers_may_hold_are_kept_until_their_groups_are_empty() {
+    // Workers of an earlier ccnoded, still alive in their groups (stuck in
+    // the driver, say, past a crash of ccnoded). One group's name says
+    // which device its worker had; the other's does not, so it holds every
+    // device. A device is given again only when every group holding it is
+    // empty.
     let Some(parent) = ccnode_testkit::scratch_cgroup2("leftover") else {
         return;
     };
     /// Removes the groups, whatever the test did (declared first: dropped
-    /// after the node and the old worker).
+    /// after the node and the old workers).
     struct Groups(PathBuf);
     impl Drop for Groups {
         fn drop(&mut self) {
@@ -525,21 +527,24 @@ fn a_device_a_previous_runs_worker_still_holds_is_kept_until_its_group_is_empty(
     let gpus = SimGpus::new();
     let devs = migs(&gpus);
     let (dev, other) = (devs[0].clone(), devs[1].clone());
-    let sim = ccnode_gpu::sim::SimBackend::open(&gpus.sim).unwrap();
-    let inv = ccnode_gpu::GpuBackend::inventory(&sim).unwrap();
-    let roots = ccnode_gpu::GpuBackend::device_roots(&sim);
-    let own = ccnode_gpu::devices::own_nodes(&inv, &dev, &roots).unwrap();
     let mut dead = std::process::Command::new("/bin/true").spawn().unwrap();
     let dead_pid = dead.id();
     dead.wait().unwrap();
-    let group = parent.join(format!("tenant-a-0-{dead_pid}"));
-    std::fs::create_dir(&group).unwrap();
-    let mut old = std::process::Command::new("sleep")
-        .arg("600")
-        .stdin(std::fs::File::open(&own[0]).unwrap())
-        .spawn()
-        .unwrap();
-    std::fs::write(group.join("cgroup.procs"), old.id().to_string()).unwrap();
+    let old = |name: String| {
+        let group = parent.join(format!("{name}-{dead_pid}"));
+        std::fs::create_dir(&group).unwrap();
+        let child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        std::fs::write(group.join("cgroup.procs"), child.id().to_string()).unwrap();
+        (group, child)
+    };
+    let (named, mut named_worker) = old(ccnode_sandbox::cgroup::worker_group_name(
+        "worker-tenant-a-0",
+        std::slice::from_ref(&dev),
+    ));
+    let (_unnamed, mut unnamed_worker) = old("worker-tenant-b-0".into());
     let node = TestNode::new(CCNODED)
         .with_gpu(&gpus.gpu_toml())
         .with_env(
@@ -554,35 +559,46 @@ fn a_device_a_previous_runs_worker_still_holds_is_kept_until_its_group_is_empty(
             api::workspace_bin("ccnode-test-worker").display()
         ))
         .start();
-    // The others are scrubbed at start; this one is held.
-    wait_metric(
-        &node,
-        &format!("ccnode_scrubs_total{{device=\"{other}\",result=\"ok\"}}"),
-        1.0,
+    for d in [&dev, &other] {
+        let s = scrub_state(&node, d);
+        assert_eq!(s["state"], "held", "{s}");
+    }
+    assert!(
+        scrub_state(&node, &dev)["reason"]
+            .as_str()
+            .unwrap()
+            .contains(named.to_str().unwrap()),
+        "the first group to hold it names it"
+    );
+    let m = model("tenant-c", 10);
+    let r = load(&node, entry("tenant-c", &m, &other));
+    assert_eq!(r["error"]["detail"], "device_out_of_service", "{r}");
+    // The group that held everything ends: every device but the one the
+    // other group still holds is scrubbed and free.
+    unnamed_worker.kill().unwrap();
+    unnamed_worker.wait().unwrap();
+    let ok = |d: &str| format!("ccnode_scrubs_total{{device=\"{d}\",result=\"ok\"}}");
+    wait_metric(&node, &ok(&other), 1.0);
+    assert_eq!(
+        scrub_state(&node, &other)["last_scrub"]["trigger"],
+        "leftover"
     );
     let s = scrub_state(&node, &dev);
     assert_eq!(s["state"], "held", "{s}");
-    assert!(
-        s["reason"]
-            .as_str()
-            .unwrap()
-            .contains(group.to_str().unwrap()),
-        "{s}"
+    assert_eq!(
+        metric(&node, &ok(&dev)),
+        0.0,
+        "not scrubbed under its worker"
     );
-    let m = model("tenant-b", 10);
-    let r = load(&node, entry("tenant-b", &m, &dev));
+    let r = load(&node, entry("tenant-c", &m, &dev));
     assert_eq!(r["error"]["detail"], "device_out_of_service", "{r}");
-    // The old worker ends: the device is scrubbed, then free.
-    old.kill().unwrap();
-    old.wait().unwrap();
-    wait_metric(
-        &node,
-        &format!("ccnode_scrubs_total{{device=\"{dev}\",result=\"ok\"}}"),
-        1.0,
-    );
+    // Its own group ends too: scrubbed, then free.
+    named_worker.kill().unwrap();
+    named_worker.wait().unwrap();
+    wait_metric(&node, &ok(&dev), 1.0);
     let s = scrub_state(&node, &dev);
     assert_eq!(s["last_scrub"]["trigger"], "leftover", "{s}");
     assert_eq!(s["state"], "free", "{s}");
-    assert_eq!(load(&node, entry("tenant-b", &m, &dev))["ok"], true);
-    wait_worker(&node, "tenant-b", |s, _| s == "ready");
+    assert_eq!(load(&node, entry("tenant-c", &m, &dev))["ok"], true);
+    wait_worker(&node, "tenant-c", |s, _| s == "ready");
 }

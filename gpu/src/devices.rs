@@ -186,31 +186,6 @@ pub fn find<'a>(
     Err(unknown())
 }
 
-/// The nodes only a worker given `target` opens: a whole GPU's
-/// `/dev/nvidia<minor>`, or a MIG device's compute-instance capability
-/// (its GPU's node and GPU-instance capability are shared with other MIG
-/// devices), and the sim's VRAM file. A process holding one open may hold
-/// the device.
-pub fn own_nodes(
-    inv: &Inventory,
-    target: &str,
-    roots: &DeviceRoots,
-) -> Result<Vec<PathBuf>, DeviceError> {
-    let g = grant(inv, target, roots)?;
-    // grant() lists the GPU node first, then a MIG device's GPU-instance
-    // and compute-instance capabilities.
-    let own = if g.mig.is_some() { 2 } else { 0 };
-    let mut out: Vec<PathBuf> = g.nodes.get(own).cloned().into_iter().collect();
-    if let Some(p) = roots
-        .sim_vram
-        .as_deref()
-        .and_then(|d| crate::scrub::sim_vram_path(d, &g.uuid))
-    {
-        out.push(p);
-    }
-    Ok(out)
-}
-
 /// What a worker assigned `target` gets, resolved against `roots`.
 pub fn grant(inv: &Inventory, target: &str, roots: &DeviceRoots) -> Result<Grant, DeviceError> {
     let (gpu, mig) = find(inv, target)?;
@@ -376,20 +351,6 @@ mod tests {
             .iter()
             .all(|n| !n.starts_with(dev("nvidia-caps"))));
         assert_eq!(grant(&inv, &inv.gpus[0].uuid, &roots).unwrap(), whole);
-        // What only it opens: the compute instance's capability (the GPU
-        // instance's is shared by its compute instances) and its memory;
-        // for a whole GPU, its node.
-        assert_eq!(
-            own_nodes(&inv, "MIG-1-8-0", &roots).unwrap(),
-            vec![
-                cap("gpu3/gi8/ci0/access"),
-                root.path().join("sim-vram/MIG-1-8-0")
-            ]
-        );
-        let own = own_nodes(&inv, "0", &roots).unwrap();
-        assert_eq!(own[0], whole.nodes[0]);
-        assert!(own[0].ends_with(format!("nvidia{}", inv.gpus[0].minor_number.unwrap())));
-        assert_eq!(own.len(), 2);
     }
 
     #[test]

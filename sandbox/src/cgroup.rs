@@ -421,6 +421,40 @@ fn jail_pid_of(name: &std::ffi::OsStr) -> Option<i32> {
         .filter(|&pid| pid > 0)
 }
 
+/// The longest worker name [`worker_group_name`] writes devices into; a
+/// longer one names none (and reads as "unknown", which holds every
+/// device).
+const MAX_GROUP_NAME: usize = 200;
+
+/// The name a worker's groups get (the jail appends `-<its pid>`):
+/// `worker`, then `@` and each device the worker is given, so that a
+/// group a previous run left behind says which devices its processes may
+/// hold. Names without `@` (too long, or made by anything else) name no
+/// devices. `worker` must not contain `@` (ccnode's model names cannot).
+pub fn worker_group_name(worker: &str, devices: &[String]) -> String {
+    let mut name = worker.to_owned();
+    name.push('@');
+    name.push_str(&devices.join("@"));
+    if name.len() > MAX_GROUP_NAME || worker.contains('@') || name.contains('/') {
+        return worker.replace(['@', '/'], "_");
+    }
+    name
+}
+
+/// The devices a worker group's name says its worker was given:
+/// `Some(vec![])` for none, `None` when the name does not say.
+pub fn group_devices(group_name: &str) -> Option<Vec<String>> {
+    let (base, _pid) = group_name.rsplit_once('-')?;
+    let (_, devices) = base.split_once('@')?;
+    Some(
+        devices
+            .split('@')
+            .filter(|d| !d.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    )
+}
+
 /// The processes of a group (`cgroup.procs`, v1 or v2); empty when it has
 /// none or cannot be read.
 pub fn procs(group: &Path) -> Vec<i32> {
@@ -431,25 +465,38 @@ pub fn procs(group: &Path) -> Vec<i32> {
         .collect()
 }
 
+/// Whether a group, or a group below it, still holds a process: v2's
+/// `cgroup.events` (`populated`), v1's `cgroup.procs`. A group that is gone
+/// holds none; one that cannot be read is taken to hold some.
+pub fn populated(group: &Path) -> bool {
+    let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
+    match std::fs::read_to_string(group.join("cgroup.events")) {
+        Ok(events) => !events.lines().any(|l| l.trim() == "populated 0"),
+        Err(e) if gone(&e) && !group.exists() => false,
+        Err(_) => match std::fs::read_to_string(group.join("cgroup.procs")) {
+            Ok(procs) => procs.lines().any(|l| !l.trim().is_empty()),
+            Err(e) => !gone(&e) || group.exists(),
+        },
+    }
+}
+
 /// Worker groups under `parent` (named `<name>-<pid>`, as jails make
-/// them) that still hold processes, with those processes. Called before
-/// this ccnoded starts any worker, every one is a previous run's: a worker
-/// that outlived its jail, or survived a crash of ccnoded.
-pub fn populated_groups(parent: &Path) -> Vec<(PathBuf, Vec<i32>)> {
+/// them) that still hold processes. Called before this ccnoded starts any
+/// worker, every one is a previous run's: a worker that outlived its
+/// jail, or survived a crash of ccnoded.
+pub fn populated_groups(parent: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return Vec::new();
     };
-    let mut out = Vec::new();
-    for entry in entries.flatten() {
-        if jail_pid_of(&entry.file_name()).is_none() || !entry.file_type().is_ok_and(|t| t.is_dir())
-        {
-            continue;
-        }
-        let pids = procs(&entry.path());
-        if !pids.is_empty() {
-            out.push((entry.path(), pids));
-        }
-    }
+    let mut out: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| {
+            jail_pid_of(&e.file_name()).is_some()
+                && e.file_type().is_ok_and(|t| t.is_dir())
+                && populated(&e.path())
+        })
+        .map(|e| e.path())
+        .collect();
     out.sort();
     out
 }
@@ -485,6 +532,41 @@ pub fn sweep(parent: &Path) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_group_name_says_which_devices_its_worker_has() {
+        let devs = vec!["MIG-1".to_string(), "GPU-2".to_string()];
+        let name = worker_group_name("worker-m:1-0", &devs);
+        assert_eq!(name, "worker-m:1-0@MIG-1@GPU-2");
+        assert_eq!(group_devices(&format!("{name}-4242")), Some(devs.clone()));
+        let none = worker_group_name("worker-m-0", &[]);
+        assert_eq!(group_devices(&format!("{none}-7")), Some(vec![]));
+        // Names that do not say: unknown, not "none".
+        assert_eq!(group_devices("worker-m-0-7"), None);
+        assert_eq!(group_devices("nonsense"), None);
+        let long = vec!["MIG-x".repeat(60)];
+        let name = worker_group_name("worker-m-0", &long);
+        assert!(!name.contains('@'), "{name}");
+        assert_eq!(group_devices(&format!("{name}-7")), None);
+        assert!(!worker_group_name("a@b/c", &devs).contains(['@', '/']));
+    }
+
+    #[test]
+    fn a_group_that_is_gone_is_not_populated_and_an_unreadable_one_is() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!populated(&dir.path().join("gone")));
+        // A directory without the files a group has: cannot tell.
+        assert!(populated(dir.path()));
+        std::fs::write(dir.path().join("cgroup.events"), "populated 0\nfrozen 0\n").unwrap();
+        assert!(!populated(dir.path()));
+        std::fs::write(dir.path().join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        assert!(populated(dir.path()));
+        std::fs::remove_file(dir.path().join("cgroup.events")).unwrap();
+        std::fs::write(dir.path().join("cgroup.procs"), "").unwrap();
+        assert!(!populated(dir.path()));
+        std::fs::write(dir.path().join("cgroup.procs"), "12\n").unwrap();
+        assert!(populated(dir.path()));
+    }
 
     #[test]
     fn a_plain_directory_is_no_device_cgroup() {

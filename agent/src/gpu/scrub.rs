@@ -106,25 +106,6 @@ fn layout_of(inv: &ccnode_gpu::Inventory, device: &str) -> Option<String> {
         })
 }
 
-/// The files `pids` have open, as (device, inode): at most 65536 each.
-fn open_files(pids: &[i32]) -> std::collections::BTreeSet<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let mut out = std::collections::BTreeSet::new();
-    for pid in pids {
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            continue;
-        };
-        for fd in fds.flatten().take(65536) {
-            // metadata() follows the magic link to the open file itself,
-            // whatever mount namespace the process sees it in.
-            if let Ok(m) = std::fs::metadata(fd.path()) {
-                out.insert((m.dev(), m.ino()));
-            }
-        }
-    }
-    out
-}
-
 /// Where a device stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
@@ -136,9 +117,13 @@ enum State {
     },
     Scrubbing,
     OutOfService(String),
-    /// Open in a process of a worker group from before this ccnoded
-    /// started: neither scrubbed nor claimed until that group is empty.
-    Held(String),
+    /// Given to a worker whose group, from before this ccnoded started,
+    /// still holds processes: neither scrubbed nor claimed until every one
+    /// of `groups` is empty.
+    Held {
+        why: String,
+        groups: std::collections::BTreeSet<std::path::PathBuf>,
+    },
 }
 
 impl State {
@@ -149,7 +134,7 @@ impl State {
             State::Claimed { .. } => "claimed",
             State::Scrubbing => "scrubbing",
             State::OutOfService(_) => "out_of_service",
-            State::Held(_) => "held",
+            State::Held { .. } => "held",
         }
     }
 }
@@ -407,110 +392,114 @@ impl Scrubber {
         });
     }
 
-    /// Holds every device a process of a previous run's worker group (under
-    /// `parents`) has open: a worker that outlived its jail, or survived a
-    /// crash of ccnoded, may still use it. Each stays `held` (not scrubbed,
-    /// not claimed) until its group is empty, then is scrubbed. Call at
-    /// start, before the start scrub and before any worker starts.
+    /// Holds the devices of every worker group a previous run left with
+    /// processes in it (under `parents`): a worker that outlived its jail,
+    /// or survived a crash of ccnoded, may still use them. The group's name
+    /// says which devices its worker was given
+    /// (`ccnode_sandbox::cgroup::worker_group_name`); one that does not say
+    /// holds every device. Each device stays `held` (not scrubbed, not
+    /// claimed) until every group holding it is empty, then is scrubbed.
+    /// The processes are left alone: a worker whose ccnoded is gone ends
+    /// when its control socket closes, and one stuck in the kernel would
+    /// not die of a signal either.
+    /// Call at start, before anything can claim a device.
     pub fn hold_leftovers(self: &Arc<Self>, parents: &[std::path::PathBuf]) {
-        use std::os::unix::fs::MetadataExt;
-        let groups: Vec<_> = parents
+        let groups: Vec<std::path::PathBuf> = parents
             .iter()
             .flat_map(|p| ccnode_sandbox::cgroup::populated_groups(p))
             .collect();
         if groups.is_empty() {
             return;
         }
-        let inv = match self.backend.inventory() {
-            Ok(inv) => inv,
-            Err(e) => {
-                // The start scrub fails without an inventory too.
-                tracing::error!(error = %e, "no GPU inventory to find the devices of leftover worker groups");
-                return;
-            }
-        };
-        let roots = self.backend.device_roots();
-        // Each device by the files only its worker opens.
-        let owned: Vec<(String, Vec<(u64, u64)>)> = ccnode_gpu::scrub::devices(&inv)
-            .into_iter()
-            .filter_map(|d| {
-                let nodes = ccnode_gpu::devices::own_nodes(&inv, &d, &roots).ok()?;
-                let ids = nodes
-                    .iter()
-                    .filter_map(|n| std::fs::metadata(n).ok())
-                    .map(|m| (m.dev(), m.ino()))
-                    .collect();
-                Some((d, ids))
-            })
-            .collect();
-        for (group, pids) in groups {
-            let open = open_files(&pids);
-            let held: Vec<String> = owned
-                .iter()
-                .filter(|(_, ids)| ids.iter().any(|id| open.contains(id)))
-                .map(|(d, _)| d.clone())
-                .collect();
+        let all = self.host_devices();
+        let mut watched = Vec::new();
+        for group in groups {
+            let name = group
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let (devices, which) = match ccnode_sandbox::cgroup::group_devices(&name) {
+                Some(d) => (d, "the devices its name gives"),
+                None => (
+                    all.clone(),
+                    "every device (its name does not say which it had)",
+                ),
+            };
             tracing::error!(
                 group = %group.display(),
-                pids = ?pids,
-                devices = ?held,
-                "a worker group from before this start still holds processes: the devices they have open stay held until it is empty"
+                devices = ?devices,
+                "a worker group from before this start still holds processes: holding {which} until it is empty"
             );
-            if held.is_empty() {
+            if devices.is_empty() {
                 continue;
             }
             let why = format!(
-                "open in {} process(es) of {}, a worker group from before ccnoded started",
-                pids.len(),
+                "held while {} (a worker group from before ccnoded started) holds processes",
                 group.display()
             );
             {
                 let mut devs = lock(&self.devices);
-                for d in &held {
+                for d in &devices {
                     let dev = devs.entry(d.clone()).or_insert_with(|| Dev {
                         state: State::Unscrubbed,
                         last: None,
                         layout: None,
                     });
-                    // A worker of this run got there first (a load raced
-                    // the start): its own group is among those found.
-                    if matches!(dev.state, State::Claimed { .. } | State::Scrubbing) {
-                        continue;
+                    match &mut dev.state {
+                        State::Held { groups, .. } => {
+                            groups.insert(group.clone());
+                        }
+                        other => {
+                            *other = State::Held {
+                                why: why.clone(),
+                                groups: [group.clone()].into(),
+                            }
+                        }
                     }
-                    dev.state = State::Held(why.clone());
                     self.metrics
                         .out_of_service
                         .with_label_values(&[d.as_str()])
                         .set(1);
                 }
             }
-            let me = self.clone();
-            let watch = std::thread::Builder::new()
-                .name("ccnode-leftover".into())
-                .spawn(move || {
-                    while !ccnode_sandbox::cgroup::procs(&group).is_empty() {
-                        std::thread::sleep(Duration::from_secs(1));
-                    }
-                    tracing::warn!(group = %group.display(), "the leftover worker group is empty: scrubbing its devices");
-                    for d in &held {
-                        me.end_hold(d);
-                    }
-                });
-            if let Err(e) = watch {
-                tracing::error!(error = %e, "no thread to watch a leftover worker group: its devices stay held until ccnoded restarts");
-            }
+            watched.push((group, devices));
+        }
+        let me = self.clone();
+        let watch = std::thread::Builder::new()
+            .name("ccnode-leftover".into())
+            .spawn(move || {
+                while !watched.is_empty() {
+                    std::thread::sleep(Duration::from_secs(1));
+                    watched.retain(|(group, devices)| {
+                        if ccnode_sandbox::cgroup::populated(group) {
+                            return true;
+                        }
+                        tracing::warn!(group = %group.display(), "a leftover worker group is empty");
+                        for d in devices {
+                            me.end_hold(d, group);
+                        }
+                        false
+                    });
+                }
+            });
+        if let Err(e) = watch {
+            tracing::error!(error = %e, "no thread to watch leftover worker groups: their devices stay held until ccnoded restarts");
         }
     }
 
-    /// A held device whose group is empty: scrubbed (or free, with
-    /// scrubbing off) like one just released.
-    fn end_hold(self: &Arc<Self>, device: &str) {
+    /// `group` no longer holds `device`: once no group does, it is
+    /// scrubbed (or free, with scrubbing off) like one just released.
+    fn end_hold(self: &Arc<Self>, device: &str, group: &std::path::Path) {
         {
             let mut devs = lock(&self.devices);
             let Some(d) = devs.get_mut(device) else {
                 return;
             };
-            if !matches!(d.state, State::Held(_)) {
+            let State::Held { groups, .. } = &mut d.state else {
+                return;
+            };
+            groups.remove(group);
+            if !groups.is_empty() {
                 return;
             }
             if !self.policy.enabled {
@@ -581,7 +570,7 @@ impl Scrubber {
                         holder: h,
                     })
                 }
-                State::OutOfService(why) | State::Held(why) => {
+                State::OutOfService(why) | State::Held { why, .. } => {
                     return Err(ClaimError::OutOfService {
                         device: device.to_owned(),
                         why,
@@ -944,7 +933,9 @@ impl Scrubber {
                 let mut v = serde_json::json!({"device": k, "state": d.state.label()});
                 match &d.state {
                     State::Claimed { holder, .. } => v["holder"] = holder.clone().into(),
-                    State::OutOfService(why) | State::Held(why) => v["reason"] = why.clone().into(),
+                    State::OutOfService(why) | State::Held { why, .. } => {
+                        v["reason"] = why.clone().into()
+                    }
                     _ => {}
                 }
                 if let Some(l) = &d.last {

@@ -627,7 +627,12 @@ impl Manager {
                 let mut profile = workers::profile(
                     &self.config.sandbox,
                     &self.support,
-                    &format!("worker-{name}-{}", r.index),
+                    // Names its device: a group left behind by a crash
+                    // says what its worker may still hold.
+                    &ccnode_sandbox::cgroup::worker_group_name(
+                        &format!("worker-{name}-{}", r.index),
+                        r.device.as_slice(),
+                    ),
                     program.clone(),
                     Vec::new(),
                     devices,
