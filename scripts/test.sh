@@ -40,6 +40,11 @@ say "binaries the end-to-end tests start"
 cargo build --workspace --bins --locked
 say "tests"
 cargo nextest run --workspace --locked --no-fail-fast --profile "${NEXTEST_PROFILE:-default}"
+# Each benchmark harness (benches/, harness = false) in its smoke mode:
+# minimal counts, no figures, but every assertion it makes on its results
+# (evidence that verifies, answers that parse) still runs.
+say "benchmark harnesses (smoke runs)"
+cargo test --workspace --locked --bench '*'
 
 # Fuzz targets (fuzz/): build only, unoptimised, to prove they still compile
 # and link; scripts/fuzz.sh --run SECONDS fuzzes. Installs cargo-fuzz if

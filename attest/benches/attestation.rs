@@ -44,7 +44,11 @@ fn claims() -> Claims {
         policy_digest: format!("sha256:{}", "bb".repeat(32)),
         node_state: "active".into(),
         node_state_reason: None,
-        gpu: Some(json!({"gpus": [{"uuid": "GPU-0", "driver": "550.90.07"}]})),
+        gpu: Some(json!({
+            "backend": "sim",
+            "simulated": true,
+            "inventory": {"gpus": [{"uuid": "GPU-0", "driver": "550.90.07", "cc_mode": "off"}]},
+        })),
         drift: None,
         models: vec![ModelClaim {
             name: "tiny".into(),
@@ -79,7 +83,10 @@ fn main() {
         .measure(event_type::POLICY_LOAD, json!({"digest": "sha256:bb"}))
         .expect("measure");
     service
-        .measure(event_type::MODEL_LOAD, json!({"name": "tiny"}))
+        .measure(
+            event_type::MODEL_LOAD,
+            json!({"name": "tiny", "digest": format!("sha256:{}", "cc".repeat(32))}),
+        )
         .expect("measure");
     let attester = Arc::new(Attester::new(
         Arc::new(service),
@@ -155,7 +162,7 @@ fn main() {
     let nonce = [0x5a; 32];
     let evidence = attester.attest(&nonce, claims()).expect("attest");
     let policy = VerifierPolicy::from_toml(&format!(
-        "allowed_aks = [\"{}\"]\nallow_simulated_tee = true\n",
+        "allowed_aks = [\"{}\"]\nallow_simulated_tee = true\nallow_simulated_gpus = true\n",
         hex::encode(attester.tpm().ak().spki_sha256)
     ))
     .expect("policy");

@@ -585,25 +585,36 @@ pub fn verify(
     );
 
     // models_measured
-    let loads = model_loads(&evidence.tpm.ccnode_event_log.events);
+    // Both lists come from the node: bounded before they are compared.
+    let too_many = evidence.tpm.ccnode_event_log.events.len() > ccnode::MAX_EVENTS
+        || evidence.claims.models.len() > ccnode::MAX_EVENTS;
+    let too_many_msg = || format!("more than {} events or claimed models", ccnode::MAX_EVENTS);
+    let loads = if too_many {
+        BTreeSet::new()
+    } else {
+        model_loads(&evidence.tpm.ccnode_event_log.events)
+    };
     checks.push(
         "models_measured",
         (|| {
+            if too_many {
+                return Err(too_many_msg());
+            }
             let unmeasured: Vec<String> = evidence
                 .claims
                 .models
                 .iter()
-                .filter(|m| !loads.iter().any(|(n, d)| *n == m.name && *d == m.digest))
+                .filter(|m| !loads.contains(&(m.name.as_str(), m.digest.as_str())))
                 .map(|m| format!("{:?} ({:?})", m.name, m.digest))
                 .collect();
             if !unmeasured.is_empty() {
                 return Err(format!(
                     "claimed models with no model_load event: {}",
-                    unmeasured.join(", ")
+                    shortened(&unmeasured)
                 ));
             }
             Ok(format!(
-                "{} claimed models among {} loads this boot",
+                "{} claimed models among {} distinct loads this boot",
                 evidence.claims.models.len(),
                 loads.len()
             ))
@@ -658,6 +669,7 @@ pub fn verify(
     // policy_models
     match &policy.allowed_models {
         None => checks.skip("policy_models", "the policy does not restrict models"),
+        Some(_) if too_many => checks.push("policy_models", Err(too_many_msg())),
         Some(allowed) => {
             // What is loaded now and everything loaded since boot: a model
             // unloaded before the quote has still had the GPU.
@@ -676,12 +688,12 @@ pub fn verify(
                 "policy_models",
                 if refused.is_empty() {
                     Ok(format!(
-                        "{} models and {} loads allowed",
+                        "{} models and {} distinct loads allowed",
                         evidence.claims.models.len(),
                         loads.len()
                     ))
                 } else {
-                    Err(format!("models not allowed: {}", refused.join(", ")))
+                    Err(format!("models not allowed: {}", shortened(&refused)))
                 },
             );
         }
@@ -1036,7 +1048,7 @@ fn claimed_gpus(gpu: Option<&serde_json::Value>) -> Result<ClaimedGpus, String> 
 /// The `(name, digest)` of every `model_load` event in ccnode's log; a
 /// field that is missing or not a string reads `"?"` (which no policy
 /// allows and no claim names).
-fn model_loads(events: &[ccnode::CcnodeEvent]) -> Vec<(&str, &str)> {
+fn model_loads(events: &[ccnode::CcnodeEvent]) -> BTreeSet<(&str, &str)> {
     events
         .iter()
         .filter(|e| e.event_type == ccnode::event_type::MODEL_LOAD)
@@ -1045,6 +1057,20 @@ fn model_loads(events: &[ccnode::CcnodeEvent]) -> Vec<(&str, &str)> {
             (field("name"), field("digest"))
         })
         .collect()
+}
+
+/// The first 16 of `items`, joined, and how many more there were.
+fn shortened(items: &[String]) -> String {
+    let mut s = items
+        .iter()
+        .take(16)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if items.len() > 16 {
+        s.push_str(&format!(" and {} more", items.len() - 16));
+    }
+    s
 }
 
 /// The reported PCR values, decoded and length-checked.
@@ -1260,6 +1286,24 @@ mod tests {
         ] {
             assert!(VerifierPolicy::from_toml(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn oversized_model_lists_fail_without_being_compared() {
+        let mut e = doc(serde_json::json!({}), Vec::new());
+        let claim = e.claims.models[0].clone();
+        e.claims.models = vec![claim; ccnode::MAX_EVENTS + 1];
+        let p = VerifierPolicy::from_toml("allowed_aks = []\nallowed_models = []").unwrap();
+        let r = verify(&e, &[7; 32], &p, SystemTime::now());
+        for name in ["models_measured", "policy_models"] {
+            fails(r.check(name).unwrap(), "more than 4096");
+        }
+        // Within bounds: judged, and named (a few of them).
+        let mut e = doc(serde_json::json!({}), Vec::new());
+        let claim = e.claims.models[0].clone();
+        e.claims.models = vec![claim; 40];
+        let r = verify(&e, &[7; 32], &p, SystemTime::now());
+        fails(r.check("models_measured").unwrap(), "and 24 more");
     }
 
     #[test]
