@@ -635,6 +635,30 @@ fn firmware_event_log_is_replayed() {
     let ev = a.attest(&nonce(12), claims()).unwrap();
     let r = verify(&ev, &nonce(12), &p, SystemTime::now());
     assert_eq!(r.failed(), vec!["firmware_event_log"]);
+    // A log that lies about PCR 0, in evidence whose ccnode log calls PCR
+    // 0 its own: the replay still covers PCR 0 (the policy, not the
+    // evidence, names ccnode's PCR).
+    std::fs::write(
+        &log_path,
+        firmware::build_log(&[
+            (0, 0x8000_0008, b"crtm version, another"),
+            (7, 0x8000_00e0, b"secure boot on"),
+            (0, 0x0000_0004, b"separator"),
+        ]),
+    )
+    .unwrap();
+    let mut lie = a.attest(&nonce(16), claims()).unwrap();
+    lie.tpm.ccnode_event_log.pcr = 0;
+    let r = verify(&lie, &nonce(16), &p, SystemTime::now());
+    assert_fails(&r, "firmware_event_log");
+    assert!(
+        r.check("firmware_event_log")
+            .unwrap()
+            .message
+            .contains("PCR 0"),
+        "{:?}",
+        r.checks
+    );
     // A log that is not a TCG log at all.
     let mut e = ev.clone();
     e.tpm.firmware_event_log = Some(B64.encode(b"garbage"));
