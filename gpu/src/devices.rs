@@ -376,6 +376,12 @@ mod tests {
         pending.gpus[0].mig_mode = MigMode::Pending;
         pending.gpus[1].mig_mode = MigMode::Pending;
         let mig = pending.gpus[1].mig_devices[0].uuid.clone();
+        // Its MIG devices still exist until the reset: the scrub ledger
+        // keeps them, not the whole GPU, which CUDA cannot see as one.
+        let listed = crate::scrub::devices(&pending);
+        assert!(listed.contains(&mig), "{listed:?}");
+        assert!(!listed.contains(&pending.gpus[1].uuid), "{listed:?}");
+        assert!(listed.contains(&pending.gpus[0].uuid), "{listed:?}");
         for target in ["0".to_string(), mig] {
             let err = grant(&pending, &target, &roots).unwrap_err();
             assert!(

@@ -203,8 +203,11 @@ impl NvmlBackend {
         let name = required("nvmlDeviceGetName", device.name())?;
         let memory_total_bytes = required("nvmlDeviceGetMemoryInfo", memory_info(&device))?.total;
         let minor_number = optional(index, "nvmlDeviceGetMinorNumber", device.minor_number())?;
-        let mig_mode = read_mig_mode(index, &device)?;
-        let mig_devices = if mig_mode == MigMode::Enabled {
+        let (mig_mode, mig_live) = read_mig_mode(index, &device)?;
+        // MIG devices exist while the current mode is enabled, a change to
+        // disabled pending or not: they are listed (and granted nothing,
+        // `devices::grant`, while the mode is pending).
+        let mig_devices = if mig_live {
             read_mig_devices(index, &device, memory_total_bytes)?
         } else {
             Vec::new()
@@ -293,7 +296,7 @@ impl NvmlBackend {
                 d.total_ecc_errors(error_type, EccCounter::Volatile),
             )
         };
-        let mig = if read_mig_mode(index, d)? == MigMode::Enabled {
+        let mig = if read_mig_mode(index, d)?.1 {
             read_mig_telemetry(index, d)?
         } else {
             Vec::new()
@@ -762,11 +765,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn read_mig_mode(index: u32, device: &Device<'_>) -> DeviceResult<MigMode> {
+/// The GPU's MIG mode, and whether MIG is on now (its MIG devices exist,
+/// whatever is pending).
+fn read_mig_mode(index: u32, device: &Device<'_>) -> DeviceResult<(MigMode, bool)> {
     Ok(
         match optional(index, "nvmlDeviceGetMigMode", device.mig_mode())? {
-            Some(m) => mig_mode_of(m.current, m.pending),
-            None => MigMode::Unsupported,
+            Some(m) => (
+                mig_mode_of(m.current, m.pending),
+                m.current == sys::NVML_DEVICE_MIG_ENABLE,
+            ),
+            None => (MigMode::Unsupported, false),
         },
     )
 }

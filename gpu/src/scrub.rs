@@ -143,7 +143,9 @@ impl ScrubReport {
 pub fn devices(inv: &Inventory) -> Vec<String> {
     let mut out = Vec::new();
     for g in inv.gpus.iter().filter(|g| !g.lost) {
-        if g.mig_mode == MigMode::Enabled {
+        // MIG devices also of a GPU whose change to MIG off is pending:
+        // they exist until the reset.
+        if g.mig_mode == MigMode::Enabled || !g.mig_devices.is_empty() {
             out.extend(g.mig_devices.iter().map(|m| m.uuid.clone()));
         } else {
             out.push(g.uuid.clone());
