@@ -47,7 +47,14 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let message = pae(&bundle.payload_type, &bundle.payload);
-    match sigstore::verify(&bundle, certificate, entries, timestamps, production(), &message) {
+    match sigstore::verify(
+        &bundle,
+        certificate,
+        entries,
+        timestamps,
+        production(),
+        &message,
+    ) {
         Ok(who) => {
             let genuine = Bundle::parse(GENUINE).expect("the fixture parses");
             let Material::Keyless {

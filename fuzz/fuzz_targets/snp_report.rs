@@ -42,8 +42,11 @@ fuzz_target!(|data: &[u8]| {
                     assert!(!e.data.is_empty());
                     assert!(e.data.len() + table_end <= rest.len());
                 }
-                let rebuilt: Vec<([u8; 16], &[u8])> =
-                    t.entries.iter().map(|e| (e.guid, e.data.as_slice())).collect();
+                let rebuilt: Vec<([u8; 16], &[u8])> = t
+                    .entries
+                    .iter()
+                    .map(|e| (e.guid, e.data.as_slice()))
+                    .collect();
                 let back = snp::parse_cert_table(&snp::build_cert_table(&rebuilt))
                     .expect("a rebuilt table parses");
                 assert_eq!(back, t);

@@ -205,7 +205,7 @@ fn exit_code(err: &OmsError) -> u8 {
         | OmsError::Changed(_)
         | OmsError::Symlink(_)
         | OmsError::Entry { .. }
-        | OmsError::Pickle(_)
+        | OmsError::Pickle { .. }
         | OmsError::Safetensors { .. } => 1,
         OmsError::Bundle(_)
         | OmsError::Statement(_)

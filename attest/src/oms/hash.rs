@@ -304,7 +304,10 @@ pub fn hash_and_seal(
 ) -> Result<VerifiedModel, OmsError> {
     for f in &files {
         if safetensors::is_pickle_name(&f.name) {
-            return Err(OmsError::Pickle(f.name.clone()));
+            return Err(OmsError::Pickle {
+                path: f.name.clone(),
+                why: "a pickle format's file name",
+            });
         }
     }
     let ser = &manifest.serialization;

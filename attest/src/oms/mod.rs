@@ -37,6 +37,7 @@ pub mod hash;
 pub mod keys;
 pub mod manifest;
 mod mapped;
+pub mod pickle;
 pub mod policy;
 pub mod safetensors;
 pub mod sign;
@@ -135,9 +136,10 @@ pub enum OmsError {
         missing: Vec<String>,
         mismatched: Vec<String>,
     },
-    /// A file is in a pickle-based format.
-    #[error("pickle-based file refused: {}", printable(.0))]
-    Pickle(String),
+    /// A file is in a pickle-based format, or in an archive or compressed
+    /// format a pickle may hide in.
+    #[error("pickle-based file refused: {} ({why})", printable(.path))]
+    Pickle { path: String, why: &'static str },
     /// A safetensors file has an invalid header.
     #[error("invalid safetensors file {}: {}", printable(.path), printable(.reason))]
     Safetensors { path: String, reason: String },
@@ -242,7 +244,7 @@ impl OmsError {
             OmsError::Entry { .. } => "entry",
             OmsError::Changed(_) => "changed",
             OmsError::Mismatch { .. } => "mismatch",
-            OmsError::Pickle(_) => "pickle",
+            OmsError::Pickle { .. } => "pickle",
             OmsError::Safetensors { .. } => "safetensors",
             OmsError::Memfd(_) => "memfd",
         }
@@ -396,7 +398,10 @@ mod tests {
                 reason: "a fifo",
             },
             OmsError::Changed(hostile.into()),
-            OmsError::Pickle(hostile.into()),
+            OmsError::Pickle {
+                path: hostile.into(),
+                why: "a name",
+            },
             OmsError::Safetensors {
                 path: hostile.into(),
                 reason: hostile.into(),

@@ -1,5 +1,6 @@
 //! Format checks on verified bytes before they are handed over: pickle-based
-//! files are refused (by extension and by magic), safetensors headers are
+//! files are refused (by extension here, by content in [`super::pickle`]),
+//! safetensors headers are
 //! checked (bounded length, UTF-8 JSON object, no duplicate names, tensors
 //! contiguous and inside the file, dtype × shape = byte length, all
 //! arithmetic overflow-checked).
@@ -13,6 +14,7 @@ use serde::Deserialize;
 use std::fs::File;
 
 use super::hash::read_full_at;
+use super::pickle;
 use super::OmsError;
 
 /// Largest safetensors header accepted (the reference implementation's cap).
@@ -27,12 +29,6 @@ pub fn is_pickle_name(name: &str) -> bool {
     PICKLE_EXTENSIONS.iter().any(|ext| lower.ends_with(ext))
 }
 
-/// Whether the first bytes are a pickle stream (protocol 2 to 5) or a zip
-/// archive (PyTorch's zip format carries a pickle inside).
-pub fn is_pickle_magic(head: &[u8]) -> bool {
-    matches!(head, [0x80, 2..=5, ..]) || head.starts_with(b"PK\x03\x04")
-}
-
 fn invalid(path: &str, reason: impl Into<String>) -> OmsError {
     OmsError::Safetensors {
         path: path.to_owned(),
@@ -40,23 +36,26 @@ fn invalid(path: &str, reason: impl Into<String>) -> OmsError {
     }
 }
 
-/// Checks one verified file: pickle magic for every file, the header for
-/// `.safetensors` files.
+/// Checks one verified file: its content for a pickle (or a container one
+/// may hide in) when it is not `.safetensors`, the header when it is.
 pub(crate) fn check_file(name: &str, size: u64, file: &File) -> Result<(), OmsError> {
     let io = |source| OmsError::Io {
         path: name.into(),
         source,
     };
-    let mut head = [0u8; 8];
-    let n = read_full_at(file, &mut head, 0).map_err(io)?;
     // Case-folded as the pickle names are: `W.SAFETENSORS` is checked too.
     let is_safetensors = name.to_ascii_lowercase().ends_with(".safetensors");
-    if !is_safetensors && is_pickle_magic(&head[..n]) {
-        return Err(OmsError::Pickle(name.to_owned()));
-    }
     if !is_safetensors {
-        return Ok(());
+        return match pickle::classify_file(file, size).map_err(io)? {
+            Some(refusal) => Err(OmsError::Pickle {
+                path: name.to_owned(),
+                why: refusal.reason(),
+            }),
+            None => Ok(()),
+        };
     }
+    let mut head = [0u8; 8];
+    let n = read_full_at(file, &mut head, 0).map_err(io)?;
     if n < 8 {
         return Err(invalid(name, "shorter than the header length"));
     }
@@ -246,9 +245,5 @@ mod tests {
         assert!(is_pickle_name("pytorch_model.bin"));
         assert!(is_pickle_name("x/Model.PT"));
         assert!(!is_pickle_name("model.safetensors"));
-        assert!(is_pickle_magic(&[0x80, 0x04, 0x95]));
-        assert!(is_pickle_magic(b"PK\x03\x04rest"));
-        assert!(!is_pickle_magic(b"{\"a\""));
-        assert!(!is_pickle_magic(&[0x80]));
     }
 }
