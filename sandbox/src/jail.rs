@@ -406,12 +406,23 @@ fn prepare(profile: &Profile, report: &mut Reporter) -> Result<Prepared, SetupEr
         })?;
         device_rules.extend(crate::cgroup::DeviceRule::of(&st));
     }
+    // argv[0] left at the host path (the profile's default) follows the
+    // program to where the worker finds it: a path the worker cannot
+    // resolve would mislead whatever reads it (a re-exec, an error message).
+    let argv0 = (program != profile.program
+        && profile.args.first().map(String::as_bytes)
+            == Some(profile.program.as_os_str().as_bytes()))
+    .then(|| program.as_os_str().as_bytes());
     Ok(Prepared {
         program: cstring(program.as_os_str().as_bytes(), "program")?,
         argv: profile
             .args
             .iter()
-            .map(|a| cstring(a.as_bytes(), "args"))
+            .enumerate()
+            .map(|(i, a)| match argv0 {
+                Some(jail_path) if i == 0 => cstring(jail_path, "args"),
+                _ => cstring(a.as_bytes(), "args"),
+            })
             .collect::<Result<_, _>>()?,
         envp: profile
             .env

@@ -485,14 +485,27 @@ fn a_signal_during_setup_reaches_the_worker_once_it_runs() {
 /// The probe's `mounts` fact (mount point → options) from a run of `p`,
 /// which must succeed.
 fn mounts_fact(p: &Profile) -> Value {
+    facts(p, &["mounts"]).remove(0)
+}
+
+/// The probe's facts `names`, in that order, from one run.
+fn facts(p: &Profile, names: &[&str]) -> Vec<Value> {
     let r = run(p, &[]);
     assert!(r.status.success(), "{:?}", r.events);
-    r.stdout
+    let all: Vec<Value> = r
+        .stdout
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["fact"] == "mounts")
-        .expect("the mounts fact")["value"]
-        .clone()
+        .collect();
+    names
+        .iter()
+        .map(|name| {
+            all.iter()
+                .find(|v| v["fact"] == *name)
+                .unwrap_or_else(|| panic!("no {name} fact"))["value"]
+                .clone()
+        })
+        .collect()
 }
 
 #[test]
@@ -572,8 +585,10 @@ fn a_program_under_tmp_runs_bound_outside_the_workers_tmp() {
     let mut perms = std::fs::metadata(dir.path()).unwrap().permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
     std::fs::set_permissions(dir.path(), perms).unwrap();
-    let p = profile(copy.to_str().unwrap(), &[]);
-    let mounts = mounts_fact(&p);
+    let mut p = profile(copy.to_str().unwrap(), &[]);
+    let [mounts, argv0] = <[Value; 2]>::try_from(facts(&p, &["mounts", "argv0"])).unwrap();
+    // argv[0], left at the host path, follows the program.
+    assert_eq!(argv0, "/.ccnode-program/probe");
     let opts = mounts["/.ccnode-program/probe"]
         .as_str()
         .unwrap_or_else(|| panic!("program not bound: {mounts}"));
@@ -582,4 +597,7 @@ fn a_program_under_tmp_runs_bound_outside_the_workers_tmp() {
         mounts.get(copy.to_str().unwrap()).is_none(),
         "bound at its host path too: {mounts}"
     );
+    // An argv[0] the caller chose is left alone.
+    p.args[0] = "worker-7".into();
+    assert_eq!(facts(&p, &["argv0"])[0], "worker-7");
 }

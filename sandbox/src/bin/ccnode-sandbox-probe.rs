@@ -200,6 +200,8 @@ fn facts(args: &Args) {
             })
             .collect();
     emit(serde_json::json!({"fact": "mounts", "value": mounts}));
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    emit(serde_json::json!({"fact": "argv0", "value": argv0.to_string_lossy()}));
     let mut pids: Vec<i64> = std::fs::read_dir("/proc")
         .map(|d| {
             d.filter_map(|e| e.ok())
