@@ -86,6 +86,13 @@ pub enum WorkerError {
     NoCommand(String),
     #[error("cannot wait for the jail")]
     Wait(#[source] std::io::Error),
+    /// `sandbox-exec --gpu` while a daemon owns the devices (or the lock
+    /// on its state directory cannot be taken).
+    #[error(
+        "GPUs are granted by the running ccnoded only (its device ledger, scrubs and \
+         audit); stop it first, or run without --gpu"
+    )]
+    DevicesOwned(#[source] crate::persist::PersistError),
 }
 
 /// What a worker assigned `targets` (GPU indexes, `GPU-…` or `MIG-…`
@@ -219,6 +226,17 @@ pub fn sandbox_exec(
         .split_first()
         .ok_or_else(|| WorkerError::NoCommand(String::new()))?;
     let program = resolve_program(cmd)?;
+    // A device given to this command is one the daemon's ledger does not
+    // know: while a daemon runs it could be a worker's, and nothing would
+    // scrub it after. So with --gpu this command takes the daemon's state
+    // directory lock for as long as it runs: refused while a daemon runs,
+    // and a daemon cannot start (and then scrubs every device at start)
+    // until the command has ended.
+    let _devices_lock = if gpus.is_empty() {
+        None
+    } else {
+        Some(crate::persist::lock_dir(&config.node.state_dir).map_err(WorkerError::DevicesOwned)?)
+    };
     let (devices, visible) = if gpus.is_empty() {
         (Vec::new(), String::new())
     } else {

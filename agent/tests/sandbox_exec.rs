@@ -228,9 +228,12 @@ impl SimHost {
         }
     }
 
+    /// With its own state directory: `--gpu` takes that directory's lock,
+    /// and tests run at once must not share one.
     fn config(&self) -> String {
         format!(
-            "{NOBODY}[gpu]\nbackend = \"sim\"\nsim_file = \"{}\"\n",
+            "{NOBODY}[node]\nstate_dir = \"{}\"\n[gpu]\nbackend = \"sim\"\nsim_file = \"{}\"\n",
+            self.sim.with_file_name("state").display(),
             self.sim.display()
         )
     }
@@ -333,4 +336,37 @@ fn gpus_that_cannot_be_assigned_are_refused_by_name() {
         "{}",
         text(&out.stderr)
     );
+}
+
+#[test]
+fn gpus_are_not_granted_while_a_daemon_owns_them() {
+    // The daemon's ledger, scrubs and audit cover every device it grants:
+    // a device given out beside it would escape all three.
+    let host = SimHost::new();
+    let mut node = TestNode::new(CCNODED)
+        .with_gpu(&format!(
+            "backend = \"sim\"\nsim_file = \"{}\"",
+            host.sim.display()
+        ))
+        .start();
+    let config = format!(
+        "{NOBODY}[node]\nstate_dir = \"{}\"\n[gpu]\nbackend = \"sim\"\nsim_file = \"{}\"\n",
+        node.state_dir().display(),
+        host.sim.display()
+    );
+    let out = sandbox_exec(&config, &["--gpu", "0", "--", "true"]);
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("GPUs are granted by the running ccnoded only")
+            && text(&out.stderr).contains("in use by another ccnoded"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Without a GPU the command runs beside the daemon.
+    let out = sandbox_exec(&config, &["--", "true"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // With the daemon stopped the same command gets the GPU.
+    node.stop();
+    let out = sandbox_exec(&config, &["--gpu", "0", "--", "true"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }

@@ -80,7 +80,8 @@ fn main() -> ExitCode {
                         workers::WorkerError::Config(_) => exit::CONFIG,
                         workers::WorkerError::Backend(_)
                         | workers::WorkerError::NoBackend
-                        | workers::WorkerError::Device { .. } => exit::UNAVAILABLE,
+                        | workers::WorkerError::Device { .. }
+                        | workers::WorkerError::DevicesOwned(_) => exit::UNAVAILABLE,
                         _ => exit::SOFTWARE,
                     })
                 }
