@@ -119,6 +119,21 @@ pub fn layout_string(layout: &BTreeMap<String, u32>) -> String {
         .join(", ")
 }
 
+/// The layout drift reports as found. A GPU whose MIG mode change is
+/// pending matches no declared layout, whatever it lists now: the reset
+/// that completes the change replaces it (`pending (1g.10gb x7)` or
+/// `pending (off)`, with what it lists until then).
+fn found_layout(gpu: &crate::GpuInfo) -> String {
+    if gpu.mig_mode != MigMode::Pending {
+        return layout_string(&current_layout(gpu));
+    }
+    let mut listed = BTreeMap::new();
+    for d in &gpu.mig_devices {
+        *listed.entry(d.profile.clone()).or_insert(0) += 1;
+    }
+    format!("pending ({})", layout_string(&listed))
+}
+
 /// The layout a GPU has now: empty when MIG is not enabled.
 pub fn current_layout(gpu: &crate::GpuInfo) -> BTreeMap<String, u32> {
     let mut out = BTreeMap::new();
@@ -286,7 +301,7 @@ pub fn compare(baseline: &Baseline, inv: &Inventory) -> Vec<Drift> {
             per_gpu(
                 DriftField::MigLayout,
                 &layout_string(want),
-                &layout_string(&current_layout(gpu)),
+                &found_layout(gpu),
             );
         }
     }
@@ -391,6 +406,24 @@ mod tests {
         assert_eq!(d[1].expected, "off");
         // GPUs matching no key are not compared.
         assert!(compare(&Baseline::default(), &inv).is_empty());
+    }
+
+    #[test]
+    fn a_pending_mig_change_matches_no_layout() {
+        // The reset that completes the change replaces what is listed now:
+        // drift even where the listing still equals the declared layout.
+        let mut inv = inventory();
+        mig(&mut inv.gpus[0], &["1g.10gb"; 7]);
+        inv.gpus[0].mig_mode = MigMode::Pending;
+        inv.gpus[1].mig_mode = MigMode::Pending;
+        let mut b = Baseline::default();
+        b.mig_layout.insert("0".into(), layout(&[("1g.10gb", 7)]));
+        b.mig_layout.insert("1".into(), BTreeMap::new());
+        let d = compare(&b, &inv);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert_eq!(d[0].found, "pending (1g.10gb x7)");
+        assert_eq!(d[1].expected, "off");
+        assert_eq!(d[1].found, "pending (off)");
     }
 
     #[test]
