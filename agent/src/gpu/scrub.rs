@@ -282,6 +282,10 @@ pub struct Scrubber {
     backend: Arc<dyn GpuBackend>,
     policy: ScrubPolicy,
     devices: Mutex<BTreeMap<String, Dev>>,
+    /// Leftover worker groups that hold every device while the inventory
+    /// could not list the devices to hold: group → why. While any is
+    /// here, no device is claimed.
+    held_everywhere: Mutex<BTreeMap<std::path::PathBuf, String>>,
     changed: Condvar,
     next_token: std::sync::atomic::AtomicU64,
     metrics: ScrubMetrics,
@@ -313,6 +317,7 @@ impl Scrubber {
             backend,
             policy,
             devices: Mutex::new(BTreeMap::new()),
+            held_everywhere: Mutex::new(BTreeMap::new()),
             changed: Condvar::new(),
             next_token: std::sync::atomic::AtomicU64::new(1),
             metrics,
@@ -430,13 +435,23 @@ impl Scrubber {
                 devices = ?devices,
                 "a worker group from before this start still holds processes: holding {which} until it is empty"
             );
-            if devices.is_empty() {
-                continue;
-            }
             let why = format!(
                 "held while {} (a worker group from before ccnoded started) holds processes",
                 group.display()
             );
+            if devices.is_empty() {
+                if ccnode_sandbox::cgroup::group_devices(&name).is_none() {
+                    // Every device, and the inventory lists none now (it
+                    // could not be read): hold whatever is claimed later.
+                    tracing::error!(
+                        group = %group.display(),
+                        "no device list to hold: no device is given to anyone until the group is empty"
+                    );
+                    lock(&self.held_everywhere).insert(group.clone(), why);
+                    watched.push((group, Vec::new()));
+                }
+                continue;
+            }
             {
                 let mut devs = lock(&self.devices);
                 for d in &devices {
@@ -475,6 +490,7 @@ impl Scrubber {
                             return true;
                         }
                         tracing::warn!(group = %group.display(), "a leftover worker group is empty");
+                        lock(&me.held_everywhere).remove(group);
                         for d in devices {
                             me.end_hold(d, group);
                         }
@@ -520,6 +536,12 @@ impl Scrubber {
     /// progress and scrubbing it first if it never was. Blocking. The token
     /// goes back to [`Scrubber::release`].
     pub fn claim(self: &Arc<Self>, device: &str, holder: &str) -> Result<u64, ClaimError> {
+        if let Some(why) = lock(&self.held_everywhere).values().next() {
+            return Err(ClaimError::OutOfService {
+                device: device.to_owned(),
+                why: why.clone(),
+            });
+        }
         // The layout now, to tell whether the device's last scrub still
         // covers it (a MIG change since makes it unscrubbed again).
         let mut layout = self
@@ -991,6 +1013,95 @@ impl Scrubber {
                 .wait_timeout(devs, left)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backend whose inventory cannot be read.
+    #[derive(Debug)]
+    struct Unreadable;
+
+    impl GpuBackend for Unreadable {
+        fn kind(&self) -> BackendKind {
+            BackendKind::Sim
+        }
+        fn inventory(&self) -> Result<ccnode_gpu::Inventory, ccnode_gpu::GpuError> {
+            Err(ccnode_gpu::GpuError::Call {
+                call: "inventory",
+                message: "unreadable".into(),
+            })
+        }
+        fn sample(&self) -> Result<Vec<ccnode_gpu::GpuSample>, ccnode_gpu::GpuError> {
+            self.inventory().map(|_| Vec::new())
+        }
+        fn wait_events(
+            &self,
+            _: Duration,
+        ) -> Result<Vec<ccnode_gpu::GpuEvent>, ccnode_gpu::GpuError> {
+            Ok(Vec::new())
+        }
+        fn cc_attestation(
+            &self,
+            _: u32,
+            _: &[u8; 32],
+        ) -> Result<ccnode_gpu::CcAttestation, ccnode_gpu::GpuError> {
+            Err(ccnode_gpu::GpuError::Unsupported("test".into()))
+        }
+    }
+
+    #[test]
+    fn a_leftover_group_holds_every_device_even_when_none_can_be_listed() {
+        // A previous run's worker group whose name says no device, found
+        // while the inventory cannot be read: there is no device list to
+        // mark held, so every claim is refused until the group is empty.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _enter = runtime.enter();
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let node = Node::open("t".into(), &state, 10, crate::metrics::Metrics::new("t"))
+            .unwrap()
+            .0;
+        // Scrubbing off: a claim after the hold needs no scrub child.
+        let policy = ScrubPolicy {
+            enabled: false,
+            ..ScrubPolicy::default()
+        };
+        let scrubber = Scrubber::new(
+            Arc::new(Unreadable),
+            policy,
+            node,
+            &prometheus::Registry::new(),
+        );
+        // A group as a jail names it (`<name>-<jail pid>`), populated as
+        // cgroup.events says.
+        let parent = dir.path().join("workers");
+        let group = parent.join("worker-old-0-4242");
+        std::fs::create_dir_all(&group).unwrap();
+        std::fs::write(group.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        scrubber.hold_leftovers(std::slice::from_ref(&parent));
+        match scrubber.claim("MIG-anything", "m/0") {
+            Err(ClaimError::OutOfService { why, .. }) => {
+                assert!(why.contains("worker-old-0-4242"), "{why}")
+            }
+            other => panic!("claimed beside a leftover worker: {other:?}"),
+        }
+        // The group empties: claims go through again.
+        std::fs::write(group.join("cgroup.events"), "populated 0\nfrozen 0\n").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match scrubber.claim("MIG-anything", "m/0") {
+                Ok(_) => break,
+                Err(ClaimError::OutOfService { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                other => panic!("{other:?}"),
+            }
         }
     }
 }
