@@ -86,13 +86,16 @@ pub enum WorkerError {
     NoCommand(String),
     #[error("cannot wait for the jail")]
     Wait(#[source] std::io::Error),
-    /// `sandbox-exec --gpu` while a daemon owns the devices (or the lock
-    /// on its state directory cannot be taken).
+    /// `sandbox-exec --gpu` while a daemon owns the devices.
     #[error(
         "GPUs are granted by the running ccnoded only (its device ledger, scrubs and \
          audit); stop it first, or run without --gpu"
     )]
     DevicesOwned(#[source] crate::persist::PersistError),
+    /// `sandbox-exec --gpu` could not take the state directory's lock for
+    /// another reason (permissions, a read-only file system).
+    #[error("cannot take the state directory lock that keeps ccnoded off the GPUs")]
+    StateLock(#[source] crate::persist::PersistError),
 }
 
 /// What a worker assigned `targets` (GPU indexes, `GPU-…` or `MIG-…`
@@ -235,7 +238,12 @@ pub fn sandbox_exec(
     let _devices_lock = if gpus.is_empty() {
         None
     } else {
-        Some(crate::persist::lock_dir(&config.node.state_dir).map_err(WorkerError::DevicesOwned)?)
+        Some(
+            crate::persist::lock_dir(&config.node.state_dir).map_err(|e| match e {
+                crate::persist::PersistError::Locked { .. } => WorkerError::DevicesOwned(e),
+                other => WorkerError::StateLock(other),
+            })?,
+        )
     };
     let (devices, visible) = if gpus.is_empty() {
         (Vec::new(), String::new())

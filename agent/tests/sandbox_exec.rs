@@ -369,4 +369,17 @@ fn gpus_are_not_granted_while_a_daemon_owns_them() {
     node.stop();
     let out = sandbox_exec(&config, &["--gpu", "0", "--", "true"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // A lock that cannot be taken for another reason is said as it is.
+    let unusable = format!(
+        "{NOBODY}[node]\nstate_dir = \"{}\"\n[gpu]\nbackend = \"sim\"\nsim_file = \"{}\"\n",
+        host.sim.join("not-a-directory").display(),
+        host.sim.display()
+    );
+    let out = sandbox_exec(&unusable, &["--gpu", "0", "--", "true"]);
+    assert_eq!(out.status.code(), Some(74), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("cannot take the state directory lock"),
+        "{}",
+        text(&out.stderr)
+    );
 }

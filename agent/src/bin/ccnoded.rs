@@ -82,6 +82,7 @@ fn main() -> ExitCode {
                         | workers::WorkerError::NoBackend
                         | workers::WorkerError::Device { .. }
                         | workers::WorkerError::DevicesOwned(_) => exit::UNAVAILABLE,
+                        workers::WorkerError::StateLock(_) => exit::IOERR,
                         _ => exit::SOFTWARE,
                     })
                 }
