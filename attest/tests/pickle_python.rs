@@ -233,19 +233,26 @@ fn python() -> Option<PathBuf> {
     None
 }
 
-#[test]
-fn every_stream_cpython_reads_to_a_call_or_stop_is_refused() {
-    let Some(python) = python() else {
-        return;
-    };
+/// Runs `script` with a fresh directory as its argument, and returns the
+/// directory with what it wrote; `None` without an interpreter.
+fn run_script(script: &str) -> Option<tempfile::TempDir> {
+    let python = python()?;
     let tmp = tempfile::tempdir().unwrap();
     let status = Command::new(python)
         .arg("-c")
-        .arg(JUDGE_STREAMS)
+        .arg(script)
         .arg(tmp.path())
         .status()
         .unwrap();
     assert!(status.success());
+    Some(tmp)
+}
+
+#[test]
+fn every_stream_cpython_reads_to_a_call_or_stop_is_refused() {
+    let Some(tmp) = run_script(JUDGE_STREAMS) else {
+        return;
+    };
     let streams: Vec<(String, String)> =
         serde_json::from_slice(&fs::read(tmp.path().join("streams.json")).unwrap()).unwrap();
     let mut counts = std::collections::BTreeMap::<&str, usize>::new();
@@ -272,17 +279,9 @@ fn every_stream_cpython_reads_to_a_call_or_stop_is_refused() {
 
 #[test]
 fn what_python_writes_is_classified() {
-    let Some(python) = python() else {
+    let Some(tmp) = run_script(WRITE_SAMPLES) else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let status = Command::new(python)
-        .arg("-c")
-        .arg(WRITE_SAMPLES)
-        .arg(tmp.path())
-        .status()
-        .unwrap();
-    assert!(status.success());
     let mut seen = [0usize; 3];
     let mut names: Vec<_> = fs::read_dir(tmp.path())
         .unwrap()
