@@ -235,20 +235,15 @@ pub fn sandbox_exec(
     // directory lock for as long as it runs: refused while a daemon runs,
     // and a daemon cannot start (and then scrubs every device at start)
     // until the command has ended.
-    let _devices_lock = if gpus.is_empty() {
-        None
+    let (_devices_lock, devices, visible) = if gpus.is_empty() {
+        (None, Vec::new(), String::new())
     } else {
-        Some(
-            crate::persist::lock_dir(&config.node.state_dir).map_err(|e| match e {
-                crate::persist::PersistError::Locked { .. } => WorkerError::DevicesOwned(e),
-                other => WorkerError::StateLock(other),
-            })?,
-        )
-    };
-    let (devices, visible) = if gpus.is_empty() {
-        (Vec::new(), String::new())
-    } else {
-        grant_devices(&config.gpu, gpus)?
+        let lock = crate::persist::lock_dir(&config.node.state_dir).map_err(|e| match e {
+            crate::persist::PersistError::Locked { .. } => WorkerError::DevicesOwned(e),
+            other => WorkerError::StateLock(other),
+        })?;
+        let (devices, visible) = grant_devices(&config.gpu, gpus)?;
+        (Some(lock), devices, visible)
     };
     let support = HostSupport::probe(cfg);
     if cfg.cgroup_delegated {

@@ -950,27 +950,31 @@ mod tests {
 
     #[test]
     fn malformed_streams_stop_the_scan() {
-        // A GLOBAL whose name has a space: the unpickler cannot find it.
-        assert_eq!(refused(b"cos system\nx\nR."), None);
-        // A length running past the end.
-        assert_eq!(refused(b"X\xff\xff\x00\x00ab."), None);
-        // A BINSTRING length past the end (CPython reads it unsigned).
-        assert_eq!(refused(b"T\xff\xff\xff\xffR."), None);
-        // A negative LONG4 length.
-        assert_eq!(refused(b"\x8b\xff\xff\xff\xffcos\nsystem\n)R."), None);
-        // An unknown protocol.
-        assert_eq!(refused(b"\x80\x06cos\nsystem\n)R."), None);
-        // Stack underflows and missing marks: CPython stops there.
-        assert_eq!(refused(b"R."), None);
-        assert_eq!(refused(b"tcos\nsystem\n)R."), None);
-        assert_eq!(refused(b"ios\nsystem\n."), None);
-        // A memo key never put.
-        assert_eq!(refused(b"g0\n."), None);
-        assert_eq!(refused(b"Np-1\n."), None);
-        // INT with a non-number.
-        assert_eq!(refused(b"Ihello\n."), None);
-        // A truncated line.
-        assert_eq!(refused(b"cos\nsys"), None);
+        for (bytes, why) in [
+            (
+                &b"cos system\nx\nR."[..],
+                "a GLOBAL name with a space: not found",
+            ),
+            (b"X\xff\xff\x00\x00ab.", "a length running past the end"),
+            (
+                b"T\xff\xff\xff\xffR.",
+                "BINSTRING past the end (CPython reads it unsigned)",
+            ),
+            (
+                b"\x8b\xff\xff\xff\xffcos\nsystem\n)R.",
+                "a negative LONG4 length",
+            ),
+            (b"\x80\x06cos\nsystem\n)R.", "an unknown protocol"),
+            (b"R.", "a stack underflow"),
+            (b"tcos\nsystem\n)R.", "a missing mark"),
+            (b"ios\nsystem\n.", "INST without a mark"),
+            (b"g0\n.", "a memo key never put"),
+            (b"Np-1\n.", "a negative memo key"),
+            (b"Ihello\n.", "INT with a non-number"),
+            (b"cos\nsys", "a truncated line"),
+        ] {
+            assert_eq!(refused(bytes), None, "{why}");
+        }
     }
 
     /// Bytes of `size`, zero except for `parts` at their offsets: files of
