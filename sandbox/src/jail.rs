@@ -6,7 +6,8 @@
 //! executable with `__jail`, or the `ccnode-jail` binary), which can take
 //! its time:
 //!
-//! 1. reads the [`Profile`] from fd 3, `unshare`s mount, PID, network, IPC
+//! 1. moves the fds ccnoded left above 99 to 3, 4, ... ([`FDS_ENV`]),
+//!    reads the [`Profile`] from fd 3, `unshare`s mount, PID, network, IPC
 //!    and UTS namespaces, compiles the seccomp filters, opens every path it
 //!    will bind (before anything is mounted over them);
 //! 2. forks: the child is PID 1 of the new PID namespace, so when it exits
@@ -64,6 +65,18 @@ pub const PROFILE_FD: RawFd = 3;
 pub const REPORT_FD: RawFd = 4;
 /// Fds for the worker arrive here, and reach the worker at 3, 4, ...
 pub const FIRST_PASSED_FD: RawFd = 5;
+
+/// The environment variable that tells the jail where [`crate::spawn`]
+/// left its descriptors: their numbers, comma-separated, in the order
+/// profile, report pipe, passed fds. The jail moves them to
+/// [`PROFILE_FD`], [`REPORT_FD`], [`FIRST_PASSED_FD`], ... before anything
+/// else (a multi-threaded parent cannot safely do it between fork and
+/// exec). Without it the descriptors are expected at those numbers already.
+pub const FDS_ENV: &str = "CCNODE_JAIL_FDS";
+
+/// At most this many descriptors in [`FDS_ENV`]: the profile, the report
+/// pipe and the most a profile may pass.
+const MAX_ADOPTED: usize = 2 + crate::profile::MAX_PASSED_FDS as usize;
 
 /// Exit code of the jail when the worker could not be started.
 pub const EXIT_SETUP_FAILED: i32 = 125;
@@ -196,9 +209,64 @@ fn start_forwarding() {
     }
 }
 
+/// Moves the descriptors named in [`FDS_ENV`] to 3, 4, ...: all are
+/// checked before any is moved, so on an error nothing has moved.
+fn adopt_fds() -> Result<(), SetupError> {
+    let Some(list) = std::env::var_os(FDS_ENV) else {
+        return Ok(());
+    };
+    let bad = |message: String| SetupError {
+        stage: "fds",
+        message,
+    };
+    let list = list
+        .to_str()
+        .ok_or_else(|| bad(format!("{FDS_ENV} is not UTF-8")))?;
+    let fds: Vec<RawFd> = list
+        .split(',')
+        .map(|n| n.parse::<RawFd>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad(format!("{FDS_ENV}={list:?} is not a list of fd numbers")))?;
+    if fds.len() > MAX_ADOPTED {
+        return Err(bad(format!("{FDS_ENV} names more than {MAX_ADOPTED} fds")));
+    }
+    let first_free = PROFILE_FD + fds.len() as RawFd;
+    for (i, &fd) in fds.iter().enumerate() {
+        if fd < first_free || fds[..i].contains(&fd) {
+            return Err(bad(format!(
+                "{FDS_ENV}={list:?}: each fd must be distinct and at least {first_free}"
+            )));
+        }
+        // SAFETY: F_GETFD only queries the descriptor table.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            return Err(bad(format!("{FDS_ENV}: fd {fd} is not open")));
+        }
+    }
+    for (i, &fd) in fds.iter().enumerate() {
+        let to = PROFILE_FD + i as RawFd;
+        // SAFETY: dup2 and close on descriptor numbers handed to the jail
+        // for this; every source is above every target (checked), so no
+        // source is overwritten before it is moved. dup2 leaves `to`
+        // inheritable, as the setup expects.
+        if unsafe { libc::dup2(fd, to) } < 0 || unsafe { libc::close(fd) } < 0 {
+            return Err(bad(format!(
+                "moving fd {fd} to {to}: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The jail's entry point. Never returns.
 pub fn main() -> ! {
+    // Before anything that could open a descriptor.
+    let adopted = adopt_fds();
     let mut report = Reporter::new();
+    if let Err(e) = adopted {
+        report.send(&json!({"event": "error", "stage": e.stage, "message": e.message}));
+        std::process::exit(EXIT_SETUP_FAILED);
+    }
     let code = match run(&mut report) {
         Ok(code) => code,
         Err(e) => {

@@ -4,6 +4,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+/// The most fds a profile may have handed to its worker.
+pub const MAX_PASSED_FDS: u32 = 64;
+
 /// Largest profile the jail reads.
 pub const MAX_PROFILE_BYTES: usize = 256 * 1024;
 
@@ -123,7 +126,7 @@ pub struct Profile {
     /// one (cgroup v1 or hybrid hosts).
     #[serde(default)]
     pub device_cgroup: Option<DeviceCgroup>,
-    /// How many fds ccnoded hands over; they arrive in the jail at
+    /// How many fds ccnoded hands over (at most [`MAX_PASSED_FDS`]); they arrive in the jail at
     /// [`crate::jail::FIRST_PASSED_FD`] and reach the worker at 3, 4, ...
     pub passed_fds: u32,
     pub hostname: String,
@@ -220,8 +223,10 @@ impl Profile {
         if !(1..=64).contains(&self.landlock_min_abi) {
             return err("landlock_min_abi must be between 1 and 64".into());
         }
-        if self.passed_fds > 64 {
-            return err("at most 64 fds are passed to a worker".into());
+        if self.passed_fds > MAX_PASSED_FDS {
+            return err(format!(
+                "at most {MAX_PASSED_FDS} fds are passed to a worker"
+            ));
         }
         if self.hostname.is_empty() || self.hostname.len() > 64 {
             return err("hostname must be 1 to 64 bytes".into());

@@ -1,6 +1,7 @@
 //! Starting a jailed worker from ccnoded (a multi-threaded process): only
-//! fd shuffling happens between fork and exec; everything else is the
-//! jail's job.
+//! close-on-exec flags of its own descriptors change between fork and
+//! exec; everything else, moving them to 3, 4, ... included, is the jail's
+//! job.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Seek, Write};
@@ -11,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::Value;
 
-use crate::jail::{FIRST_PASSED_FD, PROFILE_FD, REPORT_FD};
+use crate::jail::{FDS_ENV, FIRST_PASSED_FD, PROFILE_FD, REPORT_FD};
 use crate::profile::Profile;
 
 /// Errors starting the jail.
@@ -119,41 +120,6 @@ impl Jailed {
     }
 }
 
-/// Takes each of `numbers` that is free, as a close-on-exec duplicate of
-/// /dev/null, and holds it until the result is dropped. A number in use
-/// already (by another thread) is left as it is: should that thread close
-/// it before std opens its pipe, the pipe may still get it (the exec error
-/// is then lost and the jail reads as ended, not started: closed, not
-/// open).
-fn hold_free(numbers: impl Iterator<Item = RawFd>) -> io::Result<Vec<OwnedFd>> {
-    let null = OwnedFd::from(File::open("/dev/null")?);
-    let mut held = Vec::new();
-    let mut null = Some(null);
-    for n in numbers {
-        // Opening /dev/null took the lowest free number, which may be one
-        // of these: it is held as it is.
-        if null.as_ref().is_some_and(|f| f.as_raw_fd() == n) {
-            held.extend(null.take());
-            continue;
-        }
-        let Some(src) = held.first().or(null.as_ref()).map(|f| f.as_raw_fd()) else {
-            break;
-        };
-        // SAFETY: F_DUPFD_CLOEXEC on an open descriptor returns a new one,
-        // the lowest free at or above `n`, owned by nobody else.
-        let raw = unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, n) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: as above.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        if raw == n {
-            held.push(fd);
-        }
-    }
-    Ok(held)
-}
-
 fn dup_high(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC on a borrowed, open descriptor returns a new
     // descriptor, which we take ownership of.
@@ -193,43 +159,45 @@ pub fn spawn(
     profile_file.rewind().map_err(SpawnError::Fds)?;
     let (report_r, report_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SpawnError::Fds(e.into()))?;
-    // Everything the child needs sits above the target numbers, so the
-    // dup2 calls below cannot overwrite a source before it is used.
-    let mut sources: Vec<(OwnedFd, RawFd)> = vec![
-        (
-            dup_high(profile_file.as_fd()).map_err(SpawnError::Fds)?,
-            PROFILE_FD,
-        ),
-        (
-            dup_high(report_w.as_fd()).map_err(SpawnError::Fds)?,
-            REPORT_FD,
-        ),
+    // In the order the jail takes them: the profile (to PROFILE_FD), the
+    // report pipe (REPORT_FD), the passed fds (FIRST_PASSED_FD, ...). All
+    // sit above the numbers the jail moves them to, so no move overwrites
+    // a descriptor not yet moved.
+    const _: () = assert!(REPORT_FD == PROFILE_FD + 1 && FIRST_PASSED_FD == REPORT_FD + 1);
+    let mut sources: Vec<OwnedFd> = vec![
+        dup_high(profile_file.as_fd()).map_err(SpawnError::Fds)?,
+        dup_high(report_w.as_fd()).map_err(SpawnError::Fds)?,
     ];
-    for (i, fd) in passed.iter().enumerate() {
-        sources.push((
-            dup_high(*fd).map_err(SpawnError::Fds)?,
-            FIRST_PASSED_FD + i as RawFd,
-        ));
+    for fd in passed {
+        sources.push(dup_high(*fd).map_err(SpawnError::Fds)?);
     }
     drop(report_w);
-    let plan: Vec<(RawFd, RawFd)> = sources.iter().map(|(s, d)| (s.as_raw_fd(), *d)).collect();
-    // std opens a pipe for exec errors inside spawn(); were it given one
-    // of the numbers the child dup2s onto, the dup2 would close it and an
-    // exec error would read as success. Every free target number is held
-    // until spawn() returns.
-    let _held = hold_free(plan.iter().map(|&(_, d)| d)).map_err(SpawnError::Fds)?;
+    // The child only clears close-on-exec on these (all above 99, and
+    // open in this process, so std's exec-error pipe cannot have one of
+    // their numbers); the jail moves them to 3, 4, ... itself, once it
+    // runs alone (`crate::jail::FDS_ENV`). A `dup2` onto 3, 4, ... here
+    // could close that pipe: another thread may free a low number just
+    // before std takes it.
+    let raw: Vec<RawFd> = sources.iter().map(AsRawFd::as_raw_fd).collect();
+    let numbers = raw
+        .iter()
+        .map(RawFd::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
     let mut cmd = Command::new(jail);
     cmd.args(jail_args)
         .env_clear()
+        .env(FDS_ENV, numbers)
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr);
-    // SAFETY: the closure runs between fork and exec and calls only dup2,
-    // which is async-signal-safe; `plan` was built before the fork.
+    // SAFETY: the closure runs between fork and exec and calls only
+    // fcntl(F_SETFD), which is async-signal-safe, on descriptors this
+    // function owns; `raw` was built before the fork.
     unsafe {
         cmd.pre_exec(move || {
-            for &(src, dst) in &plan {
-                if libc::dup2(src, dst) < 0 {
+            for &fd in &raw {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                     return Err(io::Error::last_os_error());
                 }
             }
@@ -253,10 +221,11 @@ mod tests {
 
     #[test]
     fn a_jail_that_cannot_be_executed_is_a_spawn_error() {
-        // With ten fds to hand over the child dup2s onto 3 to 14, numbers
-        // that are free in a test process when std opens its exec-error
-        // pipe: the pipe must not be among them, or the exec error is
-        // lost (the parent reads end of file, as after a good exec).
+        // With ten fds to hand over, the jail would have them at 3 to 14,
+        // numbers that are free in a test process when std opens its
+        // exec-error pipe: nothing the child does before exec may close
+        // that pipe, or the exec error is lost (the parent reads end of
+        // file, as after a good exec).
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let passed: Vec<BorrowedFd<'_>> = (0..10).map(|_| a.as_fd()).collect();
         let mut p = Profile::new("/usr/bin/true".into(), 65534, 65534);
@@ -276,5 +245,52 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn an_exec_error_is_reported_while_other_threads_open_and_close_fds() {
+        // Another thread takes and frees low fd numbers all the time, as
+        // ccnoded's threads do: whichever number std's exec-error pipe gets,
+        // the child must not close it before exec.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let churn = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let held: Vec<File> = (0..8)
+                        .filter_map(|_| File::open("/dev/null").ok())
+                        .collect();
+                    drop(held);
+                }
+            })
+        };
+        let mut p = Profile::new("/usr/bin/true".into(), 65534, 65534);
+        p.passed_fds = 10;
+        let mut lost = 0;
+        for _ in 0..2000 {
+            // A fresh pair each time: an exec error written to a passed
+            // socket instead of std's pipe must not fill it and hang.
+            let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+            let passed: Vec<BorrowedFd<'_>> = (0..10).map(|_| a.as_fd()).collect();
+            match spawn(
+                Path::new("/nonexistent/ccnode-jail"),
+                &[],
+                &p,
+                &passed,
+                Stdio::null(),
+                Stdio::null(),
+            ) {
+                Err(SpawnError::Spawn { source, .. })
+                    if source.kind() == io::ErrorKind::NotFound => {}
+                Err(other) => panic!("{other:?}"),
+                Ok(mut j) => {
+                    let _ = j.child.wait();
+                    lost += 1;
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        churn.join().unwrap();
+        assert_eq!(lost, 0, "exec errors read as a start");
     }
 }

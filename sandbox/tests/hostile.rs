@@ -402,6 +402,45 @@ fn setup_failures_are_reported_not_started() {
     assert!(r.events.iter().any(|e| e["event"] == "landlock_degraded"));
 }
 
+/// A jail started with a bad fd list (or by hand, without one) reports
+/// why and starts nothing.
+#[test]
+fn a_jail_given_bad_fds_refuses_to_start() {
+    use std::os::unix::process::CommandExt;
+    let null = std::fs::File::open("/dev/null").unwrap();
+    for (list, says) in [
+        (Some("x"), "not a list of fd numbers"),
+        (Some(""), "not a list of fd numbers"),
+        // Below the numbers the fds are moved to.
+        (Some("3,200"), "at least 5"),
+        (Some("201,201"), "distinct"),
+        (Some("200"), "fd 200 is not open"),
+        (None, "no profile on fd 3"),
+    ] {
+        let mut cmd = std::process::Command::new(JAIL);
+        cmd.env_clear().stderr(Stdio::piped()).stdout(Stdio::null());
+        if let Some(list) = list {
+            cmd.env(ccnode_sandbox::jail::FDS_ENV, list);
+        }
+        // fd 201 open in the jail: only named fds count.
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&null);
+        // SAFETY: dup2 between fork and exec is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(raw, 201) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{list:?}: {stderr}");
+        assert!(stderr.contains(says), "{list:?}: {stderr}");
+        assert!(!stderr.contains("\"started\""), "{list:?}: {stderr}");
+    }
+}
+
 #[test]
 fn the_kill_signal_ends_the_whole_namespace_before_the_jail_exits() {
     use std::os::unix::process::ExitStatusExt;

@@ -13,6 +13,10 @@ const JAIL: &str = env!("CARGO_BIN_EXE_ccnode-jail");
 const WORKER: &str = env!("CARGO_BIN_EXE_ccnode-test-worker");
 const PATIENCE: Duration = Duration::from_secs(60);
 
+/// For a fake jail (a bash script): the report pipe, which spawn() leaves
+/// at the second number of `CCNODE_JAIL_FDS`, at fd 4.
+const REPORT_AT_4: &str = r#"r=${CCNODE_JAIL_FDS#*,}; exec 4>&"${r%%,*}"; "#;
+
 fn spec(mode: &[&str], uid: u32) -> Spec {
     let mut p = Profile::new(PathBuf::from(WORKER), uid, uid);
     p.args = std::iter::once(WORKER)
@@ -315,10 +319,12 @@ fn a_jail_that_will_not_end_is_killed_and_its_worker_presumed_alive() {
     // A "jail" that says the worker started, then ignores the kill
     // signal: as one whose worker is stuck in the kernel would stay.
     let mut s = spec(&["well"], 65534);
-    s.jail = PathBuf::from("/bin/sh");
+    s.jail = PathBuf::from("/bin/bash");
     s.jail_args = vec![
         "-c".into(),
-        "trap '' USR1 TERM; echo '{\"event\":\"started\",\"pid\":1}' >&4; exec sleep 600".into(),
+        format!(
+            "{REPORT_AT_4}trap '' USR1 TERM; echo '{{\"event\":\"started\",\"pid\":1}}' >&4; exec sleep 600"
+        ),
     ];
     let policy = Policy {
         kill_grace: Duration::from_millis(300),
@@ -381,11 +387,11 @@ fn remains_are_gone_only_when_the_reported_init_is() {
     // children vouch for it.
     for start_time in ["$t", "null"] {
         let mut s = spec(&["well"], 65534);
-        s.jail = PathBuf::from("/bin/sh");
+        s.jail = PathBuf::from("/bin/bash");
         s.jail_args = vec![
             "-c".into(),
             format!(
-                r#"trap '' USR1 TERM; sleep 600 & t=$(cut -d' ' -f22 /proc/$!/stat)
+                r#"{REPORT_AT_4}trap '' USR1 TERM; sleep 600 & t=$(cut -d' ' -f22 /proc/$!/stat)
 printf '{{"event":"started","pid":%s,"start_time":%s}}\n' $! {start_time} >&4
 echo $! >&2; exec sleep 600"#
             ),
