@@ -100,41 +100,73 @@ impl<R: Read> FrameReader<R> {
         }
     }
 
-    /// The next frame; `FrameError::Io` with a timeout kind when none is
-    /// complete yet (call again later).
+    /// The next frame, reading until it is whole; `FrameError::Io` with a
+    /// timeout kind when a read times out first (call again later: the
+    /// bytes read so far are kept).
     pub fn next_frame(&mut self) -> Result<Value, FrameError> {
         loop {
-            if self.buf.len() >= 4 {
-                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
-                    as usize;
-                if len > self.max {
-                    return Err(FrameError::TooLarge { len, max: self.max });
-                }
-                if self.buf.len() >= 4 + len {
-                    let frame: Vec<u8> = self.buf.drain(..4 + len).collect();
-                    let v: Value =
-                        serde_json::from_slice(&frame[4..]).map_err(|_| FrameError::Malformed)?;
-                    if v["v"] != CONTROL_VERSION || !v["type"].is_string() {
-                        return Err(FrameError::Malformed);
-                    }
-                    return Ok(v);
-                }
-            }
-            let mut chunk = [0u8; 64 * 1024];
-            let want = if self.buf.len() >= 4 {
-                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
-                    as usize;
-                (4 + len - self.buf.len()).min(chunk.len())
-            } else {
-                4 - self.buf.len()
-            };
-            match self.inner.read(&mut chunk[..want]) {
-                Ok(0) => return Err(FrameError::Closed),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(FrameError::Io(e)),
+            if let Some(v) = self.step()? {
+                return Ok(v);
             }
         }
+    }
+
+    /// At most one read: the next frame if it is whole after it, else
+    /// `None` (a read that timed out, or a frame still in pieces). A peer
+    /// that sends a frame a byte at a time so never holds its reader for
+    /// longer than one read.
+    pub fn poll_frame(&mut self) -> Result<Option<Value>, FrameError> {
+        match self.step() {
+            Err(e) if e.is_timeout() => Ok(None),
+            other => other,
+        }
+    }
+
+    /// A whole buffered frame, if there is one; else one read, and the
+    /// frame if that made it whole.
+    fn step(&mut self) -> Result<Option<Value>, FrameError> {
+        if let Some(v) = self.take()? {
+            return Ok(Some(v));
+        }
+        let mut chunk = [0u8; 64 * 1024];
+        let want = match self.declared() {
+            Some(len) => (4 + len - self.buf.len()).min(chunk.len()),
+            None => 4 - self.buf.len(),
+        };
+        match self.inner.read(&mut chunk[..want]) {
+            Ok(0) => Err(FrameError::Closed),
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                self.take()
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+            Err(e) => Err(FrameError::Io(e)),
+        }
+    }
+
+    /// The length the buffered frame declares, once its prefix is read.
+    fn declared(&self) -> Option<usize> {
+        let len: [u8; 4] = self.buf.get(..4)?.try_into().ok()?;
+        Some(u32::from_be_bytes(len) as usize)
+    }
+
+    /// The buffered frame, checked, once it is whole.
+    fn take(&mut self) -> Result<Option<Value>, FrameError> {
+        let Some(len) = self.declared() else {
+            return Ok(None);
+        };
+        if len > self.max {
+            return Err(FrameError::TooLarge { len, max: self.max });
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let frame: Vec<u8> = self.buf.drain(..4 + len).collect();
+        let v: Value = serde_json::from_slice(&frame[4..]).map_err(|_| FrameError::Malformed)?;
+        if v["v"] != CONTROL_VERSION || !v["type"].is_string() {
+            return Err(FrameError::Malformed);
+        }
+        Ok(Some(v))
     }
 }
 
@@ -196,6 +228,34 @@ mod tests {
             }
         }
         assert_eq!(got, ["ready", "healthy"]);
+    }
+
+    /// One byte per read, never a timeout: a peer that keeps a frame
+    /// coming, slowly.
+    struct Drip(Vec<u8>, usize);
+
+    impl Read for Drip {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let Some(&b) = self.0.get(self.1) else {
+                return Ok(0);
+            };
+            out[0] = b;
+            self.1 += 1;
+            Ok(1)
+        }
+    }
+
+    #[test]
+    fn poll_frame_returns_after_one_read_of_a_frame_in_pieces() {
+        let mut data = Vec::new();
+        write_frame(&mut data, &message("healthy")).unwrap();
+        let len = data.len();
+        let mut r = FrameReader::new(Drip(data, 0), 1024);
+        for read in 1..len {
+            assert!(r.poll_frame().unwrap().is_none(), "after {read} bytes");
+        }
+        assert_eq!(r.poll_frame().unwrap().unwrap()["type"], "healthy");
+        assert!(matches!(r.poll_frame(), Err(FrameError::Closed)));
     }
 
     #[test]

@@ -868,8 +868,11 @@ fn converse(
                 health_due = Some(now + policy.health_timeout);
             }
         }
-        match reader.next_frame() {
-            Ok(frame) => {
+        // One read at most: a worker that sends a frame a byte at a time
+        // must not keep commands and deadlines from being looked at.
+        match reader.poll_frame() {
+            Ok(None) => {}
+            Ok(Some(frame)) => {
                 // Every frame counts against the rate limit except those
                 // the sink takes as asked for (a token of a running
                 // generation): a model may stream thousands a second, a
@@ -902,7 +905,6 @@ fn converse(
                     }
                 }
             }
-            Err(e) if e.is_timeout() => {}
             // ccnoded's writer gave up on a worker that does not read.
             Err(FrameError::Closed) if sender.write_failed() => {
                 return (Some(ExitReason::Unresponsive), false)

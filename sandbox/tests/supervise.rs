@@ -123,6 +123,25 @@ fn kill_ends_a_worker_now() {
 }
 
 #[test]
+fn kill_ends_a_worker_that_sends_a_frame_a_byte_at_a_time() {
+    // Reading such a frame to its end would hold the supervisor for
+    // twenty minutes, the kill unread.
+    let (tx, rx) = mpsc::channel();
+    let policy = Policy {
+        health_interval: Duration::from_secs(3600),
+        ..quick()
+    };
+    let sup = Supervisor::start(spec(&["trickle"], 65534), policy, tx).unwrap();
+    wait_state(&rx, WorkerState::Ready);
+    // Time for the supervisor to be well into the frame (it follows
+    // `ready` at once): the kill must be looked at between its bytes.
+    // Too short a wait only lets the kill be seen before the frame.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(sup.kill(), "every process of it is gone");
+    assert_eq!(next_exit(&rx), (ExitReason::Killed, None));
+}
+
+#[test]
 fn a_worker_that_ignores_shutdown_is_ended_after_its_grace() {
     let (tx, rx) = mpsc::channel();
     let sup = Supervisor::start(spec(&["ignore-shutdown"], 65534), quick(), tx).unwrap();
@@ -168,6 +187,9 @@ fn each_kind_of_misbehaviour_is_named() {
         // not waited for.
         (&["close-linger"][..], "protocol_violation"),
         (&["oversize"][..], "protocol_violation"),
+        // Its `healthy` would come after a frame that takes twenty
+        // minutes: it does not answer in time.
+        (&["trickle"][..], "unresponsive"),
         (&["malformed"][..], "protocol_violation"),
         (&["exit", "0"][..], "exited_ok"),
     ] {

@@ -5,7 +5,8 @@
 //! `exit N`, `sigsys`, `silent`, `flood`, `flood-ready` (`ready` again
 //! and again, as fast as it can), `oversize`, `malformed`,
 //! `ignore-shutdown`, `close-linger` (shuts its control socket down
-//! after `ready` and sleeps), `deaf` (never reads after `ready`), `fork-bomb`,
+//! after `ready` and sleeps), `deaf` (never reads after `ready`),
+//! `trickle` (after `ready`, sends a frame a byte every 20 ms), `fork-bomb`,
 //! `plant DIR` (reads its sim VRAM,
 //! `DIR/$CUDA_VISIBLE_DEVICES`, exits 66 if a previous tenant's [`SECRET`]
 //! is in it, else writes the secret over all of it and behaves well);
@@ -100,6 +101,17 @@ fn main() {
             let _ = sock.shutdown(std::net::Shutdown::Both);
             loop {
                 std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+        "trickle" => {
+            // A frame the limit allows, sent a byte every 20 ms: whole
+            // after twenty minutes, if anyone waited that long.
+            let _ = sock.write_all(&60_000u32.to_be_bytes());
+            loop {
+                if sock.write_all(b" ").is_err() {
+                    std::process::exit(1);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
             }
         }
         "deaf" => loop {
