@@ -168,6 +168,10 @@ struct Job {
     max_tokens: u32,
     frames: u64,
     text_bytes: u64,
+    /// Its text went over the budget: the client has had its error and
+    /// the worker a `cancel`; the job stays on the replica, which is not
+    /// idle, until the worker's `done` or `error` for it.
+    over_budget: bool,
     tx: mpsc::Sender<Piece>,
     _work: WorkGuard,
 }
@@ -971,7 +975,29 @@ fn pause_point(point: &str) {
 }
 
 impl Model {
+    /// Takes one lock at a time, each in its own statement: a guard made
+    /// inside a struct expression would live until the whole expression
+    /// ends, and holding `r.sup` while taking `r.busy` is the reverse of
+    /// [`Model::try_start`]'s order (a deadlock).
     fn status(&self) -> ModelStatus {
+        let queue = lock(&self.queue).len();
+        let workers = self
+            .replicas
+            .iter()
+            .map(|r| {
+                let state = state_str(*lock(&r.state));
+                let pid = lock(&r.sup).as_ref().and_then(|s| s.pid());
+                let busy = lock(&r.busy).is_some();
+                let last_exit = lock(&r.last_exit).clone();
+                WorkerStatus {
+                    state,
+                    device: r.device.clone(),
+                    pid,
+                    busy,
+                    last_exit,
+                }
+            })
+            .collect();
         ModelStatus {
             name: self.cfg.name.clone(),
             dir: self.cfg.dir.clone(),
@@ -980,18 +1006,8 @@ impl Model {
             files: self.files,
             bytes: self.bytes,
             loaded_at: self.loaded_at,
-            queue: lock(&self.queue).len(),
-            workers: self
-                .replicas
-                .iter()
-                .map(|r| WorkerStatus {
-                    state: state_str(*lock(&r.state)),
-                    device: r.device.clone(),
-                    pid: lock(&r.sup).as_ref().and_then(|s| s.pid()),
-                    busy: lock(&r.busy).is_some(),
-                    last_exit: lock(&r.last_exit).clone(),
-                })
-                .collect(),
+            queue,
+            workers,
         }
     }
 
@@ -1149,15 +1165,21 @@ impl Model {
                 let Some(job) = busy.as_mut().filter(|j| j.id == id) else {
                     return false;
                 };
+                if job.over_budget {
+                    return false;
+                }
                 let text = frame["text"].as_str().unwrap_or("");
                 if !job.take_text(text.len()) {
-                    if let Some(job) = busy.take() {
-                        let _ = job.tx.try_send(Piece::Error {
-                            code: "worker_error",
-                            message: "the worker sent more or larger text than asked for".into(),
-                        });
-                    }
+                    // The worker goes on until it reads the cancel: the job
+                    // keeps the replica busy until then, so that no other
+                    // generation is sent to a worker still in this one.
+                    job.over_budget = true;
+                    let _ = job.tx.try_send(Piece::Error {
+                        code: "worker_error",
+                        message: "the worker sent more or larger text than asked for".into(),
+                    });
                     drop(busy);
+                    self.count_generation("error");
                     if let Some(s) = self.sender_of(r) {
                         let mut m = wp::message("cancel");
                         m["id"] = id.into();
@@ -1174,6 +1196,12 @@ impl Model {
             ("done", Some(id)) => {
                 let job = lock(&r.busy).take_if(|j| j.id == id);
                 let Some(job) = job else { return false };
+                if job.over_budget {
+                    // Failed and counted already.
+                    drop(job);
+                    self.pump();
+                    return true;
+                }
                 if let Ok(done) = wp::parse::<wp::Done>(&frame) {
                     if let (Some(secs), Some(m)) =
                         (worker_first_token_secs(done.first_token_us), self.manager())
@@ -1211,6 +1239,11 @@ impl Model {
             ("error", Some(id)) => {
                 let job = lock(&r.busy).take_if(|j| j.id == id);
                 let Some(job) = job else { return false };
+                if job.over_budget {
+                    drop(job);
+                    self.pump();
+                    return true;
+                }
                 self.count_generation("error");
                 let code = worker_code(frame["code"].as_str().unwrap_or(""));
                 let message = worker_text(&frame, "message", MAX_WORKER_TEXT);
@@ -1628,6 +1661,7 @@ impl Inference for Manager {
             max_tokens: params.max_tokens,
             frames: 0,
             text_bytes: 0,
+            over_budget: false,
             tx,
             _work: work,
         };
@@ -1829,6 +1863,7 @@ mod tests {
             max_tokens: 1,
             frames: 0,
             text_bytes: 0,
+            over_budget: false,
             tx,
             _work: node.begin_work().expect("an active node"),
         };
@@ -1924,6 +1959,25 @@ mod tests {
     }
 
     #[test]
+    fn status_holds_no_lock_while_it_waits_for_another() {
+        // try_start holds `busy` and then takes `sup`: status, waiting for
+        // `busy`, must not hold `sup` (or the queue) meanwhile.
+        let m = Arc::new(model(WorkerState::Ready, 8));
+        let busy = lock(&m.replicas[0].busy);
+        let t = {
+            let m = m.clone();
+            std::thread::spawn(move || m.status().workers.len())
+        };
+        // Time for status to reach `busy`; too short a wait only lets this
+        // pass without testing.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(m.replicas[0].sup.try_lock().is_ok(), "status holds sup");
+        assert!(m.queue.try_lock().is_ok(), "status holds the queue");
+        drop(busy);
+        assert_eq!(t.join().unwrap(), 1);
+    }
+
+    #[test]
     fn one_token_in_full_size_chunks_is_taken_and_text_over_the_budget_refused() {
         let dir = tempfile::tempdir().unwrap();
         let node = node(dir.path());
@@ -1943,6 +1997,15 @@ mod tests {
         let rest = 3 * max - 10_002;
         assert!(!m.on_frame(r, token(1, &"x".repeat(rest + 1))));
         assert_eq!(drain(&mut rx), [Err("worker_error")]);
+        // The worker is still in it until it answers the cancel: nothing
+        // else is sent to it, and what it sends meanwhile is noise.
+        assert!(lock(&r.busy).is_some());
+        assert!(!m.on_frame(r, token(1, "x")));
+        assert_eq!(drain(&mut rx), []);
+        let done = serde_json::json!({"v": 1, "type": "done", "id": 1, "finish": "cancelled",
+            "prompt_tokens": 1, "completion_tokens": 1});
+        assert!(m.on_frame(r, done));
+        assert_eq!(drain(&mut rx), []);
         assert!(lock(&r.busy).is_none());
 
         // One frame over MAX_TOKEN_TEXT.
