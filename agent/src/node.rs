@@ -8,7 +8,7 @@
 //! takes effect in memory anyway (fail closed) and reports the failure.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -52,11 +52,25 @@ pub struct Node {
     audit: Arc<AuditLog>,
     metrics: Metrics,
     in_flight: AtomicU64,
+    /// Set while a transition that stops new work (drain, quarantine) is
+    /// decided, saved and published: work that has not been counted by
+    /// the time the transition reads the count is refused, even while the
+    /// published state still accepts it.
+    closing: AtomicBool,
     /// Quarantines applied since this process started; changed together
     /// with the record it publishes (see [`Node::state_and_quarantines`]).
     quarantines: AtomicU64,
     work_done: Notify,
     _lock: persist::DirLock,
+}
+
+/// Clears the flag when dropped.
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 /// Proof that a piece of work is in flight; dropping it ends the work.
@@ -123,6 +137,7 @@ impl Node {
             audit,
             metrics,
             in_flight: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
             quarantines: AtomicU64::new(0),
             work_done: Notify::new(),
             _lock: lock,
@@ -169,11 +184,14 @@ impl Node {
 
     /// Starts a piece of work if the node accepts work now.
     pub fn begin_work(self: &Arc<Self>) -> Option<WorkGuard> {
-        // Count first, then check: a drain that starts in between sees the
-        // count and waits for this work, or this work sees the drain.
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        // Count first, then check: a transition that stops work sets
+        // `closing` and then reads the count, so either it sees this work
+        // (and a drain waits for it) or this work sees `closing`. Both
+        // orders are SeqCst: neither pair of a store and a later load may
+        // be reordered.
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         let guard = WorkGuard { node: self.clone() };
-        if self.current.borrow().state.accepts_work() {
+        if !self.closing.load(Ordering::SeqCst) && self.current.borrow().state.accepts_work() {
             Some(guard)
         } else {
             None
@@ -190,7 +208,16 @@ impl Node {
         let _serial = self.lock.lock().await;
         let from_record = self.snapshot();
         let from = from_record.state;
-        let to = match state::next(from, event, self.in_flight()) {
+        // Closed to new work before the count is read (see begin_work),
+        // and until the new state is published or the change is given up.
+        let closes = from.accepts_work()
+            && state::next(from, event, self.in_flight()).is_ok_and(|to| !to.accepts_work());
+        let _closing = closes.then(|| {
+            self.closing.store(true, Ordering::SeqCst);
+            ClearOnDrop(&self.closing)
+        });
+        let in_flight = self.in_flight.load(Ordering::SeqCst);
+        let to = match state::next(from, event, in_flight) {
             Ok(to) => to,
             Err(invalid) => {
                 self.audit(AuditRecord {
@@ -365,6 +392,47 @@ mod tests {
         assert_eq!(last.actor, Actor::system("drain"));
         stop.cancel();
         watcher.await.unwrap();
+    }
+
+    /// Work that asks to start while a drain with nothing in flight is
+    /// being saved is refused: the node is never `drained` with work in
+    /// flight.
+    #[tokio::test(flavor = "current_thread")]
+    async fn work_asking_while_a_drain_is_saved_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = open(dir.path());
+        let drain = {
+            let node = node.clone();
+            tokio::spawn(async move {
+                node.transition(Event::Drain, admin(), "maintenance".into())
+                    .await
+            })
+        };
+        // On this one thread the drain runs until it waits for its state
+        // file to be written: it then holds the transition lock, the new
+        // state not yet published.
+        while node.lock.try_lock().is_ok() {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            node.snapshot().state,
+            NodeState::Active,
+            "not yet published"
+        );
+        let work = node.begin_work();
+        assert!(work.is_none(), "work started during the drain");
+        let t = drain.await.unwrap().unwrap();
+        assert_eq!(t.record.state, NodeState::Drained);
+        assert_eq!(node.in_flight(), 0);
+        // A drain given up leaves the node taking work again.
+        node.transition(Event::Undrain, admin(), "done".into())
+            .await
+            .unwrap();
+        std::fs::create_dir(dir.path().join("state.json.tmp")).unwrap();
+        node.transition(Event::Drain, admin(), "x".into())
+            .await
+            .unwrap_err();
+        assert!(node.begin_work().is_some(), "still active");
     }
 
     #[tokio::test]
