@@ -578,6 +578,7 @@ pub async fn serve(
             stream,
             tls.as_ref().map(|t| t.acceptor.clone()),
             cfg.request_timeout,
+            cfg.request_timeout,
             service,
             "attestation",
         );

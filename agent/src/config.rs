@@ -730,6 +730,10 @@ pub struct HttpConfig {
     /// Largest declared request body (Content-Length) accepted; larger ones
     /// and chunked bodies get 413. The endpoints here take no body.
     pub max_body_bytes: u64,
+    /// Time a client has to take some of a response being written; a
+    /// client that reads nothing for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -739,6 +743,7 @@ impl Default for HttpConfig {
             max_connections: 64,
             header_read_timeout: Duration::from_secs(5),
             max_body_bytes: 4096,
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -758,8 +763,9 @@ pub struct ApiConfig {
     /// Largest request body; a larger declared `Content-Length` is refused
     /// before reading, a larger chunked body when it passes the limit (413).
     pub max_body_bytes: u64,
-    /// Largest `max_tokens` a request may ask for (400 past it); also the
-    /// default for chat completions that give none.
+    /// Largest `max_tokens` a request may ask for (400 past it). Requests
+    /// that give none get the OpenAI defaults (16 for completions, 256 for
+    /// chat), or this if lower.
     pub max_tokens_cap: u32,
     /// Connections served at once; more are closed on accept.
     pub max_connections: usize,
@@ -770,6 +776,11 @@ pub struct ApiConfig {
     /// Time a client has to send a request's body (408 past it).
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Time a client has to take some of a response (or stream) being
+    /// written; a client that reads nothing for this long is closed, which
+    /// cancels its generation.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
 }
 
 impl Default for ApiConfig {
@@ -784,6 +795,7 @@ impl Default for ApiConfig {
             max_connections: 256,
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -819,6 +831,7 @@ impl ApiConfig {
         check_range("api.max_connections", self.max_connections, 1, 65_536)?;
         check_timeout("api.header_read_timeout", self.header_read_timeout)?;
         check_timeout("api.request_timeout", self.request_timeout)?;
+        check_timeout("api.write_timeout", self.write_timeout)?;
         Ok(())
     }
 }
@@ -962,6 +975,7 @@ impl Config {
         check_range("admin.audit_recent", self.admin.audit_recent, 1, 100_000)?;
         check_range("http.max_connections", self.http.max_connections, 1, 65_536)?;
         check_timeout("http.header_read_timeout", self.http.header_read_timeout)?;
+        check_timeout("http.write_timeout", self.http.write_timeout)?;
         if self.http.max_body_bytes > 16 * 1024 * 1024 {
             return Err(ConfigError::invalid(
                 "http.max_body_bytes",
@@ -1226,6 +1240,8 @@ mod tests {
         assert_eq!(c.api.max_connections, 256);
         assert_eq!(c.api.header_read_timeout, Duration::from_secs(10));
         assert_eq!(c.api.request_timeout, Duration::from_secs(30));
+        assert_eq!(c.api.write_timeout, Duration::from_secs(30));
+        assert_eq!(c.http.write_timeout, Duration::from_secs(10));
     }
 
     #[test]
@@ -1307,6 +1323,7 @@ mod tests {
                 "[http]\nmax_body_bytes = 1000000000\n",
                 "http.max_body_bytes",
             ),
+            ("[http]\nwrite_timeout = \"2h\"\n", "http.write_timeout"),
             ("[api]\ntls_cert = \"/c.pem\"\n", "api.tls_key"),
             ("[api]\ntls_key = \"/k.pem\"\n", "api.tls_cert"),
             ("[api]\nmax_body_bytes = 100\n", "api.max_body_bytes"),
@@ -1323,6 +1340,7 @@ mod tests {
                 "api.header_read_timeout",
             ),
             ("[api]\nrequest_timeout = \"2h\"\n", "api.request_timeout"),
+            ("[api]\nwrite_timeout = \"1ms\"\n", "api.write_timeout"),
             ("[api]\nlisten = \"localhost\"\n", "api.listen"),
             ("[api]\nenable = true\n", "api.enable"),
         ] {

@@ -2,12 +2,18 @@
 //! is alive and serving) and `/readyz` (the node takes work).
 //!
 //! Bounded: a connection cap (more are closed on accept and counted), a
-//! deadline for request headers, a cap on header size, and a cap on the
-//! declared body size. The endpoints take no body.
+//! deadline for request headers, a cap on header size, a cap on the
+//! declared body size, and a deadline for each write to make progress
+//! (a client that does not read its answers is closed). The endpoints take
+//! no body.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -17,6 +23,7 @@ use hyper::server::conn::http1;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -86,6 +93,7 @@ pub async fn serve(
             stream,
             None,
             Duration::ZERO,
+            cfg.write_timeout,
             service,
             "http",
         );
@@ -142,15 +150,111 @@ pub(crate) async fn accept_bounded(
     }
 }
 
+/// A stream whose writes must make progress: a write, flush or shutdown
+/// that stays pending (the peer's window full: it does not read) for
+/// `limit` fails with `TimedOut`, which ends the connection. Progress, not
+/// a total: a client reading a long stream slowly keeps it. TLS writes go
+/// through it too, when it is under the TLS stream.
+#[derive(Debug)]
+pub(crate) struct WriteDeadline<S> {
+    inner: S,
+    limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteDeadline<S> {
+    pub(crate) fn new(inner: S, limit: Duration) -> Self {
+        WriteDeadline {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// `r` as it is when ready (progress: the deadline is reset); when
+    /// pending, pending until the deadline, then `TimedOut`.
+    fn progress<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if r.is_ready() {
+            self.stalled = None;
+            return r;
+        }
+        let limit = self.limit;
+        let sleep = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.stalled = None;
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the peer took nothing of a write in time",
+                )))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteDeadline<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.progress(cx, r)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.progress(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_flush(cx);
+        this.progress(cx, r)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.progress(cx, r)
+    }
+}
+
 /// Serves one connection to its end, through TLS when `tls` is given (the
 /// handshake bounded by `handshake_timeout`; one that fails or runs out of
 /// time ends the connection), watched by `watcher` for graceful shutdown.
+/// A write that makes no progress for `write_timeout` ends it too.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve_connection<S, B>(
     builder: http1::Builder,
     watcher: Watcher,
     stream: TcpStream,
     tls: Option<TlsAcceptor>,
     handshake_timeout: Duration,
+    write_timeout: Duration,
     service: S,
     endpoint: &'static str,
 ) where
@@ -159,6 +263,7 @@ pub(crate) async fn serve_connection<S, B>(
     B: hyper::body::Body + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let stream = WriteDeadline::new(stream, write_timeout);
     let served = match tls {
         None => {
             watcher

@@ -159,6 +159,7 @@ pub async fn serve(
             stream,
             tls.as_ref().map(|t| t.acceptor().clone()),
             handshake_timeout,
+            ctx.cfg.write_timeout,
             service,
             "api",
         );

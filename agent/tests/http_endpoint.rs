@@ -446,6 +446,59 @@ fn connections_over_the_cap_are_closed_and_counted() {
     );
 }
 
+/// A client that pipelines requests and reads none of the answers holds
+/// its connection only until a write has made no progress for
+/// `write_timeout`: then it is closed and its slot (here the only one)
+/// serves others again.
+#[test]
+fn a_client_that_does_not_read_its_answers_is_disconnected() {
+    let node = node()
+        .with_http("max_connections = 1\nheader_read_timeout = \"1h\"\nwrite_timeout = \"300ms\"")
+        .start();
+    let addr = node.http_addr.unwrap();
+    let mut stuck = connect(addr);
+    let asked = 5000;
+    let requests = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").repeat(asked);
+    // Far more answers than the socket buffers hold; the server stops
+    // reading requests when it cannot write, so they are written aside.
+    let writer = {
+        let mut w = stuck.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let _ = w.write_all(requests.as_bytes());
+        })
+    };
+    // The only slot is held until the server gives up on the stuck one.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let mut s = connect(addr);
+        let _ = s.write_all(
+            format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        );
+        if let Ok(raw) = read_until_close(&mut s) {
+            if !raw.is_empty() {
+                assert_eq!(parse(&raw).status, 200);
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a client that reads nothing held the only slot for {PATIENCE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The stuck connection was closed with answers left unwritten.
+    let raw = match read_until_close(&mut stuck) {
+        Ok(raw) => raw,
+        Err((_, raw)) => raw,
+    };
+    let answered = String::from_utf8_lossy(&raw)
+        .matches("HTTP/1.1 200")
+        .count();
+    assert!(answered < asked, "{answered} of {asked} answered");
+    writer.join().unwrap();
+}
+
 #[test]
 fn requests_are_counted_by_handler_and_code() {
     let node = node().start();
