@@ -481,29 +481,10 @@ async fn handle_inner(
     req: Request<Incoming>,
     model: &mut Option<String>,
 ) -> Result<Resp, ApiError> {
-    let (allow, post) = match route {
-        Route::NotFound => {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!(
-                    "no such endpoint: {} {}",
-                    req.method(),
-                    quoted(req.uri().path())
-                ),
-            ))
-        }
-        Route::Models | Route::Model(_) => ("GET", false),
-        Route::Completions | Route::Chat => ("POST", true),
-    };
-    let wanted = if post { Method::POST } else { Method::GET };
-    if req.method() != wanted {
-        let mut e = ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!("only {allow} is allowed here"),
-        );
-        e.allow = Some(allow);
+    if let Err(e) = check_request(route, &req) {
+        // Read first, as for a 413: a close with body bytes unread can
+        // reset the connection before the client reads this answer.
+        discard_body(ctx, req).await;
         return Err(e);
     }
     match route {
@@ -514,7 +495,6 @@ async fn handle_inner(
         }
         _ => {}
     }
-    check_content_type(req.headers())?;
     let body = read_body(ctx, req).await?;
     let value: Value = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
@@ -590,6 +570,61 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
             "the request body must be JSON (Content-Type: application/json)",
         ))
     }
+}
+
+/// The route's method, and for a POST the content type: refusals that
+/// need nothing of the body.
+fn check_request(route: &Route, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let (allow, post) = match route {
+        Route::NotFound => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!(
+                    "no such endpoint: {} {}",
+                    req.method(),
+                    quoted(req.uri().path())
+                ),
+            ))
+        }
+        Route::Models | Route::Model(_) => ("GET", false),
+        Route::Completions | Route::Chat => ("POST", true),
+    };
+    let wanted = if post { Method::POST } else { Method::GET };
+    if req.method() != wanted {
+        let mut e = ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("only {allow} is allowed here"),
+        );
+        e.allow = Some(allow);
+        return Err(e);
+    }
+    if post {
+        check_content_type(req.headers())?;
+    }
+    Ok(())
+}
+
+/// Reads and discards the body of a request refused without it (as
+/// [`drain`] does for a 413): one declared larger than `DRAIN_CAP` is left
+/// unread.
+async fn discard_body(ctx: &Ctx, req: Request<Incoming>) {
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let body = req.into_body();
+    if hyper::body::Body::is_end_stream(&body) || declared.is_some_and(|d| d > DRAIN_CAP) {
+        return;
+    }
+    drain(
+        body,
+        0,
+        tokio::time::Instant::now() + ctx.cfg.request_timeout,
+    )
+    .await;
 }
 
 /// How much of a refused body is read and thrown away before the 413 is
@@ -3014,32 +3049,69 @@ mod http_tests {
     }
 
     #[tokio::test]
-    async fn a_client_sending_a_refused_body_still_reads_the_413() {
+    async fn a_client_sending_a_refused_body_still_reads_the_refusal() {
         // The client writes its whole body before reading, as HTTP clients
-        // do; the server must not reset the connection under it.
+        // do; the server must not reset the connection under it, whatever
+        // it refuses the request for.
         let s = start(test_config()).await;
         let body = vec![b' '; 4 << 20];
-        for declared in [true, false] {
-            for _ in 0..10 {
-                let mut c = Client::connect(s.addr).await;
-                if declared {
-                    c.write(format!("POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes()).await;
-                    c.write(&body).await;
-                } else {
-                    c.write(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").await;
-                    for piece in body.chunks(16 * 1024) {
-                        c.write(format!("{:x}\r\n", piece.len()).as_bytes()).await;
-                        c.write(piece).await;
-                        c.write(b"\r\n").await;
+        for (method, path, content_type, status, code) in [
+            (
+                "POST",
+                "/v1/completions",
+                "application/json",
+                413,
+                "body_too_large",
+            ),
+            (
+                "POST",
+                "/v1/embeddings",
+                "application/json",
+                404,
+                "not_found",
+            ),
+            (
+                "PUT",
+                "/v1/completions",
+                "application/json",
+                405,
+                "method_not_allowed",
+            ),
+            (
+                "POST",
+                "/v1/completions",
+                "text/plain",
+                415,
+                "unsupported_media_type",
+            ),
+        ] {
+            for declared in [true, false] {
+                for _ in 0..5 {
+                    let mut c = Client::connect(s.addr).await;
+                    let head = format!(
+                        "{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Type: {content_type}\r\n"
+                    );
+                    if declared {
+                        c.write(format!("{head}Content-Length: {}\r\n\r\n", body.len()).as_bytes())
+                            .await;
+                        c.write(&body).await;
+                    } else {
+                        c.write(format!("{head}Transfer-Encoding: chunked\r\n\r\n").as_bytes())
+                            .await;
+                        for piece in body.chunks(16 * 1024) {
+                            c.write(format!("{:x}\r\n", piece.len()).as_bytes()).await;
+                            c.write(piece).await;
+                            c.write(b"\r\n").await;
+                        }
+                        c.write(b"0\r\n\r\n").await;
                     }
-                    c.write(b"0\r\n\r\n").await;
+                    let r = c.reply().await;
+                    assert_eq!(
+                        (r.status(), r.error_code()),
+                        (status, code.into()),
+                        "{method} {path} {content_type}, declared: {declared}"
+                    );
                 }
-                let r = c.reply().await;
-                assert_eq!(
-                    (r.status(), r.error_code()),
-                    (413, "body_too_large".into()),
-                    "declared: {declared}"
-                );
             }
         }
     }
