@@ -248,7 +248,11 @@ impl Node {
                 .expect("state writer does not panic")
         };
         let failed = saved.err();
-        let apply = failed.is_none() || to == NodeState::Quarantined;
+        // A file in place but not known durable is what a reader (and,
+        // most likely, a restart) finds: applied, and reported.
+        let apply = failed.is_none()
+            || to == NodeState::Quarantined
+            || matches!(failed, Some(PersistError::NotDurable { .. }));
         let result = if failed.is_some() {
             self.metrics.state_write_failures.inc();
             "persist_failed"
@@ -433,6 +437,49 @@ mod tests {
             .await
             .unwrap_err();
         assert!(node.begin_work().is_some(), "still active");
+    }
+
+    /// A state file renamed into place whose directory cannot be synced is
+    /// what the node now reads: the change is applied (and reported as not
+    /// durable), not refused with the new state on disk.
+    #[tokio::test]
+    async fn a_saved_state_that_may_not_be_durable_is_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = open(dir.path());
+        persist::FAIL_DIR_SYNC
+            .lock()
+            .unwrap()
+            .push(dir.path().to_owned());
+        let err = node
+            .transition(Event::Drain, admin(), "x".into())
+            .await
+            .unwrap_err();
+        persist::FAIL_DIR_SYNC
+            .lock()
+            .unwrap()
+            .retain(|d| d != dir.path());
+        assert!(
+            matches!(
+                err,
+                TransitionError::Persist {
+                    applied: true,
+                    source: PersistError::NotDurable { .. }
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(node.snapshot().state, NodeState::Drained);
+        let last = node.audit_log().recent(1).pop().unwrap();
+        assert_eq!(
+            (last.result.as_str(), last.to),
+            ("persist_failed", Some(NodeState::Drained))
+        );
+        drop(node);
+        assert_eq!(
+            open(dir.path()).snapshot().state,
+            NodeState::Drained,
+            "as on disk"
+        );
     }
 
     #[tokio::test]

@@ -48,6 +48,14 @@ pub enum PersistError {
         #[source]
         source: io::Error,
     },
+    /// The new file is in place (readers see it), but syncing its
+    /// directory failed: a crash may still bring the old one back.
+    #[error("{path} is written, but its directory could not be synced")]
+    NotDurable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot encode state")]
     Encode(#[source] serde_json::Error),
     #[error("state directory {path} is in use by another ccnoded")]
@@ -76,10 +84,25 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), PersistE
     crash_point("state-before-rename");
     fs::rename(&tmp, &path).map_err(werr(&path))?;
     crash_point("state-after-rename");
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(werr(dir))?;
-    Ok(())
+    sync_dir(dir).map_err(|source| PersistError::NotDurable { path, source })
+}
+
+#[cfg(not(test))]
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Directories whose sync fails, for tests (a failing fsync cannot be
+/// arranged on a real file system).
+#[cfg(test)]
+pub(crate) static FAIL_DIR_SYNC: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+#[cfg(test)]
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    if FAIL_DIR_SYNC.lock().unwrap().iter().any(|d| d == dir) {
+        return Err(io::Error::other("test: the directory sync fails"));
+    }
+    File::open(dir)?.sync_all()
 }
 
 /// Test hook: in debug builds, `CCNODE_TEST_CRASH_AT=<point>` aborts the

@@ -506,7 +506,9 @@ async fn run(ctx: &AdminContext, peer: &Peer, access: Access, req: Request) -> R
         }
         Err(TransitionError::Persist { applied, source }) => {
             let chain = crate::error_chain(&source);
-            let message = if applied {
+            let message = if matches!(source, crate::persist::PersistError::NotDurable { .. }) {
+                format!("the change is applied and saved, but may not survive a crash: {chain}")
+            } else if applied {
                 format!(
                     "the node is quarantined in memory, but the state could not be saved: {chain}"
                 )
