@@ -893,6 +893,55 @@ fn a_node_that_starts_drained_loads_its_models_when_it_becomes_active() {
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
+/// A configured model an admin unloaded stays unloaded across a drain,
+/// also after a `model_load` of it that failed.
+#[test]
+fn a_failed_load_of_an_unloaded_configured_model_keeps_it_unloaded() {
+    let m = make_model("tiny", &small(), 16);
+    // `late` never loads: each pass that loads configured models tries it
+    // after `tiny` and audits its failure, which marks the pass's end.
+    let late = format!(
+        "[[inference.models]]\nname = \"late\"\ndir = \"{}\"\nsignature = \"/nonexistent/model.sig\"\ntrust_policy = \"{}\"\n",
+        m.dir.display(),
+        m.policy.display()
+    );
+    let node = node_with(&format!("{}{late}", model_toml("tiny", &m, "")));
+    wait_ready(&node, "tiny", 1);
+    let late_failures = || {
+        let audit = node.request(r#"{"v":1,"cmd":"audit","limit":1000}"#);
+        audit["result"]["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| {
+                r["command"] == "model_load"
+                    && r["result"] != "ok"
+                    && r["reason"].as_str().unwrap_or("").contains("late")
+            })
+            .count()
+    };
+    let r = node.request(r#"{"v":1,"cmd":"model_unload","name":"tiny"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    let entry = json!({"name": "tiny", "dir": m.dir, "signature": "/nonexistent/model.sig", "trust_policy": m.policy});
+    let r = node.request(&json!({"v": 1, "cmd": "model_load", "model": entry}).to_string());
+    assert_eq!(r["error"]["code"], "model_load_failed", "{r}");
+    let before = late_failures();
+    assert!(before >= 1, "late failed at start");
+    node.request(r#"{"v":1,"cmd":"drain","reason":"test"}"#);
+    wait_state(&node, "drained");
+    node.request(r#"{"v":1,"cmd":"undrain","reason":"test"}"#);
+    let deadline = Instant::now() + PATIENCE;
+    while late_failures() == before {
+        assert!(Instant::now() < deadline, "no reload pass\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        models(&node).iter().all(|m| m["name"] != "tiny"),
+        "{:?}",
+        models(&node)
+    );
+}
+
 /// ccnoded with `models_toml`, whose loads stop after verification while
 /// `pause` holds a fifo for them (`CCNODE_TEST_PAUSE_DIR`, debug builds).
 fn pausable_node(pause: &Path, models_toml: &str) -> TestNode {
@@ -1062,6 +1111,21 @@ fn a_quarantine_during_the_reloads_after_an_undrain_is_applied_at_once() {
     assert_eq!(r["result"]["to"], "active", "{r}");
     let held = pause.wait(&node);
     wait_ready(&node, "a", 1);
+    // Verified again, `b` is still listed (its requests get 503
+    // model_not_ready, not 404), its workers not yet started.
+    let ms = models(&node);
+    let listed = ms
+        .iter()
+        .find(|m| m["name"] == "b")
+        .expect("b listed while it reloads");
+    assert!(
+        listed["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["state"] == "exited"),
+        "{listed}"
+    );
 
     // While `b` is still loading, the quarantine reaches `a`'s worker.
     let r = node.request(r#"{"v":1,"cmd":"quarantine","reason":"test"}"#);

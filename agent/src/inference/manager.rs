@@ -263,6 +263,9 @@ struct Model {
     /// devices to the stop that waits for them.
     stopping: Mutex<Vec<(u64, usize, ccnode_sandbox::supervise::Killer)>>,
     stops: AtomicU64,
+    /// A reload after an undrain or release is verifying this model's
+    /// files again.
+    reloading: AtomicBool,
 }
 
 /// The model manager ([`Inference`] for the API).
@@ -402,8 +405,20 @@ impl Manager {
 
     /// Verify → grant → spawn → hand over. Blocking (hashing, spawning):
     /// call from a blocking thread. A failed verification spawns nothing.
-    pub fn load(self: &Arc<Self>, mut cfg: ModelConfig) -> Result<(), LoadError> {
-        let result = self.load_inner(&mut cfg);
+    pub fn load(self: &Arc<Self>, cfg: ModelConfig) -> Result<(), LoadError> {
+        self.load_as(cfg, None)
+    }
+
+    /// [`Manager::load`], or with `replacing` the model listed under the
+    /// name, which stays listed (its requests answered "not ready") until
+    /// the new one is published in its place. Refused if that entry was
+    /// unloaded or replaced meanwhile.
+    fn load_as(
+        self: &Arc<Self>,
+        mut cfg: ModelConfig,
+        replacing: Option<&Arc<Model>>,
+    ) -> Result<(), LoadError> {
+        let result = self.load_inner(&mut cfg, replacing);
         let (res, reason) = match &result {
             Ok(()) => ("ok", format!("model {} loading", cfg.name)),
             Err(e) => (e.code(), e.to_string()),
@@ -422,7 +437,11 @@ impl Manager {
         result
     }
 
-    fn load_inner(self: &Arc<Self>, cfg: &mut ModelConfig) -> Result<(), LoadError> {
+    fn load_inner(
+        self: &Arc<Self>,
+        cfg: &mut ModelConfig,
+        replacing: Option<&Arc<Model>>,
+    ) -> Result<(), LoadError> {
         let name = cfg.name.clone();
         // Read before anything is verified; checked again before workers
         // start and when the model is published: a quarantine while the
@@ -435,10 +454,14 @@ impl Manager {
             name: name.clone(),
             source,
         })?;
-        if lock(&self.models).contains_key(&name) {
-            return Err(LoadError::Exists(name));
-        }
-        lock(&self.unloaded).remove(&name);
+        // The name is free, or still holds the model this one replaces.
+        let free = |models: &BTreeMap<String, Arc<Model>>| match (models.get(&name), replacing) {
+            (None, None) => Ok(()),
+            (Some(x), Some(old)) if Arc::ptr_eq(x, old) => Ok(()),
+            (None, Some(_)) => Err(LoadError::NotLoaded(name.clone())),
+            (Some(_), _) => Err(LoadError::Exists(name.clone())),
+        };
+        free(&lock(&self.models))?;
         if let Some(gpu) = &self.blocked {
             let why = gpu.blocked_reasons();
             if !why.is_empty() {
@@ -594,6 +617,7 @@ impl Manager {
                 queue: Mutex::new(VecDeque::new()),
                 stopping: Mutex::new(Vec::new()),
                 stops: AtomicU64::new(0),
+                reloading: AtomicBool::new(false),
                 manager: Arc::downgrade(self),
             }
         });
@@ -719,14 +743,16 @@ impl Manager {
             let mut models = lock(&self.models);
             if let Err(e) = self.still_active(&name, quarantines) {
                 Some(e)
-            } else if models.contains_key(&name) {
-                Some(LoadError::Exists(name.clone()))
+            } else if let Err(e) = free(&models) {
+                Some(e)
             } else {
                 self.metrics
                     .queue_depth
                     .with_label_values(&[name.as_str()])
                     .set(0);
                 models.insert(name.clone(), model.clone());
+                // Loaded again: a configured model comes back on undrain.
+                lock(&self.unloaded).remove(&name);
                 None
             }
         };
@@ -1536,30 +1562,36 @@ impl Model {
         }
         let cfg = self.cfg.clone();
         let name = cfg.name.clone();
-        let old = {
-            // Only if it is still this model: not unloaded or loaded anew
-            // since the reload pass listed it.
-            let mut models = lock(&m.models);
-            if !models
-                .get(&name)
-                .is_some_and(|x| std::ptr::eq(Arc::as_ptr(x), self))
-            {
-                return;
-            }
-            models.remove(&name)
+        // Only if it is still this model: not unloaded or loaded anew
+        // since the reload pass listed it. It stays listed while it is
+        // verified again (its requests get 503 `model_not_ready`, not 404).
+        let Some(old) = lock(&m.models)
+            .get(&name)
+            .filter(|x| std::ptr::eq(Arc::as_ptr(x), self))
+            .cloned()
+        else {
+            return;
         };
-        match m.load(cfg) {
+        // One reload at a time: another pass meanwhile finds this one.
+        if self.reloading.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let result = m.load_as(cfg, Some(&old));
+        self.reloading.store(false, Ordering::Release);
+        match result {
             Ok(()) => {}
             // A drain or quarantine overtook the reload: the model stays
             // listed, its workers stopped, for the next time the node is
             // active (an admin-loaded model is in no config to come back
-            // from).
-            Err(LoadError::NodeState(_) | LoadError::Quarantined(_)) => {
-                if let Some(old) = old {
-                    lock(&m.models).entry(name).or_insert(old);
-                }
-            }
+            // from). Unloaded meanwhile: gone, as asked.
+            Err(LoadError::NodeState(_) | LoadError::Quarantined(_) | LoadError::NotLoaded(_)) => {}
             Err(e) => {
+                // Not served: no longer listed either.
+                let mut models = lock(&m.models);
+                if models.get(&name).is_some_and(|x| Arc::ptr_eq(x, &old)) {
+                    models.remove(&name);
+                }
+                drop(models);
                 tracing::error!(model = %name, error = %e, "model not reloaded after undrain")
             }
         }
@@ -1850,6 +1882,7 @@ mod tests {
             queue: Mutex::new(VecDeque::new()),
             stopping: Mutex::new(Vec::new()),
             stops: AtomicU64::new(0),
+            reloading: AtomicBool::new(false),
             manager: Weak::new(),
         }
     }
