@@ -63,8 +63,9 @@ pub enum AuditError {
 pub struct AuditLog {
     path: PathBuf,
     capacity: usize,
-    /// Held while appending (write and sync); serialises appends.
-    file: Mutex<File>,
+    /// Held while appending (write and sync); serialises appends. With
+    /// it, whether a failed write may have left part of a line.
+    file: Mutex<(File, bool)>,
     /// Held only briefly: readers never wait for a sync.
     recent: Mutex<VecDeque<AuditRecord>>,
 }
@@ -95,7 +96,7 @@ impl AuditLog {
         Ok(AuditLog {
             path,
             capacity,
-            file: Mutex::new(file),
+            file: Mutex::new((file, false)),
             recent: Mutex::new(recent),
         })
     }
@@ -108,12 +109,23 @@ impl AuditLog {
     pub fn append(&self, record: AuditRecord) -> Result<(), AuditError> {
         let mut line = serde_json::to_vec(&record).expect("audit records always serialise");
         line.push(b'\n');
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let (file, torn) = &mut *guard;
         let append_err = |source| AuditError::Append {
             path: self.path.clone(),
             source,
         };
-        file.write_all(&line).map_err(append_err)?;
+        if *torn {
+            // A write that failed part-way (disk full, say) may have left
+            // a line unended: this record starts on a line of its own (the
+            // reader skips an empty one).
+            line.insert(0, b'\n');
+        }
+        if let Err(e) = file.write_all(&line) {
+            *torn = true;
+            return Err(append_err(e));
+        }
+        *torn = false;
         file.sync_data().map_err(append_err)?;
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         if recent.len() == self.capacity {
@@ -217,5 +229,25 @@ mod tests {
         drop(log);
         let log = AuditLog::open(dir.path(), 10).unwrap();
         assert_eq!(log.recent(10), vec![rec(1), rec(2)]);
+    }
+
+    #[test]
+    fn a_record_after_a_failed_write_starts_a_line_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), 10).unwrap();
+        log.append(rec(1)).unwrap();
+        // A disk that refuses the write, after part of the line went out.
+        let real = {
+            let mut guard = log.file.lock().unwrap();
+            let full = OpenOptions::new().write(true).open("/dev/full").unwrap();
+            std::mem::replace(&mut guard.0, full)
+        };
+        assert!(log.append(rec(2)).is_err());
+        (&real).write_all(b"{\"ts\":\"2026-").unwrap();
+        log.file.lock().unwrap().0 = real;
+        log.append(rec(3)).unwrap();
+        drop(log);
+        let log = AuditLog::open(dir.path(), 10).unwrap();
+        assert_eq!(log.recent(10), vec![rec(1), rec(3)]);
     }
 }

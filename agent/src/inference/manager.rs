@@ -1228,7 +1228,12 @@ impl Model {
                     self.pump();
                     return true;
                 }
-                if let Ok(done) = wp::parse::<wp::Done>(&frame) {
+                let done = wp::parse::<wp::Done>(&frame)
+                    .ok()
+                    // Usage is the worker's word, but never more tokens
+                    // than were asked for.
+                    .filter(|d| d.completion_tokens <= job.max_tokens);
+                if let Some(done) = done {
                     if let (Some(secs), Some(m)) =
                         (worker_first_token_secs(done.first_token_us), self.manager())
                     {
@@ -1255,7 +1260,7 @@ impl Model {
                     self.count_generation("error");
                     let _ = job.tx.try_send(Piece::Error {
                         code: "worker_error",
-                        message: "the worker's done frame is malformed".into(),
+                        message: "the worker's done frame is malformed or counts more tokens than asked for".into(),
                     });
                 }
                 drop(job);
@@ -1989,6 +1994,24 @@ mod tests {
             });
         }
         out
+    }
+
+    #[test]
+    fn a_done_counting_more_tokens_than_asked_for_fails_the_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path());
+        let m = model(WorkerState::Ready, 8);
+        let r = &m.replicas[0];
+        for (completion_tokens, want) in [(1, Err("done")), (2, Err("worker_error"))] {
+            // `job` asks for one token.
+            let (j, mut rx) = job(&node, 1);
+            *lock(&r.busy) = Some(j);
+            let done = serde_json::json!({"v": 1, "type": "done", "id": 1, "finish": "length",
+                "prompt_tokens": 3, "completion_tokens": completion_tokens});
+            assert!(m.on_frame(r, done));
+            assert_eq!(drain(&mut rx), [want], "{completion_tokens}");
+            assert!(lock(&r.busy).is_none());
+        }
     }
 
     #[test]
