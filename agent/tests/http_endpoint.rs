@@ -361,6 +361,25 @@ fn keep_alive_get(s: &mut TcpStream, addr: SocketAddr, path: &str) -> Resp {
     }
 }
 
+/// GETs `path` on new connections until one is served (connections over
+/// the cap are closed unanswered); panics with `stuck` after [`PATIENCE`].
+fn once_a_slot_frees(addr: SocketAddr, path: &str, stuck: &str) -> Resp {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let mut s = connect(addr);
+        let _ = s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        if let Ok(raw) = read_until_close(&mut s) {
+            if !raw.is_empty() {
+                return parse(&raw);
+            }
+        }
+        assert!(Instant::now() < deadline, "{stuck} ({PATIENCE:?})");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn connections_over_the_cap_are_closed_and_counted() {
     let node = node()
@@ -411,24 +430,7 @@ fn connections_over_the_cap_are_closed_and_counted() {
 
     // Released, the slots free up (once the server sees the closes).
     drop(held);
-    let deadline = Instant::now() + PATIENCE;
-    let metrics = loop {
-        let mut s = connect(addr);
-        let _ = s.write_all(
-            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        );
-        if let Ok(raw) = read_until_close(&mut s) {
-            if !raw.is_empty() {
-                break parse(&raw);
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the connection slots were not released"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let metrics = once_a_slot_frees(addr, "/metrics", "the connection slots were not released");
     assert_eq!(metrics.status, 200, "{metrics:?}");
     let refused = sample(&metrics.body, "ccnode_http_refused_connections_total", &[])
         .expect("refused counter exported");
@@ -468,25 +470,12 @@ fn a_client_that_does_not_read_its_answers_is_disconnected() {
         })
     };
     // The only slot is held until the server gives up on the stuck one.
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let mut s = connect(addr);
-        let _ = s.write_all(
-            format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        );
-        if let Ok(raw) = read_until_close(&mut s) {
-            if !raw.is_empty() {
-                assert_eq!(parse(&raw).status, 200);
-                break;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "a client that reads nothing held the only slot for {PATIENCE:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let health = once_a_slot_frees(
+        addr,
+        "/healthz",
+        "a client that reads nothing held the only slot",
+    );
+    assert_eq!(health.status, 200);
     // The stuck connection was closed with answers left unwritten.
     let raw = match read_until_close(&mut stuck) {
         Ok(raw) => raw,

@@ -1086,6 +1086,23 @@ fn wait_all_exited(node: &TestNode, name: Option<&str>, what: &str) {
     }
 }
 
+/// `name` is listed, and every worker of it has exited.
+fn assert_listed_with_no_worker(node: &TestNode, name: &str, when: &str) {
+    let ms = models(node);
+    let m = ms
+        .iter()
+        .find(|m| m["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not listed {when}: {ms:?}"));
+    assert!(
+        m["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["state"] == "exited"),
+        "{when}: {m}"
+    );
+}
+
 #[test]
 #[cfg_attr(
     not(debug_assertions),
@@ -1113,19 +1130,7 @@ fn a_quarantine_during_the_reloads_after_an_undrain_is_applied_at_once() {
     wait_ready(&node, "a", 1);
     // Verified again, `b` is still listed (its requests get 503
     // model_not_ready, not 404), its workers not yet started.
-    let ms = models(&node);
-    let listed = ms
-        .iter()
-        .find(|m| m["name"] == "b")
-        .expect("b listed while it reloads");
-    assert!(
-        listed["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|w| w["state"] == "exited"),
-        "{listed}"
-    );
+    assert_listed_with_no_worker(&node, "b", "while it reloads");
 
     // While `b` is still loading, the quarantine reaches `a`'s worker.
     let r = node.request(r#"{"v":1,"cmd":"quarantine","reason":"test"}"#);
@@ -1150,19 +1155,7 @@ fn a_quarantine_during_the_reloads_after_an_undrain_is_applied_at_once() {
     }
     // `b` stays listed, its workers stopped, for the next time the node is
     // active; none of them runs.
-    let ms = models(&node);
-    let b = ms
-        .iter()
-        .find(|m| m["name"] == "b")
-        .expect("b is still listed");
-    assert!(
-        b["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|w| w["state"] == "exited"),
-        "{b}"
-    );
+    assert_listed_with_no_worker(&node, "b", "after its refused reload");
     assert!(children(node.pid()).is_empty(), "{}", node.log());
 }
 

@@ -219,6 +219,20 @@ pub fn spawn(
 mod tests {
     use super::*;
 
+    /// Starts a jail that does not exist, handing it `passed`.
+    fn spawn_missing_jail(passed: &[BorrowedFd<'_>]) -> Result<Jailed, SpawnError> {
+        let mut p = Profile::new("/usr/bin/true".into(), 65534, 65534);
+        p.passed_fds = passed.len() as u32;
+        spawn(
+            Path::new("/nonexistent/ccnode-jail"),
+            &[],
+            &p,
+            passed,
+            Stdio::null(),
+            Stdio::null(),
+        )
+    }
+
     #[test]
     fn a_jail_that_cannot_be_executed_is_a_spawn_error() {
         // With ten fds to hand over, the jail would have them at 3 to 14,
@@ -228,17 +242,7 @@ mod tests {
         // file, as after a good exec).
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let passed: Vec<BorrowedFd<'_>> = (0..10).map(|_| a.as_fd()).collect();
-        let mut p = Profile::new("/usr/bin/true".into(), 65534, 65534);
-        p.passed_fds = 10;
-        let e = spawn(
-            Path::new("/nonexistent/ccnode-jail"),
-            &[],
-            &p,
-            &passed,
-            Stdio::null(),
-            Stdio::null(),
-        )
-        .expect_err("nothing to execute");
+        let e = spawn_missing_jail(&passed).expect_err("nothing to execute");
         match e {
             SpawnError::Spawn { source, .. } => {
                 assert_eq!(source.kind(), io::ErrorKind::NotFound, "{source}")
@@ -264,22 +268,13 @@ mod tests {
                 }
             })
         };
-        let mut p = Profile::new("/usr/bin/true".into(), 65534, 65534);
-        p.passed_fds = 10;
         let mut lost = 0;
         for _ in 0..2000 {
             // A fresh pair each time: an exec error written to a passed
             // socket instead of std's pipe must not fill it and hang.
             let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
             let passed: Vec<BorrowedFd<'_>> = (0..10).map(|_| a.as_fd()).collect();
-            match spawn(
-                Path::new("/nonexistent/ccnode-jail"),
-                &[],
-                &p,
-                &passed,
-                Stdio::null(),
-                Stdio::null(),
-            ) {
+            match spawn_missing_jail(&passed) {
                 Err(SpawnError::Spawn { source, .. })
                     if source.kind() == io::ErrorKind::NotFound => {}
                 Err(other) => panic!("{other:?}"),
